@@ -1,0 +1,307 @@
+"""Configuration: load and validate the TOML config into one frozen, typed `Settings`.
+
+This module is the only reader of the configuration file and of ``GATEWAYD_*`` environment
+variables. Validation is declarative (pydantic models with ``extra="forbid"``); this module's
+own code is limited to the value grammars the operator writes by hand — durations (``"15m"``),
+sizes (``"10MiB"``), listen addresses (``"127.0.0.1:9480"``) — and to turning validation
+errors into one line each that names the file, the key path and what was expected::
+
+    gatewayd.toml: sessions.idle_timeout: expected a duration like "15m", got "soon"
+
+Relative paths in the file are resolved against the directory of the file, so a config and
+its policies can be moved together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+DEFAULT_CONFIG_PATH = Path("/etc/gatewayd/gatewayd.toml")
+CONFIG_ENV = "GATEWAYD_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one printable line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+# --- value grammars --------------------------------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+}
+_SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``"15m"``, ``"10h"``, ``"1h30m"``, ``"500ms"``, ``"7d"``; else raise ValueError."""
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos == 0 or pos != len(text):
+        raise ValueError(text)
+    return timedelta(seconds=total)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``"10MiB"``, ``"512KiB"``, ``"1GB"``, ``"0B"`` into bytes; else raise ValueError."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(text)
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+class ListenAddress(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse ``"127.0.0.1:9480"``, ``"[::1]:443"`` or ``"0.0.0.0:0"`` (0 = pick a free port)."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+|localhost):(\d{1,5})", text)
+    if match is None:
+        raise ValueError(text)
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if host != "localhost":
+        ipaddress.ip_address(host)  # raises ValueError for 999.1.1.1
+    if port > 65535:
+        raise ValueError(text)
+    return ListenAddress(host, port)
+
+
+def _grammar(
+    parse: Any, kind: str, example: str
+) -> BeforeValidator:
+    """A pydantic validator that applies ``parse`` to strings and explains the grammar on error."""
+
+    def validate(value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+        raise PydanticCustomError(
+            kind, "expected {what} like {example}, got {got}",
+            {"what": f"a {kind}" if kind != "address" else "an address",
+             "example": f'"{example}"', "got": _show(value)},
+        )
+
+    return BeforeValidator(validate)
+
+
+def _show(value: object) -> str:
+    """Render a bad value the way the operator wrote it (TOML-ish), bounded in length."""
+    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    if isinstance(value, bool):
+        text = str(value).lower()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+Duration = Annotated[timedelta, _grammar(parse_duration, "duration", "15m")]
+Size = Annotated[int, _grammar(parse_size, "size", "10MiB")]
+Int = Annotated[int, Strict()]  # TOML has real integers; "140" is a mistake, not a number
+Bool = Annotated[bool, Strict()]
+Listen = Annotated[ListenAddress, _grammar(parse_listen, "address", "127.0.0.1:9480")]
+
+
+def _resolve_relative(value: Path, info: ValidationInfo) -> Path:
+    base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
+    return value if value.is_absolute() or base is None else (base / value)
+
+
+# --- the settings model ----------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySettings(_Section):
+    node: str = Field(
+        default="gw1", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+    )
+    state_dir: Path = Path("/var/lib/gatewayd")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    shutdown_grace: Duration = timedelta(seconds=30)
+
+    _resolve = field_validator("state_dir", mode="after")(_resolve_relative)
+
+
+class MetricsSettings(_Section):
+    enabled: Bool = True
+    listen: Listen = ListenAddress("127.0.0.1", 9480)
+
+
+class PolicySettings(_Section):
+    dir: Path = Path("/etc/gatewayd/policies")
+
+    _resolve = field_validator("dir", mode="after")(_resolve_relative)
+
+
+class SessionSettings(_Section):
+    idle_timeout: Duration = timedelta(minutes=15)
+    absolute_timeout: Duration = timedelta(hours=10)
+    max_concurrent: Int = Field(default=140, ge=1, le=1_000_000)
+    per_user: Int = Field(default=1, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _idle_within_absolute(self) -> SessionSettings:
+        if self.idle_timeout > self.absolute_timeout:
+            raise PydanticCustomError(
+                "timeouts", "idle_timeout ({idle}) must not exceed absolute_timeout ({absolute})",
+                {"idle": str(self.idle_timeout), "absolute": str(self.absolute_timeout)},
+            )
+        return self
+
+
+class AuditSettings(_Section):
+    path: Path = Path("/var/log/gatewayd/audit.log")
+    signing_key: Path = Path("/var/lib/gatewayd/audit-signing.key")
+    fsync: Literal["always", "interval"] = "always"
+    fsync_interval: Duration = timedelta(seconds=1)
+    rotate_size: Size = 100 * 1024**2  # "0B" turns size-based rotation off
+    rotate_daily: Bool = True
+    timezone: str = "Asia/Tokyo"
+    checkpoint_interval: Duration = timedelta(seconds=60)
+    checkpoint_events: Int = Field(default=1000, ge=1, le=1_000_000)
+    on_failure: Literal["deny", "continue"] = "deny"
+
+    _resolve = field_validator("path", "signing_key", mode="after")(_resolve_relative)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        _zone(value)
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return _zone(self.timezone)
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise PydanticCustomError(
+            "timezone", 'expected an IANA time zone like "Asia/Tokyo", got {got}',
+            {"got": _show(name)},
+        ) from None
+
+
+class Settings(_Section):
+    """Every setting of one gatewayd node. Frozen: a reload builds a new one."""
+
+    gateway: GatewaySettings = GatewaySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    policy: PolicySettings = PolicySettings()
+    sessions: SessionSettings = SessionSettings()
+    audit: AuditSettings = AuditSettings()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+# Human wording for pydantic's built-in error types (the custom ones already read well).
+_EXPECTED = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "int_type": "expected an integer, got {got}",
+    "bool_type": "expected true or false, got {got}",
+    "string_type": "expected a string, got {got}",
+    "path_type": "expected a path string, got {got}",
+    "model_type": "expected a table, got {got}",
+    "model_attributes_type": "expected a table, got {got}",
+}
+
+_BOUNDS = {
+    "greater_than_equal": "expected a number >= {ge}, got {got}",
+    "less_than_equal": "expected a number <= {le}, got {got}",
+    "string_too_short": "expected at least {min_length} characters, got {got}",
+    "string_too_long": "expected at most {max_length} characters, got {got}",
+    "string_pattern_mismatch": "expected letters, digits, '.', '_' or '-', got {got}",
+}
+
+
+def _format_error(source: str, error: Mapping[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind in _EXPECTED:
+        message = _EXPECTED[kind].format(got=_show(error.get("input")))
+    elif kind == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", "")
+        message = f"expected one of {allowed}, got {_show(error.get('input'))}"
+    elif kind in _BOUNDS:
+        message = _BOUNDS[kind].format(**error.get("ctx", {}), got=_show(error.get("input")))
+    else:  # our own PydanticCustomError messages already say what was expected and got
+        message = str(error["msg"])
+    prefix = f"{source}: {path}: " if path else f"{source}: "
+    return prefix + message
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], *, source: str = "<config>", base_dir: Path | None = None
+) -> Settings:
+    """Validate an already parsed config; raise ConfigError listing every problem."""
+    try:
+        return Settings.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise ConfigError([_format_error(source, e) for e in errors]) from None
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the TOML file at ``path``."""
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{source}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+    return settings_from_mapping(data, source=source, base_dir=path.resolve().parent)
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$GATEWAYD_CONFIG`` if set, else ``/etc/gatewayd/gatewayd.toml``."""
+    value = environ.get(CONFIG_ENV)
+    return Path(value) if value else DEFAULT_CONFIG_PATH

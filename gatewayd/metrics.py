@@ -1,0 +1,155 @@
+"""Prometheus metrics: one private registry, every metric object, and the metrics/health listener.
+
+Owns the metric names of the interface contract (DESIGN.md). Nothing here registers with
+prometheus_client's global default registry, so two `Gateway` objects in one test process never
+share counters. Labels are bounded by construction: every label value that could come from a
+client (a frontend, a service, a decision, an event name) is checked against a closed set, and
+anything else is folded into ``"other"`` — a user name or a path can never become a series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Collection
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from gatewayd import __version__
+
+FRONTENDS = frozenset({"https", "ssh", "admin"})
+AUTH_RESULTS = frozenset({"success", "failure", "locked", "step_up"})
+DECISIONS = frozenset({"allow", "deny", "step_up"})
+DIRECTIONS = frozenset({"up", "down"})
+OTHER = "other"
+
+ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+def bounded(value: str, allowed: Collection[str]) -> str:
+    """Return ``value`` when it belongs to ``allowed``, else ``"other"`` (caps cardinality)."""
+    return value if value in allowed else OTHER
+
+
+class Metrics:
+    """All gatewayd metrics on a private registry.
+
+    ``services`` and ``events`` are the closed sets of label values for the service and event
+    labels (the configured service names and the audit event names). They can be replaced on
+    reload with `set_services`.
+    """
+
+    def __init__(self, *, services: Collection[str] = (), events: Collection[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._services = frozenset(services)
+        self._events = frozenset(events)
+        r = self.registry
+        self.sessions_active = Gauge(
+            "gatewayd_sessions_active", "Open sessions.", ["frontend"], registry=r
+        )
+        self.seats_limit = Gauge(
+            "gatewayd_seats_limit", "Contracted concurrent seats (sessions.max_concurrent).",
+            registry=r,
+        )
+        self.auth_attempts = Counter(
+            "gatewayd_auth_attempts_total", "Authentication attempts.", ["frontend", "result"],
+            registry=r,
+        )
+        self.policy_decisions = Counter(
+            "gatewayd_policy_decisions_total", "Policy decisions.",
+            ["frontend", "service", "decision"], registry=r,
+        )
+        self.proxy_request_duration = Histogram(
+            "gatewayd_proxy_request_duration_seconds", "Proxied HTTP request duration.",
+            ["service"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.tunnels_active = Gauge(
+            "gatewayd_tunnels_active", "Open SSH tunnels.", ["service"], registry=r
+        )
+        self.tunnel_bytes = Counter(
+            "gatewayd_tunnel_bytes_total", "Bytes carried by SSH tunnels.",
+            ["service", "direction"], registry=r,
+        )
+        self.audit_events = Counter(
+            "gatewayd_audit_events_total", "Audit records written.", ["event"], registry=r
+        )
+        self.audit_write_errors = Counter(
+            "gatewayd_audit_write_errors_total", "Audit records that could not be written.",
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "gatewayd_config_last_reload_success",
+            "1 if the last configuration (re)load succeeded, else 0.", registry=r,
+        )
+        self.build_info = Info("gatewayd_build", "Build information.", registry=r)
+        self.build_info.info({"version": __version__})
+
+    def set_services(self, services: Collection[str]) -> None:
+        self._services = frozenset(services)
+
+    def service_label(self, service: str | None) -> str:
+        return bounded(service or "", self._services)
+
+    # Recording helpers: the only way frontends touch labelled metrics, so every label passes
+    # through `bounded` and the series count cannot grow with client input.
+    def auth_attempt(self, frontend: str, result: str) -> None:
+        self.auth_attempts.labels(bounded(frontend, FRONTENDS), bounded(result, AUTH_RESULTS)).inc()
+
+    def policy_decision(self, frontend: str, service: str | None, decision: str) -> None:
+        self.policy_decisions.labels(
+            bounded(frontend, FRONTENDS), self.service_label(service), bounded(decision, DECISIONS)
+        ).inc()
+
+    def audit_event(self, event: str) -> None:
+        self.audit_events.labels(bounded(event, self._events)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_app(metrics: Metrics, readiness: ReadinessCheck) -> web.Application:
+    """The metrics/health listener: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready)."""
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        resp = web.Response(body=metrics.render())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        try:
+            ready, detail = await asyncio.wait_for(readiness(), timeout=5)
+        except (TimeoutError, OSError) as exc:  # a slow or broken check means not ready
+            ready, detail = False, f"readiness check failed: {type(exc).__name__}"
+        status = 200 if ready else 503
+        return web.json_response({"ready": ready, "detail": detail}, status=status)
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def serve_metrics(
+    app: web.Application, host: str, port: int
+) -> tuple[web.AppRunner, int]:
+    """Start the metrics listener; returns the runner and the bound port (for port 0)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        raise
+    server = site._server  # aiohttp keeps the asyncio server here; public API has no getter
+    assert isinstance(server, asyncio.base_events.Server)
+    bound = int(server.sockets[0].getsockname()[1])
+    return runner, bound
