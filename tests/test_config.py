@@ -65,7 +65,7 @@ def test_size_grammar_rejects(text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("127.0.0.1:9480", ("127.0.0.1", 9480)), ("[::1]:443", ("::1", 443)),
-     ("0.0.0.0:0", ("0.0.0.0", 0)), ("localhost:22", ("localhost", 22))],  # noqa: S104
+     ("0.0.0.0:0", ("0.0.0.0", 0)), ("localhost:22", ("localhost", 22))],
 )
 def test_listen_grammar_accepts(text: str, expected: tuple[str, int]) -> None:
     assert parse_listen(text) == ListenAddress(*expected)
