@@ -149,7 +149,5 @@ async def serve_metrics(
         with contextlib.suppress(Exception):
             await runner.cleanup()
         raise
-    server = site._server  # aiohttp keeps the asyncio server here; public API has no getter
-    assert isinstance(server, asyncio.base_events.Server)
-    bound = int(server.sockets[0].getsockname()[1])
+    bound = int(runner.addresses[0][1])
     return runner, bound

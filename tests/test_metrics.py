@@ -1,0 +1,98 @@
+"""Tests for gatewayd.metrics: private registry, bounded labels, the health listener."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+
+from gatewayd import __version__
+from gatewayd.metrics import OTHER, Metrics, bounded, metrics_app, serve_metrics
+
+CONTRACT_METRICS = [
+    "gatewayd_sessions_active", "gatewayd_seats_limit", "gatewayd_auth_attempts_total",
+    "gatewayd_policy_decisions_total", "gatewayd_proxy_request_duration_seconds",
+    "gatewayd_tunnels_active", "gatewayd_tunnel_bytes_total", "gatewayd_audit_events_total",
+    "gatewayd_audit_write_errors_total", "gatewayd_config_last_reload_success",
+    "gatewayd_build_info",
+]
+
+
+def series(text: str) -> set[str]:
+    return {line.split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_every_contract_metric_is_exposed() -> None:
+    metrics = Metrics()
+    metrics.sessions_active.labels("https").set(0)
+    metrics.tunnels_active.labels("files").set(0)
+    metrics.auth_attempt("https", "failure")
+    metrics.policy_decision("https", None, "deny")
+    metrics.proxy_request_duration.labels("groupware").observe(0.01)
+    metrics.tunnel_bytes.labels("files", "up").inc(1)
+    metrics.audit_event("auth.failure")
+    text = metrics.render().decode()
+    sample_names = {re.split(r"[{ ]", s)[0] for s in series(text)}
+    for name in CONTRACT_METRICS:
+        assert name in sample_names or f"{name}_count" in sample_names, name
+    assert f'gatewayd_build_info{{version="{__version__}"}} 1.0' in text
+
+
+def test_registry_is_private() -> None:
+    Metrics()
+    assert "gatewayd_seats_limit" not in {m.name for m in REGISTRY.collect()}
+
+
+@pytest.mark.parametrize(
+    ("value", "allowed", "expected"),
+    [("https", {"https"}, "https"), ("alice", {"https"}, OTHER), ("", {"https"}, OTHER),
+     ("https\n", {"https"}, OTHER)],
+)
+def test_bounded(value: str, allowed: set[str], expected: str) -> None:
+    assert bounded(value, allowed) == expected
+
+
+def test_client_controlled_labels_cannot_grow_the_series() -> None:
+    metrics = Metrics(services={"groupware"}, events={"auth.failure"})
+    for i in range(1000):
+        metrics.auth_attempt(f"frontend{i}", f"result{i}")
+        metrics.policy_decision("https", f"/service/{i}", f"decision{i}")
+        metrics.audit_event(f"event{i}")
+    assert len(series(metrics.render().decode())) <= 40
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[tuple[str, list[bool]]]:
+    state = [True]
+
+    async def readiness() -> tuple[bool, str]:
+        return state[0], "ok" if state[0] else "audit log cannot be written"
+
+    runner, port = await serve_metrics(metrics_app(Metrics(), readiness), "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        await runner.cleanup()
+
+
+async def test_health_endpoints_over_a_real_socket(listener: tuple[str, list[bool]]) -> None:
+    url, state = listener
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{url}/healthz") as resp:
+            assert resp.status == 200
+        async with client.get(f"{url}/readyz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["ready"] is True
+        state[0] = False
+        async with client.get(f"{url}/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["detail"] == "audit log cannot be written"
+        async with client.get(f"{url}/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            assert "gatewayd_seats_limit" in await resp.text()
+        async with client.get(f"{url}/other") as resp:
+            assert resp.status == 404
