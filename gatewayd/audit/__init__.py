@@ -1,0 +1,46 @@
+"""Tamper-evident audit log: typed events → hash-chained JSON lines with signed checkpoints.
+
+Owns the public API of the audit package; the modules behind it:
+
+* `events` — event names (`EVENT_NAMES`), field schema, escaping of values;
+* `chain` — canonical form, record hash, checking one stored line;
+* `signing` — Ed25519 key files and checkpoint signatures;
+* `files` — file names (rotated, quarantine), streaming and tail reading;
+* `writer` — the `AuditLog`;
+* `verify` — `verify_files`; `query` — `query_files`; `cli` — ``gatewayd audit``.
+"""
+
+from gatewayd.audit.chain import GENESIS_PREV, canonical_json, record_hash
+from gatewayd.audit.events import (
+    CONTEXT_FIELDS,
+    EVENT_NAMES,
+    EventName,
+    FieldError,
+    SecretFieldError,
+    UnknownEventError,
+)
+from gatewayd.audit.query import query_files
+from gatewayd.audit.signing import AuditKeyError
+from gatewayd.audit.verify import Problem, VerifyResult, verify_files
+from gatewayd.audit.writer import AuditLog, AuditRecord, AuditResumeError, AuditWriteError
+
+__all__ = [
+    "CONTEXT_FIELDS",
+    "EVENT_NAMES",
+    "GENESIS_PREV",
+    "AuditKeyError",
+    "AuditLog",
+    "AuditRecord",
+    "AuditResumeError",
+    "AuditWriteError",
+    "EventName",
+    "FieldError",
+    "Problem",
+    "SecretFieldError",
+    "UnknownEventError",
+    "VerifyResult",
+    "canonical_json",
+    "query_files",
+    "record_hash",
+    "verify_files",
+]

@@ -1,0 +1,197 @@
+"""Searching audit files for security staff: filters, streaming, and the table layout.
+
+Owns `query_files` (a streaming filter over records; files are read line by line in chain
+order, never whole) and the aligned table the CLI prints. Query does not check integrity —
+run `verify_files` (``gatewayd audit verify``) for that; lines that are not records are skipped
+and reported through ``on_malformed``.
+
+Filter semantics: ``user`` and ``service`` match exactly (the user is compared in its stored,
+escaped form, so ``TOKYO\\alice`` or a name with control characters can be searched as
+typed); ``event`` matches exactly, or as a shell-style pattern when it contains ``*``, ``?`` or
+``[`` (``access.*``); ``since`` is inclusive and ``until`` exclusive, both timezone-aware.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from gatewayd.audit import files
+from gatewayd.audit.chain import parse_line
+from gatewayd.audit.events import display_text, escape_text, needs_escape
+
+MalformedCallback = Callable[[Path, int], None]
+
+@dataclass(frozen=True)
+class RecordFilter:
+    user: str | None = None
+    event: str | None = None
+    service: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def __post_init__(self) -> None:
+        for name, moment in (("since", self.since), ("until", self.until)):
+            if moment is not None and moment.utcoffset() is None:
+                raise ValueError(f"{name} must be timezone-aware")
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        if self.user is not None and record.get("user") != escape_text(self.user):
+            return False
+        if self.service is not None and record.get("service") != self.service:
+            return False
+        if self.event is not None and not _event_matches(self.event, record.get("event")):
+            return False
+        return self._in_time_window(record)
+
+    def _in_time_window(self, record: Mapping[str, Any]) -> bool:
+        if self.since is None and self.until is None:
+            return True
+        moment = record_time(record)
+        if moment is None:
+            return False  # a record without a readable time cannot be placed in a window
+        if self.since is not None and moment < self.since:
+            return False
+        return self.until is None or moment < self.until
+
+
+def _event_matches(pattern: str, event: object) -> bool:
+    if not isinstance(event, str):
+        return False
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(event, pattern)
+    return event == pattern
+
+
+def record_time(record: Mapping[str, Any]) -> datetime | None:
+    ts = record.get("ts")
+    if not isinstance(ts, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    return moment if moment.utcoffset() is not None else None
+
+
+def query_files(
+    paths: Sequence[Path],
+    *,
+    user: str | None = None,
+    event: str | None = None,
+    service: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    on_malformed: MalformedCallback | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the records of ``paths`` (in chain order) that match every given filter."""
+    wanted = RecordFilter(user=user, event=event, service=service, since=since, until=until)
+    for path in files.order_by_chain(paths):
+        for line in files.iter_lines(path):
+            record = parse_line(line.data) if line.data is not None and line.terminated else None
+            if record is None:
+                if on_malformed is not None:
+                    on_malformed(path, line.number)
+                continue
+            if wanted.matches(record):
+                yield record
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code > 0xFFFF:  # JSON spells astral characters as a surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def json_line(value: Mapping[str, Any]) -> str:
+    """One-line JSON for a terminal or a pipe: readable UTF-8, but every character that
+    `events.escape_text` would escape (they can only occur inside JSON strings) is written as
+    a \\u escape, so a tampered file cannot drive the terminal through our output."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if text.isprintable():
+        return text
+    return "".join(_json_escape(ch) if needs_escape(ch) else ch for ch in text)
+
+
+# ---------------------------------------------------------------------- table layout
+
+_COLUMNS: Final = (("TIME", 25), ("SEQ", 8), ("EVENT", 18), ("USER", 14), ("SOURCE", 15),
+                   ("SERVICE", 10), ("TARGET", 32), ("DETAIL", 0))
+_SHOWN_IN_COLUMNS: Final = frozenset(
+    {"ts", "seq", "event", "user", "source_ip", "service", "method", "path", "dest"}
+)
+# Never useful on screen (and long); --json shows them.
+_HIDDEN: Final = frozenset({"prev", "hash", "node", "sig", "covers_hash", "discarded_sha256"})
+_DETAIL_ORDER: Final = (
+    "rule", "reason", "status", "error", "operator", "session", "device", "frontend",
+    "serial", "bytes_up", "bytes_down", "duration_ms", "covers_seq", "key_id", "lost_from",
+    "lost_to", "quarantine", "discarded_bytes",
+)
+
+
+def _time_cell(record: Mapping[str, Any]) -> str:
+    moment = record_time(record)
+    if moment is None:
+        return str(record.get("ts", "?"))
+    return moment.isoformat(sep=" ", timespec="seconds")
+
+
+def _target_cell(record: Mapping[str, Any]) -> str:
+    method, path, dest = record.get("method"), record.get("path"), record.get("dest")
+    if method is not None or path is not None:
+        return " ".join(str(v) for v in (method, path) if v is not None)
+    return str(dest) if dest is not None else ""
+
+
+def _detail_value(key: str, value: object) -> str:
+    if key == "key_id" and isinstance(value, str):
+        value = value[:16] + "…"
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if any(ch.isspace() or ch in '="' for ch in text) or text == "":
+        text = json.dumps(text, ensure_ascii=False)
+    return f"{key}={text}"
+
+
+def _detail_cell(record: Mapping[str, Any]) -> str:
+    rest = [k for k in record if k not in _SHOWN_IN_COLUMNS and k not in _HIDDEN]
+    ordered = [k for k in _DETAIL_ORDER if k in rest] + sorted(
+        k for k in rest if k not in _DETAIL_ORDER
+    )
+    return " ".join(_detail_value(k, record[k]) for k in ordered)
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _layout(cells: Sequence[str]) -> str:
+    parts: list[str] = []
+    for (title, width), cell in zip(_COLUMNS, cells, strict=True):
+        text = display_text(cell)  # the file is untrusted: no raw controls to the terminal
+        parts.append(text.rjust(width) if title == "SEQ" else text.ljust(width))
+    # Values are never cut (evidence); a longer value just shifts the rest of its row.
+    return " ".join(parts).rstrip()
+
+
+def table_header() -> str:
+    return _layout([title for title, _ in _COLUMNS])
+
+
+def table_row(record: Mapping[str, Any]) -> str:
+    return _layout([
+        _time_cell(record),
+        _cell(record.get("seq")),
+        _cell(record.get("event")),
+        _cell(record.get("user")),
+        _cell(record.get("source_ip")),
+        _cell(record.get("service")),
+        _cell(_target_cell(record)),
+        _detail_cell(record),
+    ])

@@ -1,0 +1,441 @@
+"""Verifying audit files: the hash chain, the seq order, and the checkpoint signatures.
+
+Owns `verify_files` and the rules for what counts as tampering. Files are streamed line by
+line and put in chain order by the ``seq`` of their first record (`files.order_by_chain`), so
+shell globs and out-of-order arguments work; the order used is reported.
+
+Verification stops at the FIRST problem and reports its kind (`Problem`), the first bad
+``seq``, the file and line:
+
+* ``malformed`` — not a record: bad UTF-8/JSON, missing keys, over-long or torn final line.
+  first_bad_seq: the seq expected at that line.
+* ``edited`` — the bytes no longer match the record's hash (first_bad_seq: that record), or a
+  record was replaced and re-hashed so the next ``prev`` no longer matches (first_bad_seq: the
+  replaced record).
+* ``deleted`` — a seq gap where the next record's ``prev`` is not the last hash.
+  first_bad_seq: the first missing seq.
+* ``reordered`` — a record appears out of seq order. first_bad_seq: the first seq out of place.
+* ``inserted`` — a forged record spliced in, even with a correctly recomputed hash (the next
+  genuine record chains around it). first_bad_seq: the forged record's seq.
+* ``truncated`` — a later file chains to records cut off the end of the previous file (which
+  therefore does not end in its rotation checkpoint). first_bad_seq: the first missing seq.
+* ``missing_file`` — the previous file ends sealed by a rotation checkpoint but the next file
+  does not chain to it: a whole rotated file is missing. first_bad_seq: the first missing seq.
+* ``bad_signature`` — a checkpoint's signature is invalid or made by a key not given.
+  first_bad_seq: the checkpoint.
+* ``checkpoint_mismatch`` — a checkpoint claims a seq/hash that is not the chain's.
+  first_bad_seq: the checkpoint.
+* ``restarted`` — a second chain (``prev`` = 64 zeros) starts mid-stream.
+* ``unsealed`` — only with ``require_sealed``: records after the last checkpoint.
+  first_bad_seq: the first unsigned record.
+
+Not problems, but reported as warnings (the result stays ok):
+
+* a **seq gap with an intact chain** (the record after the gap has ``prev`` = hash of the
+  record before it): the writer allocated those seqs but could not write them (disk full,
+  torn write at a crash); the log itself carries an ``audit.recovery`` record about it. Such a
+  gap cannot hide a deletion that a later checkpoint covers, because re-linking around a
+  deleted record changes every later hash and so breaks the checkpoint.
+* **records after the last checkpoint**: normal for the live file of a running gateway; they
+  are protected by the hash chain only, so someone able to write the file could remove or
+  rewrite them undetectably until the next checkpoint. Pass ``require_sealed=True``
+  (``--sealed``) for archived logs, which must end in a checkpoint.
+* a chain that starts mid-way (first record's ``prev`` is not 64 zeros): earlier files were
+  not given, so they cannot be checked.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gatewayd.audit import files
+from gatewayd.audit.chain import GENESIS_PREV, LineDefect, check_line, is_hash, parse_line
+from gatewayd.audit.events import EventName
+from gatewayd.audit.signing import (
+    AuditKeyError,
+    default_public_key_paths,
+    load_public_keys,
+    signature_valid,
+)
+
+_CHECKPOINT = EventName.AUDIT_CHECKPOINT.value
+
+
+class Problem(enum.StrEnum):
+    MALFORMED = "malformed"
+    EDITED = "edited"
+    DELETED = "deleted"
+    REORDERED = "reordered"
+    INSERTED = "inserted"
+    TRUNCATED = "truncated"
+    MISSING_FILE = "missing_file"
+    BAD_SIGNATURE = "bad_signature"
+    CHECKPOINT_MISMATCH = "checkpoint_mismatch"
+    RESTARTED = "restarted"
+    UNSEALED = "unsealed"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    seq: int
+    ts: str
+    reason: str
+    covers_seq: int
+    key_id: str
+    file: Path
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int  # records verified (before the problem, if any)
+    first_bad_seq: int | None
+    problem: str  # empty when ok
+    kind: Problem | None = None
+    file: Path | None = None
+    line: int | None = None
+    files: tuple[Path, ...] = ()  # in the (chain) order they were verified
+    first_seq: int | None = None
+    last_seq: int | None = None
+    checkpoints: int = 0
+    last_checkpoint: CheckpointInfo | None = None
+    unsigned_tail: int = 0  # records after the last checkpoint
+    gaps: tuple[tuple[int, int], ...] = ()  # seq ranges never written (chain intact)
+    warnings: tuple[str, ...] = ()
+    key_ids: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        cp = self.last_checkpoint
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "first_bad_seq": self.first_bad_seq,
+            "kind": self.kind.value if self.kind else None,
+            "problem": self.problem,
+            "file": str(self.file) if self.file else None,
+            "line": self.line,
+            "files": [str(p) for p in self.files],
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "checkpoints": self.checkpoints,
+            "last_checkpoint": None if cp is None else {
+                "seq": cp.seq, "ts": cp.ts, "reason": cp.reason, "covers_seq": cp.covers_seq,
+                "key_id": cp.key_id, "file": str(cp.file),
+            },
+            "unsigned_tail": self.unsigned_tail,
+            "gaps": [list(g) for g in self.gaps],
+            "warnings": list(self.warnings),
+            "key_ids": list(self.key_ids),
+        }
+
+
+@dataclass(frozen=True)
+class _Found:
+    kind: Problem
+    seq: int | None
+    detail: str
+
+
+@dataclass
+class _ChainState:
+    """What the verifier knows after the records accepted so far."""
+
+    keyring: Mapping[str, Ed25519PublicKey]
+    last_seq: int | None = None
+    last_hash: str | None = None
+    before_last_hash: str | None = None
+    last_event: str | None = None
+    last_reason: str | None = None
+    last_file: Path | None = None
+    records: int = 0
+    first_seq: int | None = None
+    checkpoints: int = 0
+    last_checkpoint: CheckpointInfo | None = None
+    unsigned: int = 0
+    first_unsigned: int | None = None
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def expected_seq(self) -> int | None:
+        return None if self.last_seq is None else self.last_seq + 1
+
+    def accept(self, record: Mapping[str, Any], path: Path) -> None:
+        seq = record["seq"]
+        self.before_last_hash, self.last_hash = self.last_hash, record["hash"]
+        self.last_seq = seq
+        self.last_event = record["event"]
+        reason = record.get("reason")
+        self.last_reason = reason if isinstance(reason, str) else None
+        self.last_file = path
+        self.records += 1
+        if self.first_seq is None:
+            self.first_seq = seq
+        if record["event"] == _CHECKPOINT:
+            self.checkpoints += 1
+            self.last_checkpoint = CheckpointInfo(
+                seq=seq, ts=record["ts"], reason=self.last_reason or "",
+                covers_seq=record["covers_seq"], key_id=record["key_id"], file=path,
+            )
+            self.unsigned, self.first_unsigned = 0, None
+        else:
+            self.unsigned += 1
+            if self.first_unsigned is None:
+                self.first_unsigned = seq
+
+    def gap(self, first: int, last: int, path: Path) -> None:
+        self.gaps.append((first, last))
+        span = f"seq {first}" if first == last else f"seq {first}-{last}"
+        self.warnings.append(
+            f"{span} absent in {path.name} but the chain is intact across the gap: never "
+            "written (write failure or torn write; see the audit.recovery record)"
+        )
+
+
+def _short(hash_hex: str) -> str:
+    return hash_hex[:12] + "…"
+
+
+def _seq_appears_after(path: Path, line_number: int, seq: int) -> bool:
+    """Whether a record with ``seq`` occurs in ``path`` after line ``line_number``."""
+    for line in files.iter_lines(path):
+        if line.number <= line_number or line.data is None:
+            continue
+        record = parse_line(line.data)
+        if record is not None and record.get("seq") == seq:
+            return True
+    return False
+
+
+class _Verifier:
+    def __init__(self, keyring: Mapping[str, Ed25519PublicKey]) -> None:
+        self.state = _ChainState(keyring)
+
+    def feed(self, path: Path, line: files.Line, *, file_start: bool) -> _Found | None:
+        state = self.state
+        if line.data is None:
+            return _Found(Problem.MALFORMED, state.expected_seq,
+                          f"line longer than {files.MAX_LINE_BYTES} bytes")
+        if not line.terminated:
+            return _Found(Problem.MALFORMED, state.expected_seq,
+                          "final line is incomplete (no newline): a torn write or a cut file")
+        check = check_line(line.data)
+        if check.defect is LineDefect.MALFORMED or check.record is None:
+            return _Found(Problem.MALFORMED, state.expected_seq, f"not a record: {check.detail}")
+        record = check.record
+        if check.defect is LineDefect.EDITED:
+            return _Found(Problem.EDITED, record["seq"],
+                          f"record seq {record['seq']} was modified: {check.detail}")
+        found = self._check_link(record, path, line.number, file_start)
+        if found is None and record["event"] == _CHECKPOINT:
+            found = self._check_checkpoint(record)
+        if found is None:
+            state.accept(record, path)
+        return found
+
+    def _check_link(
+        self, record: Mapping[str, Any], path: Path, line_number: int, file_start: bool
+    ) -> _Found | None:
+        state = self.state
+        seq, prev = record["seq"], record["prev"]
+        if state.last_seq is None or state.last_hash is None:
+            self._check_start(seq, prev, path)
+            return None
+        if prev == state.last_hash:
+            return self._check_linked_seq(seq, path)
+        if prev == GENESIS_PREV:
+            return _Found(Problem.RESTARTED, seq,
+                          f"a new chain (prev = zeros) starts at seq {seq}: the log was reset "
+                          "or records of another log were mixed in")
+        if seq <= state.last_seq:
+            return self._classify_backwards(seq, prev, line_number)
+        if seq == state.last_seq + 1:
+            last = state.last_seq
+            return _Found(Problem.EDITED, last,
+                          f"prev of seq {seq} ({_short(prev)}) is not the hash of seq {last}: "
+                          f"record {last} was replaced and re-hashed (or seq {seq}'s prev edited)")
+        return self._classify_missing(seq, path, line_number, file_start)
+
+    def _check_linked_seq(self, seq: int, path: Path) -> _Found | None:
+        """The record chains to the last one; its seq must still increase (gaps are allowed)."""
+        last = self.state.last_seq
+        assert last is not None
+        if seq > last + 1:
+            self.state.gap(last + 1, seq - 1, path)
+        if seq > last:
+            return None
+        return _Found(Problem.INSERTED, seq,
+                      f"record seq {seq} chains to seq {last} but does not increase seq: "
+                      "a forged record")
+
+    def _classify_backwards(self, seq: int, prev: str, line_number: int) -> _Found:
+        """The chain breaks and seq goes back: something was inserted or moved."""
+        state = self.state
+        last = state.last_seq
+        if prev == state.before_last_hash:
+            return _Found(Problem.INSERTED, last,
+                          f"record seq {last} just before line {line_number} was inserted: "
+                          f"the next record (seq {seq}) chains to the record before it")
+        return _Found(Problem.REORDERED, seq,
+                      f"record seq {seq} appears after seq {last}: records were moved")
+
+    def _check_start(self, seq: int, prev: str, path: Path) -> None:
+        if prev == GENESIS_PREV:
+            if seq > 1:
+                self.state.gap(1, seq - 1, path)
+        else:
+            self.state.warnings.append(
+                f"the chain starts at seq {seq} in {path.name}, not at the beginning of the "
+                "log: earlier files were not given and are not checked"
+            )
+
+    def _classify_missing(
+        self, seq: int, path: Path, line_number: int, file_start: bool
+    ) -> _Found:
+        state = self.state
+        assert state.last_seq is not None
+        missing = state.last_seq + 1
+        span = f"seq {missing}" if missing == seq - 1 else f"seq {missing}-{seq - 1}"
+        previous = state.last_file.name if state.last_file else "the previous file"
+        if file_start:
+            sealed = state.last_event == _CHECKPOINT and state.last_reason == "rotation"
+            if sealed:
+                return _Found(Problem.MISSING_FILE, missing,
+                              f"{previous} is sealed at seq {state.last_seq} but {path.name} "
+                              f"starts at seq {seq} chained to a record not given: a whole "
+                              f"rotated file ({span}) is missing")
+            return _Found(Problem.TRUNCATED, missing,
+                          f"{previous} ends at seq {state.last_seq} without its sealing "
+                          f"checkpoint, and {path.name} chains to a later record: {span} "
+                          f"were cut off the end of {previous}")
+        if _seq_appears_after(path, line_number, missing):
+            return _Found(Problem.REORDERED, missing,
+                          f"seq {missing} appears later in {path.name}: records were moved")
+        return _Found(Problem.DELETED, missing,
+                      f"{span} missing: seq {seq} chains to a record that is not there")
+
+    def _check_checkpoint(self, record: Mapping[str, Any]) -> _Found | None:
+        state = self.state
+        seq = record["seq"]
+        covers_seq, covers_hash = record.get("covers_seq"), record.get("covers_hash")
+        kid, sig = record.get("key_id"), record.get("sig")
+        if not (isinstance(covers_seq, int) and is_hash(covers_hash)
+                and isinstance(kid, str) and isinstance(sig, str)):
+            return _Found(Problem.BAD_SIGNATURE, seq,
+                          f"checkpoint seq {seq} lacks covers_seq/covers_hash/key_id/sig")
+        assert isinstance(covers_hash, str)
+        chain_seq = state.last_seq if state.last_seq is not None else covers_seq
+        if covers_hash != record["prev"] or covers_seq != chain_seq or covers_seq >= seq:
+            return _Found(Problem.CHECKPOINT_MISMATCH, seq,
+                          f"checkpoint seq {seq} claims seq {covers_seq} / "
+                          f"{_short(covers_hash)} but the chain there is seq {chain_seq} / "
+                          f"{_short(record['prev'])}")
+        key = state.keyring.get(kid)
+        if key is None:
+            return _Found(Problem.BAD_SIGNATURE, seq,
+                          f"checkpoint seq {seq} is signed by key {kid[:16]}…, which is not "
+                          "among the public keys given")
+        if not signature_valid(key, sig, node=record["node"], seq=covers_seq,
+                               hash_hex=covers_hash, ts=record["ts"]):
+            return _Found(Problem.BAD_SIGNATURE, seq,
+                          f"checkpoint seq {seq} has an invalid signature: it, or the records "
+                          f"up to seq {covers_seq}, were forged")
+        return None
+
+
+def _keyring(
+    paths: Sequence[Path], public_key: Path | Sequence[Path] | None
+) -> Mapping[str, Ed25519PublicKey]:
+    if public_key is None:
+        lives = dict.fromkeys(files.live_path_of(p) for p in paths)
+        key_paths = [k for live in lives for k in default_public_key_paths(live)]
+        if not key_paths:
+            names = ", ".join(f"{live}.pub" for live in lives)
+            raise AuditKeyError(f"no public key found ({names}); pass one with --key")
+    elif isinstance(public_key, Path):
+        key_paths = [public_key]
+    else:
+        key_paths = list(public_key)
+    return load_public_keys(key_paths)
+
+
+def _lines_in_chain_order(paths: Sequence[Path]) -> Iterator[tuple[Path, files.Line, bool]]:
+    """(file, line, is the first line of a file after the first file)."""
+    for index, path in enumerate(paths):
+        first = index > 0
+        for line in files.iter_lines(path):
+            yield path, line, first
+            first = False
+
+
+def verify_files(
+    paths: Sequence[Path],
+    public_key: Path | Sequence[Path] | None = None,
+    *,
+    require_sealed: bool = False,
+) -> VerifyResult:
+    """Verify audit files (any order) against the public key(s); stop at the first problem.
+
+    ``public_key`` None means the ``<log>.pub`` (and archived ``<log>.pub.*``) next to the
+    files. Raises `FileNotFoundError`/`OSError` for unreadable files and `AuditKeyError` for
+    missing or unreadable keys (usage errors, not verdicts).
+    """
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a readable file")
+    keyring = _keyring(paths, public_key)
+    ordered = tuple(files.order_by_chain(paths))
+    verifier = _Verifier(keyring)
+    for path, line, file_start in _lines_in_chain_order(ordered):
+        found = verifier.feed(path, line, file_start=file_start)
+        if found is not None:
+            return _result(verifier.state, ordered=ordered, keyring=keyring, found=found, path=path,
+                           line=line.number)
+    state = verifier.state
+    if require_sealed and state.unsigned and state.first_unsigned is not None:
+        found = _Found(Problem.UNSEALED, state.first_unsigned,
+                       f"{state.unsigned} records from seq {state.first_unsigned} on come after "
+                       "the last checkpoint; a closed or archived log must end with one")
+        return _result(state, ordered=ordered, keyring=keyring, found=found,
+                       path=state.last_file, line=None)
+    if state.unsigned:
+        state.warnings.append(
+            f"the last {state.unsigned} records (seq {state.first_unsigned}-{state.last_seq}) "
+            "come after the last checkpoint and are protected by the hash chain only: normal "
+            "for the live file of a running gateway; an archived log should end with a checkpoint"
+        )
+    if state.records == 0:
+        state.warnings.append("no records in the files given")
+    return _result(state, ordered=ordered, keyring=keyring, found=None, path=None, line=None)
+
+
+def _result(
+    state: _ChainState,
+    *, ordered: tuple[Path, ...], keyring: Mapping[str, Ed25519PublicKey],
+    found: _Found | None, path: Path | None, line: int | None,
+) -> VerifyResult:
+    where = f"{path.name}:{line}: " if path is not None and line is not None else ""
+    return VerifyResult(
+        ok=found is None,
+        records=state.records,
+        first_bad_seq=found.seq if found else None,
+        problem=f"{where}{found.detail}" if found else "",
+        kind=found.kind if found else None,
+        file=path if found else None,
+        line=line if found else None,
+        files=ordered,
+        first_seq=state.first_seq,
+        last_seq=state.last_seq,
+        checkpoints=state.checkpoints,
+        last_checkpoint=state.last_checkpoint,
+        unsigned_tail=state.unsigned,
+        gaps=tuple(state.gaps),
+        warnings=tuple(state.warnings),
+        key_ids=tuple(keyring),
+    )

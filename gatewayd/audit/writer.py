@@ -1,0 +1,784 @@
+"""The AuditLog: appends hash-chained audit records, signs checkpoints, rotates, resumes.
+
+Owns the live audit file and the chain state (next ``seq``, last ``hash``). Records are
+assembled and rendered by a private structlog pipeline (stamp ``seq``/``node`` → link
+``prev``/``hash`` → canonical JSON renderer) whose wrapped "logger" is the file sink; nothing
+is configured globally.
+
+Guarantees and rules (security staff and operators rely on these):
+
+* **Written before acknowledged.** `emit` appends synchronously; it returns only after the
+  line reached the OS (``fsync="interval"``) or the disk (``fsync="always"``).
+* **Failures are loud and fail closed.** If a record cannot be written, `emit` raises
+  `AuditWriteError` (``on_failure="deny"``) or logs and returns None (``"continue"``); the
+  failure is counted in ``gatewayd_audit_write_errors_total`` and `healthy` turns False until
+  a later write succeeds. Partial bytes of a failed write are truncated away so the file never
+  holds half a line.
+* **seq is never reused; the chain never forks.** A failed record keeps its ``seq`` (it is
+  simply absent) and the next record chains from the last record actually written, so
+  `verify_files` sees a seq gap with an intact chain and reports it as a warning, not as
+  tampering. After the next successful write the log adds an ``audit.recovery`` record naming
+  the lost seqs and the error.
+* **Checkpoints** (``audit.checkpoint``) sign ``(node, covers_seq, covers_hash, ts)`` with
+  Ed25519 every ``checkpoint_interval`` seconds and every ``checkpoint_every`` records (only
+  if something new was written), at start when the resumed file does not end in one, before
+  rotation (``reason="rotation"``, always the last record of a rotated file), and on close.
+* **Rotation** by size (when the live file has reached ``rotate_bytes``) or by day (when a
+  record's calendar day in ``timezone`` differs from the previous record's) renames the
+  sealed file to ``<name>.<first record time>`` (see `files`) and continues the chain in a
+  new live file.
+* **Resume.** `start` continues ``seq``/``prev`` from the last complete record of the live
+  file (or, when the live file is missing/empty, the newest rotated file). An incomplete final
+  line (a torn write) is moved byte-for-byte to ``<name>.torn-<time>``, the file is cut back
+  to its last complete line, the torn record's seq is counted as lost and an
+  ``audit.recovery`` record documents it. If the last complete line is not a valid record
+  (edited, garbage) `start` refuses with `AuditResumeError`: building on an untrusted head
+  would launder tampering into a valid-looking chain.
+* **The live file is watched.** Each write checks that the path still names the open file; if
+  it was moved or deleted (logrotate, an operator, an intruder) a new file is started at the
+  path, chained to the last record, and an ``audit.recovery`` record says so.
+
+Not thread-safe by design of asyncio code, but a lock makes calls from executor threads safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, tzinfo
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from gatewayd.audit import files
+from gatewayd.audit.chain import GENESIS_PREV, canonical_json, check_line, record_hash
+from gatewayd.audit.events import (
+    RECORD_KEYS,
+    EventName,
+    check_event_name,
+    escape_text,
+    normalize_fields,
+)
+from gatewayd.audit.signing import (
+    fsync_directory,
+    key_id,
+    load_or_create_signing_key,
+    publish_public_key,
+    sign_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gatewayd.metrics import Metrics
+
+FsyncMode = Literal["always", "interval"]
+FailurePolicy = Literal["deny", "continue"]
+
+_CHECKPOINT: Final = EventName.AUDIT_CHECKPOINT.value
+_RECOVERY: Final = EventName.AUDIT_RECOVERY.value
+_ROTATION_RETRY_SECONDS: Final = 60.0
+_MAX_LISTED_RANGES: Final = 20
+DEFAULT_TIMEZONE: Final = ZoneInfo("Asia/Tokyo")  # the office's zone; ZoneInfo is immutable
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A record as written: the chain keys plus the context fields."""
+
+    seq: int
+    event: str
+    ts: str
+    node: str
+    prev: str
+    hash: str
+    fields: Mapping[str, str | int]
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> AuditRecord:
+        extra = {k: v for k, v in record.items() if k not in RECORD_KEYS}
+        return cls(
+            seq=record["seq"], event=record["event"], ts=record["ts"], node=record["node"],
+            prev=record["prev"], hash=record["hash"], fields=MappingProxyType(extra),
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            **self.fields, "ts": self.ts, "seq": self.seq, "event": self.event,
+            "node": self.node, "prev": self.prev, "hash": self.hash,
+        }
+
+
+class AuditWriteError(Exception):
+    """A record could not be written. ``seq`` was consumed and will show as a gap."""
+
+    def __init__(self, event: str, seq: int | None, error: OSError) -> None:
+        self.event = event
+        self.seq = seq
+        self.error = error
+        where = f" (seq {seq})" if seq is not None else ""
+        super().__init__(f"audit record {event}{where} not written: {describe_os_error(error)}")
+
+
+class AuditResumeError(Exception):
+    """The existing log cannot be continued safely; an operator must look at it first."""
+
+
+def describe_os_error(error: OSError) -> str:
+    code = errno.errorcode.get(error.errno or 0)
+    text = error.strerror or str(error)
+    return f"{code}: {text}" if code else text
+
+
+class _AppendError(Exception):
+    def __init__(self, seq: int, error: OSError) -> None:
+        super().__init__(seq, error)
+        self.seq = seq
+        self.error = error
+
+
+@dataclass
+class _Incident:
+    """Problems not yet recorded in the log; written as one audit.recovery record."""
+
+    reasons: list[str] = field(default_factory=list)
+    lost: list[tuple[int, int]] = field(default_factory=list)  # contiguous seq ranges
+    error: str = ""
+    extra: dict[str, str | int] = field(default_factory=dict)
+
+    def add_reason(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+    def add_lost(self, seq: int) -> None:
+        if self.lost and self.lost[-1][1] == seq - 1:
+            self.lost[-1] = (self.lost[-1][0], seq)
+        else:
+            self.lost.append((seq, seq))
+
+    def fields(self) -> dict[str, object]:
+        reasons = list(self.reasons)
+        if self.lost:
+            ranges = [f"{a}" if a == b else f"{a}-{b}" for a, b in self.lost]
+            shown = ", ".join(ranges[:_MAX_LISTED_RANGES])
+            more = len(ranges) - _MAX_LISTED_RANGES
+            shown += f" and {more} more ranges" if more > 0 else ""
+            reasons.append(f"records not written: seq {shown}")
+        out: dict[str, object] = {"reason": "; ".join(reasons), "error": self.error or None}
+        if self.lost:
+            out["lost_from"] = self.lost[0][0]
+            out["lost_to"] = self.lost[-1][1]
+        return {**out, **self.extra}
+
+
+class _FileSink:
+    """The structlog "wrapped logger": its one method appends a rendered line."""
+
+    def __init__(self, append: Callable[[str, dict[str, Any]], AuditRecord]) -> None:
+        self._append = append
+
+    def msg(self, line: str, *, record: dict[str, Any]) -> AuditRecord:
+        return self._append(line, record)
+
+
+def _canonical_serializer(obj: Any, **_ignored: Any) -> str:
+    # structlog passes default=<repr fallback>; ignoring it is deliberate: a value that did
+    # not pass events.normalize_fields must fail loudly, never be repr()'d into evidence.
+    return canonical_json(obj)
+
+
+class AuditLog:
+    """The tamper-evident audit log of one gateway node. See the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        node: str,
+        signing_key_path: Path,
+        fsync: FsyncMode = "always",
+        fsync_interval: float = 1.0,
+        rotate_bytes: int | None = None,
+        rotate_daily: bool = False,
+        timezone: tzinfo = DEFAULT_TIMEZONE,
+        checkpoint_interval: float = 60.0,
+        checkpoint_every: int = 1000,
+        on_failure: FailurePolicy = "deny",
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        _check_options(
+            fsync=fsync, fsync_interval=fsync_interval, rotate_bytes=rotate_bytes,
+            checkpoint_interval=checkpoint_interval, checkpoint_every=checkpoint_every,
+            on_failure=on_failure, node=node,
+        )
+        self._path = Path(path)
+        self._node = escape_text(node)
+        self._signing_key_path = Path(signing_key_path)
+        self._fsync_mode: FsyncMode = fsync
+        self._fsync_interval = fsync_interval
+        self._rotate_bytes = rotate_bytes
+        self._rotate_daily = rotate_daily
+        self._tz = timezone
+        self._checkpoint_interval = checkpoint_interval
+        self._checkpoint_every = checkpoint_every
+        self._on_failure: FailurePolicy = on_failure
+        self._metrics = metrics
+        self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(timezone))
+        self._lock = threading.Lock()
+        self._renderer = structlog.processors.JSONRenderer(serializer=_canonical_serializer)
+        self._pipeline = structlog.wrap_logger(
+            _FileSink(self._append_line),
+            processors=[self._stamp, self._link, self._render],
+            wrapper_class=structlog.BoundLogger,
+            context_class=dict,
+            cache_logger_on_first_use=True,
+        ).bind()  # bound now, with everything explicit: no global structlog config is read
+        self._state: Literal["new", "running", "closed"] = "new"
+        self._healthy = False
+        self._task: asyncio.Task[None] | None = None
+        self._key: Ed25519PrivateKey | None = None
+        self._key_id = ""
+        # Chain state.
+        self._next_seq = 1
+        self._prev = GENESIS_PREV
+        self._last_seq = 0  # last seq actually written (0: nothing yet)
+        self._last_event: str | None = None
+        self._last_reason: str | None = None
+        self._since_checkpoint = 0
+        self._incident: _Incident | None = None
+        # Live file state.
+        self._fd: int | None = None
+        self._file_id: tuple[int, int] = (0, 0)
+        self._size = 0
+        self._truncate_pending = False
+        self._first_ts: datetime | None = None  # ts of the live file's first record
+        self._file_day: date | None = None  # day of the live file's last record
+        self._unsynced = False
+        self._rotation_retry_at = 0.0
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def key_id(self) -> str:
+        """Fingerprint of the checkpoint signing key (empty before `start`)."""
+        return self._key_id
+
+    @property
+    def healthy(self) -> bool:
+        """True while running and the last write succeeded; gate new logins on it."""
+        return self._state == "running" and self._healthy
+
+    async def start(self) -> None:
+        """Load/create the key, resume the chain, open the file, start the periodic task."""
+        with self._lock:
+            self._start_locked()
+        self._task = asyncio.create_task(
+            self._run_periodic(), name=f"gatewayd.audit.periodic:{self._path}"
+        )
+
+    def emit(self, event: str, **fields: object) -> AuditRecord | None:
+        """Append one record. Unknown events/fields raise (ValueError/TypeError).
+
+        Returns the record, or None when it could not be written and ``on_failure`` is
+        ``"continue"``; with ``"deny"`` a failed write raises `AuditWriteError`.
+        """
+        name = check_event_name(event)
+        clean = normalize_fields(fields)
+        with self._lock:
+            self._require_running()
+            now = self._now()
+            self._rotate_if_due(now)
+            try:
+                record = self._write(name, clean, now)
+            except _AppendError as failed:
+                self._note_write_failure(name, failed)
+                if self._on_failure == "deny":
+                    raise AuditWriteError(name, failed.seq, failed.error) from failed.error
+                return None
+            self._after_success(now)
+            return record
+
+    def checkpoint(self) -> None:
+        """Write a signed checkpoint now (no-op if nothing was written since the last one)."""
+        with self._lock:
+            self._require_running()
+            failed = self._checkpoint_locked("manual", self._now())
+        if failed is not None and self._on_failure == "deny":
+            raise AuditWriteError(_CHECKPOINT, failed.seq, failed.error) from failed.error
+
+    async def close(self) -> None:
+        """Stop the periodic task, write the final checkpoint, fsync and close the file."""
+        if self._state != "running":
+            self._state = "closed"
+            return
+        try:
+            await self._stop_periodic()
+        finally:
+            with self._lock:
+                failed = self._close_locked()
+        if failed is not None and self._on_failure == "deny":
+            raise AuditWriteError(_CHECKPOINT, failed.seq, failed.error) from failed.error
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _require_running(self) -> None:
+        if self._state != "running":
+            raise RuntimeError(f"AuditLog {self._path} is {self._state}, not running")
+
+    def _now(self) -> datetime:
+        moment = self._clock()
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            raise ValueError("the audit clock must return timezone-aware datetimes")
+        return moment.astimezone(self._tz)
+
+    def _start_locked(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"AuditLog {self._path} was already started")
+        self._path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._key = load_or_create_signing_key(self._signing_key_path)
+        self._key_id = key_id(self._key.public_key())
+        publish_public_key(self._path, self._key)
+        now = self._now()
+        self._resume(now)
+        self._open_live_file()
+        self._state = "running"
+        self._healthy = True
+        if self._incident is not None:
+            self._write_recovery_note(now)
+        if self._last_seq and self._last_event != _CHECKPOINT:
+            self._checkpoint_locked("start", now)
+
+    async def _stop_periodic(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we are being cancelled ourselves: let it propagate
+            # otherwise it is just the periodic task's own cancellation, which we asked for
+
+    def _close_locked(self) -> _AppendError | None:
+        failed = self._checkpoint_locked("close", self._now())
+        self._sync_locked()
+        self._close_file()
+        self._state = "closed"
+        self._healthy = False
+        return failed
+
+    # ----------------------------------------------------------------- periodic task
+
+    async def _run_periodic(self) -> None:
+        """Interval checkpoints, interval fsync, and closing yesterday's file when idle."""
+        loop = asyncio.get_running_loop()
+        next_checkpoint = loop.time() + self._checkpoint_interval
+        next_sync = loop.time() + self._fsync_interval
+        syncing = self._fsync_mode == "interval"
+        while True:
+            deadline = min(next_checkpoint, next_sync) if syncing else next_checkpoint
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            tick = loop.time()
+            try:
+                with self._lock:
+                    now = self._now()
+                    self._rotate_if_due(now)
+                    if syncing and tick >= next_sync:
+                        self._sync_locked()
+                    if tick >= next_checkpoint:
+                        self._checkpoint_locked("interval", now)
+            except Exception:  # keep checkpointing: one bad tick must not end the task
+                structlog.get_logger("gatewayd.audit").exception("audit periodic task error")
+            if syncing and tick >= next_sync:
+                next_sync = tick + self._fsync_interval
+            if tick >= next_checkpoint:
+                next_checkpoint = tick + self._checkpoint_interval
+
+    # ----------------------------------------------------------------- resume
+
+    def _resume(self, now: datetime) -> None:
+        tail = self._live_tail()
+        torn = tail is not None and tail.torn_bytes > 0
+        if tail is not None and torn:
+            self._quarantine_torn_tail(tail, now)
+        head: bytes | None = tail.last_line if tail is not None else None
+        origin = self._path
+        if head is None:
+            head, origin = self._newest_rotated_head()
+        if head is not None:
+            self._continue_from(head, origin)
+        if torn:
+            # The torn line was a record that never fully reached the disk: its seq is lost.
+            assert self._incident is not None
+            self._incident.add_lost(self._next_seq)
+            self._next_seq += 1
+
+    def _live_tail(self) -> files.Tail | None:
+        try:
+            if self._path.stat().st_size == 0:
+                return None
+        except FileNotFoundError:
+            return None
+        return files.read_tail(self._path)
+
+    def _quarantine_torn_tail(self, tail: files.Tail, now: datetime) -> None:
+        target = files.quarantine_path(self._path, now)
+        digest = files.copy_range(self._path, tail.torn_offset, target)
+        os.truncate(self._path, tail.torn_offset)
+        fsync_directory(self._path.parent)
+        incident = self._incident_for_update()
+        incident.add_reason(
+            "incomplete final line (torn write: crash or full disk) moved aside at start"
+        )
+        incident.extra.update(
+            quarantine=target.name, discarded_bytes=tail.torn_bytes, discarded_sha256=digest
+        )
+
+    def _newest_rotated_head(self) -> tuple[bytes | None, Path]:
+        best: tuple[int, bytes, Path] | None = None
+        for path in files.rotated_siblings(self._path):
+            line = files.read_tail(path).last_line
+            seq = _seq_of(line)
+            if line is None or seq is None:
+                raise AuditResumeError(
+                    f"rotated audit file {path} does not end with a readable record; run "
+                    "`gatewayd audit verify` and move damaged files aside before starting"
+                )
+            if best is None or seq > best[0]:
+                best = (seq, line, path)
+        return (best[1], best[2]) if best else (None, self._path)
+
+    def _continue_from(self, line: bytes, origin: Path) -> None:
+        check = check_line(line)
+        if not check.ok or check.record is None:
+            raise AuditResumeError(
+                f"the last record of {origin} is not a valid audit record ({check.detail}); "
+                "refusing to continue the chain from it. Run `gatewayd audit verify` and move "
+                "the damaged file aside"
+            )
+        record = check.record
+        self._next_seq = record["seq"] + 1
+        self._prev = record["hash"]
+        self._last_seq = record["seq"]
+        self._last_event = record["event"]
+        self._last_reason = record.get("reason")
+        if origin == self._path:
+            self._file_day = _day_of(record["ts"])
+            self._first_ts = _time_of_first_record(self._path)
+
+    # ----------------------------------------------------------------- writing
+
+    def _write(self, event: str, fields: Mapping[str, str | int], now: datetime) -> AuditRecord:
+        result = self._pipeline.msg(event, ts=self._format_ts(now), **fields)
+        if not isinstance(result, AuditRecord):  # the sink always returns one
+            raise TypeError(f"audit sink returned {type(result).__name__}")
+        return result
+
+    def _format_ts(self, now: datetime) -> str:
+        return now.isoformat(timespec="microseconds")
+
+    # structlog processors: each adds its keys to the event dict.
+    def _stamp(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event_dict["seq"] = self._next_seq
+        self._next_seq += 1  # consumed now, whether or not the write succeeds
+        event_dict["node"] = self._node
+        return event_dict
+
+    def _link(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event_dict["prev"] = self._prev
+        event_dict["hash"] = record_hash(event_dict)
+        return event_dict
+
+    def _render(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        line = self._renderer(logger, method, event_dict)
+        return (line,), {"record": dict(event_dict)}
+
+    def _append_line(self, line: str, record: dict[str, Any]) -> AuditRecord:
+        data = (line + "\n").encode("utf-8")
+        try:
+            self._ensure_open()
+            self._write_all(data)
+            if self._fsync_mode == "always":
+                assert self._fd is not None
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._roll_back_partial_write()
+            raise _AppendError(record["seq"], exc) from exc
+        self._size += len(data)
+        self._unsynced = self._fsync_mode == "interval"
+        self._advance_chain(record)
+        if self._metrics is not None:
+            self._metrics.audit_event(record["event"])
+        return AuditRecord.from_dict(record)
+
+    def _advance_chain(self, record: Mapping[str, Any]) -> None:
+        self._prev = record["hash"]
+        self._last_seq = record["seq"]
+        self._last_event = record["event"]
+        self._last_reason = record.get("reason")
+        self._since_checkpoint = 0 if record["event"] == _CHECKPOINT else self._since_checkpoint + 1
+        if self._first_ts is None:
+            self._first_ts = datetime.fromisoformat(record["ts"])
+        self._file_day = _day_of(record["ts"])
+        self._healthy = True
+
+    def _write_all(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            if written <= 0:
+                raise OSError(errno.EIO, "write returned no progress")
+            view = view[written:]
+
+    def _roll_back_partial_write(self) -> None:
+        """Cut off any bytes of a failed write so the file never holds half a record."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._truncate_pending = True  # retried before the next write
+
+    def _ensure_open(self) -> None:
+        if self._fd is not None:
+            if self._truncate_pending:
+                os.ftruncate(self._fd, self._size)
+                self._truncate_pending = False
+            if self._live_file_is_ours():
+                return
+            self._close_file()
+            self._incident_for_update().add_reason(
+                f"live audit file {self._path.name} was moved or deleted while open; "
+                "continued in a new file"
+            )
+        self._open_live_file()
+
+    def _live_file_is_ours(self) -> bool:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) != self._file_id:
+            return False
+        self._size = st.st_size  # rollback point for this write; keeps foreign bytes visible
+        return True
+
+    def _open_live_file(self) -> None:
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        st = os.fstat(fd)
+        self._fd = fd
+        self._file_id = (st.st_dev, st.st_ino)
+        self._size = st.st_size
+        if st.st_size == 0:
+            self._first_ts = None
+            self._file_day = None
+            fsync_directory(self._path.parent)  # the new file's name must survive a crash
+
+    def _close_file(self) -> None:
+        fd, self._fd = self._fd, None
+        self._truncate_pending = False
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                structlog.get_logger("gatewayd.audit").warning(
+                    "closing audit file failed", error=describe_os_error(exc)
+                )
+
+    def _sync_locked(self) -> None:
+        if self._fd is None or not self._unsynced:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._healthy = False
+            self._count_error()
+            incident = self._incident_for_update()
+            incident.add_reason("fsync failed: records since the last fsync may be lost")
+            incident.error = describe_os_error(exc)
+            return
+        self._unsynced = False
+
+    # ----------------------------------------------------------------- failures
+
+    def _incident_for_update(self) -> _Incident:
+        if self._incident is None:
+            self._incident = _Incident()
+        return self._incident
+
+    def _count_error(self) -> None:
+        if self._metrics is not None:
+            self._metrics.audit_write_errors.inc()
+
+    def _note_write_failure(self, event: str, failed: _AppendError) -> None:
+        self._healthy = False
+        self._count_error()
+        incident = self._incident_for_update()
+        incident.add_lost(failed.seq)
+        incident.error = describe_os_error(failed.error)
+        structlog.get_logger("gatewayd.audit").error(
+            "audit record not written", audit_event=event, seq=failed.seq,
+            error=incident.error, path=str(self._path),
+        )
+
+    def _write_internal(
+        self, event: str, fields: Mapping[str, object], now: datetime
+    ) -> _AppendError | None:
+        clean = normalize_fields(fields, internal=True)
+        try:
+            self._write(check_event_name(event, internal=True), clean, now)
+        except _AppendError as failed:
+            self._note_write_failure(event, failed)
+            return failed
+        return None
+
+    def _write_recovery_note(self, now: datetime) -> None:
+        incident, self._incident = self._incident, None
+        if incident is None:
+            return
+        if self._write_internal(_RECOVERY, incident.fields(), now) is not None:
+            # The note itself failed; keep everything it would have said for the next try.
+            new = self._incident_for_update()
+            for reason in incident.reasons:
+                new.add_reason(reason)
+            new.lost[:0] = incident.lost
+            new.extra = {**incident.extra, **new.extra}
+
+    def _after_success(self, now: datetime) -> None:
+        if self._incident is not None:
+            self._write_recovery_note(now)
+        if self._since_checkpoint >= self._checkpoint_every:
+            self._checkpoint_locked("count", now)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _checkpoint_locked(self, reason: str, now: datetime) -> _AppendError | None:
+        if self._last_seq == 0:
+            return None  # nothing was ever written: nothing to sign
+        if self._last_event == _CHECKPOINT and (
+            reason != "rotation" or self._last_reason == "rotation"
+        ):
+            return None  # already covered (a rotation needs its own sealing checkpoint)
+        assert self._key is not None
+        ts = self._format_ts(now)
+        signature = sign_checkpoint(
+            self._key, node=self._node, seq=self._last_seq, hash_hex=self._prev, ts=ts
+        )
+        fields = {
+            "covers_seq": self._last_seq,
+            "covers_hash": self._prev,
+            "key_id": self._key_id,
+            "sig": signature,
+            "reason": reason,
+        }
+        return self._write_internal(_CHECKPOINT, fields, now)
+
+    # ----------------------------------------------------------------- rotation
+
+    def _rotation_due(self, now: datetime) -> bool:
+        if self._fd is None or self._size == 0:
+            return False
+        if self._rotate_bytes is not None and self._size >= self._rotate_bytes:
+            return True
+        return (
+            self._rotate_daily
+            and self._file_day is not None
+            and now.astimezone(self._tz).date() != self._file_day
+        )
+
+    def _rotate_if_due(self, now: datetime) -> None:
+        if self._rotation_due(now) and time.monotonic() >= self._rotation_retry_at:
+            self._rotate(now)
+
+    def _rotate(self, now: datetime) -> None:
+        if self._checkpoint_locked("rotation", now) is not None:
+            self._rotation_retry_at = time.monotonic() + _ROTATION_RETRY_SECONDS
+            return  # the sealing checkpoint failed (already counted): keep the current file
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+            target = files.rotated_path(self._path, self._first_ts or now)
+            os.rename(self._path, target)
+            fsync_directory(self._path.parent)
+        except OSError as exc:
+            self._rotation_retry_at = time.monotonic() + _ROTATION_RETRY_SECONDS
+            incident = self._incident_for_update()
+            incident.add_reason(f"rotation of {self._path.name} failed; still writing to it")
+            incident.error = describe_os_error(exc)
+            structlog.get_logger("gatewayd.audit").error(
+                "audit log rotation failed", path=str(self._path), error=incident.error
+            )
+            return
+        self._close_file()
+        self._unsynced = False
+        self._size = 0
+        self._first_ts = None
+        self._file_day = None
+
+
+def _check_options(
+    *,
+    fsync: str, fsync_interval: float, rotate_bytes: int | None, checkpoint_interval: float,
+    checkpoint_every: int, on_failure: str, node: str,
+) -> None:
+    if fsync not in ("always", "interval"):
+        raise ValueError(f"fsync must be 'always' or 'interval', not {fsync!r}")
+    if on_failure not in ("deny", "continue"):
+        raise ValueError(f"on_failure must be 'deny' or 'continue', not {on_failure!r}")
+    if fsync_interval <= 0 or checkpoint_interval <= 0:
+        raise ValueError("fsync_interval and checkpoint_interval must be positive")
+    if checkpoint_every < 1:
+        raise ValueError("checkpoint_every must be at least 1")
+    if rotate_bytes is not None and rotate_bytes <= 0:
+        raise ValueError("rotate_bytes must be positive (or None for no size rotation)")
+    if not node:
+        raise ValueError("node must name this gateway node")
+
+
+def _day_of(ts: str) -> date:
+    return datetime.fromisoformat(ts).date()  # ts is already in the log's timezone
+
+
+def _seq_of(line: bytes | None) -> int | None:
+    check = check_line(line) if line is not None else None
+    if check is None or check.record is None:
+        return None
+    seq = check.record["seq"]
+    return seq if isinstance(seq, int) else None
+
+
+def _time_of_first_record(path: Path) -> datetime | None:
+    line = files.read_first_line(path)
+    check = check_line(line) if line is not None else None
+    if check is None or check.record is None:
+        return None
+    try:
+        return datetime.fromisoformat(check.record["ts"])
+    except ValueError:
+        return None
