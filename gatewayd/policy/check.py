@@ -19,7 +19,14 @@ from typing import Generic, TypeVar
 
 from .errors import PolicyIssue
 from .request import READ_METHODS
-from .schema import HttpServiceSpec, PolicyFileSpec, RoleSpec, RuleSpec, ServiceSpec, SubjectsSpec
+from .schema import (
+    HttpServiceSpec,
+    RoleSpec,
+    RuleSpec,
+    ServiceSpec,
+    SubjectsSpec,
+    ValidatedFile,
+)
 from .values import Destination, Glob
 from .yamlsrc import DataPath, SourceMap
 
@@ -29,7 +36,7 @@ class LoadedFile:
     """One validated policy file and where its parts are."""
 
     source: SourceMap
-    spec: PolicyFileSpec
+    spec: ValidatedFile
 
     def origin(self, path: DataPath) -> str:
         return f"{self.source.file}:{self.source.line_of(path)}"
@@ -71,7 +78,7 @@ class Subjects:
 def rules_in_order(files: Sequence[LoadedFile]) -> Iterator[Located[RuleSpec]]:
     """Rules in policy order: files as given (sorted by name), then top to bottom."""
     for file in files:
-        for index, rule in enumerate(file.spec.rules):
+        for index, rule in file.spec.rules:
             yield Located(rule, file, ("rules", index))
 
 
@@ -126,16 +133,18 @@ def effective_methods(rule: RuleSpec) -> frozenset[str] | None:
 
 def check_policy(files: Sequence[LoadedFile]) -> list[PolicyIssue]:
     """Every cross-file and semantic problem of validated files, in no particular order."""
-    issues: list[PolicyIssue] = []
-    issues += _check_single_timezone(files)
-    roles = _unique(roles_in_order(files), "role", issues)
-    services = _unique(services_in_order(files), "service", issues)
+    issues = list(_duplicate_definitions(files))
+    roles = _first_of_each(roles_in_order(files))
+    services = _first_of_each(services_in_order(files))
     issues += _check_routes(services)
-    rules = list(_unique_rules(rules_in_order(files), issues))
     role_specs = {name: located.value for name, located in roles.items()}
     service_specs = {name: located.value for name, located in services.items()}
+    # Invalid definitions were reported already; references to them are not "unknown".
+    broken = frozenset().union(*(f.spec.broken_roles | f.spec.broken_services for f in files))
     sound: list[Located[RuleSpec]] = []
-    for rule in rules:
+    for rule in rules_in_order(files):
+        if _names_any(rule.value, broken):
+            continue  # judged once the invalid definition it names is fixed
         problems = list(_check_rule(rule, role_specs, service_specs))
         issues += problems
         if not problems:
@@ -144,46 +153,40 @@ def check_policy(files: Sequence[LoadedFile]) -> list[PolicyIssue]:
     return issues
 
 
-def _check_single_timezone(files: Sequence[LoadedFile]) -> Iterator[PolicyIssue]:
-    first: LoadedFile | None = None
+def _names_any(rule: RuleSpec, names: frozenset[str]) -> bool:
+    roles = rule.subjects.roles if isinstance(rule.subjects, SubjectsSpec) else []
+    services = rule.services if rule.services != "*" else []
+    return any(name in names for name in (*roles, *services))
+
+
+def _duplicate_definitions(files: Sequence[LoadedFile]) -> Iterator[PolicyIssue]:
+    """A second timezone, role, service or rule id — valid or not — anywhere in the policy."""
+    first: dict[tuple[str, str], tuple[LoadedFile, DataPath]] = {}
     for file in files:
-        if file.spec.timezone is None:
-            continue
-        if first is None:
-            first = file
-            continue
-        yield file.source.issue(
-            ("timezone",), f"timezone is already set at {first.origin(('timezone',))}"
-        )
+        declared: list[tuple[str, str, DataPath]] = [
+            *(("timezone", "", ("timezone",)) for _ in range(file.spec.declares_timezone)),
+            *(("role", name, ("roles", name)) for name in file.spec.role_names),
+            *(("service", name, ("services", name)) for name in file.spec.service_names),
+            *(("rule id", rule_id, ("rules", i, "id")) for i, rule_id in file.spec.rule_ids),
+        ]
+        for what, name, path in declared:
+            earlier_file, earlier_path = first.setdefault((what, name), (file, path))
+            if earlier_file is file and earlier_path == path:
+                continue
+            earlier = earlier_file.origin(earlier_path)
+            if what == "timezone":
+                yield file.source.issue(path, f"timezone is already set at {earlier}")
+            elif what == "rule id":
+                yield file.source.issue(path, f"duplicate rule id {name!r} (first at {earlier})")
+            else:
+                yield file.source.issue(path, f"{what} {name!r} is already defined at {earlier}")
 
 
-def _unique(
-    definitions: Iterable[Located[T]], what: str, issues: list[PolicyIssue]
-) -> dict[str, Located[T]]:
+def _first_of_each(definitions: Iterable[Located[T]]) -> dict[str, Located[T]]:
     found: dict[str, Located[T]] = {}
     for located in definitions:
-        name = str(located.path[-1])
-        if name in found:
-            earlier = found[name].origin
-            issues.append(located.issue(f"{what} {name!r} is already defined at {earlier}"))
-            continue
-        found[name] = located
+        found.setdefault(str(located.path[-1]), located)
     return found
-
-
-def _unique_rules(
-    rules: Iterable[Located[RuleSpec]], issues: list[PolicyIssue]
-) -> Iterator[Located[RuleSpec]]:
-    first: dict[str, Located[RuleSpec]] = {}
-    for rule in rules:
-        earlier = first.get(rule.value.id)
-        if earlier is not None:
-            issues.append(
-                rule.issue(f"duplicate rule id {rule.value.id!r} (first at {earlier.origin})", "id")
-            )
-            continue
-        first[rule.value.id] = rule
-        yield rule
 
 
 def http_route_keys(spec: HttpServiceSpec) -> list[tuple[str | None, str]]:
@@ -220,7 +223,9 @@ def _suggest(name: str, known: Iterable[str]) -> str:
 
 
 def _check_rule(
-    located: Located[RuleSpec], roles: Mapping[str, RoleSpec], services: Mapping[str, ServiceSpec]
+    located: Located[RuleSpec],
+    roles: Mapping[str, RoleSpec],
+    services: Mapping[str, ServiceSpec],
 ) -> Iterator[PolicyIssue]:
     rule = located.value
     label = f"rule {rule.id!r}"

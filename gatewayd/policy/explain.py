@@ -76,8 +76,9 @@ def _request_lines(request: AccessRequest, policy: Policy) -> list[str]:
     if request.device:
         device += f" (bound to {request.device_user or 'nobody'})"
     attributes = ", ".join(f"{k}={v}" for k, v in sorted(request.attributes.items())) or "none"
+    service = request.service or "none"
     return [
-        f"request:  user {request.user} (groups: {groups}), service {request.service}: {what}",
+        f"request:  user {request.user} (groups: {groups}), service {service}: {what}",
         f"          at {when}, from {request.source}, last MFA {mfa}, device {device}",
         f"          attributes: {attributes}",
     ]

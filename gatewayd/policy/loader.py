@@ -14,14 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from .check import LoadedFile, check_policy
 from .compiler import compile_policy
 from .errors import PolicyError, PolicyIssue
 from .model import Policy
-from .schema import known_keys, validate_file
+from .schema import SchemaError, known_keys, validate_file
 from .yamlsrc import DataPath, YamlDocument, parse_yaml
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -74,21 +73,21 @@ def load_policy_texts(texts: Mapping[str, str]) -> Policy:
         issues += yaml_issues
         if document is None:
             continue
-        try:
-            loaded.append(LoadedFile(document.source, validate_file(document.data)))
-        except ValidationError as exc:
-            issues += schema_issues(exc, document)
+        validated = validate_file(document.data)
+        for error in validated.errors:
+            issues += schema_issues(error, document)
+        loaded.append(LoadedFile(document.source, validated))
     issues += check_policy(loaded)
     if issues:
         raise PolicyError(issues)
     return compile_policy(loaded)
 
 
-def schema_issues(error: ValidationError, document: YamlDocument) -> list[PolicyIssue]:
+def schema_issues(error: SchemaError, document: YamlDocument) -> list[PolicyIssue]:
     """pydantic errors as `file:line: where: what`, deduplicated, lines from the YAML."""
     issues: dict[tuple[int, str], PolicyIssue] = {}
-    for detail in error.errors():
-        path = _data_path(document.data, detail["loc"])
+    for detail in error.error.errors():
+        path = _data_path(document.data, (*error.at, *detail["loc"]))
         where, what = _describe(detail, path, document.data)
         message = f"{where}: {what}" if where else what
         line = document.source.line_of(path)

@@ -11,7 +11,9 @@ Every list-valued key also accepts a single item: ``methods: GET`` means ``metho
 from __future__ import annotations
 
 import zoneinfo
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -21,6 +23,8 @@ from pydantic import (
     Field,
     PlainValidator,
     Tag,
+    TypeAdapter,
+    ValidationError,
     model_validator,
 )
 
@@ -45,6 +49,7 @@ from .values import (
 )
 
 DEFAULT_TIMEZONE = "Asia/Tokyo"
+T = TypeVar("T")
 
 
 def _one_or_many(value: object) -> object:
@@ -257,12 +262,114 @@ class RuleSpec(_Spec):
 
 
 class PolicyFileSpec(_Spec):
-    """One policy file. Any file may hold any section; names are global across files."""
+    """The top level of one policy file. Any file may hold any section; names are global
+    across files. The sections' items are validated one by one (`validate_file`), so one
+    broken rule does not hide the problems of all the others."""
 
     timezone: TimeZone | None = None
-    roles: dict[RoleName, RoleSpec] = {}
-    services: dict[ServiceName, ServiceSpec] = {}
-    rules: list[RuleSpec] = []
+    roles: dict[str, Any] = {}
+    services: dict[str, Any] = {}
+    rules: list[Any] = []
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaError:
+    """A pydantic error and the data path of the part that was validated."""
+
+    at: tuple[str | int, ...]
+    error: ValidationError
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedFile:
+    """The valid parts of one file. `rules` keeps each rule's index in the file; names of
+    definitions that exist but are invalid are kept so references to them are not also
+    reported as unknown."""
+
+    timezone: zoneinfo.ZoneInfo | None
+    roles: Mapping[str, RoleSpec]
+    services: Mapping[str, ServiceSpec]
+    rules: Sequence[tuple[int, RuleSpec]]
+    broken_roles: frozenset[str]
+    broken_services: frozenset[str]
+    errors: Sequence[SchemaError]
+    # Everything the file declares, valid or not, for duplicate detection across files.
+    declares_timezone: bool
+    role_names: tuple[str, ...]
+    service_names: tuple[str, ...]
+    rule_ids: tuple[tuple[int, str], ...]
+
+
+def validate_file(data: object) -> ValidatedFile:
+    """Validate one parsed YAML document, collecting every error instead of stopping."""
+    errors: list[SchemaError] = []
+    raw = {} if data is None else data
+    timezone = None
+    try:
+        timezone = PolicyFileSpec.model_validate(raw).timezone
+    except ValidationError as exc:
+        errors.append(SchemaError((), exc))
+    sections = raw if isinstance(raw, dict) else {}
+    roles, broken_roles = _validate_named(sections.get("roles"), "roles", _ROLE, errors)
+    services, broken_services = _validate_named(
+        sections.get("services"), "services", _SERVICE, errors
+    )
+    rules: list[tuple[int, RuleSpec]] = []
+    raw_rules = sections.get("rules")
+    for index, item in enumerate(raw_rules if isinstance(raw_rules, list) else []):
+        try:
+            rules.append((index, RuleSpec.model_validate(item)))
+        except ValidationError as exc:
+            errors.append(SchemaError(("rules", index), exc))
+    raw_rules_list = raw_rules if isinstance(raw_rules, list) else []
+    return ValidatedFile(
+        timezone=timezone,
+        roles=roles,
+        services=services,
+        rules=rules,
+        broken_roles=broken_roles,
+        broken_services=broken_services,
+        errors=errors,
+        declares_timezone="timezone" in sections,
+        role_names=_names_of(sections.get("roles")),
+        service_names=_names_of(sections.get("services")),
+        rule_ids=tuple(
+            (index, item["id"])
+            for index, item in enumerate(raw_rules_list)
+            if isinstance(item, dict) and isinstance(item.get("id"), str)
+        ),
+    )
+
+
+def _names_of(section: object) -> tuple[str, ...]:
+    return tuple(str(key) for key in section) if isinstance(section, dict) else ()
+
+
+def _validate_named(
+    section: object,
+    name: str,
+    adapters: tuple[TypeAdapter[str], TypeAdapter[T]],
+    errors: list[SchemaError],
+) -> tuple[dict[str, T], frozenset[str]]:
+    """Validate each `name: definition` of a section; return the valid ones and the names
+    of the invalid ones."""
+    name_adapter, spec_adapter = adapters
+    valid: dict[str, T] = {}
+    broken: set[str] = set()
+    for key, item in (section.items() if isinstance(section, dict) else []):
+        try:
+            valid[name_adapter.validate_python(key)] = spec_adapter.validate_python(item)
+        except ValidationError as exc:
+            errors.append(SchemaError((name, key), exc))
+            broken.add(str(key))
+    return valid, frozenset(broken)
+
+
+# Compiled validators (immutable): names and definitions of roles and services.
+_ROLE = (TypeAdapter(RoleName), TypeAdapter(RoleSpec))
+_SERVICE: tuple[TypeAdapter[str], TypeAdapter[ServiceSpec]] = (
+    TypeAdapter(ServiceName), TypeAdapter(ServiceSpec)
+)
 
 
 def known_keys() -> frozenset[str]:
@@ -272,8 +379,3 @@ def known_keys() -> frozenset[str]:
         WhenSpec, ObligationsSpec, RuleSpec,
     )  # fmt: skip
     return frozenset(name for model in models for name in model.model_fields)
-
-
-def validate_file(data: Any) -> PolicyFileSpec:
-    """Validate one parsed YAML document (raises pydantic.ValidationError)."""
-    return PolicyFileSpec.model_validate({} if data is None else data)
