@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import zoneinfo
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from .check import (
@@ -42,6 +42,7 @@ from .model import (
     Policy,
     Role,
     Rule,
+    RuleSet,
     Service,
     ServiceRules,
     TcpRoutes,
@@ -129,6 +130,7 @@ def _compile_rule(
         origin=origin,
         order=order,
         services=rule_services(spec, services),
+        methods=effective_methods(spec),
         conditions=_conditions(spec, roles),
         mfa_max_age=spec.mfa_max_age,
         obligations=obligations,
@@ -194,13 +196,27 @@ def _permissiveness(rule: Rule) -> tuple[bool, float]:
     return (rule.obligations.read_only, -(math.inf if limit is None else limit))
 
 
+def _rule_set(rules: Iterable[Rule]) -> RuleSet:
+    relevant = list(rules)
+    denies = tuple(rule for rule in relevant if rule.effect == "deny")
+    allows = sorted((rule for rule in relevant if rule.effect == "allow"), key=_permissiveness)
+    return RuleSet(denies, tuple(allows))
+
+
 def _index_rules(rules: Sequence[Rule], services: Mapping[str, Service]) -> dict[str, ServiceRules]:
     index: dict[str, ServiceRules] = {}
     for name in services:
         relevant = [rule for rule in rules if name in rule.services]
-        denies = tuple(rule for rule in relevant if rule.effect == "deny")
-        allows = sorted((rule for rule in relevant if rule.effect == "allow"), key=_permissiveness)
-        index[name] = ServiceRules(denies, tuple(allows))
+        named_methods = set().union(*(rule.methods or () for rule in relevant))
+        by_method = {
+            method: _rule_set(r for r in relevant if r.methods is None or method in r.methods)
+            for method in sorted(named_methods)
+        }
+        index[name] = ServiceRules(
+            all=_rule_set(relevant),
+            by_method=MappingProxyType(by_method),
+            any_method=_rule_set(r for r in relevant if r.methods is None),
+        )
     return index
 
 

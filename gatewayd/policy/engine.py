@@ -68,9 +68,12 @@ def evaluate(policy: Policy, request: AccessRequest, trace: Trace | None) -> Dec
     admitted = _admit(policy, request)
     if isinstance(admitted, Decision):
         return admitted
-    facts, rules = admitted
-    if trace is not None:
+    facts, service_rules = admitted
+    if trace is None:
+        rules = service_rules.candidates(facts.method)
+    else:
         trace.admitted = True
+        rules = service_rules.all
     deny = _first_matching_deny(rules.denies, facts, trace)
     if deny is not None and trace is None:
         return deny.verdict

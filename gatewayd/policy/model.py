@@ -69,6 +69,7 @@ class Rule:
     origin: str
     order: int
     services: tuple[str, ...]
+    methods: frozenset[str] | None  # the methods it can match (None: any), for the index
     conditions: tuple[Condition, ...]
     mfa_max_age: float | None
     obligations: Obligations
@@ -82,14 +83,37 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
-class ServiceRules:
-    """The rules that name one service: denies in policy order, then allows ordered so the
-    most permissive comes first (not read-only before read-only, larger or no upload limit
-    before smaller; policy order among equals). The first fresh allow match therefore is
-    the one that decides, and decide() can stop there."""
+class RuleSet:
+    """Candidate rules: denies in policy order, then allows ordered so the most permissive
+    comes first (not read-only before read-only, larger or no upload limit before smaller;
+    policy order among equals). The first fresh allow match therefore is the one that
+    decides, and decide() can stop there."""
 
     denies: tuple[Rule, ...]
     allows: tuple[Rule, ...]
+
+    def __len__(self) -> int:
+        return len(self.denies) + len(self.allows)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRules:
+    """The rules that name one service, also indexed by HTTP method.
+
+    `by_method[m]` holds the rules that can match method m; `any_method` the rules without
+    a method condition (the candidates for a method no rule names). The index only leaves
+    out rules whose method condition would fail, so it never changes a decision;
+    `policy explain` evaluates `all` to show every rule of the service.
+    """
+
+    all: RuleSet
+    by_method: Mapping[str, RuleSet]
+    any_method: RuleSet
+
+    def candidates(self, method: str | None) -> RuleSet:
+        if method is None:
+            return self.all
+        return self.by_method.get(method, self.any_method)
 
 
 @dataclass(frozen=True, slots=True)
