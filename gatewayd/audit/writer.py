@@ -599,6 +599,18 @@ class AuditLog:
             self._first_ts = None
             self._file_day = None
             fsync_directory(self._path.parent)  # the new file's name must survive a crash
+            self._republish_public_key()
+
+    def _republish_public_key(self) -> None:
+        """Put ``<log>.pub`` back if it went missing (e.g. with a deleted directory)."""
+        if self._key is None:
+            return
+        try:
+            publish_public_key(self._path, self._key)
+        except OSError as exc:  # not worth failing a record over; the key id is in every cp
+            incident = self._incident_for_update()
+            incident.add_reason(f"could not rewrite the public key next to {self._path.name}")
+            incident.error = describe_os_error(exc)
 
     def _close_file(self) -> None:
         fd, self._fd = self._fd, None
