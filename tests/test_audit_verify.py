@@ -1,0 +1,413 @@
+"""Tests for gatewayd.audit.verify: one test per kind of tampering, plus properties."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gatewayd.audit import (
+    EVENT_NAMES,
+    AuditKeyError,
+    AuditLog,
+    Problem,
+    canonical_json,
+    record_hash,
+    verify_files,
+)
+from gatewayd.audit.events import INTERNAL_EVENTS
+from gatewayd.audit.signing import key_id, sign_checkpoint
+
+JST = ZoneInfo("Asia/Tokyo")
+CALLER_EVENTS = sorted(EVENT_NAMES - INTERNAL_EVENTS)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 27, 9, 0, tzinfo=JST)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)  # every reading is a second later
+        return self.now
+
+
+def new_log(directory: Path, **options: Any) -> AuditLog:
+    options.setdefault("checkpoint_every", 5)
+    return AuditLog(directory / "audit.log", node="gw-test", signing_key_path=directory / "key",
+                    fsync="interval", clock=Clock(), **options)
+
+
+async def write_log(directory: Path, events: int = 12, **options: Any) -> AuditLog:
+    """With the defaults: seq 1-5 events, 6 checkpoint, 7-11, 12 checkpoint, 13-14, 15 close."""
+    log = new_log(directory, **options)
+    await log.start()
+    for n in range(events):
+        log.emit("access.allow", user=f"user{n}", source_ip="192.0.2.10", service="files",
+                 method="GET", path=f"/files/{n}", rule="staff-files", status=200)
+    await log.close()
+    return log
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> AuditLog:
+    return await write_log(tmp_path)
+
+
+def lines(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def write_lines(path: Path, new_lines: Sequence[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in new_lines))
+
+
+def record(line: bytes) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+def rehashed(fields: dict[str, Any]) -> bytes:
+    """A line for ``fields`` with a correctly recomputed hash (what a forger would do)."""
+    fields = {**fields, "hash": record_hash(fields)}
+    return canonical_json(fields).encode()
+
+
+def seq_at(path: Path, index: int) -> int:
+    seq: int = record(lines(path)[index])["seq"]
+    return seq
+
+
+def assert_problem(result: Any, kind: Problem, first_bad_seq: int) -> None:
+    assert not result.ok
+    assert (result.kind, result.first_bad_seq) == (kind, first_bad_seq), result.problem
+
+
+# --------------------------------------------------------------------------- intact logs
+
+
+async def test_intact_log_verifies_with_counts(log: AuditLog) -> None:
+    result = verify_files([log.path])
+    assert result.ok, result.problem
+    assert (result.records, result.first_seq, result.last_seq) == (15, 1, 15)
+    assert result.checkpoints == 3
+    assert result.last_checkpoint is not None
+    assert (result.last_checkpoint.seq, result.last_checkpoint.reason) == (15, "close")
+    assert result.unsigned_tail == 0
+    assert result.warnings == ()
+    assert result.key_ids == (log.key_id,)
+    assert result.first_bad_seq is None and result.problem == ""
+
+
+async def test_explicit_key_and_missing_or_wrong_keys(log: AuditLog, tmp_path: Path) -> None:
+    pub = log.path.with_name("audit.log.pub")
+    assert verify_files([log.path], pub).ok
+    moved = tmp_path / "elsewhere.pub"
+    pub.rename(moved)
+    with pytest.raises(AuditKeyError, match="no public key"):
+        verify_files([log.path])
+    with pytest.raises(AuditKeyError, match="cannot read"):
+        verify_files([log.path], tmp_path / "nope.pub")
+    other = tmp_path / "other.pub"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    result = verify_files([log.path], other)
+    assert_problem(result, Problem.BAD_SIGNATURE, 6)
+    assert "not among the public keys" in result.problem
+    assert verify_files([log.path], [other, moved]).ok  # a keyring with old and new keys
+
+
+def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        verify_files([tmp_path / "audit.log"])
+
+
+# --------------------------------------------------------------------------- one test per tampering
+
+
+async def test_edited_field(log: AuditLog) -> None:
+    content = lines(log.path)
+    content[2] = content[2].replace(b'"user2"', b'"mallory"')
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.EDITED, 3)
+    assert (result.file, result.line) == (log.path, 3)
+    assert result.records == 2
+
+
+async def test_whitespace_only_change_is_an_edit(log: AuditLog) -> None:
+    content = lines(log.path)
+    content[2] = content[2].replace(b'","', b'", "', 1)  # same JSON value, other bytes
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.EDITED, 3)
+
+
+async def test_edited_and_rehashed_record(log: AuditLog) -> None:
+    content = lines(log.path)
+    content[2] = rehashed({**record(content[2]), "user": "mallory"})
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.EDITED, 3)
+    assert "re-hashed" in result.problem
+
+
+async def test_deleted_record(log: AuditLog) -> None:
+    content = lines(log.path)
+    del content[2]
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.DELETED, 3)
+    assert "seq 3 missing" in result.problem
+
+
+async def test_deleted_records(log: AuditLog) -> None:
+    content = lines(log.path)
+    del content[2:4]
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.DELETED, 3)
+
+
+async def test_swapped_records(log: AuditLog) -> None:
+    content = lines(log.path)
+    content[2], content[3] = content[3], content[2]
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.REORDERED, 3)
+
+
+async def test_moved_record(log: AuditLog) -> None:
+    content = lines(log.path)
+    content.insert(8, content.pop(2))
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.REORDERED, 3)
+
+
+async def test_inserted_forged_record_with_recomputed_hash(log: AuditLog) -> None:
+    content = lines(log.path)
+    genuine = record(content[2])
+    forged = rehashed({**genuine, "user": "mallory", "path": "/files/payroll",
+                       "prev": record(content[1])["hash"]})
+    content.insert(2, forged)  # a perfectly hashed seq 3 that links to seq 2
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.INSERTED, 3)
+    assert result.line == 4  # found at the genuine seq 3, which chains around the forgery
+
+
+async def test_duplicated_line(log: AuditLog) -> None:
+    content = lines(log.path)
+    content.insert(3, content[2])
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.INSERTED, 3)
+
+
+async def test_forged_checkpoint_signature(log: AuditLog) -> None:
+    content = lines(log.path)
+    checkpoint = record(content[5])
+    assert checkpoint["event"] == "audit.checkpoint"
+    forger = Ed25519PrivateKey.generate()
+    checkpoint["sig"] = sign_checkpoint(forger, node="gw-test", seq=checkpoint["covers_seq"],
+                                        hash_hex=checkpoint["covers_hash"], ts=checkpoint["ts"])
+    content[5] = rehashed(checkpoint)  # keeps the real key_id: claims the real key signed it
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.BAD_SIGNATURE, 6)
+    assert "invalid signature" in result.problem
+
+
+async def test_checkpoint_by_unknown_key(log: AuditLog) -> None:
+    content = lines(log.path)
+    checkpoint = record(content[5])
+    forger = Ed25519PrivateKey.generate()
+    checkpoint["sig"] = sign_checkpoint(forger, node="gw-test", seq=checkpoint["covers_seq"],
+                                        hash_hex=checkpoint["covers_hash"], ts=checkpoint["ts"])
+    checkpoint["key_id"] = key_id(forger.public_key())
+    content[5] = rehashed(checkpoint)
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.BAD_SIGNATURE, 6)
+    assert "not among" in result.problem
+
+
+async def test_replayed_checkpoint_claims_a_hash_that_is_not_the_chains(log: AuditLog) -> None:
+    content = lines(log.path)
+    early, later = record(content[5]), record(content[11])
+    for name in ("covers_seq", "covers_hash", "sig", "ts", "key_id"):
+        early[name] = later[name]  # a genuinely signed checkpoint, copied to the wrong place
+    content[5] = rehashed(early)
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.CHECKPOINT_MISMATCH, 6)
+
+
+async def test_rewritten_history_is_caught_by_the_next_checkpoint(log: AuditLog) -> None:
+    """A forger who edits seq 3 and re-links every later record still cannot re-sign."""
+    content = lines(log.path)
+    previous_hash = record(content[1])["hash"]
+    for index in range(2, len(content)):
+        fields = record(content[index])
+        if index == 2:
+            fields["user"] = "mallory"
+        fields["prev"] = previous_hash
+        content[index] = rehashed(fields)
+        previous_hash = record(content[index])["hash"]
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.CHECKPOINT_MISMATCH, 6)
+
+    # ... and updating what the checkpoint claims breaks its signature instead.
+    fields = record(content[5])
+    fields["covers_hash"] = fields["prev"]
+    content[5] = rehashed(fields)
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.BAD_SIGNATURE, 6)
+
+
+async def test_malformed_lines(log: AuditLog) -> None:
+    original = lines(log.path)
+    for garbage in (b"{not json", b"\xff\xfe binary", b"[1, 2]", b'{"seq": 4}', b""):
+        content = list(original)
+        content[3] = garbage
+        write_lines(log.path, content)
+        result = verify_files([log.path])
+        assert_problem(result, Problem.MALFORMED, 4)
+        assert result.line == 4
+
+
+async def test_torn_final_line(log: AuditLog) -> None:
+    data = log.path.read_bytes()
+    log.path.write_bytes(data[: len(data) - 40])  # cut in the middle of the last record
+    result = verify_files([log.path])
+    assert_problem(result, Problem.MALFORMED, 15)
+    assert "incomplete" in result.problem
+
+
+async def test_second_chain_mixed_in(log: AuditLog, tmp_path: Path) -> None:
+    other = await write_log(tmp_path / "other", events=2)
+    keys = [p.with_name("audit.log.pub") for p in (log.path, other.path)]
+    result = verify_files([log.path, other.path], keys)
+    assert_problem(result, Problem.RESTARTED, 1)
+
+
+# --------------------------------------------------------------------------- across rotated files
+
+
+async def rotated_log(directory: Path) -> list[Path]:
+    """A log over several files, each with count checkpoints inside; in chain order."""
+    log = await write_log(directory, events=30, checkpoint_every=3, rotate_bytes=2500)
+    rotated = sorted(p for p in directory.iterdir() if p.name.startswith("audit.log.2"))
+    assert len(rotated) >= 3
+    return [*rotated, log.path]
+
+
+async def test_rotated_files_verify_in_any_order(tmp_path: Path) -> None:
+    chain = await rotated_log(tmp_path)
+    shuffled = [chain[2], chain[0], chain[-1], *chain[3:-1], chain[1]]
+    result = verify_files(shuffled)
+    assert result.ok, result.problem
+    assert result.files == tuple(chain)
+
+
+async def test_truncated_after_a_checkpoint_a_later_file_refers_past(tmp_path: Path) -> None:
+    chain = await rotated_log(tmp_path)
+    first = chain[0]
+    content = lines(first)
+    inner = [i for i, line in enumerate(content[:-1])
+             if record(line)["event"] == "audit.checkpoint"]
+    cut = inner[0]  # keep up to and including an inner (count) checkpoint
+    write_lines(first, content[: cut + 1])
+    result = verify_files(chain)
+    assert_problem(result, Problem.TRUNCATED, record(content[cut])["seq"] + 1)
+    assert result.file == chain[1]
+
+
+async def test_missing_middle_file(tmp_path: Path) -> None:
+    chain = await rotated_log(tmp_path)
+    dropped = chain[1]
+    result = verify_files([chain[0], *chain[2:]])
+    assert_problem(result, Problem.MISSING_FILE, seq_at(dropped, 0))
+    assert "whole rotated file" in result.problem
+
+
+async def test_only_recent_files_verify_with_a_warning(tmp_path: Path) -> None:
+    chain = await rotated_log(tmp_path)
+    result = verify_files(chain[2:])
+    assert result.ok
+    assert any(f"starts at seq {seq_at(chain[2], 0)}" in w for w in result.warnings)
+
+
+# --------------------------------------------------------------------------- live tail
+
+
+async def test_live_log_without_final_checkpoint_warns_or_fails_when_sealed(
+    log: AuditLog,
+) -> None:
+    write_lines(log.path, lines(log.path)[:-1])  # a running gateway has not closed yet
+    result = verify_files([log.path])
+    assert result.ok
+    assert result.unsigned_tail == 2
+    assert any("after the last checkpoint" in w for w in result.warnings)
+    assert_problem(verify_files([log.path], require_sealed=True), Problem.UNSEALED, 13)
+
+
+# --------------------------------------------------------------------------- properties
+
+user_text = st.text(st.characters(exclude_categories=()), max_size=24)
+events = st.lists(
+    st.tuples(st.sampled_from(CALLER_EVENTS), user_text, user_text, st.integers(0, 10**15)),
+    min_size=1, max_size=10,
+)
+
+
+def write_events(
+    directory: Path, items: list[tuple[str, str, str, int]], **options: Any
+) -> list[Path]:
+    async def scenario() -> AuditLog:
+        log = new_log(directory, **options)
+        await log.start()
+        for event, user, path, count in items:
+            log.emit(event, user=user, path=path, bytes_up=count, reason=user)
+        await log.close()
+        return log
+
+    log = asyncio.run(scenario())
+    return [p for p in directory.iterdir() if p.name.startswith("audit.log") and
+            not p.name.endswith(".pub")]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=events, every=st.integers(1, 4),
+       rotate=st.one_of(st.none(), st.integers(300, 3000)))
+def test_any_sequence_of_events_verifies(
+    items: list[tuple[str, str, str, int]], every: int, rotate: int | None
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        paths = write_events(Path(directory), items, checkpoint_every=every, rotate_bytes=rotate)
+        result = verify_files(paths)
+        assert result.ok, result.problem
+        assert result.records >= len(items)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=events, data=st.data())
+def test_any_single_byte_change_is_detected(
+    items: list[tuple[str, str, str, int]], data: st.DataObject
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        (path,) = write_events(Path(directory), items, checkpoint_every=3)
+        raw = bytearray(path.read_bytes())
+        index = data.draw(st.integers(0, len(raw) - 1), label="index")
+        value = data.draw(st.integers(0, 255).filter(lambda b: b != raw[index]), label="byte")
+        raw[index] = value
+        path.write_bytes(bytes(raw))
+        result = verify_files([path])
+        assert not result.ok
+        assert result.kind in {Problem.EDITED, Problem.MALFORMED}
