@@ -300,10 +300,16 @@ async def test_second_chain_mixed_in(log: AuditLog, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- across rotated files
 
 
+def log_files(directory: Path) -> list[Path]:
+    """The live and rotated files of the log in ``directory`` (not keys), by name."""
+    return sorted(p for p in directory.iterdir()
+                  if p.name.startswith("audit.log") and not p.name.endswith(".pub"))
+
+
 async def rotated_log(directory: Path) -> list[Path]:
     """A log over several files, each with count checkpoints inside; in chain order."""
     log = await write_log(directory, events=30, checkpoint_every=3, rotate_bytes=2500)
-    rotated = sorted(p for p in directory.iterdir() if p.name.startswith("audit.log.2"))
+    rotated = [p for p in log_files(directory) if p != log.path]
     assert len(rotated) >= 3
     return [*rotated, log.path]
 
@@ -370,17 +376,15 @@ events = st.lists(
 def write_events(
     directory: Path, items: list[tuple[str, str, str, int]], **options: Any
 ) -> list[Path]:
-    async def scenario() -> AuditLog:
+    async def scenario() -> None:
         log = new_log(directory, **options)
         await log.start()
         for event, user, path, count in items:
             log.emit(event, user=user, path=path, bytes_up=count, reason=user)
         await log.close()
-        return log
 
-    log = asyncio.run(scenario())
-    return [p for p in directory.iterdir() if p.name.startswith("audit.log") and
-            not p.name.endswith(".pub")]
+    asyncio.run(scenario())
+    return log_files(directory)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
