@@ -35,15 +35,15 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 MINUTES_PER_DAY = 24 * 60
 
 
-def _reject_bool(value: object) -> None:
+def _reject_bool(value: object, what: str) -> None:
     # YAML `true` is a Python bool, which is also an int: never let it pass as a number.
     if isinstance(value, bool):
-        raise ValueError(f"expected a number or a string, not {str(value).lower()}")
+        raise ValueError(f"invalid {what} {str(value).lower()}: expected a number or a string")
 
 
 def parse_duration(value: object) -> float:
     """Seconds from an int (seconds) or a string like '90s', '5m', '1h30m'; must be > 0."""
-    _reject_bool(value)
+    _reject_bool(value, "duration")
     match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
     if isinstance(value, int):
         seconds = value
@@ -71,7 +71,7 @@ def format_duration(seconds: float) -> str:
 
 def parse_size(value: object) -> int:
     """Bytes from an int or a string like '10MiB', '500kB', '2 GB'; must be > 0."""
-    _reject_bool(value)
+    _reject_bool(value, "size")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):

@@ -32,6 +32,11 @@ _CONSTANTS: Mapping[str, object] = MappingProxyType({
 _INT = re.compile(r"[-+]?[0-9]+")
 _FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
 _CORE_TAG_PREFIX = "tag:yaml.org,2002:"
+# Tags the composer resolves for plain YAML; anything else (!!python/..., !include) is refused.
+_CORE_TAGS = frozenset(
+    _CORE_TAG_PREFIX + name
+    for name in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge")
+)
 # Aliases can make a small file expand enormously ("billion laughs"); no policy needs this.
 _MAX_NODES = 200_000
 
@@ -75,7 +80,7 @@ class _Converter:
         if self.nodes > _MAX_NODES:
             raise _TooLargeError
         self.lines.setdefault(path, node.start_mark.line + 1)
-        if not node.tag.startswith(_CORE_TAG_PREFIX):
+        if node.tag not in _CORE_TAGS:
             self._issue(node, f"YAML tag {node.tag!r} is not supported")
             return None
         if isinstance(node, yaml.MappingNode):
@@ -137,6 +142,8 @@ def parse_yaml(text: str, file: str) -> tuple[YamlDocument | None, list[PolicyIs
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and problem.startswith("but "):  # "expected X" is in the context
+            problem = f"{exc.context}, {problem}"
         return None, [PolicyIssue(file, line, f"YAML syntax error: {problem}")]
     except yaml.YAMLError as exc:
         return None, [PolicyIssue(file, None, f"YAML error: {exc}")]

@@ -1,0 +1,125 @@
+"""Tests for gatewayd.policy.loader (and errors): directory handling, file order, collecting
+every problem of every file, and the `file:line: message` format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gatewayd.policy import PolicyError, PolicyIssue, load_policy
+from gatewayd.policy.loader import policy_files
+
+SERVICES = "services:\n  files: {kind: http, prefixes: /files/}\n"
+
+
+def write(directory: Path, files: dict[str, str | bytes]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        path = directory / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+    return directory
+
+
+def errors(directory: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(directory)
+    return [str(issue) for issue in caught.value.errors]
+
+
+def test_files_are_read_in_name_order_and_rules_keep_that_order(tmp_path: Path) -> None:
+    write(tmp_path, {
+        "20-b.yml": "rules:\n  - {id: b1, effect: allow, subjects: '*', services: files}\n",
+        "10-a.yaml": SERVICES + "rules:\n  - {id: a1, effect: allow, subjects: '*', services: files}\n",
+        "30-c.yaml": "rules:\n  - {id: c1, effect: deny, subjects: '*', services: files, paths: /files/x}\n",
+        ".#10-a.yaml": "not: [valid",  # editor lock file: hidden, skipped
+        "README.md": "# not a policy",
+        "notes.txt": "ignored",
+    })
+    (tmp_path / "sub.yaml").mkdir()  # a directory named like a policy file is not a file
+    policy = load_policy(tmp_path)
+    assert [rule.id for rule in policy.rules] == ["a1", "b1", "c1"]
+    assert policy.files == tuple(str(tmp_path / name) for name in ("10-a.yaml", "20-b.yml", "30-c.yaml"))
+    assert policy.rules[0].origin == f"{tmp_path / '10-a.yaml'}:4"
+
+
+def test_policy_files_lists_only_policy_files(tmp_path: Path) -> None:
+    write(tmp_path, {"b.yaml": "", "a.yml": "", ".hidden.yaml": "", "c.json": ""})
+    assert [p.name for p in policy_files(tmp_path)] == ["a.yml", "b.yaml"]
+
+
+def test_all_problems_of_all_files_are_collected_and_sorted(tmp_path: Path) -> None:
+    write(tmp_path, {
+        "a.yaml": SERVICES + "rules:\n  - {id: r, effect: allow, subjects: '*', services: nope}\n",
+        "b.yaml": "rules:\n  - id: x\n    effect: allow\n   subjects: '*'\n",
+        "c.yaml": "timezone: Nowhere/City\nroles:\n  r: {groups: []}\n",
+    })
+    base = str(tmp_path)
+    assert errors(tmp_path) == [
+        f"{base}/a.yaml:4: rule 'r': unknown service 'nope'",
+        f"{base}/b.yaml:4: YAML syntax error: expected <block end>, but found '<block mapping start>'",
+        f"{base}/c.yaml:1: timezone: unknown timezone 'Nowhere/City': use an IANA name like 'Asia/Tokyo'",
+        f"{base}/c.yaml:3: role 'r': role maps no groups or users, so nobody can ever hold it",
+    ]
+
+
+def test_relative_directory_gives_relative_file_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "policies", {"a.yaml": "rules: 5\n"})
+    monkeypatch.chdir(tmp_path)
+    assert errors(Path("policies")) == ["policies/a.yaml:1: rules: must be a valid list (got 5)"]
+
+
+def test_empty_directory_is_an_error(tmp_path: Path) -> None:
+    assert errors(tmp_path) == [f"{tmp_path}: no policy files (*.yaml, *.yml) in directory"]
+
+
+def test_missing_directory_is_an_error(tmp_path: Path) -> None:
+    assert errors(tmp_path / "missing") == [
+        f"{tmp_path / 'missing'}: cannot read policy directory: No such file or directory"
+    ]
+
+
+def test_non_utf8_file_is_an_error_and_other_files_still_checked(tmp_path: Path) -> None:
+    write(tmp_path, {"a.yaml": b"roles:\n  \xff\xfe: {}\n", "b.yaml": "colour: red\n"})
+    assert errors(tmp_path) == [
+        f"{tmp_path}/a.yaml: not valid UTF-8 (invalid start byte)",
+        f"{tmp_path}/b.yaml:1: unknown key 'colour'",
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read unreadable files")
+def test_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path, {"a.yaml": SERVICES})
+    (tmp_path / "a.yaml").chmod(0)
+    assert errors(tmp_path) == [f"{tmp_path}/a.yaml: cannot read: Permission denied"]
+
+
+def test_files_with_only_comments_give_an_empty_policy(tmp_path: Path) -> None:
+    write(tmp_path, {"a.yaml": "# nothing yet\n"})
+    policy = load_policy(tmp_path)
+    assert policy.rules == () and dict(policy.services) == {}
+    assert policy.timezone.key == "Asia/Tokyo"
+
+
+@pytest.mark.parametrize(
+    ("issue", "text"),
+    [
+        (PolicyIssue("policies/a.yaml", 12, "unknown key 'x'"), "policies/a.yaml:12: unknown key 'x'"),
+        (PolicyIssue("policies", None, "no policy files"), "policies: no policy files"),
+    ],
+)
+def test_issue_format(issue: PolicyIssue, text: str) -> None:
+    assert str(issue) == text
+
+
+def test_policy_error_lists_issues_sorted_by_file_and_line() -> None:
+    error = PolicyError([
+        PolicyIssue("b.yaml", 1, "x"), PolicyIssue("a.yaml", 10, "y"), PolicyIssue("a.yaml", 2, "z"),
+        PolicyIssue("a.yaml", None, "w"),
+    ])
+    assert [str(issue) for issue in error.errors] == ["a.yaml: w", "a.yaml:2: z", "a.yaml:10: y", "b.yaml:1: x"]
+    assert str(error) == "a.yaml: w\na.yaml:2: z\na.yaml:10: y\nb.yaml:1: x"
