@@ -1,0 +1,180 @@
+"""Tests for gatewayd.audit.cli: ``audit verify`` and ``audit query`` through argparse."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from gatewayd.audit import AuditLog
+from gatewayd.audit.cli import parse_time, register
+
+JST = ZoneInfo("Asia/Tokyo")
+
+
+def run(argv: list[str]) -> int:
+    """Parse like the root CLI does (``register(sub)``), then call ``args.func(args)``."""
+    parser = argparse.ArgumentParser(prog="gatewayd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse reports usage errors by exiting with 2
+        return int(exc.code or 0)
+    code: int = args.func(args)
+    return code
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 27, 9, 0, tzinfo=JST)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(minutes=1)
+        return self.now
+
+
+async def write_log(directory: Path, *, rotate_bytes: int | None = None) -> AuditLog:
+    log = AuditLog(directory / "audit.log", node="gw1", signing_key_path=directory / "key",
+                   clock=Clock(), fsync="interval", checkpoint_every=4, rotate_bytes=rotate_bytes)
+    await log.start()
+    for n in range(10):
+        user = "alice" if n % 2 else "bob"
+        log.emit("access.allow", user=user, source_ip="192.0.2.10", service="files",
+                 method="GET", path=f"/files/{n}", rule="staff-files", status=200)
+    await log.close()
+    return log
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> AuditLog:
+    return await write_log(tmp_path)
+
+
+def shell_glob(directory: Path, pattern: str) -> list[str]:
+    return sorted(str(p) for p in directory.glob(pattern))
+
+
+def out_err(capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+async def test_verify_ok(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["audit", "verify", str(log.path)]) == 0
+    out, _ = out_err(capsys)
+    assert out.startswith("OK: 1 file(s), 13 records (seq 1-13), 3 checkpoint(s)")
+    assert "last good checkpoint: seq 13" in out and log.key_id in out
+
+
+async def test_verify_tampered_reports_first_bad_seq(
+    log: AuditLog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = log.path.read_bytes().split(b"\n")
+    del lines[2]
+    log.path.write_bytes(b"\n".join(lines))
+    assert run(["audit", "verify", str(log.path)]) == 1
+    out, _ = out_err(capsys)
+    assert out.startswith("TAMPERED: first bad seq 3: deleted")
+    assert "audit.log:3:" in out
+
+
+async def test_verify_json(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["audit", "verify", "--json", str(log.path)]) == 0
+    result = json.loads(out_err(capsys)[0])
+    assert result["ok"] is True and result["records"] == 13
+    assert result["last_checkpoint"]["reason"] == "close"
+
+
+async def test_verify_skips_key_files_from_a_glob(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await write_log(tmp_path, rotate_bytes=1500)
+    everything = shell_glob(tmp_path, "audit.log*")
+    assert any(name.endswith(".pub") for name in everything)
+    assert run(["audit", "verify", *everything]) == 0
+    out, err = out_err(capsys)
+    assert "skipping" in err and "audit.log.pub" in err
+    assert out.startswith("OK: ")
+
+
+async def test_verify_sealed_fails_on_unsigned_tail(
+    log: AuditLog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = log.path.read_bytes().split(b"\n")[:-2]  # drop the close checkpoint
+    log.path.write_bytes(b"\n".join(lines) + b"\n")
+    assert run(["audit", "verify", str(log.path)]) == 0
+    assert "warning:" in out_err(capsys)[0]
+    assert run(["audit", "verify", "--sealed", str(log.path)]) == 1
+    assert "unsealed" in out_err(capsys)[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "verify", "{missing}"],
+        ["audit", "verify", "{log}", "--key", "{missing}"],
+        ["audit", "verify", "{log}", "--key", "{garbage}"],
+        ["audit", "verify", "{dir}"],
+        ["audit", "verify"],
+        ["audit"],
+        ["audit", "query", "{missing}"],
+        ["audit", "query", "{log}", "--since", "yesterday"],
+    ],
+)
+async def test_usage_errors_exit_2(
+    log: AuditLog, tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "garbage.pub"
+    garbage.write_text("not a key")
+    names = {"missing": str(tmp_path / "nope.log"), "log": str(log.path),
+             "garbage": str(garbage), "dir": str(tmp_path)}
+    assert run([part.format(**names) for part in argv]) == 2
+    assert out_err(capsys)[1]  # an explanation on stderr
+
+
+async def test_verify_without_any_public_key_is_a_usage_error(
+    log: AuditLog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log.path.with_name("audit.log.pub").unlink()
+    assert run(["audit", "verify", str(log.path)]) == 2
+    assert "--key" in out_err(capsys)[1]
+
+
+async def test_query_table(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["audit", "query", "--user", "alice", str(log.path)]) == 0
+    out, _ = out_err(capsys)
+    rows = out.splitlines()
+    assert rows[0].split()[:3] == ["TIME", "SEQ", "EVENT"]
+    assert len(rows) == 1 + 5
+    assert all(" alice " in row for row in rows[1:])
+    assert "GET /files/1" in rows[1]
+
+
+async def test_query_json_and_filters(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
+    # The clock ticks a minute per reading: start() at 09:01, then seq 1 at 09:02, 2 at 09:03…
+    argv = ["audit", "query", "--json", "--event", "access.*", "--service", "files",
+            "--since", "2026-11-27T09:03:00+09:00", "--until", "2026-11-27T00:05:00+00:00",
+            str(log.path)]
+    assert run(argv) == 0
+    records: list[dict[str, Any]] = [json.loads(line) for line in out_err(capsys)[0].splitlines()]
+    assert [(r["seq"], r["ts"][11:16]) for r in records] == [(2, "09:03"), (3, "09:04")]
+    assert all(r["event"] == "access.allow" for r in records)
+
+
+def test_times_without_offset_are_local_time() -> None:
+    assert parse_time("2026-11-27T09:06:00") == datetime(2026, 11, 27, 9, 6).astimezone()
+    assert parse_time("2026-11-27") == datetime(2026, 11, 27).astimezone()
+    assert parse_time("2026-11-27T09:06:00+09:00").utcoffset() == timedelta(hours=9)
+
+
+async def test_query_without_matches_exits_1(
+    log: AuditLog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["audit", "query", "--user", "nobody", str(log.path)]) == 1
+    assert out_err(capsys)[0] == ""

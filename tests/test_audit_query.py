@@ -1,0 +1,136 @@
+"""Tests for gatewayd.audit.query: filters, streaming, table and JSON output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from gatewayd.audit import AuditLog, query_files
+from gatewayd.audit.query import json_line, table_header, table_row
+
+JST = ZoneInfo("Asia/Tokyo")
+T0 = datetime(2026, 11, 27, 9, 0, tzinfo=JST)
+
+
+class MinuteClock:
+    """Each record is one minute after the previous: record n is at 09:0n."""
+
+    def __init__(self) -> None:
+        self.now = T0 - timedelta(minutes=1)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += timedelta(minutes=1)
+
+
+@pytest.fixture
+async def log_path(tmp_path: Path) -> Path:
+    clock = MinuteClock()
+    log = AuditLog(tmp_path / "audit.log", node="gw1", signing_key_path=tmp_path / "key",
+                   clock=clock, fsync="interval")
+    await log.start()
+    emits: list[tuple[str, dict[str, Any]]] = [
+        ("auth.success", {"user": "alice", "source_ip": "192.0.2.10", "frontend": "https"}),
+        ("access.allow", {"user": "alice", "source_ip": "192.0.2.10", "service": "approval",
+                          "method": "GET", "path": "/approval/list", "rule": "staff-approval",
+                          "status": 200}),
+        ("access.deny", {"user": "bob", "source_ip": "192.0.2.11", "service": "files",
+                         "method": "POST", "path": "/files/hr/salary.xlsx", "rule": "hr-only",
+                         "reason": "group hr required"}),
+        ("auth.failure", {"user": "eve\x1b[31m", "source_ip": "203.0.113.9",
+                          "reason": "invalid credentials"}),
+        ("tunnel.open", {"user": "alice", "service": "smb", "dest": "10.0.0.5:445"}),
+        ("auth.failure", {"user": "TOKYO\\carol", "source_ip": "192.0.2.12"}),
+    ]
+    for event, fields in emits:
+        clock.tick()
+        log.emit(event, **fields)
+    await log.close()
+    return log.path
+
+
+def events_of(records: Iterator[dict[str, Any]]) -> list[str]:
+    return [r["event"] for r in records]
+
+
+async def test_query_is_lazy(log_path: Path) -> None:
+    results = query_files([log_path])
+    assert iter(results) is results  # a generator: records are read as they are consumed
+    assert next(results)["seq"] == 1
+
+
+async def test_filters(log_path: Path) -> None:
+    assert events_of(query_files([log_path], user="alice")) == [
+        "auth.success", "access.allow", "tunnel.open"]
+    assert events_of(query_files([log_path], event="auth.failure")) == [
+        "auth.failure", "auth.failure"]
+    assert events_of(query_files([log_path], event="access.*")) == ["access.allow", "access.deny"]
+    assert events_of(query_files([log_path], service="files")) == ["access.deny"]
+    assert events_of(query_files([log_path], user="alice", service="smb")) == ["tunnel.open"]
+    assert list(query_files([log_path], user="nobody")) == []
+    assert list(query_files([log_path], event="access")) == []  # exact unless a pattern
+
+
+async def test_user_filter_matches_names_as_typed(log_path: Path) -> None:
+    assert [r["seq"] for r in query_files([log_path], user="eve\x1b[31m")] == [4]
+    assert [r["seq"] for r in query_files([log_path], user="TOKYO\\carol")] == [6]
+
+
+async def test_time_window_since_inclusive_until_exclusive(log_path: Path) -> None:
+    since, until = T0 + timedelta(minutes=1), T0 + timedelta(minutes=3)
+    got = [r["seq"] for r in query_files([log_path], since=since, until=until)]
+    assert got == [2, 3]
+    # the same instant written in another offset means the same thing
+    got_utc = [r["seq"] for r in query_files([log_path], since=since.astimezone(UTC))]
+    assert got_utc[0] == 2
+
+
+def test_naive_times_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "audit.log").write_text("")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        list(query_files([tmp_path / "audit.log"], since=datetime(2026, 1, 1)))  # naive
+
+
+async def test_malformed_lines_are_reported_and_skipped(log_path: Path) -> None:
+    with log_path.open("ab") as stream:
+        stream.write(b"garbage\n{\"half\":")
+    seen: list[tuple[str, int]] = []
+    records = list(query_files([log_path], on_malformed=lambda p, n: seen.append((p.name, n))))
+    assert len(records) == 7
+    assert seen == [("audit.log", 8), ("audit.log", 9)]
+
+
+async def test_table_rows_are_aligned_and_readable(log_path: Path) -> None:
+    header = table_header()
+    rows = [table_row(r) for r in query_files([log_path])]
+    assert header.split() == ["TIME", "SEQ", "EVENT", "USER", "SOURCE", "SERVICE", "TARGET",
+                              "DETAIL"]
+    allow = rows[1]
+    assert allow.startswith("2026-11-27 09:01:00+09:00")
+    for title in ("EVENT", "USER", "SOURCE", "SERVICE", "TARGET", "DETAIL"):
+        column = header.index(title)
+        assert allow[column - 1] == " " and allow[column] != " ", title
+    assert "access.allow" in allow and "GET /approval/list" in allow
+    assert 'rule=staff-approval status=200' in allow
+    assert 'reason="group hr required"' in rows[2]
+    assert "10.0.0.5:445" in rows[4]
+    assert "covers_seq=6" in rows[6] and "reason=close" in rows[6]
+
+
+def test_table_and_json_never_pass_raw_controls_to_the_terminal() -> None:
+    # A foreign or tampered file may hold raw controls once JSON-decoded.
+    hostile = {"ts": "2026-11-27T09:00:00+09:00", "seq": 1, "event": "auth.failure",
+               "user": "eve\x1b]0;pwned\x07", "reason": "a\u202eb", "path": "\x9b2J"}
+    for text in (table_row(hostile), json_line(hostile)):
+        for raw in ("\x1b", "\x07", "\u202e", "\x9b"):
+            assert raw not in text
+    assert json.loads(json_line(hostile)) == hostile  # still the same JSON value
+    assert json.loads(json_line({"tag": "\U000e0041"})) == {"tag": "\U000e0041"}
