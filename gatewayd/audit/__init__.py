@@ -6,7 +6,7 @@ Owns the public API of the audit package; the modules behind it:
 * `chain` — canonical form, record hash, checking one stored line;
 * `signing` — Ed25519 key files and checkpoint signatures;
 * `files` — file names (rotated, quarantine), streaming and tail reading;
-* `writer` — the `AuditLog`;
+* `writer` — the `AuditLog`; `resume` — where an existing log ends (start-up rules);
 * `verify` — `verify_files`; `query` — `query_files`; `cli` — ``gatewayd audit``.
 """
 
@@ -20,9 +20,10 @@ from gatewayd.audit.events import (
     UnknownEventError,
 )
 from gatewayd.audit.query import query_files
+from gatewayd.audit.resume import AuditResumeError
 from gatewayd.audit.signing import AuditKeyError
 from gatewayd.audit.verify import Problem, VerifyResult, verify_files
-from gatewayd.audit.writer import AuditLog, AuditRecord, AuditResumeError, AuditWriteError
+from gatewayd.audit.writer import AuditLog, AuditRecord, AuditWriteError
 
 __all__ = [
     "CONTEXT_FIELDS",

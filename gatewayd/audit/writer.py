@@ -27,13 +27,9 @@ Guarantees and rules (security staff and operators rely on these):
   record's calendar day in ``timezone`` differs from the previous record's) renames the
   sealed file to ``<name>.<first record time>`` (see `files`) and continues the chain in a
   new live file.
-* **Resume.** `start` continues ``seq``/``prev`` from the last complete record of the live
-  file (or, when the live file is missing/empty, the newest rotated file). An incomplete final
-  line (a torn write) is moved byte-for-byte to ``<name>.torn-<time>``, the file is cut back
-  to its last complete line, the torn record's seq is counted as lost and an
-  ``audit.recovery`` record documents it. If the last complete line is not a valid record
-  (edited, garbage) `start` refuses with `AuditResumeError`: building on an untrusted head
-  would launder tampering into a valid-looking chain.
+* **Resume.** `start` continues ``seq``/``prev`` from the end of the existing log; a torn
+  final line is moved aside and recorded, an untrustworthy head refuses start-up with
+  `AuditResumeError` (rules in `resume`).
 * **The live file is watched.** Each write checks that the path still names the open file; if
   it was moved or deleted (logrotate, an operator, an intruder) a new file is started at the
   path, chained to the last record, and an ``audit.recovery`` record says so.
@@ -59,7 +55,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from gatewayd.audit import files
-from gatewayd.audit.chain import GENESIS_PREV, canonical_json, check_line, record_hash
+from gatewayd.audit.chain import GENESIS_PREV, canonical_json, record_hash
 from gatewayd.audit.events import (
     RECORD_KEYS,
     EventName,
@@ -67,6 +63,7 @@ from gatewayd.audit.events import (
     escape_text,
     normalize_fields,
 )
+from gatewayd.audit.resume import ResumePoint, find_resume_point
 from gatewayd.audit.signing import (
     fsync_directory,
     key_id,
@@ -126,10 +123,6 @@ class AuditWriteError(Exception):
         self.error = error
         where = f" (seq {seq})" if seq is not None else ""
         super().__init__(f"audit record {event}{where} not written: {describe_os_error(error)}")
-
-
-class AuditResumeError(Exception):
-    """The existing log cannot be continued safely; an operator must look at it first."""
 
 
 def describe_os_error(error: OSError) -> str:
@@ -422,74 +415,33 @@ class AuditLog:
     # ----------------------------------------------------------------- resume
 
     def _resume(self, now: datetime) -> None:
-        tail = self._live_tail()
-        torn = tail is not None and tail.torn_bytes > 0
-        if tail is not None and torn:
-            self._quarantine_torn_tail(tail, now)
-        head: bytes | None = tail.last_line if tail is not None else None
-        origin = self._path
-        if head is None:
-            head, origin = self._newest_rotated_head()
-        if head is not None:
-            self._continue_from(head, origin)
-        if torn:
+        point = find_resume_point(self._path, now)
+        if point.head is not None:
+            self._continue_from(point)
+        if point.torn is not None:
+            incident = self._incident_for_update()
+            incident.add_reason(
+                "incomplete final line (torn write: crash or full disk) moved aside at start"
+            )
+            incident.extra.update(
+                quarantine=point.torn.quarantine.name, discarded_bytes=point.torn.size,
+                discarded_sha256=point.torn.sha256,
+            )
             # The torn line was a record that never fully reached the disk: its seq is lost.
-            assert self._incident is not None
-            self._incident.add_lost(self._next_seq)
+            incident.add_lost(self._next_seq)
             self._next_seq += 1
 
-    def _live_tail(self) -> files.Tail | None:
-        try:
-            if self._path.stat().st_size == 0:
-                return None
-        except FileNotFoundError:
-            return None
-        return files.read_tail(self._path)
-
-    def _quarantine_torn_tail(self, tail: files.Tail, now: datetime) -> None:
-        target = files.quarantine_path(self._path, now)
-        digest = files.copy_range(self._path, tail.torn_offset, target)
-        os.truncate(self._path, tail.torn_offset)
-        fsync_directory(self._path.parent)
-        incident = self._incident_for_update()
-        incident.add_reason(
-            "incomplete final line (torn write: crash or full disk) moved aside at start"
-        )
-        incident.extra.update(
-            quarantine=target.name, discarded_bytes=tail.torn_bytes, discarded_sha256=digest
-        )
-
-    def _newest_rotated_head(self) -> tuple[bytes | None, Path]:
-        best: tuple[int, bytes, Path] | None = None
-        for path in files.rotated_siblings(self._path):
-            line = files.read_tail(path).last_line
-            seq = _seq_of(line)
-            if line is None or seq is None:
-                raise AuditResumeError(
-                    f"rotated audit file {path} does not end with a readable record; run "
-                    "`gatewayd audit verify` and move damaged files aside before starting"
-                )
-            if best is None or seq > best[0]:
-                best = (seq, line, path)
-        return (best[1], best[2]) if best else (None, self._path)
-
-    def _continue_from(self, line: bytes, origin: Path) -> None:
-        check = check_line(line)
-        if not check.ok or check.record is None:
-            raise AuditResumeError(
-                f"the last record of {origin} is not a valid audit record ({check.detail}); "
-                "refusing to continue the chain from it. Run `gatewayd audit verify` and move "
-                "the damaged file aside"
-            )
-        record = check.record
-        self._next_seq = record["seq"] + 1
-        self._prev = record["hash"]
-        self._last_seq = record["seq"]
-        self._last_event = record["event"]
-        self._last_reason = record.get("reason")
-        if origin == self._path:
-            self._file_day = _day_of(record["ts"])
-            self._first_ts = _time_of_first_record(self._path)
+    def _continue_from(self, point: ResumePoint) -> None:
+        head = point.head
+        assert head is not None
+        self._next_seq = head["seq"] + 1
+        self._prev = head["hash"]
+        self._last_seq = head["seq"]
+        self._last_event = head["event"]
+        self._last_reason = head.get("reason")
+        if point.head_in_live_file:
+            self._file_day = point.head_day
+            self._first_ts = point.live_first_time
 
     # ----------------------------------------------------------------- writing
 
@@ -775,22 +727,3 @@ def _check_options(
 
 def _day_of(ts: str) -> date:
     return datetime.fromisoformat(ts).date()  # ts is already in the log's timezone
-
-
-def _seq_of(line: bytes | None) -> int | None:
-    check = check_line(line) if line is not None else None
-    if check is None or check.record is None:
-        return None
-    seq = check.record["seq"]
-    return seq if isinstance(seq, int) else None
-
-
-def _time_of_first_record(path: Path) -> datetime | None:
-    line = files.read_first_line(path)
-    check = check_line(line) if line is not None else None
-    if check is None or check.record is None:
-        return None
-    try:
-        return datetime.fromisoformat(check.record["ts"])
-    except ValueError:
-        return None
