@@ -34,7 +34,7 @@ Guarantees and rules (security staff and operators rely on these):
   it was moved or deleted (logrotate, an operator, an intruder) a new file is started at the
   path, chained to the last record, and an ``audit.recovery`` record says so.
 
-Not thread-safe by design of asyncio code, but a lock makes calls from executor threads safe.
+Call it from the event loop; an internal lock also makes calls from executor threads safe.
 """
 
 from __future__ import annotations
