@@ -153,6 +153,15 @@ def test_normalize_fields_rejects(fields: dict[str, object], error: type[Excepti
         normalize_fields(fields)
 
 
+def test_status_is_an_http_code_or_an_outcome_word() -> None:
+    assert normalize_fields({"status": 403}) == {"status": 403}
+    assert normalize_fields({"status": "failure"}) == {"status": "failure"}
+    with pytest.raises(TypeError):
+        normalize_fields({"status": True})
+    with pytest.raises(ValueError):
+        normalize_fields({"status": -1})
+
+
 def test_internal_fields_only_with_internal_flag() -> None:
     assert normalize_fields({"covers_seq": 3, "key_id": "ab"}, internal=True) == {
         "covers_seq": 3, "key_id": "ab"}

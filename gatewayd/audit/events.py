@@ -65,12 +65,13 @@ INTERNAL_EVENTS: Final[frozenset[str]] = frozenset(
 class FieldKind(enum.Enum):
     TEXT = "text"
     COUNT = "count"  # a non-negative integer
+    TEXT_OR_COUNT = "text_or_count"  # an integer stays an integer, anything else is text
 
 
 # Keys every record has; the AuditLog sets them, callers cannot.
 RECORD_KEYS: Final[tuple[str, ...]] = ("ts", "seq", "event", "node", "prev", "hash")
 
-_T, _N = FieldKind.TEXT, FieldKind.COUNT
+_T, _N, _TN = FieldKind.TEXT, FieldKind.COUNT, FieldKind.TEXT_OR_COUNT
 
 CONTEXT_FIELDS: Final[Mapping[str, FieldKind]] = MappingProxyType(
     {
@@ -88,7 +89,7 @@ CONTEXT_FIELDS: Final[Mapping[str, FieldKind]] = MappingProxyType(
         "reason": _T,
         "error": _T,
         "serial": _T,  # certificate serial (cert.issue / cert.revoke)
-        "status": _N,  # HTTP status
+        "status": _TN,  # HTTP status code (integer), or an outcome word such as "failure"
         "bytes_up": _N,
         "bytes_down": _N,
         "duration_ms": _N,
@@ -256,8 +257,13 @@ def normalize_fields(
             raise FieldError(f"unknown audit field {name!r}{reserved}")
         if value is None:
             continue
-        kind = schema[name]
-        clean[name] = _text_value(name, value) if kind is FieldKind.TEXT else _count_value(
-            name, value
-        )
+        clean[name] = _typed_value(name, schema[name], value)
     return clean
+
+
+def _typed_value(name: str, kind: FieldKind, value: object) -> str | int:
+    if kind is FieldKind.COUNT:
+        return _count_value(name, value)
+    if kind is FieldKind.TEXT_OR_COUNT and isinstance(value, int) and not isinstance(value, bool):
+        return _count_value(name, value)
+    return _text_value(name, value)
