@@ -19,6 +19,7 @@ decision is the same either way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,7 +133,10 @@ def _conditions_hold(rule: Rule, facts: Facts, trace: Trace | None) -> bool:
 
 def _step_up(rule: Rule, mfa_age: float | None) -> Decision:
     assert rule.mfa_max_age is not None  # only rules with an MFA age limit can be stale
-    last = "unknown" if mfa_age is None else f"{format_duration(max(mfa_age, 0.0))} ago"
+    if mfa_age is None or not math.isfinite(mfa_age) or mfa_age < 0:
+        last = "unknown"
+    else:
+        last = f"{format_duration(mfa_age)} ago"
     return Decision(
         "step_up",
         rule.id,
