@@ -17,7 +17,15 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatewayd.policy import AccessRequest, Decision, Obligations, Policy, decide, explain, load_policy_texts
+from gatewayd.policy import (
+    AccessRequest,
+    Decision,
+    Obligations,
+    Policy,
+    decide,
+    explain,
+    load_policy_texts,
+)
 from gatewayd.policy.check import LoadedFile
 from gatewayd.policy.compiler import compile_policy
 from gatewayd.policy.schema import validate_file
