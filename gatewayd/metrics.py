@@ -86,9 +86,26 @@ class Metrics:
         )
         self.build_info = Info("gatewayd_build", "Build information.", registry=r)
         self.build_info.info({"version": __version__})
+        self._initialise_series()
+
+    def _initialise_series(self) -> None:
+        """Create every known label combination at 0, so the series set is fixed from the start.
+
+        Prometheus' ``rate()`` and absent-series alerts need a series before its first event;
+        and a fixed set makes "client input never adds a series" directly observable.
+        """
+        for frontend in (*FRONTENDS, OTHER):
+            for result in (*AUTH_RESULTS, OTHER):
+                self.auth_attempts.labels(frontend, result)
+            for service in (*self._services, OTHER):
+                for decision in (*DECISIONS, OTHER):
+                    self.policy_decisions.labels(frontend, service, decision)
+        for event in (*self._events, OTHER):
+            self.audit_events.labels(event)
 
     def set_services(self, services: Collection[str]) -> None:
         self._services = frozenset(services)
+        self._initialise_series()
 
     def service_label(self, service: str | None) -> str:
         return bounded(service or "", self._services)
