@@ -68,8 +68,8 @@ def out_err(capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
 async def test_verify_ok(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["audit", "verify", str(log.path)]) == 0
     out, _ = out_err(capsys)
-    assert out.startswith("OK: 1 file(s), 13 records (seq 1-13), 3 checkpoint(s)")
-    assert "last good checkpoint: seq 13" in out and log.key_id in out
+    assert out.startswith("OK: 1 file(s), 14 records (seq 1-14), 3 checkpoint(s)")
+    assert "last good checkpoint: seq 14" in out and log.key_id in out
 
 
 async def test_verify_tampered_reports_first_bad_seq(
@@ -87,7 +87,7 @@ async def test_verify_tampered_reports_first_bad_seq(
 async def test_verify_json(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["audit", "verify", "--json", str(log.path)]) == 0
     result = json.loads(out_err(capsys)[0])
-    assert result["ok"] is True and result["records"] == 13
+    assert result["ok"] is True and result["records"] == 14
     assert result["last_checkpoint"]["reason"] == "close"
 
 
@@ -157,13 +157,13 @@ async def test_query_table(log: AuditLog, capsys: pytest.CaptureFixture[str]) ->
 
 
 async def test_query_json_and_filters(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
-    # The clock ticks a minute per reading: start() at 09:01, then seq 1 at 09:02, 2 at 09:03…
+    # The clock ticks a minute per reading: audit.start (seq 1) at 09:01, seq 2 at 09:02, …
     argv = ["audit", "query", "--json", "--event", "access.*", "--service", "files",
             "--since", "2026-11-27T09:03:00+09:00", "--until", "2026-11-27T00:05:00+00:00",
             str(log.path)]
     assert run(argv) == 0
     records: list[dict[str, Any]] = [json.loads(line) for line in out_err(capsys)[0].splitlines()]
-    assert [(r["seq"], r["ts"][11:16]) for r in records] == [(2, "09:03"), (3, "09:04")]
+    assert [(r["seq"], r["ts"][11:16]) for r in records] == [(3, "09:03"), (4, "09:04")]
     assert all(r["event"] == "access.allow" for r in records)
 
 

@@ -19,7 +19,8 @@ T0 = datetime(2026, 11, 27, 9, 0, tzinfo=JST)
 
 
 class MinuteClock:
-    """Each record is one minute after the previous: record n is at 09:0n."""
+    """Each emit is one minute after the previous: seq 1 is audit.start at 08:59, seq n+2 is
+    the n-th emit at 09:0n."""
 
     def __init__(self) -> None:
         self.now = T0 - timedelta(minutes=1)
@@ -80,17 +81,17 @@ async def test_filters(log_path: Path) -> None:
 
 
 async def test_user_filter_matches_names_as_typed(log_path: Path) -> None:
-    assert [r["seq"] for r in query_files([log_path], user="eve\x1b[31m")] == [4]
-    assert [r["seq"] for r in query_files([log_path], user="TOKYO\\carol")] == [6]
+    assert [r["seq"] for r in query_files([log_path], user="eve\x1b[31m")] == [5]
+    assert [r["seq"] for r in query_files([log_path], user="TOKYO\\carol")] == [7]
 
 
 async def test_time_window_since_inclusive_until_exclusive(log_path: Path) -> None:
     since, until = T0 + timedelta(minutes=1), T0 + timedelta(minutes=3)
     got = [r["seq"] for r in query_files([log_path], since=since, until=until)]
-    assert got == [2, 3]
+    assert got == [3, 4]
     # the same instant written in another offset means the same thing
     got_utc = [r["seq"] for r in query_files([log_path], since=since.astimezone(UTC))]
-    assert got_utc[0] == 2
+    assert got_utc[0] == 3
 
 
 def test_naive_times_are_refused(tmp_path: Path) -> None:
@@ -104,13 +105,13 @@ async def test_malformed_lines_are_reported_and_skipped(log_path: Path) -> None:
         stream.write(b"garbage\n{\"half\":")
     seen: list[tuple[str, int]] = []
     records = list(query_files([log_path], on_malformed=lambda p, n: seen.append((p.name, n))))
-    assert len(records) == 7
-    assert seen == [("audit.log", 8), ("audit.log", 9)]
+    assert len(records) == 8
+    assert seen == [("audit.log", 9), ("audit.log", 10)]
 
 
 async def test_table_rows_are_aligned_and_readable(log_path: Path) -> None:
     header = table_header()
-    rows = [table_row(r) for r in query_files([log_path])]
+    rows = [table_row(r) for r in query_files([log_path])][1:]  # after audit.start
     assert header.split() == ["TIME", "SEQ", "EVENT", "USER", "SOURCE", "SERVICE", "TARGET",
                               "DETAIL"]
     allow = rows[1]
@@ -122,7 +123,7 @@ async def test_table_rows_are_aligned_and_readable(log_path: Path) -> None:
     assert 'rule=staff-approval status=200' in allow
     assert 'reason="group hr required"' in rows[2]
     assert "10.0.0.5:445" in rows[4]
-    assert "covers_seq=6" in rows[6] and "reason=close" in rows[6]
+    assert "covers_seq=7" in rows[6] and "reason=close" in rows[6]
 
 
 def test_table_and_json_never_pass_raw_controls_to_the_terminal() -> None:

@@ -49,7 +49,8 @@ def new_log(directory: Path, **options: Any) -> AuditLog:
 
 
 async def write_log(directory: Path, events: int = 12, **options: Any) -> AuditLog:
-    """With the defaults: seq 1-5 events, 6 checkpoint, 7-11, 12 checkpoint, 13-14, 15 close."""
+    """With the defaults: seq 1 audit.start, 2-5 events, 6 checkpoint, 7-11 events,
+    12 checkpoint, 13-15 events, 16 close checkpoint (line index = seq - 1)."""
     log = new_log(directory, **options)
     await log.start()
     for n in range(events):
@@ -99,10 +100,10 @@ def assert_problem(result: Any, kind: Problem, first_bad_seq: int) -> None:
 async def test_intact_log_verifies_with_counts(log: AuditLog) -> None:
     result = verify_files([log.path])
     assert result.ok, result.problem
-    assert (result.records, result.first_seq, result.last_seq) == (15, 1, 15)
+    assert (result.records, result.first_seq, result.last_seq) == (16, 1, 16)
     assert result.checkpoints == 3
     assert result.last_checkpoint is not None
-    assert (result.last_checkpoint.seq, result.last_checkpoint.reason) == (15, "close")
+    assert (result.last_checkpoint.seq, result.last_checkpoint.reason) == (16, "close")
     assert result.unsigned_tail == 0
     assert result.warnings == ()
     assert result.key_ids == (log.key_id,)
@@ -137,7 +138,7 @@ def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
 
 async def test_edited_field(log: AuditLog) -> None:
     content = lines(log.path)
-    content[2] = content[2].replace(b'"user2"', b'"mallory"')
+    content[2] = content[2].replace(b'"user1"', b'"mallory"')
     write_lines(log.path, content)
     result = verify_files([log.path])
     assert_problem(result, Problem.EDITED, 3)
@@ -286,7 +287,7 @@ async def test_torn_final_line(log: AuditLog) -> None:
     data = log.path.read_bytes()
     log.path.write_bytes(data[: len(data) - 40])  # cut in the middle of the last record
     result = verify_files([log.path])
-    assert_problem(result, Problem.MALFORMED, 15)
+    assert_problem(result, Problem.MALFORMED, 16)
     assert "incomplete" in result.problem
 
 
@@ -359,7 +360,7 @@ async def test_live_log_without_final_checkpoint_warns_or_fails_when_sealed(
     write_lines(log.path, lines(log.path)[:-1])  # a running gateway has not closed yet
     result = verify_files([log.path])
     assert result.ok
-    assert result.unsigned_tail == 2
+    assert result.unsigned_tail == 3
     assert any("after the last checkpoint" in w for w in result.warnings)
     assert_problem(verify_files([log.path], require_sealed=True), Problem.UNSEALED, 13)
 

@@ -129,22 +129,25 @@ async def test_records_have_chain_keys_and_verify(tmp_path: Path) -> None:
     await log.close()
 
     records = records_of(log.path)
-    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert [(r["seq"], r["event"]) for r in records] == [
+        (1, "audit.start"), (2, "auth.success"), (3, "access.allow"), (4, "audit.checkpoint")]
     assert records[0]["prev"] == GENESIS_PREV == "0" * 64
-    assert records[0]["ts"] == "2026-11-27T17:10:56.123456+09:00"
-    assert records[0]["node"] == "gw-test"
+    assert records[0]["reason"] == "new audit log"
+    assert records[0]["key_id"] == log.key_id
+    assert records[1]["ts"] == "2026-11-27T17:10:56.123456+09:00"
+    assert records[1]["node"] == "gw-test"
     for before, after in itertools.pairwise(records):
         assert after["prev"] == before["hash"]
     for record in records:
         assert record["hash"] == record_hash(record)
         assert set(record) >= {"ts", "seq", "event", "node", "prev", "hash"}
     assert first is not None and second is not None
-    assert first.as_dict() == records[0]
+    assert first.as_dict() == records[1]
     assert second.fields["rule"] == "staff-approval"
-    assert records[2]["event"] == "audit.checkpoint"
+    assert records[3]["reason"] == "close"
     result = verify_files([log.path])
     assert result.ok, result.problem
-    assert result.records == 3
+    assert result.records == 4
 
 
 async def test_each_line_is_the_canonical_json_of_its_record(tmp_path: Path) -> None:
@@ -152,7 +155,7 @@ async def test_each_line_is_the_canonical_json_of_its_record(tmp_path: Path) -> 
     await log.start()
     log.emit("auth.failure", user="山田　太郎", source_ip="2001:db8::1", reason="bad factor")
     await log.close()
-    line = log.path.read_bytes().split(b"\n")[0]
+    line = log.path.read_bytes().split(b"\n")[1]
     record = json.loads(line)
     expected = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert line == expected.encode("utf-8")
@@ -197,7 +200,7 @@ async def test_unknown_names_raise_and_consume_no_seq(tmp_path: Path) -> None:
         log.emit("tunnel.close", bytes_up="many")
     record = log.emit("auth.success", user="alice")
     await log.close()
-    assert record is not None and record.seq == 1
+    assert record is not None and record.seq == 2  # right after audit.start
 
 
 @pytest.mark.parametrize(
@@ -270,10 +273,10 @@ async def test_user_supplied_values_cannot_break_lines(
     log.emit("auth.success", user="bob")
     await log.close()
     data = log.path.read_bytes()
-    assert data.count(b"\n") == 3  # two records and the close checkpoint: one line each
+    assert data.count(b"\n") == 4  # start, two records, close checkpoint: one line each
     for raw in ("\r", "\x1b", "\u2028", "\u2029", "\x00", "\u202e", "\x9b"):
         assert raw.encode("utf-8", "surrogatepass") not in data, label
-    stored = records_of(log.path)[0]
+    stored = records_of(log.path)[1]
     assert stored["user"].isprintable()
     assert unescape_text(stored["user"]) == value  # escaping is exact and reversible
     assert unescape_text(stored["path"]) == "/login" + value
@@ -309,8 +312,9 @@ async def test_checkpoint_every_n_records_is_signed(tmp_path: Path) -> None:
     await log.close()
     records = records_of(log.path)
     checkpoints = [r for r in records if r["event"] == "audit.checkpoint"]
+    # seq 1 is audit.start; it counts as a record like any other
     assert [(c["seq"], c["covers_seq"], c["reason"]) for c in checkpoints] == [
-        (4, 3, "count"), (8, 7, "count"), (10, 9, "close"),
+        (4, 3, "count"), (8, 7, "count"), (11, 10, "close"),
     ]
     pub = public_key(log)
     for cp in checkpoints:
@@ -321,21 +325,24 @@ async def test_checkpoint_every_n_records_is_signed(tmp_path: Path) -> None:
         pub.verify(base64.b64decode(cp["sig"]), message)  # raises if invalid
 
 
-async def test_close_checkpoints_once_and_empty_log_stays_empty(tmp_path: Path) -> None:
-    empty = make_log(tmp_path / "empty")
-    await empty.start()
-    empty.checkpoint()  # nothing to cover
-    await empty.close()
-    assert empty.path.read_bytes() == b""
+async def test_start_and_close_mark_the_run(tmp_path: Path) -> None:
+    idle = make_log(tmp_path / "idle")
+    await idle.start()
+    await idle.close()
+    assert [(r["event"], r.get("reason")) for r in records_of(idle.path)] == [
+        ("audit.start", "new audit log"), ("audit.checkpoint", "close")]
 
+
+async def test_manual_checkpoint_only_when_something_new(tmp_path: Path) -> None:
     log = make_log(tmp_path)
     await log.start()
-    log.emit("config.reload", operator="admin", reason="SIGHUP")
+    log.emit("config.reload", operator="admin", status="success")
     log.checkpoint()
     log.checkpoint()  # nothing new since: no second checkpoint
-    await log.close()  # last record already a checkpoint: none added
-    assert [r["event"] for r in records_of(log.path)] == ["config.reload", "audit.checkpoint"]
-    assert records_of(log.path)[1]["reason"] == "manual"
+    await log.close()  # a run always ends with its own close checkpoint
+    assert [(r["event"], r.get("reason")) for r in records_of(log.path)] == [
+        ("audit.start", "new audit log"), ("config.reload", None),
+        ("audit.checkpoint", "manual"), ("audit.checkpoint", "close")]
 
 
 async def test_periodic_task_checkpoints_only_when_something_new(tmp_path: Path) -> None:
@@ -415,9 +422,10 @@ async def test_fsync_always_syncs_before_emit_returns(
 ) -> None:
     log = make_log(tmp_path, fsync="always")
     await log.start()
-    for expected in (1, 2, 3):
+    synced_at_start = len(fsync_calls)  # the audit.start record
+    for n in (1, 2, 3):
         log.emit("auth.success", user="alice")
-        assert len(fsync_calls) == expected
+        assert len(fsync_calls) == synced_at_start + n
     await log.close()
 
 
@@ -426,7 +434,7 @@ async def test_fsync_interval_syncs_from_the_task(tmp_path: Path, fsync_calls: l
     await log.start()
     log.emit("auth.success", user="alice")
     assert fsync_calls == []  # written to the OS, not yet synced
-    assert records_of(log.path)[0]["user"] == "alice"  # but already in the file
+    assert records_of(log.path)[1]["user"] == "alice"  # but already in the file
     await wait_for(lambda: len(fsync_calls) >= 1)
     synced = len(fsync_calls)
     await asyncio.sleep(0.05)
@@ -443,14 +451,14 @@ async def test_failed_write_raises_counts_goes_unhealthy_and_recovers(
     metrics = Metrics(events=EVENT_NAMES)
     log = make_log(tmp_path, metrics=metrics)
     await log.start()
-    first = log.emit("auth.success", user="alice")
+    first = log.emit("auth.success", user="alice")  # seq 2, after audit.start
     assert first is not None and log.healthy
 
     fail_audit_writes["fail"] = True
     with pytest.raises(AuditWriteError) as caught:
         log.emit("access.allow", user="alice", service="files")
     assert caught.value.event == "access.allow"
-    assert caught.value.seq == 2
+    assert caught.value.seq == 3
     assert caught.value.error.errno == errno.ENOSPC
     assert "ENOSPC" in str(caught.value)
     assert not log.healthy
@@ -461,22 +469,22 @@ async def test_failed_write_raises_counts_goes_unhealthy_and_recovers(
     fail_audit_writes["fail"] = False
     recovered = log.emit("session.end", user="alice")
     assert recovered is not None and log.healthy
-    assert recovered.seq == 4  # seqs 2 and 3 are never reused
+    assert recovered.seq == 5  # seqs 3 and 4 are never reused
     assert recovered.prev == first.hash  # the chain continues from the last written record
     await log.close()
 
     records = records_of(log.path)
-    assert [r["seq"] for r in records] == [1, 4, 5, 6]
-    note = records[2]
+    assert [r["seq"] for r in records] == [1, 2, 5, 6, 7]
+    note = records[3]
     assert note["event"] == "audit.recovery"
-    assert (note["lost_from"], note["lost_to"]) == (2, 3)
+    assert (note["lost_from"], note["lost_to"]) == (3, 4)
     assert "ENOSPC" in note["error"]
     assert event_count(metrics, "auth.success") == 1
     assert event_count(metrics, "audit.recovery") == 1
     result = verify_files([log.path])
     assert result.ok
-    assert result.gaps == ((2, 3),)
-    assert any("seq 2-3" in w for w in result.warnings)
+    assert result.gaps == ((3, 4),)
+    assert any("seq 3-4" in w for w in result.warnings)
 
 
 async def test_partial_write_is_cut_back_so_no_half_line_remains(
@@ -516,7 +524,7 @@ async def test_failed_fsync_removes_the_unsynced_record(
     assert "bob" not in log.path.read_text()  # what was not acknowledged is not kept
     log.emit("auth.success", user="carol")
     await log.close()
-    assert verify_files([log.path]).gaps == ((2, 2),)
+    assert verify_files([log.path]).gaps == ((3, 3),)
 
 
 async def test_on_failure_continue_returns_none_but_counts(
@@ -539,7 +547,7 @@ async def test_vanished_directory_fails_until_it_is_back(tmp_path: Path) -> None
     metrics = Metrics(events=EVENT_NAMES)
     log = make_log(tmp_path, metrics=metrics)
     await log.start()
-    first = log.emit("auth.success", user="alice")
+    first = log.emit("auth.success", user="alice")  # seq 2
     assert first is not None
     shutil.rmtree(log.path.parent)
     with pytest.raises(AuditWriteError) as caught:
@@ -557,10 +565,10 @@ async def test_vanished_directory_fails_until_it_is_back(tmp_path: Path) -> None
     note = records[1]
     assert note["event"] == "audit.recovery"
     assert "moved or deleted" in note["reason"]
-    assert note["lost_from"] == note["lost_to"] == 2
+    assert note["lost_from"] == note["lost_to"] == 3
     result = verify_files([log.path])
-    assert result.ok and "mid" not in result.problem
-    assert any("starts at seq 3" in w for w in result.warnings)
+    assert result.ok
+    assert any("starts at seq 4" in w for w in result.warnings)
 
 
 async def test_live_file_moved_away_continues_the_chain_in_a_new_file(tmp_path: Path) -> None:
@@ -590,7 +598,7 @@ async def test_emits_from_threads_keep_one_chain(tmp_path: Path) -> None:
         list(pool.map(burst, range(8)))
     await log.close()
     seqs = [r["seq"] for r in records_of(log.path)]
-    assert seqs == list(range(1, 402))
+    assert seqs == list(range(1, 403))  # start, 400 records, close
     assert verify_files([log.path]).ok
 
 
@@ -611,8 +619,12 @@ async def test_restart_continues_seq_and_prev(tmp_path: Path) -> None:
     await second.start()
     record = second.emit("auth.success", user="dave")
     await second.close()
+    restart = records_of(second.path)[last["seq"]]
+    assert restart["event"] == "audit.start"
+    assert (restart["seq"], restart["prev"]) == (last["seq"] + 1, last["hash"])
+    assert restart["reason"] == f"restart; the previous run closed cleanly at seq {last['seq']}"
     assert record is not None
-    assert (record.seq, record.prev) == (last["seq"] + 1, last["hash"])
+    assert (record.seq, record.prev) == (last["seq"] + 2, restart["hash"])
     assert second.key_id == first.key_id  # the same signing key was loaded
     assert verify_files([second.path]).ok
 
@@ -624,14 +636,16 @@ async def test_restart_after_crash_signs_the_unsigned_tail(tmp_path: Path) -> No
     log.emit("auth.success", user="bob")
     await log.close()
     lines = log.path.read_bytes().split(b"\n")
-    log.path.write_bytes(b"\n".join(lines[:2]) + b"\n")  # as if it crashed before close
+    log.path.write_bytes(b"\n".join(lines[:3]) + b"\n")  # as if it crashed before close
 
     again = make_log(tmp_path)
     await again.start()
     await again.close()
     records = records_of(again.path)
-    assert (records[2]["event"], records[2]["reason"], records[2]["covers_seq"]) == (
-        "audit.checkpoint", "start", 2)
+    assert (records[3]["event"], records[3]["reason"], records[3]["covers_seq"]) == (
+        "audit.checkpoint", "start", 3)
+    assert records[4]["event"] == "audit.start"
+    assert "unclean shutdown" in records[4]["reason"]
     assert verify_files([again.path], require_sealed=True).ok
 
 
@@ -653,17 +667,19 @@ async def test_torn_final_line_is_moved_aside_and_recorded(tmp_path: Path) -> No
     assert len(quarantined) == 1
     assert quarantined[0].read_bytes() == torn
     records = records_of(log.path)  # asserts the file again ends in a newline
-    note = records[2]
+    # first run: start 1, alice 2, close 3; the torn record was seq 4
+    note = records[3]
     assert note["event"] == "audit.recovery"
     assert note["quarantine"] == quarantined[0].name
     assert note["discarded_bytes"] == len(torn)
     assert note["discarded_sha256"] == hashlib.sha256(torn).hexdigest()
-    assert note["lost_from"] == note["lost_to"] == 3  # the torn record's seq is never reused
-    assert note["prev"] == records[1]["hash"]
-    assert (records[3]["event"], records[3]["reason"]) == ("audit.checkpoint", "start")
-    assert record is not None and record.seq == 6
+    assert note["lost_from"] == note["lost_to"] == 4  # the torn record's seq is never reused
+    assert note["prev"] == records[2]["hash"]
+    assert (records[4]["event"], records[4]["reason"]) == ("audit.checkpoint", "start")
+    assert records[5]["event"] == "audit.start" and "unclean" in records[5]["reason"]
+    assert record is not None and record.seq == 8
     result = verify_files([log.path])
-    assert result.ok and result.gaps == ((3, 3),)
+    assert result.ok and result.gaps == ((4, 4),)
 
 
 @pytest.mark.parametrize(
@@ -680,8 +696,8 @@ async def test_untrustworthy_last_record_refuses_to_start(
     await log.start()
     log.emit("auth.success", user="alice")
     await log.close()
-    line = log.path.read_bytes().split(b"\n")[0]  # drop the close checkpoint, damage the rest
-    log.path.write_bytes(damage(line) + b"\n")
+    start, alice = log.path.read_bytes().split(b"\n")[:2]  # drop the close checkpoint
+    log.path.write_bytes(start + b"\n" + damage(alice) + b"\n")
     with pytest.raises(AuditResumeError, match="refusing"):
         await make_log(tmp_path).start()
 
@@ -698,8 +714,9 @@ async def test_resume_from_newest_rotated_file_when_live_file_is_missing(tmp_pat
     await again.start()
     record = again.emit("auth.success", user="bob")
     await again.close()
-    assert record is not None
-    assert (record.seq, record.prev) == (3, records_of(rotated)[-1]["hash"])
+    restart = records_of(again.path)[0]
+    assert (restart["seq"], restart["prev"]) == (4, records_of(rotated)[-1]["hash"])
+    assert record is not None and record.seq == 5
     assert verify_files([rotated, again.path]).ok
 
 
@@ -753,7 +770,7 @@ async def test_daily_rotation_follows_the_configured_timezone(tmp_path: Path) ->
         await audit.close()
 
     rotated = log.path.with_name("audit.log.20261127T235959.000000")
-    assert [r["user"] for r in records_of(rotated)[:-1]] == ["alice"]
+    assert [r.get("user") for r in records_of(rotated)] == [None, "alice", None]
     assert records_of(rotated)[-1]["reason"] == "rotation"
     assert records_of(log.path)[0]["ts"] == "2026-11-28T00:00:01.000000+09:00"
     assert verify_files([rotated, log.path]).ok
@@ -779,7 +796,8 @@ async def test_same_start_time_gets_a_numbered_rotated_name(tmp_path: Path) -> N
         log.emit("auth.success", user=user)
     await log.close()
     names = sorted(p.name for p in log.path.parent.iterdir() if ROTATED.fullmatch(p.name))
-    assert names == ["audit.log.20261127T171056.123456", "audit.log.20261127T171056.123456-1"]
+    assert names == ["audit.log.20261127T171056.123456", "audit.log.20261127T171056.123456-1",
+                     "audit.log.20261127T171056.123456-2"]
     files = [log.path.parent / n for n in names] + [log.path]
     assert verify_files(files).ok
 

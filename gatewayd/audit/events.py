@@ -50,15 +50,17 @@ class EventName(enum.StrEnum):
     AUDIT_RETENTION = "audit.retention"
     # Written only by the AuditLog itself (see INTERNAL_EVENTS).
     AUDIT_CHECKPOINT = "audit.checkpoint"
+    AUDIT_START = "audit.start"
     AUDIT_RECOVERY = "audit.recovery"
 
 
 EVENT_NAMES: Final[frozenset[str]] = frozenset(e.value for e in EventName)
 
-# Callers may not forge these: a checkpoint carries a signature only the log can make, and a
-# recovery record describes the log's own failures.
+# Callers may not forge these: a checkpoint carries a signature only the log can make, and the
+# start and recovery records describe the log itself.
 INTERNAL_EVENTS: Final[frozenset[str]] = frozenset(
-    {EventName.AUDIT_CHECKPOINT.value, EventName.AUDIT_RECOVERY.value}
+    {EventName.AUDIT_CHECKPOINT.value, EventName.AUDIT_START.value,
+     EventName.AUDIT_RECOVERY.value}
 )
 
 
@@ -101,7 +103,7 @@ INTERNAL_FIELDS: Final[Mapping[str, FieldKind]] = MappingProxyType(
         **CONTEXT_FIELDS,
         "covers_seq": _N,  # checkpoint: seq of the last record it signs
         "covers_hash": _T,  # checkpoint: hash of that record
-        "key_id": _T,  # checkpoint: SHA-256 fingerprint of the signing public key
+        "key_id": _T,  # checkpoint, start: SHA-256 fingerprint of the signing public key
         "sig": _T,  # checkpoint: base64 Ed25519 signature
         "lost_from": _N,  # recovery: first seq that was allocated but never written
         "lost_to": _N,  # recovery: last such seq

@@ -19,10 +19,14 @@ Guarantees and rules (security staff and operators rely on these):
   `verify_files` sees a seq gap with an intact chain and reports it as a warning, not as
   tampering. After the next successful write the log adds an ``audit.recovery`` record naming
   the lost seqs and the error.
+* **Start and stop are recorded.** `start` writes an ``audit.start`` record (key id in use;
+  whether this is a new log, a restart after a clean shutdown, or after a crash); `close`
+  always ends the log with a checkpoint with ``reason="close"``.
 * **Checkpoints** (``audit.checkpoint``) sign ``(node, covers_seq, covers_hash, ts)`` with
   Ed25519 every ``checkpoint_interval`` seconds and every ``checkpoint_every`` records (only
-  if something new was written), at start when the resumed file does not end in one, before
-  rotation (``reason="rotation"``, always the last record of a rotated file), and on close.
+  if something new was written), at start when the resumed log does not end in one
+  (``reason="start"``: signs what a crashed run left), before rotation (``reason="rotation"``,
+  always the last record of a rotated file), and on close (``reason="close"``).
 * **Rotation** by size (when the live file has reached ``rotate_bytes``) or by day (when a
   record's calendar day in ``timezone`` differs from the previous record's) renames the
   sealed file to ``<name>.<first record time>`` (see `files`) and continues the chain in a
@@ -82,6 +86,10 @@ FailurePolicy = Literal["deny", "continue"]
 
 _CHECKPOINT: Final = EventName.AUDIT_CHECKPOINT.value
 _RECOVERY: Final = EventName.AUDIT_RECOVERY.value
+_START: Final = EventName.AUDIT_START.value
+# Checkpoints that mark the end of something (a file, a run) are written even right after
+# another checkpoint, so that "ends with a close checkpoint" reliably means a clean shutdown.
+_SEALING_REASONS: Final = frozenset({"rotation", "close"})
 _ROTATION_RETRY_SECONDS: Final = 60.0
 _MAX_LISTED_RANGES: Final = 20
 DEFAULT_TIMEZONE: Final = ZoneInfo("Asia/Tokyo")  # the office's zone; ZoneInfo is immutable
@@ -355,14 +363,27 @@ class AuditLog:
         self._key_id = key_id(self._key.public_key())
         publish_public_key(self._path, self._key)
         now = self._now()
-        self._resume(now)
+        point = self._resume(now)
+        previous_run = self._describe_previous_run(torn=point.torn is not None)
         self._open_live_file()
         self._state = "running"
         self._healthy = True
         if self._incident is not None:
             self._write_recovery_note(now)
         if self._last_seq and self._last_event != _CHECKPOINT:
-            self._checkpoint_locked("start", now)
+            self._checkpoint_locked("start", now)  # sign what a crashed run left unsigned
+        self._write_internal(_START, {"reason": previous_run, "key_id": self._key_id}, now)
+
+    def _describe_previous_run(self, *, torn: bool) -> str:
+        """How the log we continue ended: tells security staff about crashes and restarts."""
+        if self._last_seq == 0 and not torn:
+            return "new audit log"
+        if self._last_event == _CHECKPOINT and self._last_reason == "close" and not torn:
+            return f"restart; the previous run closed cleanly at seq {self._last_seq}"
+        return (
+            f"restart after an unclean shutdown: the log ended at seq {self._last_seq} "
+            "without a close checkpoint"
+        )
 
     async def _stop_periodic(self) -> None:
         task, self._task = self._task, None
@@ -414,7 +435,7 @@ class AuditLog:
 
     # ----------------------------------------------------------------- resume
 
-    def _resume(self, now: datetime) -> None:
+    def _resume(self, now: datetime) -> ResumePoint:
         point = find_resume_point(self._path, now)
         if point.head is not None:
             self._continue_from(point)
@@ -430,6 +451,7 @@ class AuditLog:
             # The torn line was a record that never fully reached the disk: its seq is lost.
             incident.add_lost(self._next_seq)
             self._next_seq += 1
+        return point
 
     def _continue_from(self, point: ResumePoint) -> None:
         head = point.head
@@ -646,9 +668,9 @@ class AuditLog:
         if self._last_seq == 0:
             return None  # nothing was ever written: nothing to sign
         if self._last_event == _CHECKPOINT and (
-            reason != "rotation" or self._last_reason == "rotation"
+            reason not in _SEALING_REASONS or self._last_reason == reason
         ):
-            return None  # already covered (a rotation needs its own sealing checkpoint)
+            return None  # already covered
         assert self._key is not None
         ts = self._format_ts(now)
         signature = sign_checkpoint(
