@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gatewayd.audit import GENESIS_PREV, AuditResumeError, canonical_json, record_hash
-from gatewayd.audit.resume import find_resume_point
+from gatewayd.audit.resume import find_resume_point, lock_for_writing
 
 JST = ZoneInfo("Asia/Tokyo")
 NOW = datetime(2026, 11, 28, 8, 0, tzinfo=JST)
@@ -30,6 +31,15 @@ def chain(count: int, start: int = 1, prev: str = GENESIS_PREV) -> list[dict[str
 
 def write(path: Path, records: list[dict[str, Any]], tail: bytes = b"") -> None:
     path.write_bytes(b"".join(canonical_json(r).encode() + b"\n" for r in records) + tail)
+
+
+def test_writer_lock_is_exclusive_and_released_with_its_fd(tmp_path: Path) -> None:
+    live = tmp_path / "audit.log"
+    fd = lock_for_writing(live)
+    with pytest.raises(AuditResumeError, match="another process"):
+        lock_for_writing(live)
+    os.close(fd)
+    os.close(lock_for_writing(live))
 
 
 def test_brand_new_log(tmp_path: Path) -> None:

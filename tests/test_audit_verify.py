@@ -302,9 +302,9 @@ async def test_second_chain_mixed_in(log: AuditLog, tmp_path: Path) -> None:
 
 
 def log_files(directory: Path) -> list[Path]:
-    """The live and rotated files of the log in ``directory`` (not keys), by name."""
-    return sorted(p for p in directory.iterdir()
-                  if p.name.startswith("audit.log") and not p.name.endswith(".pub"))
+    """The live and rotated files of the log in ``directory`` (not keys or locks), by name."""
+    return sorted(p for p in directory.iterdir() if p.name.startswith("audit.log")
+                  and not p.name.endswith((".pub", ".lock")))
 
 
 async def rotated_log(directory: Path) -> list[Path]:

@@ -605,6 +605,20 @@ async def test_emits_from_threads_keep_one_chain(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- resume
 
 
+async def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    first = make_log(tmp_path)
+    await first.start()
+    second = make_log(tmp_path)
+    with pytest.raises(AuditResumeError, match="another process"):
+        await second.start()
+    first.emit("auth.success", user="alice")
+    await first.close()
+    third = make_log(tmp_path)
+    await third.start()  # the lock went with the first writer
+    await third.close()
+    assert verify_files([third.path]).ok
+
+
 async def test_restart_continues_seq_and_prev(tmp_path: Path) -> None:
     clock = Clock()
     first = make_log(tmp_path, clock)

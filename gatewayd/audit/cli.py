@@ -8,7 +8,8 @@ Exit status (DESIGN.md): ``verify`` 0 = intact (warnings allowed), 1 = tampered 
 0 = at least one record matched, 1 = none matched (like grep), 2 = usage error.
 
 Arguments may come from a shell glob such as ``audit.log*``: public-key files (``*.pub``,
-``*.pub.<id>``) and quarantined torn lines (``*.torn-*``) are skipped with a note on stderr.
+``*.pub.<id>``), the writer's lock file (``*.lock``) and quarantined torn lines (``*.torn-*``)
+are skipped with a note on stderr.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from gatewayd.audit.query import json_line, query_files, table_header, table_row
 from gatewayd.audit.signing import AuditKeyError
 from gatewayd.audit.verify import VerifyResult, verify_files
 
-_NOT_A_LOG: Final = re.compile(r".*(\.pub|\.pub\.[0-9a-f]{16}|\.torn-[0-9T.]+(-\d+)?|\.tmp)")
+_NOT_A_LOG: Final = re.compile(
+    r".*(\.pub|\.pub\.[0-9a-f]{16}|\.torn-[0-9T.]+(-\d+)?|\.tmp|\.lock)"
+)
 EXIT_OK: Final = 0
 EXIT_NEGATIVE: Final = 1
 EXIT_USAGE: Final = 2

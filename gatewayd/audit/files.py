@@ -10,6 +10,7 @@ Owns the file layout next to the live log ``<dir>/<name>`` (e.g. ``audit.log``):
 * ``<name>.torn-YYYYmmddTHHMMSS.ffffff`` — the incomplete final line found at start after a
   crash, moved aside byte for byte (see `AuditLog.start`).
 * ``<name>.pub`` / ``<name>.pub.<id>`` — public keys (see `signing`).
+* ``<name>.lock`` — the single-writer lock (see `resume.lock_for_writing`).
 
 Reading is streaming: `iter_lines` reads one line at a time and never holds more than
 `MAX_LINE_BYTES` of one line; `read_tail` seeks from the end.

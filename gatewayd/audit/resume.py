@@ -14,12 +14,17 @@ Owns the start-up rules (security staff rely on them being conservative):
   untrusted head would launder tampering into a valid-looking chain. An operator must run
   ``gatewayd audit verify`` and move the damaged file aside.
 
+* **One writer per log.** `lock_for_writing` takes an exclusive ``flock`` on
+  ``<name>.lock``; a second process (an overlapping restart, a misconfigured second node)
+  would otherwise fork the chain, so it is refused. The lock disappears with the process.
+
 Only the head is checked here (start-up must stay fast on a large file); the full chain is
 the job of `verify_files`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,6 +61,24 @@ class ResumePoint:
     def head_day(self) -> date | None:
         """Calendar day of the head record (its ts is already in the log's timezone)."""
         return datetime.fromisoformat(self.head["ts"]).date() if self.head else None
+
+
+def lock_for_writing(live: Path) -> int:
+    """Take the single-writer lock of ``live``; returns the fd to keep open while writing."""
+    lock_path = live.with_name(live.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditResumeError(
+            f"{live} is being written by another process (it holds {lock_path}); two "
+            "writers would fork the hash chain"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def find_resume_point(live: Path, now: datetime) -> ResumePoint:

@@ -67,7 +67,7 @@ from gatewayd.audit.events import (
     escape_text,
     normalize_fields,
 )
-from gatewayd.audit.resume import ResumePoint, find_resume_point
+from gatewayd.audit.resume import ResumePoint, find_resume_point, lock_for_writing
 from gatewayd.audit.signing import (
     fsync_directory,
     key_id,
@@ -258,6 +258,7 @@ class AuditLog:
         self._incident: _Incident | None = None
         # Live file state.
         self._fd: int | None = None
+        self._writer_lock: int | None = None  # flock on <name>.lock while running
         self._file_id: tuple[int, int] = (0, 0)
         self._size = 0
         self._truncate_pending = False
@@ -359,6 +360,15 @@ class AuditLog:
         if self._state != "new":
             raise RuntimeError(f"AuditLog {self._path} was already started")
         self._path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._writer_lock = lock_for_writing(self._path)
+        try:
+            self._open_chain()
+        except BaseException:
+            self._close_file()
+            self._release_writer_lock()
+            raise
+
+    def _open_chain(self) -> None:
         self._key = load_or_create_signing_key(self._signing_key_path)
         self._key_id = key_id(self._key.public_key())
         publish_public_key(self._path, self._key)
@@ -373,6 +383,11 @@ class AuditLog:
         if self._last_seq and self._last_event != _CHECKPOINT:
             self._checkpoint_locked("start", now)  # sign what a crashed run left unsigned
         self._write_internal(_START, {"reason": previous_run, "key_id": self._key_id}, now)
+
+    def _release_writer_lock(self) -> None:
+        fd, self._writer_lock = self._writer_lock, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     def _describe_previous_run(self, *, torn: bool) -> str:
         """How the log we continue ended: tells security staff about crashes and restarts."""
@@ -402,6 +417,7 @@ class AuditLog:
         failed = self._checkpoint_locked("close", self._now())
         self._sync_locked()
         self._close_file()
+        self._release_writer_lock()
         self._state = "closed"
         self._healthy = False
         return failed
