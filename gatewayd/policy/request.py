@@ -21,10 +21,6 @@ DecisionKind = Literal["allow", "deny", "step_up"]
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT", "SEARCH"})
 
 
-def is_read_method(method: str) -> bool:
-    return method in READ_METHODS
-
-
 def _no_attributes() -> Mapping[str, str]:
     return MappingProxyType({})
 
@@ -41,7 +37,8 @@ class AccessRequest:
     frontend: "https" or "ssh".
     service: the service the route table chose (`Policy.http_service_for` /
         `Policy.tcp_service_for`), or None when no service matched.
-    host: the HTTP Host (used to cross-check the route), or None.
+    host: the HTTP Host header, exactly as passed to `Policy.http_service_for`; decide()
+        re-checks that host and path route to `service`, so it must be the same value.
     method, path: HTTP method and the raw, un-normalised request target path.
     dest_host, dest_port: the TCP destination of a tunnel.
     source: client address. now: aware datetime, the only clock decide() reads.

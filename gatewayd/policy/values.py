@@ -223,10 +223,6 @@ class Glob:
     regex: str
     literal_head: str  # the text before the first wildcard, for reachability checks
 
-    @property
-    def is_literal(self) -> bool:
-        return self.literal_head == self.text
-
     def covers(self, other: Glob) -> bool:
         """True only when every path `other` matches is certainly matched by this glob.
 
@@ -292,10 +288,6 @@ class Destination:
     @property
     def is_template(self) -> bool:
         return len(self.host_parts) > 1
-
-    @property
-    def attributes(self) -> tuple[str, ...]:
-        return self.host_parts[1::2]
 
     def resolve_host(self, attributes: Mapping[str, str]) -> str | None:
         """The canonical host for a user with these attributes, or None if unresolvable."""
