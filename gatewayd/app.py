@@ -94,6 +94,27 @@ def build_audit_log(settings: Settings, metrics: Metrics) -> AuditLog:
     )
 
 
+# Settings bound when the gateway starts (the audit chain, the listeners, the node's identity).
+# A reload that changes one of them is refused as a whole; everything else applies live.
+RESTART_SECTIONS = ("metrics", "audit")
+RESTART_GATEWAY_KEYS = ("node", "state_dir")
+
+
+def restart_keys_changed(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose new value would only take effect after a restart."""
+    changed = [
+        f"gateway.{key}" for key in RESTART_GATEWAY_KEYS
+        if getattr(old.gateway, key) != getattr(new.gateway, key)
+    ]
+    for section in RESTART_SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        changed += [
+            f"{section}.{key}" for key in type(before).model_fields
+            if getattr(before, key) != getattr(after, key)
+        ]
+    return changed
+
+
 @dataclass(frozen=True, slots=True)
 class Listeners:
     """Where the running gateway actually listens (ports resolved when 0 was asked for)."""
@@ -198,6 +219,7 @@ class Gateway:
             self._audit_best_effort("config.reload", status="failure", reason=exc.errors[0])
             return False
         self.settings, self.policy = settings, policy
+        self.log = make_logger(settings)
         self.metrics.set_services(policy.services)
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
         self.metrics.config_last_reload_success.set(1)
@@ -212,10 +234,12 @@ class Gateway:
             new = load_settings(self.config_path)
         except ConfigError as exc:
             raise GatewayError(exc.errors) from None
-        old = self.settings
-        if (new.gateway.node, new.audit.path) != (old.gateway.node, old.audit.path):
-            # The audit chain and listeners are bound at start; changing them needs a restart.
-            raise GatewayError([f"{self.config_path}: gateway.node and audit.path need a restart"])
+        changed = restart_keys_changed(self.settings, new)
+        if changed:
+            # Rejected rather than half-applied: the operator must not believe a new audit or
+            # listener setting is in force while the old one still is.
+            raise GatewayError([f"{self.config_path}: {key}: changed; needs a restart"
+                                for key in changed])
         return new
 
     # --- recording: the one place that turns an event into audit + metrics ------------------

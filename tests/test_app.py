@@ -158,10 +158,30 @@ async def test_reload_applies_a_valid_policy_and_keeps_the_old_on_error(
     assert reloads[1] == ("success", "")
 
 
-async def test_reload_refuses_settings_that_need_a_restart(gateway: Gateway, config_path: Path) -> None:
-    config_path.write_text(config_path.read_text().replace('node = "test1"', 'node = "test2"'))
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [('node = "test1"', 'node = "test2"', "gateway.node"),
+     ('path = "log/audit.log"', 'path = "log/other.log"', "audit.path"),
+     ('checkpoint_interval = "1h"', 'checkpoint_interval = "2h"', "audit.checkpoint_interval"),
+     ('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:1"', "metrics.listen")],
+)
+async def test_reload_refuses_settings_that_need_a_restart(
+    gateway: Gateway, config_path: Path, old: str, new: str, key: str
+) -> None:
+    config_path.write_text(config_path.read_text().replace(old, new))
+    before = gateway.settings
     assert await gateway.reload() is False
-    assert gateway.settings.gateway.node == "test1"
+    assert gateway.settings is before
+    last = json.loads(gateway.settings.audit.path.read_text().splitlines()[-1])
+    assert (last["event"], last["status"]) == ("config.reload", "failure")
+    assert last["reason"] == f"{config_path}: {key}: changed; needs a restart"
+
+
+async def test_reload_applies_live_settings(gateway: Gateway, config_path: Path) -> None:
+    config_path.write_text(config_path.read_text() + "[sessions]\nmax_concurrent = 50\n")
+    assert await gateway.reload() is True
+    text = (await fetch(gateway.listeners.metrics_url or ""))[1]
+    assert "gatewayd_seats_limit 50.0" in text
 
 
 def test_invalid_policy_refuses_to_build(tmp_path: Path) -> None:
