@@ -8,13 +8,15 @@ No I/O, no clock (the time is `request.now`), no await, no randomness. The seman
 2. Default deny; deny overrides allow: if any deny rule matches, the decision is deny, by
    the first matching deny rule in policy order, whatever the order of the allow rules.
 3. Otherwise, if an allow rule matches and the user's MFA is fresh enough for it, allow.
-   When several do, the most permissive decides (see `ServiceRules`).
+   When several do, the most permissive decides (see `RuleSet`).
 4. Otherwise, if an allow rule matched but only with stale (or unknown) MFA, step_up.
 5. Otherwise deny: "no rule allows this".
 
-`evaluate` is the one evaluator. `decide` calls it without a trace; `explain` calls it with
-a list to fill, which makes it visit every candidate rule instead of stopping early — the
-decision is the same either way.
+`evaluate` is the one evaluator. `decide` calls it without a trace: it looks only at the
+rules indexed for the request's service and method and stops at the first deciding match.
+`explain` calls it with a `Trace` to fill: it then visits every rule of the service and
+records each outcome — the decision is the same either way (the method index only leaves out
+rules whose method condition would fail; tests check the two agree).
 """
 
 from __future__ import annotations
