@@ -371,6 +371,15 @@ PROPERTY = settings(max_examples=60, deadline=None)
 
 
 @PROPERTY
+@given(rule_lists(), requests(), st.text(max_size=30), st.text(max_size=8))
+def test_decide_is_total(rule_list: list[dict[str, Any]], request: AccessRequest, path: str, method: str) -> None:
+    """Any path and method text gives a decision, never an exception (fail closed)."""
+    odd = replace(request, frontend="https", service="web", method=method, path="/web/" + path,
+                  dest_host=None, dest_port=None)
+    assert decide(compile_unchecked(rule_list), odd).decision in ("allow", "deny", "step_up")
+
+
+@PROPERTY
 @given(requests())
 def test_empty_policy_denies_everything(request: AccessRequest) -> None:
     assert decide(compile_unchecked([]), request).decision == "deny"

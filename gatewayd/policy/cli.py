@@ -181,10 +181,9 @@ def run_explain(args: argparse.Namespace) -> int:
     explanation = explain(policy, request)
     decision = explanation.decision
     if args.json:
-        print(json.dumps(
-            {"decision": decision.decision, "rule": decision.rule, "reason": decision.reason},
-            ensure_ascii=False,
-        ))  # fmt: skip
+        # ASCII-escaped: valid JSON whatever the terminal's or the pipe's encoding.
+        answer = {"decision": decision.decision, "rule": decision.rule, "reason": decision.reason}
+        print(json.dumps(answer))
     else:
         sys.stdout.write(format_explanation(explanation, policy))
     return EXIT_OK if decision.decision == "allow" else EXIT_NEGATIVE

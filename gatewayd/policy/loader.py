@@ -37,6 +37,7 @@ def policy_files(directory: Path) -> list[Path]:
 
 def load_policy(directory: Path) -> Policy:
     """Load and compile the policy in `directory`; raise `PolicyError` listing all problems."""
+    directory = Path(directory)  # tolerate a str from callers outside the typed world
     try:
         paths = policy_files(directory)
     except OSError as exc:
