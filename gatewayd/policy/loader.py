@@ -27,11 +27,16 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """The policy files of a directory, in policy order (raises OSError if unreadable)."""
+    """The policy files of a directory, in policy order (raises OSError if unreadable).
+
+    Every non-hidden ``*.yaml``/``*.yml`` entry counts, even one that is not a readable
+    regular file: a guard-rail file that became a dangling symlink or a directory must be
+    an error, not silently skipped — skipping it would drop its deny rules (fail open).
+    """
     return sorted(
         entry
         for entry in directory.iterdir()
-        if entry.suffix in POLICY_SUFFIXES and not entry.name.startswith(".") and entry.is_file()
+        if entry.suffix in POLICY_SUFFIXES and not entry.name.startswith(".")
     )
 
 
