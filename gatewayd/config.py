@@ -82,6 +82,20 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
+def parse_http_url(text: str) -> str:
+    """An origin URL, ``http(s)://host[:port]`` with no path, query or credentials."""
+    if re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9a-fA-F:.]+\](:\d{1,5})?",
+                    text.rstrip("/")) is None:
+        raise ValueError(text)
+    return text.rstrip("/")
+
+
+def parse_https_url(text: str) -> str:
+    if not text.startswith("https://"):
+        raise ValueError(text)
+    return parse_http_url(text)
+
+
 class ListenAddress(NamedTuple):
     host: str
     port: int
@@ -117,7 +131,7 @@ def _grammar(
                 pass
         raise PydanticCustomError(
             kind, "expected {what} like {example}, got {got}",
-            {"what": f"a {kind}" if kind != "address" else "an address",
+            {"what": "an address" if kind == "address" else f"a {kind}",
              "example": f'"{example}"', "got": _show(value)},
         )
 
@@ -137,6 +151,8 @@ Size = Annotated[int, _grammar(parse_size, "size", "10MiB")]
 Int = Annotated[int, Strict()]  # TOML has real integers; "140" is a mistake, not a number
 Bool = Annotated[bool, Strict()]
 Listen = Annotated[ListenAddress, _grammar(parse_listen, "address", "127.0.0.1:9480")]
+OriginUrl = Annotated[str, _grammar(parse_http_url, "URL", "http://127.0.0.1:8081")]
+HttpsOrigin = Annotated[str, _grammar(parse_https_url, "URL", "https://gateway.example.jp")]
 
 
 def _resolve_relative(value: Path, info: ValidationInfo) -> Path:
@@ -201,6 +217,7 @@ class AuditSettings(_Section):
     checkpoint_interval: Duration = timedelta(seconds=60)
     checkpoint_events: Int = Field(default=1000, ge=1, le=1_000_000)
     on_failure: Literal["deny", "continue"] = "deny"
+    http_requests: Literal["writes", "all"] = "writes"
 
     _resolve = field_validator("path", "signing_key", mode="after")(_resolve_relative)
 
@@ -225,6 +242,60 @@ def _zone(name: str) -> ZoneInfo:
         ) from None
 
 
+class HttpsSettings(_Section):
+    enabled: Bool = True
+    listen: Listen = ListenAddress("0.0.0.0", 443)  # noqa: S104 - a gateway faces the network
+    public_url: HttpsOrigin = "https://localhost"
+    cert_file: Path = Path("/etc/gatewayd/tls/server.crt")
+    key_file: Path = Path("/etc/gatewayd/tls/server.key")
+    client_cert: Literal["off", "optional", "required"] = "off"
+    client_ca_file: Path | None = None
+    max_header_size: Size = 16 * 1024
+    max_body: Size = 1024**3
+
+    _resolve = field_validator("cert_file", "key_file", "client_ca_file", mode="after")(
+        _resolve_relative
+    )
+
+    @model_validator(mode="after")
+    def _client_ca_when_client_certs(self) -> HttpsSettings:
+        if self.client_cert != "off" and self.client_ca_file is None:
+            raise PydanticCustomError(
+                "client_ca", 'client_cert = "{mode}" needs client_ca_file (the device CA)',
+                {"mode": self.client_cert},
+            )
+        return self
+
+
+class DirectorySettings(_Section):
+    backend: Literal["file"] = "file"
+    file: Path = Path("/etc/gatewayd/users.toml")
+    timeout: Duration = timedelta(seconds=5)
+
+    _resolve = field_validator("file", mode="after")(_resolve_relative)
+
+
+class MfaSettings(_Section):
+    issuer: str = Field(default="gatewayd", min_length=1, max_length=64)
+
+
+class LoginSettings(_Section):
+    failures_before_backoff: Int = Field(default=5, ge=1, le=100)
+    backoff_initial: Duration = timedelta(seconds=2)
+    backoff_max: Duration = timedelta(minutes=15)
+    lockout_after: Int = Field(default=100, ge=1, le=100)
+    lockout_duration: Duration = timedelta(hours=1)
+
+
+class UpstreamSettings(_Section):
+    url: OriginUrl
+    connect_timeout: Duration = timedelta(seconds=1)
+    read_timeout: Duration = timedelta(seconds=60)
+    tls_ca_file: Path | None = None
+
+    _resolve = field_validator("tls_ca_file", mode="after")(_resolve_relative)
+
+
 class Settings(_Section):
     """Every setting of one gatewayd node. Frozen: a reload builds a new one."""
 
@@ -233,6 +304,11 @@ class Settings(_Section):
     policy: PolicySettings = PolicySettings()
     sessions: SessionSettings = SessionSettings()
     audit: AuditSettings = AuditSettings()
+    https: HttpsSettings = HttpsSettings()
+    directory: DirectorySettings = DirectorySettings()
+    mfa: MfaSettings = MfaSettings()
+    login: LoginSettings = LoginSettings()
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -173,21 +173,37 @@ def test_default_config_path_honours_environment() -> None:
 # --- CONFIGURATION.md stays in sync with the code --------------------------------------------
 
 
+REQUIRED = "(required)"
+
+
 def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default of every setting; a table of named tables is written ``<name>``."""
     leaves: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             leaves.update(_leaf_fields(annotation, f"{prefix}{name}."))
+        elif len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+            leaves.update(_leaf_fields(args[1], f"{prefix}{name}.<name>."))
         else:
-            leaves[f"{prefix}{name}"] = field.default
+            leaves[f"{prefix}{name}"] = REQUIRED if field.is_required() else field.default
     return leaves
 
 
 def _documented_defaults() -> dict[str, str]:
-    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|[^|]*\| `([^`]*)` \|", CONFIGURATION_MD.read_text(),
-                      re.MULTILINE)
+    rows = re.findall(r"^\| `([a-z_]+\.(?:<name>\.)?[a-z_]+)` \|[^|]*\| `?([^`|]*)`? \|",
+                      CONFIGURATION_MD.read_text(), re.MULTILINE)
     return dict(rows)
+
+
+def _as_mapping(key: str, value: object) -> dict[str, Any]:
+    """``{"a": {"b": value}}`` for ``a.b``; a ``<name>`` part becomes an example name."""
+    parts = [("example" if part == "<name>" else part) for part in key.split(".")]
+    data: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        data = {part: data}
+    return data
 
 
 def test_every_setting_is_documented_and_nothing_else() -> None:
@@ -196,11 +212,18 @@ def test_every_setting_is_documented_and_nothing_else() -> None:
 
 @pytest.mark.parametrize("key", sorted(_leaf_fields(Settings)))
 def test_documented_default_is_the_real_default(key: str) -> None:
-    section, name = key.split(".")
-    literal = _documented_defaults()[key]
-    parsed = tomllib.loads(f"value = {literal}")["value"]
-    settings = settings_from_mapping({section: {name: parsed}})
-    assert getattr(getattr(settings, section), name) == _leaf_fields(Settings)[key]
+    literal, default = _documented_defaults()[key], _leaf_fields(Settings)[key]
+    if default is REQUIRED or literal in {REQUIRED, "(none)"}:
+        assert literal == REQUIRED if default is REQUIRED else default is None
+        return
+    data = _as_mapping(key, tomllib.loads(f"value = {literal}")["value"])
+    if key.startswith("upstreams."):
+        data["upstreams"]["example"].setdefault("url", "http://127.0.0.1:1")
+    node: Any = settings_from_mapping(data)
+    for part in key.split("."):
+        node = node["example"] if part == "<name>" else (
+            node[part] if isinstance(node, dict) else getattr(node, part))
+    assert node == default
 
 
 def test_documented_example_is_valid_and_complete() -> None:
@@ -208,5 +231,15 @@ def test_documented_example_is_valid_and_complete() -> None:
     assert example is not None
     data = tomllib.loads(example.group(1))
     settings_from_mapping(data, source="CONFIGURATION.md")
-    written = {f"{section}.{key}" for section, table in data.items() for key in table}
-    assert written == set(_leaf_fields(Settings))
+
+    def keys(table: dict[str, Any], prefix: str) -> set[str]:
+        found: set[str] = set()
+        for key, value in table.items():
+            if isinstance(value, dict):
+                part = "<name>" if prefix == "upstreams." else key
+                found |= keys(value, f"{prefix}{part}.")
+            else:
+                found.add(f"{prefix}{key}")
+        return found
+
+    assert keys(data, "") == set(_leaf_fields(Settings))
