@@ -1,0 +1,333 @@
+"""Session registry: seats, per-user caps, idle/absolute timeouts, and ending sessions.
+
+Owns every live session of this node, whatever the frontend (HTTPS cookie or SSH
+connection). The registry never keeps a raw session id: sessions are indexed by the SHA-256
+of the id, so a lookup compares digests of attacker input, never the secret itself, and a
+memory dump of the registry does not yield usable cookies.
+
+Ending a session — logout, admin kill, expiry, policy change, shutdown — goes through one
+path, `SessionRegistry.end`: the session leaves the indexes first (so no new request can
+resolve it), then its closers run (each WebSocket, tunnel or SSH channel registered one), then
+``on_end(session, reason)`` (the Gateway's hook: audit ``session.end``, metrics). A failing
+closer or hook is logged and does not stop the others: a session that is ended must end.
+
+All times are seconds from the injected ``clock`` (monotonic in the daemon, a fake in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from gatewayd.identity.principal import Principal
+
+log = logging.getLogger(__name__)
+
+Frontend = Literal["https", "ssh"]
+EndReason = Literal["logout", "idle_timeout", "expired", "admin_kill", "policy_changed",
+                    "shutdown"]
+END_REASONS: Final[frozenset[str]] = frozenset(
+    {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown"}
+)
+Closer = Callable[[str], None]
+"""Called once with the end reason when the session ends; must not block."""
+
+# 32 random bytes = 256 bits from the CSPRNG, URL-safe base64 (43 characters, cookie-safe).
+SESSION_ID_BYTES: Final = 32
+
+
+class SessionLimitError(Exception):
+    """A new session would exceed a configured limit; ``limit`` is that limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+class SeatsFull(SessionLimitError):  # noqa: N818 - the contract name
+    """Every licensed seat (``sessions.max_concurrent``) is taken on this node."""
+
+    def __str__(self) -> str:
+        return f"all {self.limit} seats are in use"
+
+
+class PerUserLimit(SessionLimitError):  # noqa: N818 - the contract name
+    """The user already has ``sessions.per_user`` live sessions."""
+
+    def __str__(self) -> str:
+        return f"the user already has {self.limit} session(s)"
+
+
+def hash_session_id(raw_id: str) -> str:
+    """The registry key of a raw session id: SHA-256 hex of its UTF-8 bytes."""
+    return hashlib.sha256(raw_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(eq=False)
+class Session:
+    """One authenticated session. Identity is by object (``eq=False``), not by value.
+
+    id_hash: SHA-256 hex of the raw id (the registry's key; safe to show to admins).
+    created, last_seen, mfa_at: clock seconds of login, last activity, last TOTP check.
+    ended: the end reason once the session has ended, else None.
+    """
+
+    id_hash: str
+    principal: Principal
+    frontend: Frontend
+    source_ip: str
+    device: str | None
+    device_user: str | None
+    created: float
+    last_seen: float
+    mfa_at: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    ended: str | None = None
+    _closers: list[Closer] = field(default_factory=list, repr=False)
+
+    @property
+    def user(self) -> str:
+        return self.principal.user
+
+    @property
+    def handle(self) -> str:
+        """A short, non-secret name for logs, audit and admin listings (id_hash prefix)."""
+        return self.id_hash[:16]
+
+    def mfa_age(self, now: float) -> float:
+        """Seconds since the last successful TOTP check (for `AccessRequest.mfa_age`)."""
+        return max(0.0, now - self.mfa_at)
+
+    def add_bytes(self, *, up: int = 0, down: int = 0) -> None:
+        """Account traffic of this session (client→upstream is up)."""
+        self.bytes_up += up
+        self.bytes_down += down
+
+    def add_closer(self, closer: Closer) -> Callable[[], None]:
+        """Run ``closer(reason)`` when the session ends; returns a function that unregisters it.
+
+        If the session has already ended the closer runs at once, so a WebSocket that raced a
+        logout is still closed.
+        """
+        if self.ended is not None:
+            _run_closer(self, closer, self.ended)
+            return _nothing
+        self._closers.append(closer)
+
+        def remove() -> None:
+            if closer in self._closers:
+                self._closers.remove(closer)
+
+        return remove
+
+
+def _nothing() -> None:
+    return None
+
+
+def _run_closer(session: Session, closer: Closer, reason: str) -> None:
+    try:
+        closer(reason)
+    except Exception:
+        # One broken channel must not keep the others (or the audit record) from closing.
+        log.exception("session closer failed", extra={"session": session.handle})
+
+
+class SessionRegistry:
+    """All live sessions of this node, with their limits and timeouts."""
+
+    def __init__(
+        self,
+        *,
+        idle_timeout: float,
+        absolute_timeout: float,
+        max_concurrent: int,
+        per_user: int,
+        clock: Callable[[], float],
+        on_end: Callable[[Session, str], None],
+    ) -> None:
+        if idle_timeout <= 0 or absolute_timeout <= 0:
+            raise ValueError("session timeouts must be positive")
+        if max_concurrent < 1 or per_user < 1:
+            raise ValueError("session limits must be at least 1")
+        self.idle_timeout = idle_timeout
+        self.absolute_timeout = absolute_timeout
+        self.max_concurrent = max_concurrent
+        self.per_user = per_user
+        self._clock = clock
+        self._on_end = on_end
+        self._by_hash: dict[str, Session] = {}
+
+    # --- creating and resolving ------------------------------------------------------------
+
+    def create(
+        self,
+        principal: Principal,
+        *,
+        frontend: Frontend,
+        source_ip: str,
+        device: str | None = None,
+        device_user: str | None = None,
+        now: float | None = None,
+    ) -> tuple[str, Session]:
+        """Start a session after a successful login (password + TOTP, so ``mfa_at = now``).
+
+        Returns ``(raw_id, session)``; the raw id goes to the client and is forgotten here.
+        Raises `SeatsFull` or `PerUserLimit`; sessions already past their timeouts are ended
+        first so they never hold a seat.
+        """
+        now = self._clock() if now is None else now
+        self.sweep(now)
+        if len(self._by_hash) >= self.max_concurrent:
+            raise SeatsFull(self.max_concurrent)
+        if self._count_user(principal.user) >= self.per_user:
+            raise PerUserLimit(self.per_user)
+        raw_id, id_hash = self._new_id()
+        session = Session(
+            id_hash=id_hash, principal=principal, frontend=frontend, source_ip=source_ip,
+            device=device, device_user=device_user, created=now, last_seen=now, mfa_at=now,
+        )
+        self._by_hash[id_hash] = session
+        return raw_id, session
+
+    def get(self, raw_id: str) -> Session | None:
+        """The live session for a raw id, or None (unknown, or expired — which ends it now)."""
+        if not raw_id:
+            return None
+        session = self._by_hash.get(hash_session_id(raw_id))
+        if session is None:
+            return None
+        reason = self._expiry_reason(session, self._clock())
+        if reason is not None:
+            self.end(session, reason)
+            return None
+        return session
+
+    def by_handle(self, handle: str) -> Session | None:
+        """The live session whose id_hash starts with ``handle`` (admin kill), if exactly one.
+
+        Admin handles are at least 8 hex digits so one cannot kill by a guessed short prefix.
+        """
+        if len(handle) < 8:
+            return None
+        matches = [s for h, s in self._by_hash.items() if h.startswith(handle.lower())]
+        return matches[0] if len(matches) == 1 else None
+
+    def rotate(self, session: Session) -> str:
+        """Give a live session a new raw id (e.g. after step-up); the old id stops working."""
+        if self._by_hash.get(session.id_hash) is not session:
+            raise KeyError("session is not live")
+        raw_id, id_hash = self._new_id()
+        del self._by_hash[session.id_hash]
+        session.id_hash = id_hash
+        self._by_hash[id_hash] = session
+        return raw_id
+
+    # --- activity --------------------------------------------------------------------------
+
+    def touch(self, session: Session) -> None:
+        """Record activity now: restarts the idle timer (never extends the absolute lifetime)."""
+        if session.ended is None:
+            session.last_seen = max(session.last_seen, self._clock())
+
+    def mark_mfa(self, session: Session) -> None:
+        """A TOTP step-up succeeded now; also counts as activity."""
+        if session.ended is None:
+            now = self._clock()
+            session.mfa_at = now
+            session.last_seen = max(session.last_seen, now)
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def end(self, session: Session, reason: str) -> None:
+        """End a session: unindex it, run its closers, then ``on_end``. Idempotent."""
+        if reason not in END_REASONS:
+            raise ValueError(f"unknown session end reason {reason!r}")
+        if session.ended is not None:
+            return
+        session.ended = reason
+        if self._by_hash.get(session.id_hash) is session:
+            del self._by_hash[session.id_hash]
+        closers, session._closers = session._closers, []
+        for closer in closers:
+            _run_closer(session, closer, reason)
+        try:
+            self._on_end(session, reason)
+        except Exception:
+            log.exception("session end hook failed", extra={"session": session.handle})
+
+    def end_user(self, user: str, reason: str) -> int:
+        """End every session of ``user``; returns how many were ended."""
+        victims = [s for s in self._by_hash.values() if s.principal.user == user]
+        for session in victims:
+            self.end(session, reason)
+        return len(victims)
+
+    def end_all(self, reason: str) -> int:
+        """End every session (shutdown); returns how many were ended."""
+        victims = list(self._by_hash.values())
+        for session in victims:
+            self.end(session, reason)
+        return len(victims)
+
+    def sweep(self, now: float | None = None) -> int:
+        """End every session past its idle or absolute timeout; returns how many."""
+        now = self._clock() if now is None else now
+        due = [(s, r) for s in self._by_hash.values()
+               if (r := self._expiry_reason(s, now)) is not None]
+        for session, reason in due:
+            self.end(session, reason)
+        return len(due)
+
+    async def sweep_forever(self, interval: float) -> None:
+        """Expire idle sessions every ``interval`` seconds (run as a named Gateway task).
+
+        Without this, an idle WebSocket or tunnel would stay open until its session's cookie
+        is presented again — which may be never.
+        """
+        while True:
+            try:
+                self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("session sweep failed")
+            await asyncio.sleep(interval)
+
+    # --- listing ---------------------------------------------------------------------------
+
+    def sessions(self) -> list[Session]:
+        """Live sessions, oldest first."""
+        return sorted(self._by_hash.values(), key=lambda s: (s.created, s.id_hash))
+
+    def active(self, frontend: str | None = None) -> int:
+        """Number of live sessions, optionally only of one frontend."""
+        if frontend is None:
+            return len(self._by_hash)
+        return sum(1 for s in self._by_hash.values() if s.frontend == frontend)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _new_id(self) -> tuple[str, str]:
+        while True:  # a collision of 256-bit ids will not happen; never overwrite if it did
+            raw_id = secrets.token_urlsafe(SESSION_ID_BYTES)
+            id_hash = hash_session_id(raw_id)
+            if id_hash not in self._by_hash:
+                return raw_id, id_hash
+
+    def _count_user(self, user: str) -> int:
+        return sum(1 for s in self._by_hash.values() if s.principal.user == user)
+
+    def _expiry_reason(self, session: Session, now: float) -> str | None:
+        # The absolute lifetime wins: a session both idle and too old ended because it was old.
+        if now - session.created >= self.absolute_timeout:
+            return "expired"
+        if now - session.last_seen >= self.idle_timeout:
+            return "idle_timeout"
+        return None
