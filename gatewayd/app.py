@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from pydantic import BaseModel
 
 from gatewayd import __version__
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
@@ -94,25 +95,29 @@ def build_audit_log(settings: Settings, metrics: Metrics) -> AuditLog:
     )
 
 
-# Settings bound when the gateway starts (the audit chain, the listeners, the node's identity).
-# A reload that changes one of them is refused as a whole; everything else applies live.
-RESTART_SECTIONS = ("metrics", "audit")
-RESTART_GATEWAY_KEYS = ("node", "state_dir")
+# Settings a reload applies to the running gateway. Everything else (listeners, the audit chain,
+# the directory, upstreams, ...) is bound at start: a reload that changes it is refused as a
+# whole rather than half-applied, so the operator never believes a setting is in force when it
+# is not. New sections are therefore restart-only until someone makes them live on purpose.
+LIVE_KEYS = frozenset({"policy.dir", "gateway.log_level", "gateway.log_format"})
+
+
+def _flatten(settings: Settings) -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for section in type(settings).model_fields:
+        value = getattr(settings, section)
+        if isinstance(value, BaseModel):
+            for key in type(value).model_fields:
+                flat[f"{section}.{key}"] = getattr(value, key)
+        else:
+            flat[section] = value
+    return flat
 
 
 def restart_keys_changed(old: Settings, new: Settings) -> list[str]:
     """Dotted keys whose new value would only take effect after a restart."""
-    changed = [
-        f"gateway.{key}" for key in RESTART_GATEWAY_KEYS
-        if getattr(old.gateway, key) != getattr(new.gateway, key)
-    ]
-    for section in RESTART_SECTIONS:
-        before, after = getattr(old, section), getattr(new, section)
-        changed += [
-            f"{section}.{key}" for key in type(before).model_fields
-            if getattr(before, key) != getattr(after, key)
-        ]
-    return changed
+    before, after = _flatten(old), _flatten(new)
+    return [key for key in before if key not in LIVE_KEYS and before[key] != after[key]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,15 +214,18 @@ class Gateway:
     # --- reload ------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read config and policy; keep the old ones if the new ones are invalid."""
+        """Re-read config and policy; keep the old ones if the new ones are invalid.
+
+        Reading and compiling run in a thread: a large policy takes a few hundred ms to
+        compile, and every open connection would stall that long on the loop.
+        """
         try:
-            settings = self._read_config()
-            policy = load_policy_or_raise(settings)
+            settings, policy = await asyncio.to_thread(self._read_config_and_policy)
         except GatewayError as exc:
-            self.metrics.config_last_reload_success.set(0)
-            self.log.warning("reload rejected; old configuration stays", errors=exc.errors)
-            self._audit_best_effort("config.reload", status="failure", reason=exc.errors[0])
-            return False
+            return self._reject_reload(exc.errors)
+        except Exception as exc:  # any failure must take the rejection path, never escape
+            self.log.exception("reload failed unexpectedly")
+            return self._reject_reload([f"reload failed: {type(exc).__name__}"])
         self.settings, self.policy = settings, policy
         self.log = make_logger(settings)
         self.metrics.set_services(policy.services)
@@ -226,6 +234,17 @@ class Gateway:
         self.log.info("configuration reloaded")
         self._audit_best_effort("config.reload", status="success")
         return True
+
+    def _reject_reload(self, errors: list[str]) -> bool:
+        self.metrics.config_last_reload_success.set(0)
+        self.log.warning("reload rejected; old configuration stays", errors=errors)
+        reason = errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"
+        self._audit_best_effort("config.reload", status="failure", reason=reason)
+        return False
+
+    def _read_config_and_policy(self) -> tuple[Settings, Policy]:
+        settings = self._read_config()
+        return settings, load_policy_or_raise(settings)
 
     def _read_config(self) -> Settings:
         if self.config_path is None:
@@ -260,17 +279,19 @@ class Gateway:
         the caller must then refuse the login (fail closed).
         """
         result = "success" if ok else "failure"
-        self.metrics.auth_attempt(frontend, result)
         fields: dict[str, object] = {"frontend": frontend, "user": user, "source_ip": source_ip}
         if reason is not None:
             fields["reason"] = reason
+        # Audit first: if the record cannot be written the login is refused, and the metric
+        # must not have counted a success that never happened.
         self.audit.emit(f"auth.{result}", **fields)
+        self.metrics.auth_attempt(frontend, result)
 
     # --- health ------------------------------------------------------------------------------
 
     async def readiness(self) -> tuple[bool, str]:
         if not self._started:
             return False, "starting or stopping"
-        if not self.audit.healthy:
+        if not self.audit.healthy and self.settings.audit.on_failure == "deny":
             return False, "audit log cannot be written"
         return True, "ready"

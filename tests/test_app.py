@@ -47,6 +47,10 @@ def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
     return path
 
 
+def disk_full(fd: int, data: bytes) -> int:
+    raise OSError(28, "No space left on device")
+
+
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
     return write_config(tmp_path)
@@ -122,13 +126,12 @@ async def test_bogus_user_names_do_not_grow_the_metric_series(gateway: Gateway) 
 async def test_audit_failure_fails_closed_and_readiness_drops(
     gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_full(fd: int, data: bytes) -> int:
-        raise OSError(28, "No space left on device")
-
     monkeypatch.setattr(os, "write", disk_full)
     with pytest.raises(AuditWriteError):
         gateway.record_auth(frontend="https", user="alice", source_ip="192.0.2.1", ok=True)
     monkeypatch.undo()
+    text = (await fetch(gateway.listeners.metrics_url or ""))[1]
+    assert 'gatewayd_auth_attempts_total{frontend="https",result="success"} 0.0' in text
     status, body = await fetch(base_url(gateway) + "/readyz")
     assert status == 503 and "audit" in json.loads(body)["detail"]
     text = (await fetch(gateway.listeners.metrics_url or ""))[1]
@@ -177,11 +180,38 @@ async def test_reload_refuses_settings_that_need_a_restart(
     assert last["reason"] == f"{config_path}: {key}: changed; needs a restart"
 
 
-async def test_reload_applies_live_settings(gateway: Gateway, config_path: Path) -> None:
-    config_path.write_text(config_path.read_text() + "[sessions]\nmax_concurrent = 50\n")
-    assert await gateway.reload() is True
+async def test_reload_refuses_new_sections_unless_live(gateway: Gateway, config_path: Path) -> None:
+    config_path.write_text(config_path.read_text() + '[directory]\ntimeout = "9s"\n')
+    assert await gateway.reload() is False
+    assert gateway.settings.directory.timeout.total_seconds() == 5
+
+
+async def test_reload_survives_an_unexpected_error(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(_: Settings) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("gatewayd.app.load_policy_or_raise", explode)
+    assert await gateway.reload() is False
     text = (await fetch(gateway.listeners.metrics_url or ""))[1]
-    assert "gatewayd_seats_limit 50.0" in text
+    assert "gatewayd_config_last_reload_success 0.0" in text
+    last = json.loads(gateway.settings.audit.path.read_text().splitlines()[-1])
+    assert (last["event"], last["reason"]) == ("config.reload", "reload failed: RecursionError")
+
+
+async def test_audit_failure_with_continue_keeps_the_node_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path, audit={"on_failure": "continue"})
+    gw = Gateway(load_settings(path), config_path=path)
+    await gw.start()
+    try:
+        monkeypatch.setattr(os, "write", disk_full)
+        gw.record_auth(frontend="https", user="alice", source_ip="192.0.2.1", ok=True)
+        monkeypatch.undo()
+        assert not gw.audit.healthy
+        assert (await fetch(base_url(gw) + "/readyz"))[0] == 200
+    finally:
+        await gw.stop()
 
 
 def test_invalid_policy_refuses_to_build(tmp_path: Path) -> None:
