@@ -158,8 +158,10 @@ def user_to_uri(user: str) -> str:
 
 def user_from_uri(uri: str) -> str | None:
     """The user of a ``gatewayd:user:`` URI; None for other URIs; CertError if malformed."""
-    if not uri.startswith(DEVICE_USER_URI_PREFIX):
+    if uri[: len(DEVICE_USER_URI_PREFIX)].lower() != DEVICE_USER_URI_PREFIX:
         return None
+    if not uri.startswith(DEVICE_USER_URI_PREFIX):  # URI schemes are case-insensitive
+        raise CertError(f"device user URI {uri!r} must be spelled {DEVICE_USER_URI_PREFIX!r}")
     encoded = uri[len(DEVICE_USER_URI_PREFIX):]
     if _CANONICAL_USER_PART.fullmatch(encoded) is None:
         raise CertError(f"device user URI {uri!r} is not canonically percent-encoded")
