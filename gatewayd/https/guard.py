@@ -1,0 +1,180 @@
+"""The HTTPS listener's outer guard: limits, security headers, and no 500 for bad input.
+
+Owns everything that happens to a request before and after the gateway's own logic:
+
+* **Parser errors** (a malformed request line or header, a header line over the limit, too
+  many headers) are answered by aiohttp before any middleware runs, as a 400 and with a
+  logged traceback. `GuardedAppRunner` installs a request handler that answers them with
+  **431** (header too large / too many) or **400**, a fixed text body that echoes nothing
+  back, and one log line without a traceback — a client's garbage is not a server error.
+* **Header size** (`header_size_middleware`): aiohttp bounds each header line; the *total*
+  size of the request head is bounded here by ``https.max_header_size`` (431).
+* **Unexpected exceptions** (`error_middleware`): logged once with the traceback (that is a
+  bug), answered with a generic 500 page that shows nothing internal; a client that went
+  away mid-request is not logged as an error at all.
+* **Security headers** (`add_security_headers`, an ``on_response_prepare`` hook): every
+  gateway page gets HSTS (one year), a script-free CSP with ``frame-ancestors 'none'``,
+  ``X-Content-Type-Options``, ``X-Frame-Options``, ``Referrer-Policy``,
+  ``Cross-Origin-Opener-Policy`` and ``Cache-Control: no-store`` — a page behind the login
+  must never come back from the browser cache after sign-out. Proxied responses are the
+  upstream's own; they get HSTS, and ``Cache-Control: no-store`` only when the upstream said
+  nothing about caching (what it serves is per user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger(__name__)
+
+PROXIED: Final = "gatewayd.proxied"  # request key: this response is the upstream's
+
+HSTS: Final = "max-age=31536000"
+CSP: Final = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+GATEWAY_PAGE_HEADERS: Final = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "same-origin"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+    ("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=()"),
+)
+NO_STORE: Final = "no-store"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# --- security headers -------------------------------------------------------------------------
+
+
+def _hsts_applies(request: web.Request) -> bool:
+    """HSTS for every name but ``localhost``: a browser that pinned HTTPS for localhost would
+    break every other development server on that machine (IP literals are ignored by
+    browsers anyway, RFC 6797 section 8.1)."""
+    host = request.headers.get("Host", "").rpartition(":")[0] or request.headers.get("Host", "")
+    host = host.lower().rstrip(".")
+    return not (host == "localhost" or host.endswith(".localhost"))
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    headers = response.headers
+    if _hsts_applies(request):
+        headers.setdefault("Strict-Transport-Security", HSTS)
+    if request.get(PROXIED):
+        if "Cache-Control" not in headers and "Expires" not in headers:
+            headers["Cache-Control"] = NO_STORE
+        return
+    for name, value in GATEWAY_PAGE_HEADERS:
+        headers[name] = value
+    if "Cache-Control" not in headers:
+        headers["Cache-Control"] = NO_STORE
+        headers["Pragma"] = "no-cache"
+
+
+# --- middlewares ------------------------------------------------------------------------------
+
+
+def request_head_size(request: web.BaseRequest) -> int:
+    """Bytes of the request line plus header lines, as they came over the wire (near enough)."""
+    line = len(request.method) + len(request.raw_path) + len("  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in request.raw_headers) + 2
+
+
+def header_size_middleware(max_header_size: int, too_large: Handler) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request_head_size(request) > max_header_size:
+            return await too_large(request)
+        return await handler(request)
+
+    return middleware
+
+
+def error_middleware(server_error: Handler) -> Any:
+    """Outermost middleware: turn anything unexpected into a generic page, never a traceback."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (web.HTTPException, asyncio.CancelledError):
+            raise
+        except (ConnectionResetError, BrokenPipeError):
+            # The client went away; nobody is left to answer, and it is not our failure.
+            log.debug("client disconnected during %s", request.method)
+            return web.Response(status=499)
+        except Exception:
+            log.exception("unexpected error in the HTTPS frontend (method %s)", request.method)
+            return await server_error(request)
+
+    return middleware
+
+
+# --- parser errors ----------------------------------------------------------------------------
+
+PARSER_ERROR_BODIES: Final = {
+    400: "400 Bad Request: the request could not be read.\n",
+    431: "431 Request Header Fields Too Large: the request headers are too large.\n",
+}
+
+
+def parser_error_status(exc: BaseException | None) -> int:
+    """431 for a header line over the limit or too many headers; 400 for anything else."""
+    if isinstance(exc, LineTooLong):
+        return 431
+    if isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message):
+        return 431
+    return 400
+
+
+class _GuardedRequestHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        status = parser_error_status(exc)
+        log.info("refused an unreadable request from %s: %s", request.remote, status)
+        if request.writer.output_size > 0:  # same rule as aiohttp: too late to answer
+            raise ConnectionError("response already started")
+        response = web.Response(status=status, text=PARSER_ERROR_BODIES[status])
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = NO_STORE
+        response.force_close()
+        return response
+
+
+class _GuardedServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        # web.Server keeps its loop and handler options in private attributes; this mirrors
+        # web.Server.__call__ with our handler class.
+        return _GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner whose connections answer parser errors with 400/431 (see module doc)."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **plain._kwargs,
+        )

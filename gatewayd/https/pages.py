@@ -1,0 +1,195 @@
+"""The gateway's own HTML pages: login, step-up, sign-out, portal, and every error page.
+
+Owns what a person sees of the gateway itself. Pages are small server-rendered HTML with one
+stylesheet (``/.gatewayd/assets/gatewayd.css``) and no script at all, so the Content Security
+Policy can be ``default-src 'none'``. Every value that comes from a request, the directory or
+the policy is HTML-escaped here (`_e`); callers pass plain text, never markup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from html import escape
+from typing import Final
+from urllib.parse import quote
+
+LOGIN_PATH: Final = "/.gatewayd/login"
+LOGOUT_PATH: Final = "/.gatewayd/logout"
+STEPUP_PATH: Final = "/.gatewayd/stepup"
+STYLESHEET_PATH: Final = "/.gatewayd/assets/gatewayd.css"
+
+GENERIC_LOGIN_ERROR: Final = "The user name, password or code is not correct."
+GENERIC_STEPUP_ERROR: Final = "The code is not correct. Wait for the next code and try again."
+
+STYLESHEET: Final = """\
+:root { color-scheme: light dark; --accent: #1f5fa8; --muted: #666; --line: #ccc; }
+* { box-sizing: border-box; }
+body { font: 16px/1.5 system-ui, "Hiragino Sans", "Yu Gothic UI", "Noto Sans JP", sans-serif;
+       margin: 0; background: Canvas; color: CanvasText; }
+header { padding: .75rem 1.5rem; border-bottom: 1px solid var(--line);
+         display: flex; justify-content: space-between; align-items: center; gap: 1rem; }
+header .brand { font-weight: 600; }
+main { max-width: 40rem; margin: 2rem auto; padding: 0 1.5rem; }
+h1 { font-size: 1.5rem; margin: 0 0 1rem; }
+label { display: block; margin: .75rem 0 .25rem; font-weight: 600; }
+input[type=text], input[type=password] { width: 100%; padding: .5rem; font-size: 1rem;
+       border: 1px solid var(--line); border-radius: 4px; }
+button { margin-top: 1.25rem; padding: .5rem 1.25rem; font-size: 1rem; border: 0;
+         border-radius: 4px; background: var(--accent); color: #fff; cursor: pointer; }
+button.link { background: none; color: var(--accent); padding: 0; margin: 0; }
+.error { border-left: 4px solid #b00020; padding: .5rem .75rem; background: #b0002014; }
+.notice { border-left: 4px solid var(--accent); padding: .5rem .75rem; background: #1f5fa814; }
+.muted { color: var(--muted); font-size: .9rem; }
+ul.services { list-style: none; padding: 0; }
+ul.services li { border: 1px solid var(--line); border-radius: 6px; padding: .75rem 1rem;
+                 margin: .5rem 0; }
+ul.services a { font-weight: 600; font-size: 1.1rem; }
+.tag { font-size: .8rem; border: 1px solid var(--line); border-radius: 3px; padding: 0 .3rem;
+       margin-left: .4rem; }
+"""
+
+
+def _e(text: object) -> str:
+    return escape(str(text), quote=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PortalEntry:
+    """One service on the portal: where it is and what the user may do there now."""
+
+    name: str
+    description: str | None
+    url: str
+    needs_step_up: bool
+    read_only: bool
+
+
+def _layout(title: str, body: str, *, signed_in_as: str | None = None,
+            logout_token: str | None = None) -> str:
+    account = ""
+    if signed_in_as is not None and logout_token is not None:
+        account = (
+            f'<form method="post" action="{LOGOUT_PATH}">'
+            f'<span class="muted">{_e(signed_in_as)}</span> '
+            f'<input type="hidden" name="csrf_token" value="{_e(logout_token)}">'
+            '<button class="link" type="submit">Sign out</button></form>'
+        )
+    return (
+        "<!doctype html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="referrer" content="same-origin">'
+        f"<title>{_e(title)} - gatewayd</title>"
+        f'<link rel="stylesheet" href="{STYLESHEET_PATH}">'
+        '<link rel="icon" href="data:,">'
+        "</head><body>"
+        f'<header><span class="brand">Remote access gateway</span>{account}</header>'
+        f"<main>{body}</main></body></html>\n"
+    )
+
+
+def _message(kind: str, text: str | None) -> str:
+    return f'<p class="{kind}" role="alert">{_e(text)}</p>' if text else ""
+
+
+def login_page(*, csrf_token: str, next_path: str, error: str | None = None,
+               notice: str | None = None, username: str = "") -> str:
+    """The one sign-in form: user name, password and TOTP code together."""
+    body = (
+        "<h1>Sign in</h1>"
+        f"{_message('notice', notice)}{_message('error', error)}"
+        f'<form method="post" action="{LOGIN_PATH}">'
+        '<label for="username">User name</label>'
+        f'<input type="text" id="username" name="username" value="{_e(username)}" '
+        'autocomplete="username" autocapitalize="none" spellcheck="false" required autofocus>'
+        '<label for="password">Password</label>'
+        '<input type="password" id="password" name="password" '
+        'autocomplete="current-password" required>'
+        '<label for="code">Authenticator code</label>'
+        '<input type="text" id="code" name="code" inputmode="numeric" pattern="[0-9 ]*" '
+        'maxlength="8" autocomplete="one-time-code" required>'
+        f'<input type="hidden" name="csrf_token" value="{_e(csrf_token)}">'
+        f'<input type="hidden" name="next" value="{_e(next_path)}">'
+        '<button type="submit">Sign in</button></form>'
+        '<p class="muted">Use the 6-digit code from your authenticator app. '
+        "Each code works once.</p>"
+    )
+    return _layout("Sign in", body)
+
+
+def stepup_page(*, user: str, csrf_token: str, next_path: str, logout_token: str,
+                error: str | None = None) -> str:
+    """Fresh-code confirmation before a sensitive action (TOTP only)."""
+    body = (
+        "<h1>Confirm it is you</h1>"
+        "<p>This action needs a fresh code from your authenticator app.</p>"
+        f"{_message('error', error)}"
+        f'<form method="post" action="{STEPUP_PATH}">'
+        '<label for="code">Authenticator code</label>'
+        '<input type="text" id="code" name="code" inputmode="numeric" pattern="[0-9 ]*" '
+        'maxlength="8" autocomplete="one-time-code" required autofocus>'
+        f'<input type="hidden" name="csrf_token" value="{_e(csrf_token)}">'
+        f'<input type="hidden" name="next" value="{_e(next_path)}">'
+        '<button type="submit">Continue</button></form>'
+        f'<p class="muted"><a href="{_e(next_path)}">Cancel</a></p>'
+    )
+    return _layout("Confirm", body, signed_in_as=user, logout_token=logout_token)
+
+
+def logout_page(*, user: str, csrf_token: str) -> str:
+    """Confirmation for a sign-out reached by a link (a GET never changes state)."""
+    body = (
+        "<h1>Sign out</h1>"
+        f"<p>You are signed in as <strong>{_e(user)}</strong>.</p>"
+        f'<form method="post" action="{LOGOUT_PATH}">'
+        f'<input type="hidden" name="csrf_token" value="{_e(csrf_token)}">'
+        '<button type="submit">Sign out</button></form>'
+    )
+    return _layout("Sign out", body)
+
+
+def portal_page(*, user: str, display_name: str | None, entries: Sequence[PortalEntry],
+                device: str | None, logout_token: str) -> str:
+    """The start page: the services this user may use right now."""
+    who = _e(display_name or user)
+    device_line = (
+        f'<p class="muted">Device: {_e(device)}</p>' if device else
+        '<p class="muted">No registered device certificate on this connection.</p>'
+    )
+    if entries:
+        items = "".join(_portal_item(entry) for entry in entries)
+        services = f'<ul class="services">{items}</ul>'
+    else:
+        services = "<p>No service is open to you right now.</p>"
+    body = f"<h1>Welcome, {who}</h1>{device_line}<h2>Your services</h2>{services}"
+    return _layout("Portal", body, signed_in_as=user, logout_token=logout_token)
+
+
+def _portal_item(entry: PortalEntry) -> str:
+    tags = "".join(
+        f'<span class="tag">{_e(tag)}</span>'
+        for tag, present in (("read-only", entry.read_only),
+                             ("asks for a fresh code", entry.needs_step_up))
+        if present
+    )
+    description = f'<div class="muted">{_e(entry.description)}</div>' if entry.description else ""
+    return f'<li><a href="{_e(entry.url)}">{_e(entry.name)}</a>{tags}{description}</li>'
+
+
+def message_page(*, title: str, message: str, details: Iterable[str] = (),
+                 links: Iterable[tuple[str, str]] = (("/", "Back to the portal"),)) -> str:
+    """Every error and notice page (denied, not found, too large, unavailable …)."""
+    extra = "".join(f'<p class="muted">{_e(line)}</p>' for line in details)
+    nav = " · ".join(f'<a href="{_e(href)}">{_e(text)}</a>' for href, text in links)
+    body = f"<h1>{_e(title)}</h1><p>{_e(message)}</p>{extra}<p>{nav}</p>"
+    return _layout(title, body)
+
+
+def login_url(next_path: str) -> str:
+    """The sign-in URL that returns to ``next_path`` (already checked with safe_next)."""
+    return LOGIN_PATH if next_path == "/" else f"{LOGIN_PATH}?next={quote(next_path, safe='')}"
+
+
+def stepup_url(next_path: str) -> str:
+    return f"{STEPUP_PATH}?next={quote(next_path, safe='')}"
