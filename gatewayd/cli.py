@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gatewayd import __version__
+from gatewayd.app import Gateway, GatewayError
+from gatewayd.audit import AuditKeyError, AuditResumeError, AuditWriteError
 from gatewayd.audit import cli as audit_cli
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
+from gatewayd.demo import run_demo
 from gatewayd.policy import cli as policy_cli
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
@@ -45,37 +48,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_NEGATIVE
-    from gatewayd.app import Gateway, GatewayError  # noqa: PLC0415 - keep other commands fast
 
     async def serve() -> int:
         try:
             await Gateway(settings, config_path=args.config).run()
-        except GatewayError as exc:
-            for line in exc.errors:
-                print(line, file=sys.stderr)
-            return EXIT_NEGATIVE
-        except OSError as exc:  # a port in use, an unwritable audit directory, ...
-            print(f"gatewayd: cannot start: {exc}", file=sys.stderr)
-            return EXIT_NEGATIVE
+        except START_ERRORS as exc:
+            return _report_start_error("gatewayd", exc)
         return EXIT_OK
 
     return _run_loop(serve())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gatewayd.app import GatewayError  # noqa: PLC0415 - keep other commands fast
-    from gatewayd.demo import run_demo  # noqa: PLC0415
-
     try:
         _run_loop(run_demo(args.state_dir, args.policies, args.metrics_port))
-    except GatewayError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return EXIT_NEGATIVE
-    except OSError as exc:
-        print(f"gatewayd demo: cannot start: {exc}", file=sys.stderr)
-        return EXIT_NEGATIVE
+    except START_ERRORS as exc:
+        return _report_start_error("gatewayd demo", exc)
     return EXIT_OK
+
+
+# What an operator's mistake looks like at start-up: a port in use, an unwritable or foreign
+# audit log, a key file with loose permissions, an invalid policy. Each gets one clear line and
+# exit 1, not a traceback. Anything else is a bug and keeps its traceback.
+START_ERRORS = (GatewayError, ConfigError, AuditKeyError, AuditResumeError, AuditWriteError,
+                OSError, ValueError)
+
+
+def _report_start_error(program: str, exc: Exception) -> int:
+    lines = exc.errors if isinstance(exc, GatewayError | ConfigError) else [str(exc)]
+    for line in lines:
+        print(f"{program}: cannot start: {line}", file=sys.stderr)
+    return EXIT_NEGATIVE
 
 
 def _run_loop(main: Coroutine[Any, Any, T]) -> T:

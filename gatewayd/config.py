@@ -21,10 +21,12 @@ import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -51,14 +53,17 @@ class ConfigError(Exception):
 
 # --- value grammars --------------------------------------------------------------------------
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_UNITS = MappingProxyType({"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400})
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
-_SIZE_UNITS = {
+_SIZE_UNITS = MappingProxyType({
     "B": 1,
     "KB": 1000, "MB": 1000**2, "GB": 1000**3,
     "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-}
+})
 _SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
+
+
+MAX_DURATION = timedelta(days=3650)  # anything longer is a typo, and overflows timedelta soon
 
 
 def parse_duration(text: str) -> timedelta:
@@ -69,7 +74,7 @@ def parse_duration(text: str) -> timedelta:
             break
         total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
-    if pos == 0 or pos != len(text):
+    if pos == 0 or pos != len(text) or total > MAX_DURATION.total_seconds():
         raise ValueError(text)
     return timedelta(seconds=total)
 
@@ -138,8 +143,17 @@ def _grammar(
     return BeforeValidator(validate)
 
 
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+
+
 def _show(value: object) -> str:
-    """Render a bad value the way the operator wrote it (TOML-ish), bounded in length."""
+    """Render a bad value the way the operator wrote it (TOML-ish), bounded in length.
+
+    Credentials in a URL (``http://user:secret@host``) are masked: these messages reach the
+    operational log and, on a rejected reload, the audit log, which can never be edited.
+    """
+    if isinstance(value, str):
+        value = _URL_CREDENTIALS.sub("***@", value)
     text = f'"{value}"' if isinstance(value, str) else repr(value)
     if isinstance(value, bool):
         text = str(value).lower()
@@ -147,6 +161,16 @@ def _show(value: object) -> str:
 
 
 Duration = Annotated[timedelta, _grammar(parse_duration, "duration", "15m")]
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise PydanticCustomError("positive", "expected a duration greater than zero, got {got}",
+                                  {"got": '"0s"'})
+    return value
+
+
+Interval = Annotated[Duration, AfterValidator(_positive)]  # an interval or timeout: 0 can't work
 Size = Annotated[int, _grammar(parse_size, "size", "10MiB")]
 Int = Annotated[int, Strict()]  # TOML has real integers; "140" is a mistake, not a number
 Bool = Annotated[bool, Strict()]
@@ -191,8 +215,8 @@ class PolicySettings(_Section):
 
 
 class SessionSettings(_Section):
-    idle_timeout: Duration = timedelta(minutes=15)
-    absolute_timeout: Duration = timedelta(hours=10)
+    idle_timeout: Interval = timedelta(minutes=15)
+    absolute_timeout: Interval = timedelta(hours=10)
     max_concurrent: Int = Field(default=140, ge=1, le=1_000_000)
     per_user: Int = Field(default=1, ge=1, le=1000)
 
@@ -210,11 +234,11 @@ class AuditSettings(_Section):
     path: Path = Path("/var/log/gatewayd/audit.log")
     signing_key: Path = Path("/var/lib/gatewayd/audit-signing.key")
     fsync: Literal["always", "interval"] = "always"
-    fsync_interval: Duration = timedelta(seconds=1)
+    fsync_interval: Interval = timedelta(seconds=1)
     rotate_size: Size = 100 * 1024**2  # "0B" turns size-based rotation off
     rotate_daily: Bool = True
     timezone: str = "Asia/Tokyo"
-    checkpoint_interval: Duration = timedelta(seconds=60)
+    checkpoint_interval: Interval = timedelta(seconds=60)
     checkpoint_events: Int = Field(default=1000, ge=1, le=1_000_000)
     on_failure: Literal["deny", "continue"] = "deny"
     http_requests: Literal["writes", "all"] = "writes"
@@ -270,7 +294,7 @@ class HttpsSettings(_Section):
 class DirectorySettings(_Section):
     backend: Literal["file"] = "file"
     file: Path = Path("/etc/gatewayd/users.toml")
-    timeout: Duration = timedelta(seconds=5)
+    timeout: Interval = timedelta(seconds=5)
 
     _resolve = field_validator("file", mode="after")(_resolve_relative)
 
@@ -281,16 +305,16 @@ class MfaSettings(_Section):
 
 class LoginSettings(_Section):
     failures_before_backoff: Int = Field(default=5, ge=1, le=100)
-    backoff_initial: Duration = timedelta(seconds=2)
-    backoff_max: Duration = timedelta(minutes=15)
+    backoff_initial: Interval = timedelta(seconds=2)
+    backoff_max: Interval = timedelta(minutes=15)
     lockout_after: Int = Field(default=100, ge=1, le=100)
-    lockout_duration: Duration = timedelta(hours=1)
+    lockout_duration: Interval = timedelta(hours=1)
 
 
 class UpstreamSettings(_Section):
     url: OriginUrl
-    connect_timeout: Duration = timedelta(seconds=1)
-    read_timeout: Duration = timedelta(seconds=60)
+    connect_timeout: Interval = timedelta(seconds=1)
+    read_timeout: Interval = timedelta(seconds=60)
     tls_ca_file: Path | None = None
 
     _resolve = field_validator("tls_ca_file", mode="after")(_resolve_relative)
@@ -314,7 +338,7 @@ class Settings(_Section):
 # --- loading ---------------------------------------------------------------------------------
 
 # Human wording for pydantic's built-in error types (the custom ones already read well).
-_EXPECTED = {
+_EXPECTED = MappingProxyType({
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
     "int_type": "expected an integer, got {got}",
@@ -323,15 +347,16 @@ _EXPECTED = {
     "path_type": "expected a path string, got {got}",
     "model_type": "expected a table, got {got}",
     "model_attributes_type": "expected a table, got {got}",
-}
+    "dict_type": "expected a table, got {got}",
+})
 
-_BOUNDS = {
+_BOUNDS = MappingProxyType({
     "greater_than_equal": "expected a number >= {ge}, got {got}",
     "less_than_equal": "expected a number <= {le}, got {got}",
     "string_too_short": "expected at least {min_length} characters, got {got}",
     "string_too_long": "expected at most {max_length} characters, got {got}",
     "string_pattern_mismatch": "expected letters, digits, '.', '_' or '-', got {got}",
-}
+})
 
 
 def _format_error(source: str, error: Mapping[str, Any]) -> str:

@@ -63,13 +63,19 @@ def write_demo_config(state_dir: Path, policies: Path, metrics_port: int) -> Pat
         "[metrics]\n"
         f'listen = "127.0.0.1:{metrics_port}"\n'
         "[policy]\n"
-        f"dir = {json.dumps(str(policies.resolve()))}\n"
+        f"dir = {toml_string(str(policies.resolve()))}\n"
         "[audit]\n"
         'path = "audit/audit.log"\n'
         'signing_key = "keys/audit-signing.key"\n'
         'fsync = "interval"\n'
     )
     return config
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, as long as non-ASCII stays literal
+    (JSON would write astral characters as surrogate pairs, which TOML rejects)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def demo_description(gateway: Gateway, config: Path) -> dict[str, object]:

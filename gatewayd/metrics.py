@@ -123,6 +123,21 @@ class Metrics:
     def audit_event(self, event: str) -> None:
         self.audit_events.labels(bounded(event, self._events)).inc()
 
+    def session_opened(self, frontend: str, delta: int = 1) -> None:
+        """Count a session in (``delta=1``) or out (``delta=-1``) of ``sessions_active``."""
+        self.sessions_active.labels(bounded(frontend, FRONTENDS)).inc(delta)
+
+    def proxy_duration(self, service: str | None, seconds: float) -> None:
+        self.proxy_request_duration.labels(self.service_label(service)).observe(seconds)
+
+    def tunnel_opened(self, service: str | None, delta: int = 1) -> None:
+        self.tunnels_active.labels(self.service_label(service)).inc(delta)
+
+    def tunnel_bytes_carried(self, service: str | None, direction: str, count: int) -> None:
+        self.tunnel_bytes.labels(self.service_label(service), bounded(direction, DIRECTIONS)).inc(
+            count
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -141,7 +156,7 @@ def metrics_app(metrics: Metrics, readiness: ReadinessCheck) -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         try:
             ready, detail = await asyncio.wait_for(readiness(), timeout=5)
-        except (TimeoutError, OSError) as exc:  # a slow or broken check means not ready
+        except Exception as exc:  # a slow or broken check means "not ready", never a 500
             ready, detail = False, f"readiness check failed: {type(exc).__name__}"
         status = 200 if ready else 503
         return web.json_response({"ready": ready, "detail": detail}, status=status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "config check", "policy check", "policy explain", "audit verify", "audit query"]
+    "command", ["run", "demo", "config check", "policy check", "policy explain", "audit verify", "audit query"]
 )
 def test_contract_commands_exist(command: str) -> None:
     with pytest.raises(SystemExit) as info:
@@ -111,4 +112,36 @@ def test_run_with_a_broken_policy_exits_1_naming_file_and_line(tmp_path: Path) -
     result = run_cli("run", "--config", str(path))
     assert result.returncode == 1
     assert "bad.yaml:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [("key_mode", "chmod 600"), ("second_writer", "lock")],
+)
+def test_run_refuses_an_unsafe_audit_setup_without_a_traceback(
+    tmp_path: Path, setup: str, message: str
+) -> None:
+    path = tmp_path / "gatewayd.toml"
+    path.write_text(
+        f'[metrics]\nlisten = "127.0.0.1:0"\n[policy]\ndir = "{REPO / "policies"}"\n'
+        '[audit]\npath = "a/audit.log"\nsigning_key = "k/audit.key"\n'
+    )
+    first = subprocess.Popen([sys.executable, "-m", "gatewayd", "run", "--config", str(path)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "a" / "audit.log").exists():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        if setup == "key_mode":
+            first.terminate()
+            first.wait(timeout=20)
+            (tmp_path / "k" / "audit.key").chmod(0o644)
+        result = run_cli("run", "--config", str(path))
+    finally:
+        first.kill()
+        first.communicate()
+    assert result.returncode == 1
+    assert "gatewayd: cannot start:" in result.stderr and message in result.stderr.lower()
     assert "Traceback" not in result.stderr

@@ -108,6 +108,10 @@ ERROR_TABLE: list[tuple[str, str]] = [
     ('[gateway]\nlog_level = "verbose"',
      "gateway.log_level: expected one of 'debug', 'info', 'warning' or 'error', got \"verbose\""),
     ("[policy]\ndir = 5", "policy.dir: expected a path string, got 5"),
+    ('[audit]\ncheckpoint_interval = "0s"', 'audit.checkpoint_interval: expected a duration greater than zero, got "0s"'),
+    ('[sessions]\nidle_timeout = "99999999999999999999d"', 'sessions.idle_timeout: expected a duration like "15m", got "99999999999999999999d"'),
+    ('[upstreams.files]\nurl = "http://svc:S3cret@10.0.0.5:80/x"', 'upstreams.files.url: expected a URL like "http://127.0.0.1:8081", got "http://***@10.0.0.5:80/x"'),
+    ("upstreams = 5", "upstreams: expected a table, got 5"),
 ]
 
 

@@ -55,14 +55,26 @@ def test_bounded(value: str, allowed: set[str], expected: str) -> None:
     assert bounded(value, allowed) == expected
 
 
+def feed_bogus_labels(metrics: Metrics, i: int) -> None:
+    """Every labelled recording helper, with label values a client could make up."""
+    metrics.auth_attempt(f"frontend{i}", f"result{i}")
+    metrics.policy_decision("https", f"/service/{i}", f"decision{i}")
+    metrics.audit_event(f"event{i}")
+    metrics.session_opened(f"frontend{i}")
+    metrics.proxy_duration(f"svc{i}", 0.1)
+    metrics.tunnel_opened(f"svc{i}")
+    metrics.tunnel_bytes_carried(f"svc{i}", f"dir{i}", 10)
+
+
 def test_client_controlled_labels_cannot_grow_the_series() -> None:
     metrics = Metrics(services={"groupware"}, events={"auth.failure"})
-    before = series(metrics.render().decode())
-    for i in range(1000):
-        metrics.auth_attempt(f"frontend{i}", f"result{i}")
-        metrics.policy_decision("https", f"/service/{i}", f"decision{i}")
-        metrics.audit_event(f"event{i}")
-    assert series(metrics.render().decode()) == before
+    feed_bogus_labels(metrics, 0)
+    after_one = series(metrics.render().decode())
+    for i in range(1, 1000):
+        feed_bogus_labels(metrics, i)
+    text = metrics.render().decode()
+    assert series(text) == after_one
+    assert not re.search(r"(frontend|result|decision|event|svc|dir)\d", text)
 
 
 @pytest.fixture
@@ -70,6 +82,8 @@ async def listener() -> AsyncIterator[tuple[str, list[bool]]]:
     state = [True]
 
     async def readiness() -> tuple[bool, str]:
+        if state[0] is None:
+            raise RuntimeError("check crashed")
         return state[0], "ok" if state[0] else "audit log cannot be written"
 
     runner, port = await serve_metrics(metrics_app(Metrics(), readiness), "127.0.0.1", 0)
@@ -91,6 +105,10 @@ async def test_health_endpoints_over_a_real_socket(listener: tuple[str, list[boo
         async with client.get(f"{url}/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["detail"] == "audit log cannot be written"
+        state[0] = None  # type: ignore[call-overload]
+        async with client.get(f"{url}/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["detail"] == "readiness check failed: RuntimeError"
         async with client.get(f"{url}/metrics") as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain")
