@@ -87,6 +87,13 @@ def test_check_unreadable_directory_is_a_usage_error(tmp_path: Path, name: str, 
     assert err.startswith(f"gatewayd policy check: {tmp_path / name}: ")
 
 
+def test_check_reports_a_hostile_file_instead_of_crashing(policies: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (policies / "q.yaml").write_text("# deep\nrules: " + "[" * 5000, encoding="utf-8")
+    assert run(["policy", "check", str(policies)], capsys) == (
+        1, f"{policies}/q.yaml:2: YAML nesting too deep (more than 64 levels)\n", f"{policies}: 1 error\n"
+    )
+
+
 def test_check_empty_directory_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["policy", "check", str(tmp_path)], capsys) == (
         1, f"{tmp_path}: no policy files (*.yaml, *.yml) in directory\n", f"{tmp_path}: 1 error\n"

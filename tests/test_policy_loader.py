@@ -3,11 +3,14 @@ every problem of every file, and the `file:line: message` format."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from gatewayd.policy import PolicyError, PolicyIssue, load_policy
+from gatewayd.policy import PolicyError, PolicyIssue, load_policy, load_policy_texts
 from gatewayd.policy.loader import policy_files
 
 SERVICES = "services:\n  files: {kind: http, prefixes: /files/}\n"
@@ -126,3 +129,85 @@ def test_policy_error_lists_issues_sorted_by_file_and_line() -> None:
     ])
     assert [str(issue) for issue in error.errors] == ["a.yaml: w", "a.yaml:2: z", "a.yaml:10: y", "b.yaml:1: x"]
     assert str(error) == "a.yaml: w\na.yaml:2: z\na.yaml:10: y\nb.yaml:1: x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: whatever the files contain, loading returns a Policy or raises PolicyError, whose
+# issues name the files; never any other exception (which `policy check` would print as a
+# traceback, and the gateway would treat as a crash instead of "policy invalid").
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "policies").glob("*.yaml"))
+SHIPPED_TEXT = "".join(path.read_text(encoding="utf-8") for path in SHIPPED)
+# Tokens that steer random text into YAML structure and into every part of the schema.
+YAML_TOKENS = [
+    "[", "]", "{", "}", ": ", ", ", "- ", "\n", "  ", "\t", "? ", "|", ">", "'", '"', "#", "---\n", "...\n",
+    "&a ", "*a", "&b ", "*b", "!!str ", "!!map ", "!x ", "<<: ", "%YAML 1.2\n", "~", "true", "null", "07:00",
+    "-1", "0", "1e999", ".nan", "9" * 70, "9" * 4400, "\x00", "\ufeff", "\u2028", "é", "\\", "%2e", "\udcff",
+    "timezone", "Asia/Tokyo", "roles", "services", "rules", "id", "effect", "allow", "deny", "subjects",
+    "'*'", "roles: [r]", "groups", "users", "kind", "http", "tcp", "prefixes", "/files/", "hosts",
+    "destinations", "'{user.pc}:3389'", "h.local:22", "methods", "GET", "get", "paths", "/files/**",
+    "/files/*.x", "when", "hours", "'07:00-22:00'", "weekdays", "mon-fri", "networks", "10.0.0.0/8",
+    "device", "registered", "device_bound_to_user", "mfa_max_age", "5m", "obligations", "read_only",
+    "max_upload", "10MiB", "description", "x",
+]
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def load_or_policy_error(texts: dict[str, str]) -> None:
+    try:
+        load_policy_texts(texts)
+    except PolicyError as exc:
+        assert exc.errors
+        assert {issue.file for issue in exc.errors} <= set(texts)
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes_in_a_policy_file(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "p.yaml").write_bytes(content)
+        try:
+            load_policy(Path(directory))
+        except PolicyError as exc:
+            assert exc.errors
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(YAML_TOKENS), max_size=60).map("".join))
+def test_fuzz_yaml_ish_text(text: str) -> None:
+    load_or_policy_error({"p.yaml": text})
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_fuzz_any_text(text: str) -> None:
+    load_or_policy_error({"p.yaml": text})
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_mutated_shipped_policy(data: st.DataObject) -> None:
+    """The shipped policy with a few random cuts, insertions and duplications: text that is
+    nearly valid reaches the schema, the checks and the compiler."""
+    text = SHIPPED_TEXT
+    for _ in range(data.draw(st.integers(1, 4))):
+        start = data.draw(st.integers(0, len(text)))
+        end = data.draw(st.integers(start, min(len(text), start + 40)))
+        edit = data.draw(st.sampled_from(["cut", "insert", "duplicate"]))
+        if edit == "cut":
+            text = text[:start] + text[end:]
+        elif edit == "insert":
+            text = text[:start] + data.draw(st.sampled_from(YAML_TOKENS)) + text[start:]
+        else:
+            text = text[:end] + text[start:end] + text[end:]
+    load_or_policy_error({"p.yaml": text})
+
+
+@FUZZ
+@given(st.sampled_from(["[", "{a: ", "- ", "a:\n", "? "]), st.integers(1, 4000), st.booleans())
+def test_fuzz_deep_nesting(opener: str, depth: int, indent: bool) -> None:
+    if indent:
+        text = "".join(" " * level + opener + "\n" for level in range(depth))
+    else:
+        text = "rules: " + opener * depth
+    load_or_policy_error({"p.yaml": text})

@@ -111,3 +111,65 @@ def test_small_aliases_are_fine() -> None:
     assert issues == []
     assert document is not None
     assert document.data == {"nets": ["10.0.0.0/8"], "other": ["10.0.0.0/8"]}
+
+
+# Nesting is refused by counting, never by a RecursionError escaping (or being caught at
+# whatever depth the caller's stack happens to be). Policies need about 5 levels; 64 pass.
+DEEP = 3000
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        pytest.param("rules: " + "[" * DEEP, 1, id="flow-sequences-unclosed"),
+        pytest.param("rules: " + "[" * DEEP + "]" * DEEP + "\n", 1, id="flow-sequences"),
+        pytest.param("a: " + "{a: " * DEEP + "}" * DEEP + "\n", 1, id="flow-mappings"),
+        pytest.param("- " * DEEP + "x\n", 1, id="block-sequences-one-line"),
+        pytest.param("".join(" " * i + "a:\n" for i in range(DEEP)), 65, id="block-mappings-indented"),
+        pytest.param("x: 1\n\nrules:\n  - " + "[" * DEEP, 4, id="line-of-the-first-level-too-many"),
+    ],
+)
+def test_deep_nesting_is_an_issue_not_a_crash(text: str, line: int) -> None:
+    document, issues = parse_yaml(text, "p.yaml")
+    assert document is None
+    assert [str(issue) for issue in issues] == [f"p.yaml:{line}: YAML nesting too deep (more than 64 levels)"]
+
+
+def test_nesting_up_to_the_limit_is_fine() -> None:
+    document, issues = parse_yaml("[" * 64 + "]" * 64 + "\n", "p.yaml")
+    assert issues == [] and document is not None
+    _, issues = parse_yaml("[" * 65 + "]" * 65 + "\n", "p.yaml")
+    assert [str(issue) for issue in issues] == ["p.yaml:1: YAML nesting too deep (more than 64 levels)"]
+
+
+def test_aliases_cannot_build_nesting_past_the_limit() -> None:
+    # Each anchored value is 40 deep, within the limit; the alias puts one inside the other.
+    text = "a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 40 + "*a" + "]" * 40 + "\n"
+    document, issues = parse_yaml(text, "p.yaml")
+    assert document is None
+    assert [str(issue) for issue in issues] == ["p.yaml:1: YAML nesting too deep (more than 64 levels)"]
+
+
+def test_a_recursive_alias_is_an_issue() -> None:
+    document, issues = parse_yaml("rules:\n  - &r [x, *r]\n", "p.yaml")
+    assert document is None
+    assert [str(issue) for issue in issues] == ["p.yaml:2: YAML alias refers to a collection that contains it"]
+
+
+@pytest.mark.parametrize("digits", [65, 5000])
+def test_overlong_integers_are_an_issue_not_a_crash(digits: int) -> None:
+    # Python refuses int() of more than 4300 digits with a ValueError; no policy number
+    # needs more than a few digits.
+    document, issues = parse_yaml(f"a: 1\nsize: {'9' * digits}\n", "p.yaml")
+    assert [str(issue) for issue in issues] == [
+        "p.yaml:2: number too long (more than 64 digits; quote it if it is text)"
+    ]
+    document, issues = parse_yaml(f"a: '{'9' * digits}'\n", "p.yaml")
+    assert issues == [] and document is not None
+
+
+def test_overlong_integer_keys_are_an_issue() -> None:
+    _, issues = parse_yaml(f"roles:\n  {'1' * 100}: {{}}\n", "p.yaml")
+    assert [str(issue) for issue in issues] == [
+        "p.yaml:2: number too long (more than 64 digits; quote it if it is text)"
+    ]

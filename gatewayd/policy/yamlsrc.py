@@ -5,6 +5,13 @@ data plus a `SourceMap` from data paths (e.g. ``("rules", 3, "when", "hours")``)
 line numbers. On the way it refuses what PyYAML would silently accept: duplicate keys (the
 last would win and e.g. drop a whole ``rules:`` section), merge keys, custom tags.
 
+Whatever the text, parsing ends in data or in issues, never in another exception: ``policy
+check`` must print ``file:line: message`` for a hostile or corrupted file, not a traceback.
+So the sizes PyYAML and Python would choke on are bounded here, by counting: nesting depth
+(PyYAML's composer recurses once per level, so ``[[[[…`` a few thousand deep would raise
+RecursionError), aliases (a recursive alias, or an alias "bomb" that expands enormously) and
+the digits of an integer (Python refuses ``int()`` of more than 4300 digits).
+
 Scalars follow the YAML 1.2 core schema, not PyYAML's YAML 1.1 default: ``no``, ``on`` and
 ``off`` are strings, ``07:00`` is a string (not the sexagesimal number 420), and only
 ``true``/``false`` are booleans.
@@ -39,6 +46,15 @@ _CORE_TAGS = frozenset(
 )
 # Aliases can make a small file expand enormously ("billion laughs"); no policy needs this.
 _MAX_NODES = 200_000
+# The deepest legitimate policy data is 5 levels (rules, a rule, when, networks, a network).
+# The limit is checked by counting, before and while recursing, and is far below Python's
+# recursion limit: catching RecursionError instead would depend on how deep the caller's
+# stack already is, and a RecursionError can surface anywhere (pydantic, the checks).
+_MAX_DEPTH = 64
+_TOO_DEEP = f"YAML nesting too deep (more than {_MAX_DEPTH} levels)"
+# No policy number has more than a handful of digits; this also keeps int() well inside
+# Python's own (process-wide, adjustable) limit on digits, so the outcome never depends on it.
+_MAX_DIGITS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,29 +82,81 @@ class YamlDocument:
     source: SourceMap
 
 
+class _RefusedError(Exception):
+    """The document cannot be turned into data at all; `line` and `message` say why."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader whose recursive composer refuses collections nested deeper than
+    `_MAX_DEPTH`, with the line of the first collection too many."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0  # collections being composed around the next node
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self._depth >= _MAX_DEPTH and self.check_event(
+            yaml.SequenceStartEvent, yaml.MappingStartEvent
+        ):
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+            raise _RefusedError(event.start_mark.line + 1, _TOO_DEEP)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 class _Converter:
-    """Walks a composed node tree into data, lines and issues (one instance per file)."""
+    """Walks a composed node tree into data, lines and issues (one instance per file).
+
+    Aliases make the tree a graph: a shared node is converted once per reference (and counts
+    against `_MAX_NODES` each time), a node that contains itself is refused, and nesting built
+    from aliases is held to the same `_MAX_DEPTH` as written nesting.
+    """
 
     def __init__(self, file: str) -> None:
         self.file = file
         self.lines: dict[DataPath, int] = {}
         self.issues: list[PolicyIssue] = []
         self.nodes = 0
+        self.open: set[int] = set()  # ids of the collections being converted
 
     def convert(self, node: yaml.Node, path: DataPath) -> object:
         self.nodes += 1
         if self.nodes > _MAX_NODES:
-            raise _TooLargeError
+            raise _RefusedError(1, f"document too large (over {_MAX_NODES} nodes)")
         self.lines.setdefault(path, node.start_mark.line + 1)
         if node.tag not in _CORE_TAGS:
             self._issue(node, f"YAML tag {node.tag!r} is not supported")
             return None
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node)
+        line = node.start_mark.line + 1
+        if id(node) in self.open:
+            raise _RefusedError(line, "YAML alias refers to a collection that contains it")
+        if len(path) >= _MAX_DEPTH:  # only reachable through aliases (see the loader)
+            raise _RefusedError(line, _TOO_DEEP)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
+            assert isinstance(node, yaml.SequenceNode)
             return [self.convert(item, (*path, index)) for index, item in enumerate(node.value)]
-        assert isinstance(node, yaml.ScalarNode)
-        return _scalar(node)
+        finally:
+            self.open.discard(id(node))
+
+    def _scalar(self, node: yaml.ScalarNode) -> object:
+        try:
+            return _scalar(node)
+        except ValueError as exc:
+            self._issue(node, str(exc))
+            return None
 
     def _mapping(self, node: yaml.MappingNode, path: DataPath) -> dict[object, object]:
         result: dict[object, object] = {}
@@ -101,7 +169,11 @@ class _Converter:
             if key_node.tag == _CORE_TAG_PREFIX + "merge":
                 self._issue(key_node, "YAML merge keys ('<<') are not supported")
                 continue
-            key = _scalar(key_node)
+            try:
+                key = _scalar(key_node)
+            except ValueError as exc:
+                self._issue(key_node, str(exc))
+                continue
             if not isinstance(key, (str, int)):
                 self._issue(key_node, f"mapping key {key_node.value!r} must be text")
                 continue
@@ -117,17 +189,18 @@ class _Converter:
         self.issues.append(PolicyIssue(self.file, node.start_mark.line + 1, message))
 
 
-class _TooLargeError(Exception):
-    pass
-
-
 def _scalar(node: yaml.ScalarNode) -> object:
+    """The value of a scalar under the YAML 1.2 core schema (ValueError: number too long)."""
     text = node.value
     if node.style is not None:  # quoted, literal or folded: always a string
         return text
     if text in _CONSTANTS:
         return _CONSTANTS[text]
     if _INT.fullmatch(text):
+        if len(text.lstrip("+-")) > _MAX_DIGITS:
+            raise ValueError(
+                f"number too long (more than {_MAX_DIGITS} digits; quote it if it is text)"
+            )
         return int(text)
     if _FLOAT.fullmatch(text):
         return float(text)
@@ -137,7 +210,9 @@ def _scalar(node: yaml.ScalarNode) -> object:
 def parse_yaml(text: str, file: str) -> tuple[YamlDocument | None, list[PolicyIssue]]:
     """Parse one YAML document; syntax errors come back as issues with their line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_DepthLimitedLoader)
+    except _RefusedError as exc:
+        return None, [PolicyIssue(file, exc.line, exc.message)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -152,8 +227,6 @@ def parse_yaml(text: str, file: str) -> tuple[YamlDocument | None, list[PolicyIs
         return YamlDocument(None, SourceMap(file, {(): 1})), []
     try:
         data = converter.convert(node, ())
-    except _TooLargeError:
-        return None, [PolicyIssue(file, 1, f"document too large (over {_MAX_NODES} nodes)")]
-    except RecursionError:
-        return None, [PolicyIssue(file, 1, "document nested too deeply")]
+    except _RefusedError as exc:
+        return None, [PolicyIssue(file, exc.line, exc.message)]
     return YamlDocument(data, SourceMap(file, converter.lines)), converter.issues
