@@ -245,6 +245,30 @@ def test_reasons(policy: Policy, changes: dict[str, Any], reason: str) -> None:
     assert decide(policy, make(policy, changes)).reason == reason
 
 
+# A method that is not an uppercase RFC 9110 token is refused before any rule is looked at,
+# like an ambiguous path: otherwise 'trace' slips past a deny rule for TRACE (policy methods
+# are uppercase) and is allowed by any rule without a method list. /web/hours/ is such a rule.
+@pytest.mark.parametrize(
+    ("method", "shown"),
+    [
+        ("trace", "'trace'"), ("get", "'get'"), ("Get", "'Get'"), ("pUT", "'pUT'"), ("GET ", "'GET '"),
+        (" GET", "' GET'"), ("GE T", "'GE T'"), ("G\x00T", "'G\\x00T'"), ("GET\r\nX-Injected: 1", "'GET\\r\\nX-Injected: 1'"),
+        ("", "''"), ("G\u0130T", "'G\\u0130T'"), ("\uff27\uff25\uff34", "'\\uff27\\uff25\\uff34'"),
+        ("GET/1.1", "'GET/1.1'"), ("PROP(FIND)", "'PROP(FIND)'"),
+        ("X" * 33, "'" + "X" * 32 + "'..."), ("GET" * 5000, "'" + ("GET" * 11)[:32] + "'..."),
+    ],
+)
+def test_methods_that_are_not_uppercase_tokens_are_refused(policy: Policy, method: str, shown: str) -> None:
+    result = decide(policy, make(policy, http("/web/hours/x", method=method)))
+    assert result == Decision("deny", None, f"HTTP method refused: {shown} is not an uppercase method token")
+    assert explain(policy, make(policy, http("/web/hours/x", method=method))).admitted is False
+
+
+@pytest.mark.parametrize("method", ["GET", "BREW", "M-SEARCH", "VERSION-CONTROL", "X" * 32, "!#$%&'*+-.^_`|~09"])
+def test_uppercase_method_tokens_reach_the_rules(policy: Policy, method: str) -> None:
+    assert decide(policy, make(policy, http("/web/hours/x", method=method))).decision == "allow"
+
+
 def test_decide_reads_no_clock_and_is_repeatable(policy: Policy) -> None:
     request = make(policy, http("/web/hours/x", now=jst(7, 6, 59)))
     assert {decide(policy, request) for _ in range(3)} == {Decision("deny", None, "no rule allows this")}

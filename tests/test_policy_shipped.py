@@ -120,6 +120,10 @@ CASES: list[Any] = [
     (ALICE, "PROPFIND /files/a/b/.svn/", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
     (ALICE, "TRACE /groupware/", MONDAY_10, 10, {}, "deny", "no-trace-methods"),
     (CAROL, "TRACE /.gatewayd/admin/", MONDAY_10, 10, {}, "deny", "no-trace-methods"),
+    # methods that are not uppercase tokens are refused, never matched or guessed
+    (ALICE, "trace /groupware/", MONDAY_10, 10, {}, "deny", None),
+    (ALICE, "Track /chat/", MONDAY_10, 10, {}, "deny", None),
+    (BOB, "put /files/a.txt", MONDAY_10, 10, {}, "deny", None),
     # ambiguous or case-changed paths never reach a service
     (BOB, "GET /APPROVAL/requests/12", MONDAY_10, 10, {}, "deny", None),
     (ALICE, "GET /files/%2e%2e/approval/x", MONDAY_10, 10, {}, "deny", None),

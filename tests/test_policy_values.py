@@ -137,7 +137,8 @@ def test_methods(method: str) -> None:
     assert parse_method(method) == method
 
 
-@pytest.mark.parametrize(("value", "message"), [("get", "case-sensitive"), ("GE T", "invalid"), ("", "invalid"), (1, "invalid")])
+@pytest.mark.parametrize(("value", "message"), [("get", "case-sensitive"), ("GE T", "invalid"), ("", "invalid"), (1, "invalid"),
+                                               ("X" * 33, "longer than 32")])
 def test_bad_methods(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_method(value)

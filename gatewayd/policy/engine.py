@@ -3,8 +3,9 @@
 No I/O, no clock (the time is `request.now`), no await, no randomness. The semantics:
 
 1. Requests that cannot be evaluated safely are refused first (rule None): no or unknown
-   service, naive time, missing method/path/destination, an ambiguous path, a path that
-   does not route to the named service, a destination that is not the service's.
+   service, naive time, missing method/path/destination, a method that is not an uppercase
+   token (`values.is_request_method`), an ambiguous path, a path that does not route to the
+   named service, a destination that is not the service's.
 2. Default deny; deny overrides allow: if any deny rule matches, the decision is deny, by
    the first matching deny rule in policy order, whatever the order of the allow rules.
 3. Otherwise, if an allow rule matches and the user's MFA is fresh enough for it, allow.
@@ -29,7 +30,7 @@ from .conditions import Facts, reaches
 from .model import HttpService, Policy, Rule, ServiceRules, TcpService, http_host_key
 from .paths import AmbiguousPathError, normalize_path
 from .request import AccessRequest, Decision
-from .values import canonical_host, format_duration
+from .values import canonical_host, format_duration, is_request_method, show_method
 
 NO_RULE_ALLOWS = Decision("deny", None, "no rule allows this")
 
@@ -174,6 +175,10 @@ def _admit(policy: Policy, request: AccessRequest) -> Decision | tuple[Facts, Se
 def _admit_http(policy: Policy, request: AccessRequest, service: HttpService) -> Facts | Decision:
     if request.method is None or request.path is None:
         return _refuse("HTTP request without method or path")
+    if not is_request_method(request.method):
+        return _refuse(
+            f"HTTP method refused: {show_method(request.method)} is not an uppercase method token"
+        )
     try:
         path = normalize_path(request.path)
     except AmbiguousPathError as exc:

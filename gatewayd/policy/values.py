@@ -31,6 +31,12 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 _TEMPLATE_REF = re.compile(r"\{user\.([A-Za-z_][A-Za-z0-9_-]*)\}")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The longest registered HTTP method (IANA: UPDATEREDIRECTREF) has 17 characters; a longer
+# "method" is no method at all, and echoing it would only bloat reasons and audit records.
+MAX_METHOD_LENGTH = 32
+# What a request's method must be to reach the rules: an RFC 9110 token (tchar) without
+# lowercase letters, as policy files must write methods (see `parse_method`).
+_REQUEST_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Z]{1," + str(MAX_METHOD_LENGTH) + "}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 MINUTES_PER_DAY = 24 * 60
 
@@ -169,12 +175,39 @@ def unmap_ipv4(address: IPAddress) -> IPAddress:
 
 
 def parse_method(value: object) -> str:
-    """An HTTP method token; methods are case-sensitive, so lowercase is refused."""
+    """An HTTP method token as a policy names it: uppercase, at most MAX_METHOD_LENGTH long.
+
+    Methods are case-sensitive (RFC 9110), so lowercase is refused rather than folded; and
+    every method a policy can name passes `is_request_method`, so no rule names a method
+    that decide() refuses before looking at rules.
+    """
     if not isinstance(value, str) or not _HTTP_TOKEN.fullmatch(value):
         raise ValueError(f"invalid HTTP method {value!r}")
     if value != value.upper():
         raise ValueError(f"HTTP methods are case-sensitive: write {value.upper()!r}")
+    if len(value) > MAX_METHOD_LENGTH:
+        raise ValueError(f"invalid HTTP method {value!r}: longer than {MAX_METHOD_LENGTH}")
     return value
+
+
+def is_request_method(method: str) -> bool:
+    """Whether a request's method may be evaluated: an uppercase RFC 9110 token.
+
+    Policy files must write methods in uppercase, and methods are case-sensitive, so a
+    request for 'trace' would not match a deny rule for TRACE — yet an upstream (or a
+    framework in front of it) may well treat it as TRACE. Such a method is refused, never
+    matched or guessed, like an ambiguous path; so are empty, spaced, control-character,
+    non-ASCII and overlong ones.
+    """
+    return _REQUEST_METHOD.fullmatch(method) is not None
+
+
+def show_method(method: str) -> str:
+    """A request method for a reason text: ASCII-escaped (no control characters reach logs,
+    audit records or the deny page) and cut to MAX_METHOD_LENGTH characters."""
+    if len(method) <= MAX_METHOD_LENGTH:
+        return ascii(method)
+    return ascii(method[:MAX_METHOD_LENGTH]) + "..."
 
 
 def parse_name(value: object, what: str) -> str:
