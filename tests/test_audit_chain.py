@@ -14,6 +14,7 @@ from gatewayd.audit.chain import (
     canonical_json,
     check_line,
     is_hash,
+    parse_line,
     record_hash,
 )
 
@@ -68,7 +69,7 @@ def test_check_line_accepts_a_sealed_record() -> None:
         (b"[1,2]", LineDefect.MALFORMED, "object"),
         (b"", LineDefect.MALFORMED, "JSON"),
         (b'{"seq":1}', LineDefect.MALFORMED, "'ts'"),
-        (b'{"a":NaN}', LineDefect.MALFORMED, "'ts'"),
+        (b'{"a":NaN}', LineDefect.MALFORMED, "not text or an integer"),
     ],
 )
 def test_check_line_rejects_non_records(line: bytes, defect: LineDefect, detail: str) -> None:
@@ -94,3 +95,54 @@ def test_check_line_detects_changed_content_and_non_canonical_bytes() -> None:
     assert check_line(escaped).defect is LineDefect.EDITED
     duplicate = line_of(record)[:-1] + b',"user":"alice"}'
     assert check_line(duplicate).defect is LineDefect.EDITED
+
+
+# --------------------------------------------------------------------------- hostile lines
+
+
+def with_extra(raw_member: bytes) -> bytes:
+    """A sealed record's line with one more raw JSON member spliced in before the ``}``."""
+    return line_of(sealed(user="x"))[:-1] + b"," + raw_member + b"}"
+
+
+@pytest.mark.parametrize(
+    ("line", "detail"),
+    [
+        pytest.param(with_extra(b'"z":"\\ud800"'), "surrogate", id="lone-surrogate-value"),
+        pytest.param(b"[" * 100_000, "nested too deeply", id="deep-array"),
+        pytest.param(b'{"a":' * 100_000, "nested too deeply", id="deep-object"),
+        pytest.param(with_extra(b'"z":[[[1]]]'), "not text or an integer", id="nested-value"),
+        pytest.param(with_extra(b'"z":1.5'), "not text or an integer", id="float-value"),
+        pytest.param(with_extra(b'"z":null'), "not text or an integer", id="null-value"),
+        pytest.param(with_extra(b'"z":true'), "not text or an integer", id="bool-value"),
+    ],
+)
+def test_hostile_lines_are_malformed_not_exceptions(line: bytes, detail: str) -> None:
+    check = check_line(line)
+    assert check.defect is LineDefect.MALFORMED
+    assert detail in check.detail
+    assert check.detail.isprintable()
+
+
+def test_parse_line_refuses_what_readers_could_not_handle() -> None:
+    assert parse_line(b"[" * 100_000) is None
+    assert parse_line(b'{"seq":1,"z":[1]}') is None
+    assert parse_line(b'{"seq":1,"user":"a"}') == {"seq": 1, "user": "a"}
+
+
+def test_surrogate_record_with_a_matching_hash_is_still_malformed() -> None:
+    """Even a forger who hashes the decoded value cannot make such a line canonical."""
+    body = {"ts": "2026-11-27T17:10:56.123456+09:00", "seq": 1, "event": "auth.success",
+            "node": "gw1", "prev": GENESIS_PREV, "user": "\ud800"}
+    body["hash"] = hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    line = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()  # ensure_ascii
+    assert b'"user":"\\ud800"' in line  # a JSON escape of a lone surrogate
+    assert check_line(line).defect is LineDefect.MALFORMED
+
+
+@pytest.mark.parametrize("ts", ["yesterday", "2026-11-27T17:10:56", "", "2026-13-01T00:00Z"])
+def test_ts_must_be_an_iso_time_with_offset(ts: str) -> None:
+    check = check_line(line_of(sealed(ts=ts)))
+    assert check.defect is LineDefect.MALFORMED
+    assert "'ts'" in check.detail

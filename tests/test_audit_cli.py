@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,58 @@ async def test_verify_tampered_reports_first_bad_seq(
     out, _ = out_err(capsys)
     assert out.startswith("TAMPERED: first bad seq 3: deleted")
     assert "audit.log:3:" in out
+
+
+@pytest.mark.parametrize(
+    "hostile", [b'{"user":"\\ud800"}', b"[" * 100_000], ids=["lone-surrogate", "deep-array"]
+)
+async def test_hostile_lines_give_a_verdict_not_a_traceback(
+    log: AuditLog, hostile: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = log.path.read_bytes().split(b"\n")
+    lines[2] = hostile
+    log.path.write_bytes(b"\n".join(lines))
+    assert run(["audit", "verify", str(log.path)]) == 1
+    assert out_err(capsys)[0].startswith("TAMPERED: first bad seq 3: malformed")
+    assert run(["audit", "query", "--json", str(log.path)]) == 0
+    out, err = out_err(capsys)
+    out.encode("utf-8")  # what was printed is valid UTF-8 (the surrogate is escaped)
+    if hostile.startswith(b"["):  # not an object: skipped with a warning
+        assert "audit.log:3: not a valid record" in err
+        assert len(out.splitlines()) == 13
+    else:  # query does not judge integrity: a flat object is shown, escaped
+        assert len(out.splitlines()) == 14 and "\\ud800" in out
+
+
+async def test_query_prints_lone_surrogates_escaped(
+    log: AuditLog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with log.path.open("ab") as stream:
+        stream.write(b'{"seq":99,"event":"auth.failure","user":"eve\\ud800"}\n')
+    for extra in ([], ["--json"]):
+        assert run(["audit", "query", "--event", "auth.failure", *extra, str(log.path)]) == 0
+        out, _ = out_err(capsys)
+        assert "eve\\ud800" in out
+        out.encode("utf-8")
+
+
+async def test_hostile_file_names_are_printed_escaped(
+    log: AuditLog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file name is attacker-chosen too: not UTF-8, or carrying terminal controls."""
+    for raw in (b"audit.log.\xff", b"audit.log.\x1b[2J"):
+        hostile = tmp_path / os.fsdecode(raw)
+        shutil.copy(log.path, hostile)
+        assert run(["audit", "verify", "--key", str(tmp_path / "audit.log.pub"),
+                    str(hostile)]) == 0
+        out, _ = out_err(capsys)
+        out.encode("utf-8")
+        assert "\x1b" not in out
+        hostile.unlink()
+        assert run(["audit", "query", str(hostile)]) == 2
+        _, err = out_err(capsys)
+        err.encode("utf-8")
+        assert "\x1b" not in err
 
 
 async def test_verify_json(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:

@@ -109,6 +109,26 @@ async def test_malformed_lines_are_reported_and_skipped(log_path: Path) -> None:
     assert seen == [("audit.log", 9), ("audit.log", 10)]
 
 
+async def test_hostile_lines_are_reported_and_skipped(log_path: Path) -> None:
+    with log_path.open("ab") as stream:
+        stream.write(b"[" * 100_000 + b"\n")  # exhausts a recursive JSON parser
+        stream.write(b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b"\n")
+        stream.write(b'{"seq":99,"user":[[["nested"]]]}\n')
+    seen: list[int] = []
+    records = list(query_files([log_path], user="alice",
+                               on_malformed=lambda p, n: seen.append(n)))
+    assert [r["seq"] for r in records] == [2, 3, 6]
+    assert seen == [9, 10, 11]
+
+
+def test_lone_surrogates_are_escaped_in_table_and_json() -> None:
+    hostile = json.loads('{"ts":"2026-11-27T09:00:00+09:00","seq":1,"event":"auth.failure",'
+                         '"user":"eve\\ud800","\\udfff":"x"}')
+    for text in (table_row(hostile), json_line(hostile)):
+        text.encode("utf-8")  # printable on any UTF-8 terminal: no UnicodeEncodeError
+    assert json.loads(json_line(hostile)) == hostile
+
+
 async def test_table_rows_are_aligned_and_readable(log_path: Path) -> None:
     header = table_header()
     rows = [table_row(r) for r in query_files([log_path])][1:]  # after audit.start

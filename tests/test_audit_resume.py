@@ -29,6 +29,10 @@ def chain(count: int, start: int = 1, prev: str = GENESIS_PREV) -> list[dict[str
     return records
 
 
+def rehashed(record: dict[str, Any]) -> bytes:
+    return canonical_json({**record, "hash": record_hash(record)}).encode()
+
+
 def write(path: Path, records: list[dict[str, Any]], tail: bytes = b"") -> None:
     path.write_bytes(b"".join(canonical_json(r).encode() + b"\n" for r in records) + tail)
 
@@ -89,8 +93,11 @@ def test_missing_live_file_resumes_from_highest_seq_not_newest_name(tmp_path: Pa
     [
         lambda r: canonical_json({**r, "user": "mallory"}).encode() + b"\n",
         lambda r: b"garbage\n",
+        lambda r: canonical_json(r).replace('"u2"', '"\\ud800"').encode() + b"\n",
+        lambda r: b"[" * 100_000 + b"\n",
+        lambda r: rehashed({**r, "ts": "not a time"}) + b"\n",
     ],
-    ids=["edited", "garbage"],
+    ids=["edited", "garbage", "lone-surrogate", "deep-nesting", "bad-ts"],
 )
 def test_untrustworthy_heads_refuse(tmp_path: Path, damage: Any) -> None:
     live = tmp_path / "audit.log"
@@ -103,6 +110,17 @@ def test_untrustworthy_heads_refuse(tmp_path: Path, damage: Any) -> None:
 
     live.unlink()
     rotated = tmp_path / "audit.log.20261127T090000.000000"
-    rotated.write_bytes(b"garbage\n")
-    with pytest.raises(AuditResumeError, match="does not end with a readable record"):
+    write(rotated, records[:1])
+    with rotated.open("ab") as stream:
+        stream.write(damage(records[1]))
+    with pytest.raises(AuditResumeError):
         find_resume_point(live, NOW)
+
+
+def test_a_hostile_first_line_does_not_crash_resume(tmp_path: Path) -> None:
+    """The first record only names the rotated file; a bad one must not stop the reader."""
+    live = tmp_path / "audit.log"
+    records = chain(2)
+    live.write_bytes(b"[" * 100_000 + b"\n" + canonical_json(records[1]).encode() + b"\n")
+    point = find_resume_point(live, NOW)
+    assert point.head == records[1] and point.live_first_time is None

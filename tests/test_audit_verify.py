@@ -283,6 +283,33 @@ async def test_malformed_lines(log: AuditLog) -> None:
         assert result.line == 4
 
 
+HOSTILE_LINES = [
+    pytest.param(b'{"event":"auth.success","user":"\\ud800"}', id="lone-surrogate"),
+    pytest.param(b"[" * 100_000, id="deep-array"),
+    pytest.param(b'{"a":' * 100_000 + b"1" + b"}" * 100_000, id="deep-object"),
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_LINES)
+async def test_hostile_lines_are_malformed_not_a_crash(log: AuditLog, hostile: bytes) -> None:
+    content = lines(log.path)
+    content[3] = hostile
+    write_lines(log.path, content)
+    result = verify_files([log.path])
+    assert_problem(result, Problem.MALFORMED, 4)
+    assert result.line == 4
+
+
+async def test_surrogate_in_a_rehashed_record_is_malformed(log: AuditLog) -> None:
+    """The forger's version: the JSON escape of a lone surrogate inside a real record."""
+    content = lines(log.path)
+    user = record(content[3])["user"]
+    content[3] = content[3].replace(f'"{user}"'.encode(), b'"\\ud800"')
+    assert b"\\ud800" in content[3]
+    write_lines(log.path, content)
+    assert_problem(verify_files([log.path]), Problem.MALFORMED, 4)
+
+
 async def test_torn_final_line(log: AuditLog) -> None:
     data = log.path.read_bytes()
     log.path.write_bytes(data[: len(data) - 40])  # cut in the middle of the last record

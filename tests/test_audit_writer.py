@@ -66,6 +66,13 @@ def make_log(tmp_path: Path, clock: Callable[[], datetime] | None = None, **opti
     )
 
 
+def rehashed(line: bytes, **changes: Any) -> bytes:
+    """``line`` with ``changes`` applied and a correctly recomputed hash (a forger's edit)."""
+    record = {**json.loads(line), **changes}
+    record["hash"] = record_hash(record)
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def records_of(path: Path) -> list[dict[str, Any]]:
     # split on "\n" only: str.splitlines() would also split on U+2028, hiding an injection.
     data = path.read_bytes()
@@ -701,6 +708,9 @@ async def test_torn_final_line_is_moved_aside_and_recorded(tmp_path: Path) -> No
     [
         pytest.param(lambda line: line.replace(b'"alice"', b'"mallory"'), id="edited"),
         pytest.param(lambda line: b"this is not json", id="garbage"),
+        pytest.param(lambda line: line.replace(b'"alice"', b'"\\ud800"'), id="lone-surrogate"),
+        pytest.param(lambda line: b"[" * 100_000, id="deep-nesting"),
+        pytest.param(lambda line: rehashed(line, ts="27 Nov 2026"), id="unreadable-ts"),
     ],
 )
 async def test_untrustworthy_last_record_refuses_to_start(

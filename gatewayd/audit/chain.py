@@ -14,6 +14,14 @@ Owns the byte-level definition every reader and writer of the log must agree on:
   ``"\\n"``. A reader therefore also checks that the line *is* canonical: a change that parses
   to the same value (added whitespace, ``\\u0061`` for ``a``, duplicate keys) is still a
   change to the evidence.
+* A record is a flat JSON object: every value is text or an integer (the only kinds `events`
+  produces) and ``ts`` is an ISO 8601 time with a UTC offset. Anything else — nested arrays or
+  objects, floats, ``true``/``null`` — is not a record this log wrote.
+
+Reading is defensive because a log file is untrusted input: a hostile line (a lone surrogate
+such as ``"\\ud800"`` that cannot be encoded back to UTF-8, JSON nested 100,000 levels deep
+that exhausts the parser's recursion limit) is reported as a `LineDefect`, never raised, so
+that ``verify``, ``query`` and start-up give a verdict instead of a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 GENESIS_PREV: Final = "0" * 64
@@ -72,10 +81,29 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_scalar(value: object) -> bool:
+    """Text or an integer: the only values a record holds (bool is an int, but never written)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_timestamp(value: object) -> bool:
+    """An ISO 8601 time with an offset, as the writer spells ``ts``.
+
+    Checked here so that readers which turn ``ts`` into a datetime (start-up computes the day
+    of the head record for daily rotation) never meet a value they cannot parse.
+    """
+    if not isinstance(value, str):
+        return False
+    try:
+        return datetime.fromisoformat(value).utcoffset() is not None
+    except ValueError:
+        return False
+
+
 def _shape_problem(record: dict[str, Any]) -> str | None:
     """Name the first required key that is missing or of the wrong type, if any."""
     checks: tuple[tuple[str, bool], ...] = (
-        ("ts", isinstance(record.get("ts"), str)),
+        ("ts", _is_timestamp(record.get("ts"))),
         ("seq", _is_count(record.get("seq")) and record.get("seq") != 0),
         ("event", isinstance(record.get("event"), str)),
         ("node", isinstance(record.get("node"), str)),
@@ -88,25 +116,50 @@ def _shape_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_line(line: bytes) -> dict[str, Any] | None:
-    """Best-effort parse of a line into a JSON object (no integrity checks); None if not one."""
+def _load_object(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """Parse a line into a flat JSON object of text/integer values, or explain why not.
+
+    Catches RecursionError on purpose: the JSON parser recurses once per nesting level, so a
+    line of ``[[[[…`` exhausts the interpreter's recursion limit, and that must read as "not a
+    record", not crash the reader. Nested values are refused for the same reason further on:
+    re-encoding them (canonical form, query output) would recurse again.
+    """
     try:
         value = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 ({exc.reason})"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
+    except ValueError as exc:
+        return None, f"not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return None, "not a JSON object"
+    for key, item in value.items():
+        if not _is_scalar(item):
+            return None, f"value of {_printable(key)!r} is not text or an integer"
+    return value, ""
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything that cannot be shown or UTF-8 encoded (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """Best-effort parse of a line into a flat JSON object (no integrity checks); None if not.
+
+    Used where records are only looked at (query, ordering files), so nothing is required of
+    the keys; values must still be text or integers, which keeps hostile nesting out of every
+    reader.
+    """
+    return _load_object(line)[0]
 
 
 def _decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
     """Parse a line into a JSON object with the required keys, or explain why not."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 ({exc.reason})"
-    except ValueError as exc:
-        return None, f"not valid JSON ({exc})"
-    if not isinstance(record, dict):
-        return None, "not a JSON object"
+    record, problem = _load_object(line)
+    if record is None:
+        return None, problem
     shape = _shape_problem(record)
     return (None, shape) if shape is not None else (record, "")
 
@@ -117,10 +170,13 @@ def check_line(line: bytes) -> LineCheck:
     if record is None:
         return LineCheck(None, LineDefect.MALFORMED, problem)
     try:
-        canonical = canonical_json(record)
-    except ValueError as exc:  # NaN/Infinity: not something the writer can produce
-        return LineCheck(None, LineDefect.MALFORMED, f"not canonical JSON ({exc})")
-    if canonical.encode("utf-8") != line:
+        canonical = canonical_json(record).encode("utf-8")
+    except UnicodeEncodeError:
+        # A JSON escape of a lone surrogate ("\\ud800") parses, but no UTF-8 text can hold
+        # it: the writer escapes such characters as text, so this line is not one it wrote.
+        return LineCheck(None, LineDefect.MALFORMED,
+                         "not canonical JSON (a lone surrogate cannot be encoded as UTF-8)")
+    if canonical != line:
         return LineCheck(record, LineDefect.EDITED, "bytes differ from the canonical form")
     if record_hash(record) != record["hash"]:
         return LineCheck(record, LineDefect.EDITED, "hash does not match the record's content")

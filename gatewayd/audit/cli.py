@@ -94,15 +94,22 @@ def parse_time(text: str) -> datetime:
     return moment if moment.utcoffset() is not None else moment.astimezone()
 
 
+def _shown(path: Path | str) -> str:
+    """A file name made safe to print: names are attacker-chosen bytes (not UTF-8, controls)."""
+    return display_text(str(path))
+
+
 def _log_files(paths: list[Path], command: str, err: TextIO) -> list[Path] | None:
     """Drop key/quarantine files picked up by a glob; None (after a message) on usage error."""
     logs: list[Path] = []
     for path in paths:
         if _NOT_A_LOG.fullmatch(path.name):
-            print(f"gatewayd audit {command}: skipping {path} (not an audit log)", file=err)
+            print(f"gatewayd audit {command}: skipping {_shown(path)} (not an audit log)",
+                  file=err)
             continue
         if not path.is_file() or not os.access(path, os.R_OK):
-            print(f"gatewayd audit {command}: error: {path}: no such readable file", file=err)
+            print(f"gatewayd audit {command}: error: {_shown(path)}: no such readable file",
+                  file=err)
             return None
         logs.append(path)
     if not logs:
@@ -119,7 +126,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         result = verify_files(paths, args.key, require_sealed=args.sealed)
     except (AuditKeyError, OSError) as exc:
-        print(f"gatewayd audit verify: error: {exc}", file=err)
+        print(f"gatewayd audit verify: error: {display_text(str(exc))}", file=err)
         return EXIT_USAGE
     if args.json:
         print(json_line(result.to_json()), file=out)
@@ -143,7 +150,7 @@ def _print_verdict(result: VerifyResult, out: TextIO) -> None:
         text = (f"last good checkpoint: seq {cp.seq} at {cp.ts} ({cp.reason}) in "
                 f"{cp.file.name}, covering seq {cp.covers_seq}, key {cp.key_id}")
         print(f"  {display_text(text)}", file=out)
-    print("  files in chain order: " + " ".join(p.name for p in result.files), file=out)
+    print("  files in chain order: " + " ".join(_shown(p.name) for p in result.files), file=out)
     for warning in result.warnings:
         print(f"  warning: {display_text(warning)}", file=out)
 
@@ -155,7 +162,7 @@ def run_query(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     def malformed(path: Path, line: int) -> None:
-        print(f"warning: {path}:{line}: not a valid record, skipped "
+        print(f"warning: {_shown(path)}:{line}: not a valid record, skipped "
               "(run `gatewayd audit verify`)", file=err)
 
     records = query_files(
