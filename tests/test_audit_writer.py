@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from gatewayd.audit import (
     EVENT_NAMES,
     GENESIS_PREV,
+    AuditConfigError,
     AuditLog,
     AuditResumeError,
     AuditWriteError,
@@ -865,5 +866,16 @@ async def test_signing_key_is_created_private_and_public_key_published(tmp_path:
      {"rotate_bytes": 0}, {"checkpoint_interval": 0}, {"node": ""}],
 )
 def test_invalid_options_are_rejected(tmp_path: Path, options: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(AuditConfigError):
         make_log(tmp_path, **options)
+
+
+@pytest.mark.parametrize("name", ["checkpoint_interval", "fsync_interval"])
+@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan"), float("inf")])
+def test_intervals_must_be_positive_finite_seconds(
+    tmp_path: Path, name: str, value: float
+) -> None:
+    with pytest.raises(AuditConfigError, match=rf"audit {name} must be a positive, finite "
+                       rf"number of seconds, got {re.escape(repr(value))}") as caught:
+        make_log(tmp_path, fsync="interval", **{name: value})
+    assert isinstance(caught.value, ValueError)  # callers catching ValueError keep working

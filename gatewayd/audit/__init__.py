@@ -23,12 +23,13 @@ from gatewayd.audit.query import query_files
 from gatewayd.audit.resume import AuditResumeError
 from gatewayd.audit.signing import AuditKeyError
 from gatewayd.audit.verify import Problem, VerifyResult, verify_files
-from gatewayd.audit.writer import AuditLog, AuditRecord, AuditWriteError
+from gatewayd.audit.writer import AuditConfigError, AuditLog, AuditRecord, AuditWriteError
 
 __all__ = [
     "CONTEXT_FIELDS",
     "EVENT_NAMES",
     "GENESIS_PREV",
+    "AuditConfigError",
     "AuditKeyError",
     "AuditLog",
     "AuditRecord",

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import threading
 import time
@@ -120,6 +121,14 @@ class AuditRecord:
             **self.fields, "ts": self.ts, "seq": self.seq, "event": self.event,
             "node": self.node, "prev": self.prev, "hash": self.hash,
         }
+
+
+class AuditConfigError(ValueError):
+    """An `AuditLog` option that cannot work, such as a zero or negative interval.
+
+    A ValueError subclass so existing ``except ValueError`` callers keep working, while the
+    gateway's start-up can tell a bad audit setting from any other ValueError and name it.
+    """
 
 
 class AuditWriteError(Exception):
@@ -750,17 +759,37 @@ def _check_options(
     checkpoint_every: int, on_failure: str, node: str,
 ) -> None:
     if fsync not in ("always", "interval"):
-        raise ValueError(f"fsync must be 'always' or 'interval', not {fsync!r}")
+        raise AuditConfigError(f"audit fsync must be 'always' or 'interval', not {fsync!r}")
     if on_failure not in ("deny", "continue"):
-        raise ValueError(f"on_failure must be 'deny' or 'continue', not {on_failure!r}")
-    if fsync_interval <= 0 or checkpoint_interval <= 0:
-        raise ValueError("fsync_interval and checkpoint_interval must be positive")
+        raise AuditConfigError(
+            f"audit on_failure must be 'deny' or 'continue', not {on_failure!r}"
+        )
+    _check_seconds("fsync_interval", fsync_interval)
+    _check_seconds("checkpoint_interval", checkpoint_interval)
     if checkpoint_every < 1:
-        raise ValueError("checkpoint_every must be at least 1")
+        raise AuditConfigError(
+            f"audit checkpoint_every must be at least 1 record, got {checkpoint_every!r}"
+        )
     if rotate_bytes is not None and rotate_bytes <= 0:
-        raise ValueError("rotate_bytes must be positive (or None for no size rotation)")
+        raise AuditConfigError(
+            f"audit rotate_bytes must be positive (or None for no size rotation), "
+            f"got {rotate_bytes!r}"
+        )
     if not node:
-        raise ValueError("node must name this gateway node")
+        raise AuditConfigError("audit node must name this gateway node, got an empty name")
+
+
+def _check_seconds(name: str, value: float) -> None:
+    """Refuse an interval the periodic task cannot honour.
+
+    Zero or negative would make it wake up without pause (a busy loop that starves the event
+    loop); NaN compares false to everything and behaves like zero; infinity never fires, so
+    checkpoints or fsyncs would silently stop.
+    """
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise AuditConfigError(
+            f"audit {name} must be a positive, finite number of seconds, got {value!r}"
+        )
 
 
 def _day_of(ts: str) -> date:
