@@ -166,20 +166,23 @@ def strip_session_cookie(cookie_values: Iterable[str]) -> str | None:
     return "; ".join(kept) if kept else None
 
 
+def _percent_encode_unsafe(text: str) -> str:
+    return "".join(
+        ch if ch in _PLAIN_VALUE_CHARS else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+        for ch in text
+    )
+
+
 def header_safe(value: str) -> str:
     """An identity value as a header value: unchanged if it is printable ASCII without ``%``
-    or ``,`` and without surrounding spaces (which parsers strip), else percent-encoded UTF-8
-    for exactly the characters that are not."""
-    encoded = "".join(
-        ch if ch in _PLAIN_VALUE_CHARS else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
-        for ch in value
-    )
-    stripped = encoded.strip(" ")
-    if stripped != encoded:  # keep surrounding spaces visible instead of silently lost
-        leading = len(encoded) - len(encoded.lstrip(" "))
-        trailing = len(encoded) - len(encoded.rstrip(" "))
-        encoded = "%20" * leading + stripped + "%20" * trailing
-    return encoded
+    or ``,``, else percent-encoded UTF-8 for exactly the characters that are not. Surrounding
+    spaces are encoded too, because header parsers strip them."""
+    core = value.strip(" ")
+    if not core:
+        return "%20" * len(value)
+    leading = len(value) - len(value.lstrip(" "))
+    trailing = len(value) - len(value.rstrip(" "))
+    return "%20" * leading + _percent_encode_unsafe(core) + "%20" * trailing
 
 
 def groups_value(groups: Iterable[str]) -> str:
