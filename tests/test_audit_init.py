@@ -23,7 +23,7 @@ def test_audit_log_constructor_keeps_the_agreed_names_and_defaults() -> None:
     expected_defaults = {
         "fsync": "always", "fsync_interval": 1.0, "rotate_bytes": None, "rotate_daily": False,
         "checkpoint_interval": 60.0, "checkpoint_every": 1000, "on_failure": "deny",
-        "metrics": None, "clock": None,
+        "metrics": None, "clock": None, "logger": None,
     }
     for name, default in expected_defaults.items():
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY

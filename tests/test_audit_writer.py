@@ -20,6 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -592,6 +593,94 @@ async def test_live_file_moved_away_continues_the_chain_in_a_new_file(tmp_path: 
     assert records_of(log.path)[0]["user"] == "bob"
     assert records_of(log.path)[1]["event"] == "audit.recovery"
     assert verify_files([log.path, moved]).ok
+
+
+class RecordingLogger:
+    """A stand-in for the gateway's configured structlog logger."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def info(self, event: str, *args: Any, **kw: Any) -> None:
+        self.calls.append(("info", event, kw))
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> None:
+        self.calls.append(("warning", event, kw))
+
+    def error(self, event: str, *args: Any, **kw: Any) -> None:
+        self.calls.append(("error", event, kw))
+
+
+@pytest.fixture
+def no_global_structlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything reaches for structlog's process-wide logger or config."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("global structlog used: get_logger/configure")
+
+    for name in ("get_logger", "configure", "configure_once", "get_config"):
+        monkeypatch.setattr(structlog, name, forbidden)
+
+
+@pytest.mark.usefixtures("no_global_structlog")
+async def test_operational_messages_go_to_the_given_logger(
+    tmp_path: Path, fail_audit_writes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger = RecordingLogger()
+    log = make_log(tmp_path, logger=logger)
+    await log.start()
+    fail_audit_writes["fail"] = True
+    with pytest.raises(AuditWriteError):
+        log.emit("auth.success", user="alice")
+    fail_audit_writes["fail"] = False
+    await log.close()
+
+    def refuse(src: Any, dst: Any) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    rotating = make_log(tmp_path / "rotating", logger=logger, rotate_bytes=1)
+    await rotating.start()
+    monkeypatch.setattr(os, "rename", refuse)
+    rotating.emit("auth.success", user="bob")
+    await rotating.close()
+    assert [(level, event) for level, event, _ in logger.calls] == [
+        ("error", "audit record not written"), ("error", "audit log rotation failed")]
+    fields = logger.calls[0][2]
+    assert fields["audit_event"] == "auth.success" and "ENOSPC" in fields["error"]
+    assert fields["path"] == str(log.path)
+
+
+@pytest.mark.usefixtures("no_global_structlog")
+async def test_periodic_task_errors_go_to_the_given_logger(tmp_path: Path) -> None:
+    logger = RecordingLogger()
+    log = make_log(tmp_path, logger=logger, checkpoint_interval=0.01)
+
+    def broken(now: datetime) -> None:
+        raise RuntimeError("tick failed")
+
+    log._rotate_if_due = broken  # type: ignore[method-assign]
+    await log.start()
+    await wait_for(lambda: bool(logger.calls))
+    await log.close()
+    level, event, fields = logger.calls[0]
+    assert (level, event, fields["exc_info"]) == ("error", "audit periodic task error", True)
+
+
+@pytest.mark.usefixtures("no_global_structlog")
+async def test_default_logger_is_private_json_lines_on_stderr(
+    tmp_path: Path, fail_audit_writes: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = make_log(tmp_path)
+    await log.start()
+    fail_audit_writes["fail"] = True
+    with pytest.raises(AuditWriteError):
+        log.emit("auth.success", user="alice")
+    fail_audit_writes["fail"] = False
+    await log.close()
+    message = json.loads(capsys.readouterr().err.splitlines()[-1])
+    assert (message["event"], message["level"]) == ("audit record not written", "error")
+    assert (message["audit_event"], message["seq"]) == ("auth.success", 2)
+    assert message["logger"] == "gatewayd.audit"
 
 
 async def test_emits_from_threads_keep_one_chain(tmp_path: Path) -> None:

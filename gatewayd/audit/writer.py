@@ -3,7 +3,10 @@
 Owns the live audit file and the chain state (next ``seq``, last ``hash``). Records are
 assembled and rendered by a private structlog pipeline (stamp ``seq``/``node`` → link
 ``prev``/``hash`` → canonical JSON renderer) whose wrapped "logger" is the file sink; nothing
-is configured globally.
+is configured globally. Operational messages about the log itself (a record not written, a
+failed rotation, an error in the periodic task) go to the ``logger`` passed in — the gateway's
+configured operational logger — or, by default, to a private JSON-lines logger on stderr;
+structlog's global ``get_logger``/``configure`` are never used (no process-wide state).
 
 Guarantees and rules (security staff and operators rely on these):
 
@@ -47,6 +50,7 @@ import asyncio
 import errno
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -54,7 +58,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -121,6 +125,43 @@ class AuditRecord:
             **self.fields, "ts": self.ts, "seq": self.seq, "event": self.event,
             "node": self.node, "prev": self.prev, "hash": self.hash,
         }
+
+
+class OperationalLogger(Protocol):
+    """What the AuditLog needs of a logger for its own operational messages.
+
+    Any structlog bound logger fits (generic, filtering or stdlib flavour), so the gateway can
+    hand in the logger it configured (format, level, bound node name) and those messages land
+    in the same stream as the rest of the operational log.
+    """
+
+    def info(self, event: str, *args: Any, **kw: Any) -> Any: ...
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> Any: ...
+
+    def error(self, event: str, *args: Any, **kw: Any) -> Any: ...
+
+
+def _private_stderr_logger() -> OperationalLogger:
+    """JSON lines on stderr, built with every setting explicit.
+
+    ``structlog.get_logger``/``configure`` would read or change process-wide state (and so
+    depend on whoever configured structlog last); spelling out processors, wrapper and context
+    class means nothing global is consulted, even lazily on first use.
+    """
+    logger: OperationalLogger = structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=True,
+    ).bind(logger="gatewayd.audit")
+    return logger
 
 
 class AuditConfigError(ValueError):
@@ -224,7 +265,14 @@ class AuditLog:
         on_failure: FailurePolicy = "deny",
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] | None = None,
+        logger: OperationalLogger | None = None,
     ) -> None:
+        """See the module docstring for the options.
+
+        ``logger`` receives the log's operational messages (a record not written, a failed
+        rotation, an error in the periodic task); pass the gateway's configured logger. The
+        default is a private JSON-lines logger on stderr: never structlog's global one.
+        """
         _check_options(
             fsync=fsync, fsync_interval=fsync_interval, rotate_bytes=rotate_bytes,
             checkpoint_interval=checkpoint_interval, checkpoint_every=checkpoint_every,
@@ -243,6 +291,7 @@ class AuditLog:
         self._on_failure: FailurePolicy = on_failure
         self._metrics = metrics
         self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(timezone))
+        self._log: OperationalLogger = logger if logger is not None else _private_stderr_logger()
         self._lock = threading.Lock()
         self._renderer = structlog.processors.JSONRenderer(serializer=_canonical_serializer)
         self._pipeline = structlog.wrap_logger(
@@ -452,7 +501,8 @@ class AuditLog:
                     if tick >= next_checkpoint:
                         self._checkpoint_locked("interval", now)
             except Exception:  # keep checkpointing: one bad tick must not end the task
-                structlog.get_logger("gatewayd.audit").exception("audit periodic task error")
+                self._log.error("audit periodic task error", path=str(self._path),
+                                exc_info=True)
             if syncing and tick >= next_sync:
                 next_sync = tick + self._fsync_interval
             if tick >= next_checkpoint:
@@ -618,8 +668,9 @@ class AuditLog:
             try:
                 os.close(fd)
             except OSError as exc:
-                structlog.get_logger("gatewayd.audit").warning(
-                    "closing audit file failed", error=describe_os_error(exc)
+                self._log.warning(
+                    "closing audit file failed", path=str(self._path),
+                    error=describe_os_error(exc),
                 )
 
     def _sync_locked(self) -> None:
@@ -653,7 +704,7 @@ class AuditLog:
         incident = self._incident_for_update()
         incident.add_lost(failed.seq)
         incident.error = describe_os_error(failed.error)
-        structlog.get_logger("gatewayd.audit").error(
+        self._log.error(
             "audit record not written", audit_event=event, seq=failed.seq,
             error=incident.error, path=str(self._path),
         )
@@ -742,7 +793,7 @@ class AuditLog:
             incident = self._incident_for_update()
             incident.add_reason(f"rotation of {self._path.name} failed; still writing to it")
             incident.error = describe_os_error(exc)
-            structlog.get_logger("gatewayd.audit").error(
+            self._log.error(
                 "audit log rotation failed", path=str(self._path), error=incident.error
             )
             return
