@@ -120,6 +120,11 @@ CASES = [
         id="path-outside-service-prefix",
     ),
     pytest.param(
+        {"a.yaml": "rules:\n  - {id: r, effect: allow, subjects: '*', services: files, paths: /FILES/**}\n"},
+        ["a.yaml:2: rule 'r': path '/FILES/**' can never match: it lies outside the service prefixes /files/"],
+        id="allow-paths-are-case-sensitive",
+    ),
+    pytest.param(
         {"a.yaml": """\
             rules:
               - id: r
@@ -155,6 +160,15 @@ CASES = [
             """},
         ["a.yaml:2: rule 'secret-files' can never allow anything: deny rule 'no-secrets' (b.yaml:2) matches every request it matches"],
         id="allow-shadowed-by-later-deny",
+    ),
+    pytest.param(
+        {"a.yaml": """\
+            rules:
+              - {id: secret-files, effect: allow, subjects: '*', services: files, paths: /files/Secret/*}
+              - {id: no-secrets, effect: deny, subjects: '*', services: files, paths: /FILES/SECRET/**}
+            """},
+        ["a.yaml:2: rule 'secret-files' can never allow anything: deny rule 'no-secrets' (a.yaml:3) matches every request it matches"],
+        id="shadowed-by-a-deny-rule-ignoring-case",
     ),
     pytest.param(
         {"a.yaml": """\
@@ -229,6 +243,10 @@ def test_check_errors_are_exact(files: dict[str, str], expected: list[str]) -> N
             - {id: deny-users, effect: deny, subjects: {users: [carol]}, services: smb}
             - {id: allow-managers, effect: allow, subjects: {roles: [managers]}, services: smb}
             """, id="deny-misses-the-role-groups"),
+        pytest.param("""\
+            - {id: deny-upper, effect: deny, subjects: '*', services: files, paths: [/FILES/**/.GIT/**]}
+            - {id: allow, effect: allow, subjects: '*', services: files}
+            """, id="deny-paths-ignore-case-so-can-match"),
     ],
 )
 def test_rules_that_can_still_apply_are_accepted(rules: str) -> None:

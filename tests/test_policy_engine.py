@@ -186,7 +186,14 @@ TABLE: list[Any] = [
     pytest.param(http("/dav/a/b/secret/", method="PUT", **MANAGER), "deny", "no-secrets", id="deny-overrides-write"),
     pytest.param(http("/dav/a/secret"), "deny", "no-secrets", id="deny-bare-dir"),
     pytest.param(http("/dav/a/secrets/x"), "allow", "dav-read", id="deny-glob-exact-segment"),
-    pytest.param(http("/dav/a/Secret/x"), "allow", "dav-read", id="deny-glob-case-sensitive"),
+    # deny globs match case-insensitively (casefolded: a deny rule errs on matching), so a
+    # case-insensitive upstream (IIS, a Windows share) cannot be reached around them
+    pytest.param(http("/dav/a/Secret/x"), "deny", "no-secrets", id="deny-glob-case-insensitive"),
+    pytest.param(http("/dav/a/SECRET/"), "deny", "no-secrets", id="deny-glob-uppercase"),
+    pytest.param(http("/dav/a/SeCrEt", method="PUT", **MANAGER), "deny", "no-secrets", id="deny-glob-mixed-case"),
+    pytest.param(http("/dav/a/%C5%BFecret/x"), "deny", "no-secrets", id="deny-glob-casefolds-long-s"),  # U+017F folds to 's'
+    pytest.param(http("/dav/a/secret./x"), "deny", None, id="trailing-dot-refused"),
+    pytest.param(http("/dav/a/secret%20/x"), "deny", None, id="trailing-space-refused"),
     # subjects: groups and users compare case-insensitively (directory semantics)
     pytest.param(http("/dav/a", groups={"Telework-Staff"}), "allow", "dav-read", id="group-case-insensitive"),
     pytest.param(http("/dav/a", groups={"telework"}), "deny", None, id="group-not-member"),

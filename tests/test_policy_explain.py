@@ -92,7 +92,7 @@ request:  user bob (groups: managers), service files: PUT /files/q1.xlsx
 rules considered (3 of 5 name service files; policy order):
   allow  read    no match — methods: PUT is a write method and the rule is read-only
   allow  write   MATCHES — decides
-  deny   no-git  no match — paths: path /files/q1.xlsx matches none of /files/**/.git/**
+  deny   no-git  no match — paths: path /files/q1.xlsx matches none of /files/**/.git/** (ignoring case)
 """
 
 

@@ -72,6 +72,21 @@ ATTACKS = [
     ("/files/%ef%bc%bc", "normalise to '/' or '\\'"),  # U+FF3C FULLWIDTH REVERSE SOLIDUS
     ("/files/%ef%bc%8e%ef%bc%8e/x", "dot-segment"),  # two U+FF0E FULLWIDTH FULL STOP
     ("/files/%e2%80%a5", "dot-segment"),  # U+2025 TWO DOT LEADER -> '..'
+    # Windows strips trailing dots and spaces from names: '.git.' and '.git ' open '.git'
+    # on IIS or a share behind WebDAV, past a deny rule for '.git'.
+    ("/files/a/.git./config", "ends in '.' or space"),
+    ("/files/a/.git%20/config", "ends in '.' or space"),
+    ("/files/a/.git.%20./config", "ends in '.' or space"),
+    ("/files/a/.git.", "ends in '.' or space"),
+    ("/files/a/.git./", "ends in '.' or space"),
+    ("/files/a/.git%20", "ends in '.' or space"),
+    ("/files/report.pdf.", "ends in '.' or space"),
+    ("/files/...", "ends in '.' or space"),
+    ("/files/.../x", "ends in '.' or space"),
+    ("/files/%E6%97%A5%E6%9C%AC%20/x", "ends in '.' or space"),
+    ("/files/.git%ef%bc%8e/config", "ends in '.' or space"),  # U+FF0E FULLWIDTH FULL STOP (NFKC '.')
+    ("/files/.git%e3%80%80/config", "ends in '.' or space"),  # U+3000 IDEOGRAPHIC SPACE (NFKC ' ')
+    ("/files/.git%c2%a0/config", "ends in '.' or space"),  # U+00A0 NO-BREAK SPACE (NFKC ' ')
 ]
 
 # (raw request target, normalised path) — ordinary paths pass and are decoded once.
@@ -85,8 +100,10 @@ ORDINARY = [
     ("/files/%e6%97%a5%e6%9c%ac/", "/files/日本/"),
     ("/files/%E5%A4%A7%E4%BA%95%E7%94%BA/%E4%BA%88%E7%AE%97.xlsx", "/files/大井町/予算.xlsx"),
     ("/files/.hidden", "/files/.hidden"),
-    ("/files/...", "/files/..."),
     ("/files/a..b", "/files/a..b"),
+    ("/files/a.b/c", "/files/a.b/c"),
+    ("/files/%20a/b%20c", "/files/ a/b c"),  # leading and inner spaces are not stripped
+    ("/files/.git/", "/files/.git/"),
     ("/files/.git/config", "/files/.git/config"),
     ("/.gatewayd/admin/", "/.gatewayd/admin/"),
     ("/files/x?q=/../..", "/files/x"),
@@ -133,6 +150,7 @@ def test_normaliser_either_refuses_or_returns_a_clean_path(raw: str) -> None:
     assert all(segment not in (".", "..") for segment in segments)
     assert all(segments[:-1]), "only the last segment may be empty (trailing slash)"
     assert "\\" not in path and "\x00" not in path
+    assert not any(segment.endswith((".", " ")) for segment in segments)
 
 
 @given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=8), max_size=5))

@@ -118,6 +118,15 @@ CASES: list[Any] = [
     (BOB, "GET /files/project/.git/config", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
     (BOB, "PUT /files/.git/hooks/post-checkout", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
     (ALICE, "PROPFIND /files/a/b/.svn/", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
+    # ... also for upstreams that ignore case or strip trailing dots and spaces (IIS, Windows)
+    (BOB, "GET /files/a/.GIT/config", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
+    (BOB, "PUT /files/a/.Git/hooks/pre-commit", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
+    (ALICE, "GET /files/.SVN/entries", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
+    (ALICE, "GET /files/x/.hG", MONDAY_10, 10, {}, "deny", "no-version-control-metadata"),
+    (BOB, "GET /files/a/.git./config", MONDAY_10, 10, {}, "deny", None),
+    (BOB, "GET /files/a/.git%20/config", MONDAY_10, 10, {}, "deny", None),
+    (BOB, "GET /files/a/.GIT.%20/config", MONDAY_10, 10, {}, "deny", None),
+    (BOB, "GET /files/a/.gitignore", MONDAY_10, 10, {}, "allow", "managers-files-write"),
     (ALICE, "TRACE /groupware/", MONDAY_10, 10, {}, "deny", "no-trace-methods"),
     (CAROL, "TRACE /.gatewayd/admin/", MONDAY_10, 10, {}, "deny", "no-trace-methods"),
     # methods that are not uppercase tokens are refused, never matched or guessed

@@ -174,7 +174,9 @@ def test_globs(glob: str, matching: list[str], other: list[str]) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [("files/**", "must start with '/'"), ("/files//x", "empty segment"), ("/files/../x", "dot-segments"),
-     ("/files/a**", "whole segment"), ("/files/./x", "dot-segments"), (None, "must start with '/'")],
+     ("/files/a**", "whole segment"), ("/files/./x", "dot-segments"), (None, "must start with '/'"),
+     ("/files/.git./**", "ends in '.' or space"), ("/files/a /x", "ends in '.' or space"),
+     ("/files/*.", "ends in '.' or space"), ("/files/...", "ends in '.' or space")],
 )
 def test_bad_globs(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

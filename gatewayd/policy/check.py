@@ -273,9 +273,12 @@ def _check_service_fits(
         )  # fmt: skip
 
 
-def glob_can_fall_under(glob: Glob, prefix: str) -> bool:
-    """Whether some path under `prefix` (or the bare prefix) could match `glob`."""
-    head = glob.literal_head
+def glob_can_fall_under(glob: Glob, prefix: str, *, ignore_case: bool = False) -> bool:
+    """Whether some path under `prefix` (or the bare prefix) could match `glob`; with
+    `ignore_case`, as a deny rule matches (casefolded)."""
+    head = glob.casefolded().literal_head if ignore_case else glob.literal_head
+    if ignore_case:
+        prefix = prefix.casefold()
     return head.startswith(prefix) or prefix.startswith(head)
 
 
@@ -289,8 +292,9 @@ def _check_paths_reachable(
     for spec in targets:
         if isinstance(spec, HttpServiceSpec):
             prefixes += spec.prefixes or ["/"]
+    fold = rule.effect == "deny"
     for index, glob in enumerate(rule.paths):
-        if not any(glob_can_fall_under(glob, prefix) for prefix in prefixes):
+        if not any(glob_can_fall_under(glob, prefix, ignore_case=fold) for prefix in prefixes):
             yield located.issue(
                 f"rule {rule.id!r}: path {glob.text!r} can never match: it lies outside "
                 f"the service prefixes {', '.join(sorted(set(prefixes)))}",
@@ -367,9 +371,13 @@ def _methods_cover(outer: frozenset[str] | None, inner: frozenset[str] | None) -
 
 
 def _paths_cover(outer: Sequence[Glob] | None, inner: Sequence[Glob] | None) -> bool:
+    """Whether deny globs `outer` (matched casefolded) match every path `inner` matches."""
     if outer is None:
         return True
-    return inner is not None and all(any(o.covers(i) for o in outer) for i in inner)
+    if inner is None:
+        return False
+    folded = [glob.casefolded() for glob in outer]
+    return all(any(o.covers(i.casefolded()) for o in folded) for i in inner)
 
 
 def _destinations_cover(

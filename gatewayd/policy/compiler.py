@@ -1,9 +1,9 @@
 """Compile validated, checked policy files into a `Policy` built for fast decisions.
 
 Roles are expanded into the rules that reference them, globs are joined into one regex per
-rule, networks become integer ranges, and rules are indexed by service, so decide() only
-ever looks at the few rules that name the request's service. The compiler assumes
-`check.check_policy` found no problems.
+rule (casefolded for deny rules, see `PathsCondition`), networks become integer ranges,
+and rules are indexed by service, so decide() only ever looks at the few rules that name
+the request's service. The compiler assumes `check.check_policy` found no problems.
 """
 
 from __future__ import annotations
@@ -158,8 +158,11 @@ def _conditions(spec: RuleSpec, roles: Mapping[str, RoleSpec]) -> tuple[Conditio
     if methods is not None:
         conditions.append(MethodsCondition(methods, spec.read_only))
     if spec.paths is not None:
-        pattern = re.compile("|".join(f"(?:{glob.regex})" for glob in spec.paths))
-        conditions.append(PathsCondition(tuple(glob.text for glob in spec.paths), pattern))
+        ignore_case = spec.effect == "deny"
+        globs = [glob.casefolded() if ignore_case else glob for glob in spec.paths]
+        pattern = re.compile("|".join(f"(?:{glob.regex})" for glob in globs))
+        texts = tuple(glob.text for glob in spec.paths)
+        conditions.append(PathsCondition(texts, pattern, ignore_case))
     if spec.destinations is not None:
         conditions.append(DestinationsCondition(tuple(spec.destinations)))
     when = spec.when

@@ -6,7 +6,8 @@ explanation — only when `policy explain` records a trace. Both are answered by
 object from the same data, so the explanation cannot drift from the decision.
 
 `Facts` are the request's values prepared once per decision (case-folded names, the
-normalised path, the canonical destination, the source as an integer, the local time).
+normalised path and, if a deny rule's paths need it, its casefolded form, the canonical
+destination, the source as an integer, the local time).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class Facts:
     """The request as the conditions see it. Built once per decision; local time is lazy."""
 
     __slots__ = (
-        "_local", "attributes", "groups", "host", "method", "path", "port", "request",
-        "source", "source_int", "source_version", "timezone", "user",
+        "_folded_path", "_local", "attributes", "groups", "host", "method", "path", "port",
+        "request", "source", "source_int", "source_version", "timezone", "user",
     )  # fmt: skip
 
     def __init__(
@@ -52,12 +53,20 @@ class Facts:
         self.source_version = self.source.version
         self.source_int = int(self.source)
         self._local: datetime | None = None
+        self._folded_path: str | None = None
 
     @property
     def local_time(self) -> datetime:
         if self._local is None:
             self._local = self.request.now.astimezone(self.timezone)
         return self._local
+
+    @property
+    def folded_path(self) -> str | None:
+        """The path casefolded, for deny rules' globs; computed once, and only if needed."""
+        if self._folded_path is None and self.path is not None:
+            self._folded_path = self.path.casefold()
+        return self._folded_path
 
     @property
     def minute_of_day(self) -> int:
@@ -119,17 +128,26 @@ class MethodsCondition:
 
 @dataclass(frozen=True, slots=True)
 class PathsCondition:
-    """The normalised path matches one of the globs (compiled into one regex)."""
+    """The normalised path matches one of the globs (compiled into one regex).
+
+    With `ignore_case` (deny rules), the casefolded path is matched against the casefolded
+    globs: an upstream that ignores case (IIS, a Windows share behind WebDAV) serves
+    '/.GIT/config' as '/.git/config', so a deny rule must err on the side of matching.
+    Allow rules stay exact, erring on the side of not matching.
+    """
 
     globs: tuple[str, ...]
     pattern: re.Pattern[str]
+    ignore_case: bool = False
     name: str = "paths"
 
     def test(self, facts: Facts) -> bool:
-        return facts.path is not None and self.pattern.fullmatch(facts.path) is not None
+        path = facts.folded_path if self.ignore_case else facts.path
+        return path is not None and self.pattern.fullmatch(path) is not None
 
     def why_not(self, facts: Facts) -> str:
-        return f"path {facts.path} matches none of {_list(self.globs)}"
+        how = " (ignoring case)" if self.ignore_case else ""
+        return f"path {facts.path} matches none of {_list(self.globs)}{how}"
 
 
 @dataclass(frozen=True, slots=True)

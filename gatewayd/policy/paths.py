@@ -11,6 +11,10 @@ target that two reasonable servers could read differently is refused here, never
 * a raw backslash, ``#`` or ``;`` is refused (Windows servers read ``\\`` as ``/``; ``;``
   starts path parameters that Java servers strip, so ``/x/..;/y`` walks upwards there);
 * empty segments (``//``) and dot-segments (``.``, ``..``) are refused;
+* a segment ending in ``.`` or a space (raw, ``%20``, or a character that is one under NFKC)
+  is refused: Windows strips trailing dots and spaces from names, so on IIS or a share
+  behind WebDAV ``/.git./config`` and ``/.git%20/config`` open ``/.git/config`` while a
+  deny rule for ``.git`` sees a different name;
 * percent-escapes must be ``%`` plus two hex digits, must not encode ``/``, ``.``, ``\\``,
   NUL or a control character, must decode to valid UTF-8 (overlong forms such as ``%c0%ae``
   are invalid UTF-8) and must not leave another escape behind (``%252e``: double encoding);
@@ -18,8 +22,9 @@ target that two reasonable servers could read differently is refused here, never
   compatibility normalisation (NFKC), as some servers apply it (two U+FF0E fullwidth full
   stops are ``..`` under NFKC).
 
-What remains is decoded (``%20`` becomes a space, ``%E6%97%A5`` becomes 日) and returned.
-Matching downstream is case-sensitive and exact.
+What remains is decoded (``%20`` becomes a space, ``%E6%97%A5`` becomes 日) and returned,
+with its case kept: routes and allow rules match it case-sensitively, deny rules casefolded
+(see `compiler`), so that case-insensitive upstreams cannot be reached around a deny rule.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from types import MappingProxyType
 # a path made only of these needs no decoding, so the common case takes one regex.
 _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
 _DOT_SEGMENT = re.compile(r"/\.\.?(?=/|$)")
+# A segment ending in '.' (dot-segments included): one search covers both in the fast path.
+_DOT_AT_SEGMENT_END = re.compile(r"\.(?=/|$)")
+_WINDOWS_STRIPS = (".", " ")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -68,8 +76,10 @@ def normalize_path(raw_target: str) -> str:
     if not path.startswith("/"):
         raise AmbiguousPathError("path does not start with '/'")
     if _PLAIN_PATH.fullmatch(path):
-        if _DOT_SEGMENT.search(path):
-            raise AmbiguousPathError("dot-segment ('.' or '..') in path")
+        if _DOT_AT_SEGMENT_END.search(path):
+            if _DOT_SEGMENT.search(path):
+                raise AmbiguousPathError("dot-segment ('.' or '..') in path")
+            raise _trailing_dot_or_space()
         return path
     _refuse_raw_characters(path)
     segments = path[1:].split("/")
@@ -80,8 +90,17 @@ def normalize_path(raw_target: str) -> str:
             raise AmbiguousPathError("empty path segment ('//')")
         if segment in (".", ".."):
             raise AmbiguousPathError("dot-segment ('.' or '..') in path")
-        decoded.append(_decode_segment(segment))
+        text = _decode_segment(segment)
+        if text.endswith(_WINDOWS_STRIPS):
+            raise _trailing_dot_or_space()
+        decoded.append(text)
     return "/" + "/".join(decoded)
+
+
+def _trailing_dot_or_space() -> AmbiguousPathError:
+    return AmbiguousPathError(
+        "path segment ends in '.' or space (Windows servers strip them: '.git.' is '.git')"
+    )
 
 
 def _refuse_raw_characters(path: str) -> None:
@@ -131,3 +150,5 @@ def _refuse_unicode_tricks(text: str) -> None:
         raise AmbiguousPathError("character that servers may normalise to '/' or '\\'")
     if compatible in (".", ".."):
         raise AmbiguousPathError("characters that servers may normalise to a dot-segment")
+    if compatible.endswith(_WINDOWS_STRIPS):
+        raise _trailing_dot_or_space()

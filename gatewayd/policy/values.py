@@ -272,6 +272,12 @@ class Glob:
     def is_literal_before_tail(self) -> bool:
         return "*" not in self.text[: -len("/**")]
 
+    def casefolded(self) -> Glob:
+        """This glob as deny rules match it: casefolded, to be matched against the casefolded
+        path. Casefolding is per character and never makes or removes a '/' or '*', so a
+        path the glob matches always casefolds to one the casefolded glob matches."""
+        return parse_glob(self.text.casefold())
+
 
 def parse_glob(value: object) -> Glob:
     """Compile a path glob to a regular expression (see `Glob`)."""
@@ -285,6 +291,11 @@ def parse_glob(value: object) -> Glob:
             raise ValueError(f"invalid path glob {value!r}: dot-segments never match")
         if "**" in segment and segment != "**":
             raise ValueError(f"invalid path glob {value!r}: '**' must be a whole segment")
+        if segment.endswith((".", " ")):
+            raise ValueError(
+                f"invalid path glob {value!r}: a segment that ends in '.' or space never "
+                "matches (such paths are refused as ambiguous)"
+            )
     star = value.find("*")
     head = value if star < 0 else value[:star]
     return Glob(text=value, regex=_glob_regex(segments), literal_head=head)
