@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import shutil
-from datetime import datetime, timedelta
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -221,10 +223,67 @@ async def test_query_json_and_filters(log: AuditLog, capsys: pytest.CaptureFixtu
     assert all(r["event"] == "access.allow" for r in records)
 
 
-def test_times_without_offset_are_local_time() -> None:
-    assert parse_time("2026-11-27T09:06:00") == datetime(2026, 11, 27, 9, 6).astimezone()
-    assert parse_time("2026-11-27") == datetime(2026, 11, 27).astimezone()
-    assert parse_time("2026-11-27T09:06:00+09:00").utcoffset() == timedelta(hours=9)
+@pytest.fixture
+def server_in_new_york() -> Iterator[None]:
+    """The host's local zone is not the log's (a server set to another zone than the office)."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+@pytest.mark.usefixtures("server_in_new_york")
+def test_times_without_offset_are_in_the_log_zone_not_local_time() -> None:
+    assert parse_time("2026-11-27T09:06:00") == datetime(2026, 11, 27, 9, 6, tzinfo=JST)
+    assert parse_time("2026-11-27") == datetime(2026, 11, 27, tzinfo=JST)
+    assert parse_time("2026-11-27T09:06:00", UTC) == datetime(2026, 11, 27, 9, 6, tzinfo=UTC)
+    assert parse_time("2026-11-27T09:06:00+09:00", UTC).utcoffset() == timedelta(hours=9)
+
+
+@pytest.mark.usefixtures("server_in_new_york")
+@pytest.mark.parametrize(
+    "window",
+    [
+        ["--since", "2026-11-27T09:03", "--until", "2026-11-27T09:05"],  # Asia/Tokyo by default
+        ["--tz", "Asia/Tokyo", "--since", "2026-11-27T09:03", "--until", "2026-11-27T09:05"],
+        ["--tz", "UTC", "--since", "2026-11-27T00:03", "--until", "2026-11-27T00:05"],
+        ["--since", "2026-11-27T00:03", "--until", "2026-11-27T00:05", "--tz", "Etc/UTC"],
+        ["--tz", "UTC", "--since", "2026-11-27T09:03+09:00", "--until", "2026-11-27T00:05Z"],
+    ],
+)
+async def test_query_window_without_offset_uses_tz(
+    log: AuditLog, window: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # seq 3 and 4 are at 09:03 and 09:04 Tokyo (seq 5, a checkpoint, shares 09:04)
+    assert run(["audit", "query", "--json", "--event", "access.*", *window,
+                str(log.path)]) == 0
+    records = [json.loads(line) for line in out_err(capsys)[0].splitlines()]
+    assert [r["seq"] for r in records] == [3, 4]
+
+
+async def test_unknown_tz_is_a_usage_error(
+    log: AuditLog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for zone in ("Mars/Olympus", "../../etc/passwd", ""):
+        assert run(["audit", "query", "--tz", zone, str(log.path)]) == 2
+        assert "time zone" in out_err(capsys)[1]
+
+
+def test_query_help_documents_the_zone_of_times_without_offset(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(["audit", "query", "--help"]) == 0
+    text = " ".join(out_err(capsys)[0].split())
+    assert "--tz ZONE" in text
+    assert "default: Asia/Tokyo" in text and "audit.timezone" in text
+    assert "without an offset" in text
 
 
 async def test_query_without_matches_exits_1(

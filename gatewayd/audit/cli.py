@@ -7,6 +7,10 @@ Exit status (DESIGN.md): ``verify`` 0 = intact (warnings allowed), 1 = tampered 
 2 = usage error (missing/unreadable file, unreadable or missing public key). ``query``
 0 = at least one record matched, 1 = none matched (like grep), 2 = usage error.
 
+``query --since/--until`` read a time without an offset in ``--tz`` (default Asia/Tokyo, the
+default ``audit.timezone``): records are written in the log's time zone, so that is the zone
+in which security staff read and type times — never the server's local time.
+
 Arguments may come from a shell glob such as ``audit.log*``: public-key files (``*.pub``,
 ``*.pub.<id>``), the writer's lock file (``*.lock``) and quarantined torn lines (``*.torn-*``)
 are skipped with a note on stderr.
@@ -19,14 +23,16 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Final, TextIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gatewayd.audit.events import display_text
 from gatewayd.audit.query import json_line, query_files, table_header, table_row
 from gatewayd.audit.signing import AuditKeyError
 from gatewayd.audit.verify import VerifyResult, verify_files
+from gatewayd.audit.writer import DEFAULT_TIMEZONE
 
 _NOT_A_LOG: Final = re.compile(
     r".*(\.pub|\.pub\.[0-9a-f]{16}|\.torn-[0-9T.]+(-\d+)?|\.tmp|\.lock)"
@@ -71,27 +77,63 @@ def _add_query(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     query = commands.add_parser(
         "query", help="search audit records",
         description="Print matching audit records (does not verify; run `audit verify`). "
+        "Times given without an offset are read in --tz (default "
+        f"{DEFAULT_TIMEZONE.key}), not in the server's local time. "
         "Exit 0 if something matched, 1 if nothing matched, 2 on usage errors.",
     )
     query.add_argument("files", nargs="+", type=Path, metavar="FILE")
     query.add_argument("--user", help="exact user name")
     query.add_argument("--event", help="event name or pattern, e.g. 'access.*'")
     query.add_argument("--service", help="exact service name")
-    query.add_argument("--since", type=parse_time, metavar="ISO",
-                       help="from this time (inclusive); without an offset: local time")
-    query.add_argument("--until", type=parse_time, metavar="ISO",
-                       help="up to this time (exclusive); without an offset: local time")
+    query.add_argument("--since", type=_iso_time, metavar="ISO",
+                       help="from this time (inclusive); without an offset: in ZONE (--tz)")
+    query.add_argument("--until", type=_iso_time, metavar="ISO",
+                       help="up to this time (exclusive); without an offset: in ZONE (--tz)")
+    query.add_argument(
+        "--tz", type=_zone, default=DEFAULT_TIMEZONE, metavar="ZONE",
+        help="IANA time zone for --since/--until given without an offset (default: "
+        f"{DEFAULT_TIMEZONE.key}, the default audit.timezone). Records are written in the "
+        "log's audit.timezone, so pass that zone if it was changed. A time with an offset "
+        "(+09:00, Z) is exact and ignores --tz.",
+    )
     query.add_argument("--json", action="store_true", help="one JSON object per line")
     query.set_defaults(func=run_query)
 
 
-def parse_time(text: str) -> datetime:
-    """ISO 8601 date or date-time; a value without an offset is taken as local time."""
+def _iso_time(text: str) -> datetime:
+    """argparse type: an ISO 8601 date or date-time, kept naive if it has no offset.
+
+    The zone for a naive value is applied later (`in_zone`) because it depends on ``--tz``,
+    which argparse may not have read yet.
+    """
     try:
-        moment = datetime.fromisoformat(text)
+        return datetime.fromisoformat(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
-    return moment if moment.utcoffset() is not None else moment.astimezone()
+
+
+def _zone(name: str) -> ZoneInfo:
+    """argparse type: an IANA time zone name such as ``Asia/Tokyo`` or ``UTC``."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"unknown time zone {name!r} (expected an IANA name like 'Asia/Tokyo')"
+        ) from exc
+
+
+def in_zone(moment: datetime, zone: tzinfo) -> datetime:
+    """``moment`` unchanged if it has an offset; otherwise the same wall-clock time in ``zone``.
+
+    Not the server's local time: records carry times in the log's zone (``audit.timezone``),
+    and security staff read "09:00" off those records, often on a host set to UTC.
+    """
+    return moment if moment.utcoffset() is not None else moment.replace(tzinfo=zone)
+
+
+def parse_time(text: str, zone: tzinfo = DEFAULT_TIMEZONE) -> datetime:
+    """ISO 8601 date or date-time; a value without an offset is a time in ``zone``."""
+    return in_zone(_iso_time(text), zone)
 
 
 def _shown(path: Path | str) -> str:
@@ -165,9 +207,11 @@ def run_query(args: argparse.Namespace) -> int:
         print(f"warning: {_shown(path)}:{line}: not a valid record, skipped "
               "(run `gatewayd audit verify`)", file=err)
 
+    since = None if args.since is None else in_zone(args.since, args.tz)
+    until = None if args.until is None else in_zone(args.until, args.tz)
     records = query_files(
         paths, user=args.user, event=args.event, service=args.service,
-        since=args.since, until=args.until, on_malformed=malformed,
+        since=since, until=until, on_malformed=malformed,
     )
     try:
         matched = _print_records(records, out, as_json=args.json)
