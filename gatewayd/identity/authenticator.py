@@ -1,0 +1,250 @@
+"""One login decision: password + TOTP (+ regulation), with uniform failures and timing.
+
+Owns `Authenticator.login` (the sign-in form: user name, password and TOTP code at once) and
+`Authenticator.step_up` (a fresh TOTP code for a live session), and `LoginResult`, which the
+frontends turn into pages and audit records. Rules:
+
+* **One failure for every wrong factor.** Unknown user, disabled account, wrong password,
+  wrong code, no TOTP enrolled: all are ``reason="bad_credentials"``; the frontend shows one
+  generic message. The finer cause is in ``detail`` for the audit log and operators only.
+  A right code used a second time is ``replayed_code`` (audited as such; the page is the same).
+* **Uniform work and time.** Every attempt that passes regulation runs exactly one argon2
+  verification (the directory verifies a dummy hash for unknown users) and computes the same
+  three TOTP candidates (a dummy secret for users without one); all comparisons are
+  constant-time; and every answer — including early refusals — is paced to the same minimum
+  duration (`ResponsePacer`).
+* **Codes are consumed only on full success**, so a correct code typed with a wrong password
+  is not burned (and the response does not tell it was correct).
+* **Regulation first**: a locked or throttled name/source is refused before any check
+  (``locked`` / ``throttled`` with ``retry_after``); those reasons depend only on the typed
+  name and the source, never on whether the account exists.
+* **Fail closed**: a directory or TOTP store that cannot answer is ``directory_unavailable``
+  and does not count as a failed attempt.
+
+The result never contains the password or the code; nor do log lines or exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
+
+from gatewayd.audit import AuditWriteError
+from gatewayd.identity.directory import Directory, DirectoryUnavailable
+from gatewayd.identity.principal import Principal
+from gatewayd.identity.regulation import (
+    Refusal,
+    RegulationPolicy,
+    Regulator,
+    ResponsePacer,
+)
+from gatewayd.identity.totp import AuditEmit, SecretStore, TotpStoreError, TotpVerifier
+
+if TYPE_CHECKING:
+    from gatewayd.config import Settings
+    from gatewayd.state.store import StateStore
+
+Reason = Literal["ok", "bad_credentials", "locked", "throttled", "directory_unavailable",
+                 "replayed_code"]
+# Long enough to cover one argon2id verification (RFC 9106 low-memory: ~0.1 s on a small
+# VM), so pacing hides the difference between a refusal and a full check.
+DEFAULT_RESPONSE_FLOOR: Final = 0.35
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """The outcome of a login or step-up.
+
+    reason: "ok", or why not (see the module docstring). Show one generic message for
+        "bad_credentials" and "replayed_code".
+    retry_after: seconds until a "locked"/"throttled" name or source may try again.
+    user: the canonical user name when the account is known, else the name as typed (for
+        the audit log's ``user`` field).
+    detail: finer cause for audit and operators, never for the person signing in:
+        unknown_or_disabled_user, bad_password, bad_code, not_enrolled, replayed_code,
+        account_gone, directory_unavailable, totp_store_unavailable, audit_unavailable,
+        locked, throttled.
+    lockout_started: this failure locked the account (write ``auth.locked`` once).
+    """
+
+    ok: bool
+    principal: Principal | None
+    reason: Reason | str
+    retry_after: float | None = None
+    user: str = ""
+    detail: str = ""
+    lockout_started: bool = False
+
+
+def _refused(refusal: Refusal, user: str) -> LoginResult:
+    return LoginResult(False, None, refusal.reason, retry_after=refusal.retry_after, user=user,
+                       detail=refusal.reason)
+
+
+def _unavailable(user: str, detail: str) -> LoginResult:
+    return LoginResult(False, None, "directory_unavailable", user=user, detail=detail)
+
+
+class Authenticator:
+    """Checks credentials against a `Directory` and `TotpVerifier`, regulated by `Regulator`."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        totp: TotpVerifier,
+        regulator: Regulator,
+        *,
+        response_floor: float = DEFAULT_RESPONSE_FLOOR,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self.directory = directory
+        self.totp = totp
+        self.regulator = regulator
+        self._pacer = ResponsePacer(response_floor, clock=clock, sleep=sleep)
+
+    async def login(self, username: str, password: str, code: str, source_ip: str,
+                    now: float) -> LoginResult:
+        """Password and TOTP code for ``username``; ``now`` is wall-clock Unix seconds."""
+        started = self._pacer.start()
+        result = await self._regulated(username, source_ip, lambda: self._check_login(
+            username, password, code, now))
+        await self._pacer.finish(started)
+        return result
+
+    async def step_up(self, principal: Principal, code: str, source_ip: str,
+                      now: float) -> LoginResult:
+        """A fresh TOTP code for a signed-in principal; the account must still be enabled.
+
+        On success ``principal`` is the directory's current view (groups may have changed).
+        Failures count against the account like login failures: a stolen session cannot be
+        used to guess codes.
+        """
+        started = self._pacer.start()
+        result = await self._regulated(principal.user, source_ip, lambda: (
+            self._check_step_up(principal, code, now)))
+        await self._pacer.finish(started)
+        return result
+
+    # --- the checks --------------------------------------------------------------------------
+
+    async def _regulated(
+        self, username: str, source_ip: str,
+        check: Callable[[], Awaitable[tuple[LoginResult, bool | None]]],
+    ) -> LoginResult:
+        """Run ``check`` as one counted attempt; settle the attempt by its outcome.
+
+        ``check`` returns the result and True (success), False (failure) or None (could not
+        judge: the attempt is abandoned).
+        """
+        attempt = await self.regulator.begin(username, source_ip)
+        if isinstance(attempt, Refusal):
+            return _refused(attempt, username)
+        try:
+            result, outcome = await check()
+        except BaseException:
+            # Cancelled, or an unexpected error: nothing was judged.
+            await asyncio.shield(self.regulator.abandon(attempt))
+            raise
+        if outcome is None:
+            await self.regulator.abandon(attempt)
+        elif outcome:
+            await self.regulator.succeeded(attempt)
+        elif await self.regulator.failed(attempt):
+            result = LoginResult(False, None, result.reason, user=result.user,
+                                 detail=result.detail, lockout_started=True)
+        return result
+
+    async def _check_login(self, username: str, password: str, code: str,
+                           now: float) -> tuple[LoginResult, bool | None]:
+        try:
+            principal = await self.directory.authenticate(username, password)
+        except DirectoryUnavailable:
+            return _unavailable(username, "directory_unavailable"), None
+        user = principal.user if principal is not None else username
+        # Same work whether or not the password was right (and whoever the user is).
+        step, unavailable = await self._code_step(user, code, now)
+        if unavailable is not None:
+            return unavailable, None
+        if principal is None:
+            return await self._login_failure(username), False
+        if step is None and not await self.totp.enrolled(user):
+            return LoginResult(False, None, "bad_credentials", user=user,
+                               detail="not_enrolled"), False
+        return await self._second_factor(principal, step)
+
+    async def _login_failure(self, username: str) -> LoginResult:
+        """Name the cause for the audit log (one lookup; the page is the same either way)."""
+        try:
+            known = await self.directory.lookup(username)
+        except DirectoryUnavailable:
+            known = None
+        detail = "bad_password" if known is not None else "unknown_or_disabled_user"
+        user = known.user if known is not None else username
+        return LoginResult(False, None, "bad_credentials", user=user, detail=detail)
+
+    async def _check_step_up(self, principal: Principal, code: str,
+                             now: float) -> tuple[LoginResult, bool | None]:
+        user = principal.user
+        try:
+            current = await self.directory.lookup(user)
+        except DirectoryUnavailable:
+            return _unavailable(user, "directory_unavailable"), None
+        step, unavailable = await self._code_step(user, code, now)
+        if unavailable is not None:
+            return unavailable, None
+        if current is None:
+            return LoginResult(False, None, "bad_credentials", user=user,
+                               detail="account_gone"), False
+        return await self._second_factor(current, step)
+
+    async def _code_step(self, user: str, code: str,
+                         now: float) -> tuple[int | None, LoginResult | None]:
+        """The matched TOTP step (or None), or a result saying the check could not be made."""
+        try:
+            return await self.totp.verify(user, code, now), None
+        except TotpStoreError:
+            return None, _unavailable(user, "totp_store_unavailable")
+        except AuditWriteError:  # a pending mfa.enroll could not be recorded: fail closed
+            return None, _unavailable(user, "audit_unavailable")
+
+    async def _second_factor(self, principal: Principal,
+                             step: int | None) -> tuple[LoginResult, bool]:
+        """Everything else was right: the code decides, and is claimed once."""
+        user = principal.user
+        if step is None:
+            return LoginResult(False, None, "bad_credentials", user=user,
+                               detail="bad_code"), False
+        if not await self.totp.consume(user, step):
+            return LoginResult(False, None, "replayed_code", user=user,
+                               detail="replayed_code"), False
+        return LoginResult(True, principal, "ok", user=user, detail="ok"), True
+
+
+def build_authenticator(
+    settings: Settings,
+    *,
+    state: StateStore,
+    audit_emit: AuditEmit,
+    directory: Directory | None = None,
+    response_floor: float = DEFAULT_RESPONSE_FLOOR,
+) -> Authenticator:
+    """The Authenticator of one node from its settings (the Gateway's wiring in one place).
+
+    ``directory`` defaults to the configured backend (``file``); the TOTP secrets live in
+    ``gateway.state_dir``. The caller should also run ``authenticator.totp.flush_enrollments()``
+    after the audit log starts and keep ``authenticator.totp.watch_enrollments(5)`` as a named
+    task, so CLI enrollments reach the audit log promptly.
+    """
+    from gatewayd.identity.filedir import FileDirectory  # noqa: PLC0415 - backend choice
+
+    timeout = settings.directory.timeout.total_seconds()
+    if directory is None:
+        directory = FileDirectory(settings.directory.file, timeout=timeout)
+    store = SecretStore(settings.gateway.state_dir, issuer=settings.mfa.issuer)
+    verifier = TotpVerifier(store, state, audit_emit=audit_emit, timeout=timeout)
+    regulator = Regulator(state, RegulationPolicy.from_settings(settings.login))
+    return Authenticator(directory, verifier, regulator, response_floor=response_floor)
