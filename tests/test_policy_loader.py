@@ -40,7 +40,7 @@ def test_files_are_read_in_name_order_and_rules_keep_that_order(tmp_path: Path) 
         "30-c.yaml": "rules:\n  - {id: c1, effect: deny, subjects: '*', services: files, paths: /files/x}\n",
         ".#10-a.yaml": "not: [valid",  # editor lock file: hidden, skipped
         "README.md": "# not a policy",
-        "notes.txt": "ignored",
+        "README": "not a policy either",
     })
     policy = load_policy(tmp_path)
     assert [rule.id for rule in policy.rules] == ["a1", "b1", "c1"]
@@ -49,8 +49,62 @@ def test_files_are_read_in_name_order_and_rules_keep_that_order(tmp_path: Path) 
 
 
 def test_policy_files_lists_only_policy_files(tmp_path: Path) -> None:
-    write(tmp_path, {"b.yaml": "", "a.yml": "", ".hidden.yaml": "", "c.json": ""})
-    assert [p.name for p in policy_files(tmp_path)] == ["a.yml", "b.yaml"]
+    write(tmp_path, {"b.yaml": "", "a.yml": "", ".hidden.yaml": "", "c.json": "", "d.YAML": "", "e.Yml": ""})
+    assert [p.name for p in policy_files(tmp_path)] == ["a.yml", "b.yaml", "d.YAML", "e.Yml"]
+
+
+def test_suffixes_are_compared_ignoring_case(tmp_path: Path) -> None:
+    # A guard-rail file renamed to .YAML was skipped: its deny rules silently disappeared.
+    write(tmp_path, {
+        "10-a.yaml": SERVICES + "rules:\n  - {id: a, effect: allow, subjects: '*', services: files}\n",
+        "90-guard.YAML": "rules:\n  - {id: no-x, effect: deny, subjects: '*', services: files, paths: /files/x}\n",
+        "91-more.YML": "rules:\n  - {id: no-y, effect: deny, subjects: '*', services: files, paths: /files/y}\n",
+        "92-last.Yaml": "rules:\n  - {id: no-z, effect: deny, subjects: '*', services: files, paths: /files/z}\n",
+    })
+    assert [rule.id for rule in load_policy(tmp_path).rules] == ["a", "no-x", "no-y", "no-z"]
+
+
+def test_entries_that_are_not_policy_files_are_errors(tmp_path: Path) -> None:
+    # An operator who puts a file into the policy directory expects it to count; a file that
+    # silently does not (a backup, a typo in the suffix) must be reported, not skipped.
+    write(tmp_path, {
+        "10-a.yaml": SERVICES,
+        "rules.yaml.bak": "rules: []\n",
+        "guard.txt": "",
+        "x.json": "{}",
+        "90-guard.yaml~": "",
+        "90-guard.yaml.orig": "",
+        "readme.txt": "",
+        "README.md": "# fine",
+        "README": "fine",
+        ".hidden": "fine",
+        ".10-a.yaml.swp": "fine",
+    })
+    (tmp_path / "old").mkdir()
+    (tmp_path / ".git").mkdir()
+    message = "not a policy file: rename it to *.yaml or move it out"
+    assert errors(tmp_path) == [
+        f"{tmp_path}/90-guard.yaml.orig: {message}",
+        f"{tmp_path}/90-guard.yaml~: {message}",
+        f"{tmp_path}/guard.txt: {message}",
+        f"{tmp_path}/old: not a policy file: a directory (only files directly in the policy directory are read); move it out",
+        f"{tmp_path}/readme.txt: {message}",
+        f"{tmp_path}/rules.yaml.bak: {message}",
+        f"{tmp_path}/x.json: {message}",
+    ]
+
+
+def test_stray_entries_are_reported_with_the_problems_of_the_policy_files(tmp_path: Path) -> None:
+    write(tmp_path, {"a.yaml": "colour: red\n", "b.yml.bak": ""})
+    assert errors(tmp_path) == [
+        f"{tmp_path}/a.yaml:1: unknown key 'colour'",
+        f"{tmp_path}/b.yml.bak: not a policy file: rename it to *.yaml or move it out",
+    ]
+    (tmp_path / "a.yaml").unlink()
+    assert errors(tmp_path) == [
+        f"{tmp_path}: no policy files (*.yaml, *.yml) in directory",
+        f"{tmp_path}/b.yml.bak: not a policy file: rename it to *.yaml or move it out",
+    ]
 
 
 def test_all_problems_of_all_files_are_collected_and_sorted(tmp_path: Path) -> None:

@@ -46,6 +46,24 @@ def test_shipped_policy_is_clean(capsys: pytest.CaptureFixture[str]) -> None:
     assert out == f"{POLICIES}: OK: 3 roles, 8 services, 13 rules in 6 files (timezone Asia/Tokyo)\n"
 
 
+def test_guard_rails_renamed_to_uppercase_suffix_still_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for path in POLICIES.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "90-guard-rails.yaml").rename(tmp_path / "90-guard-rails.YAML")
+    code, out, _ = cli(["policy", "check", str(tmp_path)], capsys)
+    assert (code, out) == (0, f"{tmp_path}: OK: 3 roles, 8 services, 13 rules in 6 files (timezone Asia/Tokyo)\n")
+    trace = as_request(load_policy(tmp_path), ALICE, "TRACE /groupware/", MONDAY_10, 10, {})
+    assert decide(load_policy(tmp_path), trace).rule == "no-trace-methods"
+
+
+def test_a_backup_in_the_policy_directory_fails_the_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for path in POLICIES.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "90-guard-rails.yaml").rename(tmp_path / "90-guard-rails.yaml.bak")
+    code, out, _ = cli(["policy", "check", str(tmp_path)], capsys)
+    assert (code, out) == (1, f"{tmp_path}/90-guard-rails.yaml.bak: not a policy file: rename it to *.yaml or move it out\n")
+
+
 def test_shipped_policy_matches_the_design(policy: Policy) -> None:
     assert policy.timezone == JST
     assert {name: sorted(role.groups) for name, role in policy.roles.items()} == {

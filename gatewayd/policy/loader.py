@@ -1,16 +1,22 @@
 """Load a policy directory: read, parse, validate, check, compile — or report every problem.
 
 `load_policy(Path("policies"))` reads every ``*.yaml``/``*.yml`` file directly in the
-directory (sorted by name; hidden files such as editor backups are skipped), parses each with
-line numbers, validates it against the pydantic schema, runs the whole-policy checks and
-compiles the result. If anything is wrong it raises one `PolicyError` listing all problems
-as ``file:line: message``; it never returns a partial policy.
+directory (suffix in any case; sorted by name; hidden entries such as editor lock files and
+``.git`` are skipped), parses each with line numbers, validates it against the pydantic
+schema, runs the whole-policy checks and compiles the result. If anything is wrong it raises
+one `PolicyError` listing all problems as ``file:line: message``; it never returns a partial
+policy.
+
+Every other visible entry except a README is an error, not skipped: an operator who puts a
+file into the policy directory expects it to count, and a file that silently does not — a
+guard-rail file saved as ``.yaml.bak`` or ``.txt`` — drops its deny rules (fail open).
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -23,38 +29,68 @@ from .model import Policy
 from .schema import SchemaError, known_keys, validate_file
 from .yamlsrc import DataPath, YamlDocument, parse_yaml
 
-POLICY_SUFFIXES = (".yaml", ".yml")
+POLICY_SUFFIXES = (".yaml", ".yml")  # compared in lower case: '.YAML' is a policy file too
+# Visible entries that may sit in a policy directory without being policy files.
+NOT_POLICY_FILES = frozenset({"README", "README.md"})
+_STRAY_FILE = "not a policy file: rename it to *.yaml or move it out"
+_STRAY_DIRECTORY = (
+    "not a policy file: a directory (only files directly in the policy directory are read); "
+    "move it out"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryListing:
+    """A policy directory's visible entries: policy files in policy order, and the rest
+    (other than a README), which are errors."""
+
+    policy_files: tuple[Path, ...]
+    strays: tuple[Path, ...]
+
+
+def list_directory(directory: Path) -> DirectoryListing:
+    """Sort the entries of a policy directory (raises OSError if it cannot be listed).
+
+    Every visible ``*.yaml``/``*.yml`` entry, in any case, is a policy file, even one that
+    is not a readable regular file: a guard-rail file that became a dangling symlink or a
+    directory must be an error when read, not skipped — skipping it would drop its deny
+    rules (fail open). Hidden entries are skipped; anything else but a README is a stray.
+    """
+    files: list[Path] = []
+    strays: list[Path] = []
+    for entry in directory.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.suffix.lower() in POLICY_SUFFIXES:
+            files.append(entry)
+        elif entry.name not in NOT_POLICY_FILES:
+            strays.append(entry)
+    return DirectoryListing(tuple(sorted(files)), tuple(sorted(strays)))
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """The policy files of a directory, in policy order (raises OSError if unreadable).
+    """The policy files of a directory, in policy order (raises OSError if unreadable)."""
+    return list(list_directory(directory).policy_files)
 
-    Every non-hidden ``*.yaml``/``*.yml`` entry counts, even one that is not a readable
-    regular file: a guard-rail file that became a dangling symlink or a directory must be
-    an error, not silently skipped — skipping it would drop its deny rules (fail open).
-    """
-    return sorted(
-        entry
-        for entry in directory.iterdir()
-        if entry.suffix in POLICY_SUFFIXES and not entry.name.startswith(".")
-    )
+
+def _stray_issue(entry: Path) -> PolicyIssue:
+    return PolicyIssue(str(entry), None, _STRAY_DIRECTORY if entry.is_dir() else _STRAY_FILE)
 
 
 def load_policy(directory: Path) -> Policy:
     """Load and compile the policy in `directory`; raise `PolicyError` listing all problems."""
     directory = Path(directory)  # tolerate a str from callers outside the typed world
     try:
-        paths = policy_files(directory)
+        listing = list_directory(directory)
     except OSError as exc:
         reason = f"cannot read policy directory: {exc.strerror or exc}"
         raise PolicyError([PolicyIssue(str(directory), None, reason)]) from None
-    if not paths:
-        raise PolicyError(
-            [PolicyIssue(str(directory), None, "no policy files (*.yaml, *.yml) in directory")]
-        )
+    issues = [_stray_issue(entry) for entry in listing.strays]
+    if not listing.policy_files:
+        empty = PolicyIssue(str(directory), None, "no policy files (*.yaml, *.yml) in directory")
+        raise PolicyError([*issues, empty])
     texts: dict[str, str] = {}
-    issues: list[PolicyIssue] = []
-    for path in paths:
+    for path in listing.policy_files:
         try:
             texts[str(path)] = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
