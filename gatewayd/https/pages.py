@@ -14,6 +14,7 @@ from html import escape
 from typing import Final
 from urllib.parse import quote
 
+PORTAL_PATH: Final = "/"
 LOGIN_PATH: Final = "/.gatewayd/login"
 LOGOUT_PATH: Final = "/.gatewayd/logout"
 STEPUP_PATH: Final = "/.gatewayd/stepup"

@@ -51,7 +51,7 @@ def safe_next(value: str | None) -> str:
 def _is_origin_relative_path(text: str) -> bool:
     if not text.startswith("/") or text.startswith(("//", "/\\")):
         return False
-    if "\\" in text or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in text):
+    if "\\" in text or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
         return False
     try:
         parts = urlsplit(text)

@@ -30,6 +30,7 @@ import ctypes
 import logging
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from gatewayd.certs import CertError, DeviceIdentity, device_identity_from_der
@@ -88,12 +89,10 @@ def server_context(settings: HttpsSettings) -> tuple[ssl.SSLContext, TlsProfile]
 
 
 def _load_server_certificate(context: ssl.SSLContext, settings: HttpsSettings) -> None:
+    for key, path in (("cert_file", settings.cert_file), ("key_file", settings.key_file)):
+        _require_readable(key, path)
     try:
         context.load_cert_chain(settings.cert_file, settings.key_file)
-    except FileNotFoundError as exc:
-        raise TlsConfigError(f"https: cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise TlsConfigError(f"https: cannot read {exc.filename}: permission denied") from None
     except (ssl.SSLError, OSError) as exc:
         raise TlsConfigError(
             f"https: cert_file {settings.cert_file} / key_file {settings.key_file}: "
@@ -101,10 +100,20 @@ def _load_server_certificate(context: ssl.SSLContext, settings: HttpsSettings) -
         ) from None
 
 
+def _require_readable(key: str, path: Path) -> None:
+    """Name the file and the problem (OpenSSL's own errors name neither)."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise TlsConfigError(f"https: {key} {path}: {exc.strerror or exc}") from None
+
+
 def _configure_client_certificates(context: ssl.SSLContext, settings: HttpsSettings) -> None:
     context.verify_mode = CLIENT_CERT_MODES[settings.client_cert]
     if settings.client_cert == "off" or settings.client_ca_file is None:
         return
+    _require_readable("client_ca_file", settings.client_ca_file)
     try:
         context.load_verify_locations(cafile=settings.client_ca_file)
     except (ssl.SSLError, OSError) as exc:

@@ -1,0 +1,320 @@
+"""The HTTPS frontend: the aiohttp application, its endpoints, and the TLS listener.
+
+Owns the request pipeline of the HTTPS listener and its lifecycle:
+
+1. `guard.error_middleware` — nothing unexpected reaches a client as a traceback;
+2. `guard.header_size_middleware` — the whole request head within ``https.max_header_size``;
+3. the caller middleware — the device certificate of this connection (`tls.device_of`) and
+   the session of the cookie (`auth.resolve_session`), touched as activity;
+4. dispatch on the exact raw path: the gateway's own endpoints (table below, anything else
+   under ``/.gatewayd/`` that the policy does not route is a 404 like any unrouted path), else
+   the protected flow (`flow.RequestFlow`) for a session, or the sign-in redirect / 401 JSON.
+
+=============================== ============ ====================================================
+path                            methods      what
+=============================== ============ ====================================================
+``/``                           GET          portal (session)
+``/.gatewayd/login``            GET, POST    sign-in form / submit (`login`)
+``/.gatewayd/stepup``           GET, POST    fresh-code form / submit (session)
+``/.gatewayd/logout``           GET, POST    confirmation / sign-out
+``/.gatewayd/userinfo``         GET          JSON: user, groups, device, timeouts (session)
+``/.gatewayd/jwks.json``        GET          the assertion JWT's public keys (public)
+``/.gatewayd/assets/gatewayd.css`` GET       the pages' stylesheet (public)
+=============================== ============ ====================================================
+
+Dispatch compares the raw path exactly (no decoding, no trailing-slash repair): an encoded
+spelling of a gateway endpoint is not that endpoint, it is a path for the policy to judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+
+from gatewayd.certs import DeviceIdentity
+from gatewayd.https import pages
+from gatewayd.https.auth import cookie_values, resolve_session, wants_html
+from gatewayd.https.context import FrontendContext
+from gatewayd.https.csrf import CsrfTokens
+from gatewayd.https.flow import (
+    Channels,
+    RequestFlow,
+    audit_refuses,
+    error_page,
+    unavailable,
+)
+from gatewayd.https.guard import (
+    GuardedAppRunner,
+    add_security_headers,
+    error_middleware,
+    header_size_middleware,
+)
+from gatewayd.https.headers import SESSION_COOKIE
+from gatewayd.https.login import AuthPages, query_value
+from gatewayd.https.portal import portal_entries
+from gatewayd.https.redirects import safe_next
+from gatewayd.https.tls import device_of
+from gatewayd.sessions import Session
+
+log = logging.getLogger(__name__)
+
+USERINFO_PATH: Final = "/.gatewayd/userinfo"
+JWKS_PATH: Final = "/.gatewayd/jwks.json"
+RECHECK_INTERVAL: Final = 10.0  # seconds between re-decisions of open WebSockets
+# aiohttp bounds each header line (and the request line) itself; the whole head is bounded by
+# https.max_header_size in guard.header_size_middleware.
+MAX_REQUEST_LINE: Final = 8190
+MAX_HEADERS: Final = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent this request: the verified device of the connection and the live session."""
+
+    session: Session | None
+    device: DeviceIdentity | None
+
+
+CALLER: Final = web.RequestKey("gatewayd_caller", Caller)
+
+Endpoint = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+
+class HttpsFrontend:
+    """The HTTPS listener of one gateway. `start` / `stop_accepting` / `close`."""
+
+    def __init__(self, ctx: FrontendContext) -> None:
+        self._ctx = ctx
+        self.csrf = CsrfTokens(clock=ctx.clock)
+        self.channels = Channels()
+        self._flow = RequestFlow(ctx, self.channels)
+        self._auth = AuthPages(ctx, self.csrf)
+        self._runner: GuardedAppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._recheck: asyncio.Task[None] | None = None
+        self._endpoints: dict[str, dict[str, Endpoint]] = {
+            pages.PORTAL_PATH: {"GET": self._portal},
+            pages.LOGIN_PATH: {"GET": self._login_form, "POST": self._login_submit},
+            pages.STEPUP_PATH: {"GET": self._stepup_form, "POST": self._stepup_submit},
+            pages.LOGOUT_PATH: {"GET": self._logout_form, "POST": self._logout_submit},
+            USERINFO_PATH: {"GET": self._userinfo},
+            JWKS_PATH: {"GET": self._jwks},
+            pages.STYLESHEET_PATH: {"GET": self._stylesheet},
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        max_header = self._ctx.settings.https.max_header_size
+        app = web.Application(middlewares=[
+            error_middleware(self._server_error),
+            header_size_middleware(max_header, self._headers_too_large),
+            self._caller_middleware,
+        ])
+        app.on_response_prepare.append(add_security_headers)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
+    async def start(self, ssl_context: ssl.SSLContext) -> int:
+        """Listen on ``https.listen``; returns the bound port (for port 0)."""
+        settings = self._ctx.settings
+        runner = GuardedAppRunner(
+            self.build_app(), access_log=None,
+            shutdown_timeout=settings.gateway.shutdown_grace.total_seconds(),
+            max_line_size=MAX_REQUEST_LINE, max_headers=MAX_HEADERS,
+            max_field_size=settings.https.max_header_size,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, settings.https.listen.host, settings.https.listen.port,
+                           ssl_context=ssl_context, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+            raise
+        self._runner, self._site = runner, site
+        self._recheck = asyncio.create_task(self._recheck_forever(),
+                                            name="gatewayd.https.websocket-recheck")
+        return int(runner.addresses[0][1])
+
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; requests in flight continue (see `close`)."""
+        if self._site is not None:
+            site, self._site = self._site, None
+            await site.stop()
+
+    async def close(self) -> None:
+        """Wait for requests in flight (up to ``gateway.shutdown_grace``), then release all."""
+        task, self._recheck = self._recheck, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    @property
+    def listening(self) -> bool:
+        return self._site is not None
+
+    def policy_changed(self) -> int:
+        """Re-decide every open WebSocket now (after a reload); returns how many closed."""
+        return self.channels.recheck(self._ctx.policy, self._ctx.wall_clock(), self._ctx.clock())
+
+    async def _recheck_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_INTERVAL)
+            try:
+                self.policy_changed()
+            except Exception:  # keep rechecking; one bad round must not end the task
+                log.exception("WebSocket policy recheck failed")
+
+    # --- pipeline ------------------------------------------------------------------------
+
+    @web.middleware
+    async def _caller_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        device = device_of(ssl_object)
+        candidates = cookie_values(request.headers, SESSION_COOKIE)
+        session = None
+        if candidates:
+            session = resolve_session(self._ctx.sessions, candidates,
+                                      device.device_id if device else None)
+            if session is not None:
+                self._ctx.sessions.touch(session)
+        request[CALLER] = Caller(session, device)
+        return await handler(request)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        caller = request[CALLER]
+        path = request.raw_path.partition("?")[0]
+        endpoint = self._endpoints.get(path)
+        if endpoint is None:
+            if caller.session is None:
+                return self._login_required(request)
+            return await self._flow.handle(request, caller.session, caller.device)
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = endpoint.get(method)
+        if handler is None:
+            response = error_page(request, 405, "method_not_allowed")
+            allowed = set(endpoint) | ({"HEAD"} if "GET" in endpoint else set())
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+            return response
+        return await handler(request, caller)
+
+    def _login_required(self, request: web.Request) -> web.StreamResponse:
+        """No session: a browser goes to the sign-in page, anything else gets 401 JSON."""
+        navigating = request.method in ("GET", "HEAD")
+        next_path = safe_next(request.raw_path) if navigating else pages.PORTAL_PATH
+        target = pages.login_url(next_path)
+        if wants_html(request.headers):
+            return web.Response(status=302 if navigating else 303, headers={"Location": target})
+        response = web.json_response(
+            {"error": "unauthenticated", "message": "Sign in first.", "login_url": target},
+            status=401,
+        )
+        response.headers["WWW-Authenticate"] = f'Gatewayd realm="gatewayd", login="{target}"'
+        return response
+
+    async def _server_error(self, request: web.Request) -> web.StreamResponse:
+        return error_page(request, 500, "internal_error")
+
+    async def _headers_too_large(self, request: web.Request) -> web.StreamResponse:
+        return error_page(request, 431, "headers_too_large")
+
+    # --- endpoints -----------------------------------------------------------------------
+
+    async def _portal(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        session = caller.session
+        if session is None:
+            return self._login_required(request)
+        if audit_refuses(self._ctx):
+            return unavailable(request)
+        ctx = self._ctx
+        entries = portal_entries(
+            ctx.policy, session=session, device=caller.device, source_ip=request.remote or "",
+            host=request.headers.get("Host"), now=ctx.wall_clock(),
+            mfa_age=session.mfa_age(ctx.clock()), configured=ctx.upstreams.names(),
+        )
+        body = pages.portal_page(
+            user=session.user, display_name=session.principal.attributes.get("display_name"),
+            entries=entries, device=caller.device.device_id if caller.device else None,
+            logout_token=self.csrf.issue("logout", session.id_hash),
+        )
+        return web.Response(text=body, content_type="text/html")
+
+    async def _login_form(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        return await self._auth.login_form(request, caller.session)
+
+    async def _login_submit(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        if audit_refuses(self._ctx):
+            return unavailable(request)
+        return await self._auth.login_submit(request, caller.session, caller.device)
+
+    async def _stepup_form(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        if caller.session is None:
+            return self._login_required_for_stepup(request)
+        return await self._auth.stepup_form(request, caller.session)
+
+    async def _stepup_submit(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        if caller.session is None:
+            return self._login_required_for_stepup(request)
+        if audit_refuses(self._ctx):
+            return unavailable(request)
+        return await self._auth.stepup_submit(request, caller.session, caller.device)
+
+    def _login_required_for_stepup(self, request: web.Request) -> web.StreamResponse:
+        """Signed out meanwhile: sign in (a full login is a fresh MFA), then go on."""
+        next_path = safe_next(query_value(request, "next"))
+        target = pages.login_url(next_path)
+        if wants_html(request.headers):
+            return web.Response(status=303, headers={"Location": target})
+        return web.json_response({"error": "unauthenticated", "login_url": target}, status=401)
+
+    async def _logout_form(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        return await self._auth.logout_form(request, caller.session)
+
+    async def _logout_submit(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        return await self._auth.logout_submit(request, caller.session)
+
+    async def _userinfo(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        session = caller.session
+        if session is None:
+            return self._login_required(request)
+        now = self._ctx.clock()
+        registry = self._ctx.sessions
+        idle_left = registry.idle_timeout - (now - session.last_seen)
+        absolute_left = registry.absolute_timeout - (now - session.created)
+        return web.json_response({
+            "user": session.user,
+            "groups": sorted(session.principal.groups),
+            "device": caller.device.device_id if caller.device else None,
+            "device_user": caller.device.user if caller.device else None,
+            "session": session.handle,
+            "mfa_age_seconds": round(session.mfa_age(now)),
+            "idle_timeout_seconds": round(max(0.0, idle_left)),
+            "expires_in_seconds": round(max(0.0, absolute_left)),
+        })
+
+    async def _jwks(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        response = web.json_response(self._ctx.signer.jwks())
+        response.headers["Cache-Control"] = "public, max-age=300"
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    async def _stylesheet(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        response = web.Response(text=pages.STYLESHEET, content_type="text/css")
+        response.headers["Cache-Control"] = "public, max-age=3600"
+        return response
