@@ -265,3 +265,20 @@ def test_fuzz_deep_nesting(opener: str, depth: int, indent: bool) -> None:
     else:
         text = "rules: " + opener * depth
     load_or_policy_error({"p.yaml": text})
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("mfa_max_age: " + "9" * 400 + "h", "mfa_max_age: duration too long: at most 365d"),
+        ("mfa_max_age: " + "9" * 60, "mfa_max_age: duration too long: at most 365d"),
+        ("obligations: {max_upload: '" + "9" * 5000 + "B'}", "obligations.max_upload: invalid size: more than 18 digits"),
+    ],
+)
+def test_huge_numbers_in_values_are_policy_errors(value: str, message: str) -> None:
+    # These escaped as OverflowError (float of a 400-digit int) or as Python's own ValueError
+    # about integers of more than 4300 digits.
+    text = SERVICES + f"rules:\n  - id: r\n    effect: allow\n    subjects: '*'\n    services: files\n    {value}\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_texts({"p.yaml": text})
+    assert [str(issue) for issue in caught.value.errors] == [f"p.yaml:8: rule 'r': {message}"]

@@ -81,7 +81,7 @@ CASES = [
       "p.yaml:10: rule 'r': when.networks[2]: invalid network 'banana': 'banana' does not appear to be an IPv4 or IPv6 network"]),
     (RULE + "    when: {device: trusted}\n", ["p.yaml:6: rule 'r': when.device: must be 'registered' (got 'trusted')"]),
     (RULE + "    when: {device_bound_to_user: false}\n", ["p.yaml:6: rule 'r': when.device_bound_to_user: must be True (got False)"]),
-    (RULE + "    mfa_max_age: 5 minutes\n", ["p.yaml:6: rule 'r': mfa_max_age: invalid duration '5 minutes': use e.g. '90s', '5m' or '1h30m'"]),
+    (RULE + "    mfa_max_age: 5 minutes\n", ["p.yaml:6: rule 'r': mfa_max_age: invalid duration '5 minutes': use e.g. '90s', '5m', '1h30m' or '7d' (largest unit first)"]),
     (RULE + "    obligations: {read_only: yes}\n", ["p.yaml:6: rule 'r': obligations.read_only: must be a valid boolean (got 'yes')"]),
     (RULE + "    obligations: {max_upload: 10XB}\n", ["p.yaml:6: rule 'r': obligations.max_upload: invalid size '10XB': use e.g. '10MiB', '500kB' or bytes"]),
     (RULE + "    methods: [GET, PUT, MOVE]\n    obligations: {read_only: true}\n",

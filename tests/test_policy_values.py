@@ -4,10 +4,16 @@ destinations and host names."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gatewayd import config
 from gatewayd.policy.values import (
+    DURATION_UNITS,
+    SIZE_UNITS,
     HourRange,
     canonical_host,
     format_duration,
@@ -25,16 +31,37 @@ from gatewayd.policy.values import (
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("5m", 300), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2h5m7s", 7507), (300, 300), (" 15m ", 900)],
+    [("5m", 300), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2h5m7s", 7507), (300, 300), (" 15m ", 900),
+     ("500ms", 0.5), ("7d", 604800), ("1d12h", 129600), ("1m500ms", 60.5), ("1d1h1m1s1ms", 90061.001),
+     ("365d", 365 * 86400), ("0d5m", 300)],
 )
 def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["", "5", "5 minutes", "m", "1m1h", "0s", 0, -5, True, "5M", 1.5, None])
+@pytest.mark.parametrize(
+    "value",
+    ["", "5", "5 minutes", "m", "1m1h", "1h1h", "5ms5s", "1h 30m", "1.5h", "0s", "0ms", "0d0h", 0, -5, True, "5M",
+     "5D", 1.5, None, "366d", 366 * 86400, "9" * 400 + "h", "9" * 5000 + "s", 10**60],
+)
 def test_bad_durations(value: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(value)
+
+
+@given(st.lists(st.integers(0, 10**4), min_size=len(DURATION_UNITS), max_size=len(DURATION_UNITS)),
+       st.lists(st.booleans(), min_size=len(DURATION_UNITS), max_size=len(DURATION_UNITS)))
+def test_durations_agree_with_the_config_grammar(amounts: list[int], present: list[bool]) -> None:
+    """The config layer writes durations as units largest first ("1h30m", "500ms", "7d");
+    the policy grammar reads every such text the same (it only refuses zero and over 365d)."""
+    text = "".join(f"{amount}{unit}" for amount, unit, keep in zip(amounts, DURATION_UNITS, present, strict=True)
+                   if keep)
+    try:
+        seconds = config.parse_duration(text).total_seconds()
+    except ValueError:
+        return  # only what the config accepts must mean the same here
+    if 0 < seconds <= 365 * 86400:
+        assert parse_duration(text) == pytest.approx(seconds, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -47,16 +74,37 @@ def test_format_duration(seconds: float, text: str) -> None:
 @pytest.mark.parametrize(
     ("value", "size"),
     [("10MiB", 10 * 2**20), ("10 MiB", 10 * 2**20), ("500kB", 500_000), ("2GB", 2 * 10**9),
-     ("1KiB", 1024), ("7B", 7), ("7", 7), (4096, 4096), ("1TiB", 2**40)],
+     ("1KiB", 1024), ("7B", 7), ("7", 7), (4096, 4096), ("1TiB", 2**40), ("1KB", 1000), ("3TB", 3 * 10**12),
+     ("1 GiB", 2**30), (" 2MB ", 2 * 10**6)],
 )
 def test_sizes(value: object, size: int) -> None:
     assert parse_size(value) == size
 
 
-@pytest.mark.parametrize("value", ["10XB", "10mib", "MiB", "", "-1", 0, False, "1.5MiB", None])
+@pytest.mark.parametrize("value", ["10XB", "10mib", "MiB", "", "-1", 0, False, "1.5MiB", None, "0B", "1kiB", "1PB",
+                                   "9" * 19 + "B", "9" * 5000])
 def test_bad_sizes(value: object) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(value)
+
+
+@pytest.mark.parametrize("text", ["1B", "7B", "512KiB", "10MiB", "1GiB", "1KB", "10MB", "1GB", "10 MiB", " 1GB"])
+def test_sizes_agree_with_the_config_grammar(text: str) -> None:
+    assert parse_size(text) == config.parse_size(text)
+
+
+README = (Path(__file__).resolve().parent.parent / "policies" / "README.md").read_text(encoding="utf-8")
+
+
+def readme_units(row: str) -> set[str]:
+    """The backticked units in the 'units' column of a row of the README's value table."""
+    line = next(line for line in README.splitlines() if line.startswith(f"| {row} "))
+    return set(re.findall(r"`([^`]+)`", line.split("|")[2]))
+
+
+def test_readme_lists_exactly_the_units_the_code_accepts() -> None:
+    assert readme_units("sizes") == set(SIZE_UNITS)
+    assert readme_units("durations") == set(DURATION_UNITS)
 
 
 @pytest.mark.parametrize(("size", "text"), [(10 * 2**20, "10MiB"), (1536, "1536B"), (2048, "2KiB"), (7, "7B")])

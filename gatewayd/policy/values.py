@@ -1,10 +1,19 @@
 """Value syntaxes of the policy language, each a small pure parser that returns a typed value
 or raises `ValueError` with a message meant for the administrator.
 
-Durations ("5m", "1h30m", or seconds), sizes ("10MiB", "500kB", or bytes), hour ranges
-("07:00-22:00", overnight "22:00-06:00"), weekdays ("mon", "mon-fri"), networks (CIDR),
-path globs ("/files/**/.git/**") and TCP destinations ("host:port", "{user.office_pc}:3389").
-The pydantic schema calls these parsers, the compiler uses the values they return.
+Durations ("5m", "1h30m", "7d", "500ms", or seconds), sizes ("10MiB", "500kB", or bytes),
+hour ranges ("07:00-22:00", overnight "22:00-06:00"), weekdays ("mon", "mon-fri"), networks
+(CIDR), path globs ("/files/**/.git/**") and TCP destinations ("host:port",
+"{user.office_pc}:3389"). The pydantic schema calls these parsers, the compiler uses the
+values they return.
+
+Durations and sizes are a superset of the config file's grammar (`gatewayd.config`), so an
+administrator can write them the same way in both places: every duration or size the config
+accepts means the same here, except zero (a zero MFA age limit or upload limit is refused
+rather than given a meaning) and durations over 365 days. On top, policies accept bare
+numbers (seconds, bytes), ``kB``, ``TB``, ``TiB`` and blanks around the value. Units are
+tables (`DURATION_UNITS`, `SIZE_UNITS`); the parsers' regexes and policies/README.md follow
+them (a test checks the README).
 """
 
 from __future__ import annotations
@@ -18,14 +27,27 @@ from types import MappingProxyType
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
-_DURATION_UNITS = (3600, 60, 1)
-_SIZE = re.compile(r"(\d+)\s*([KMGT]i?B|kB|B)?")
-_SIZE_UNITS = MappingProxyType({
+# Milliseconds per duration unit, largest first: a duration names units in this order, each
+# at most once ("1h30m", "1m500ms"). Summed in integer milliseconds, divided once, so
+# "1d1h1m1s1ms" is exact.
+DURATION_UNITS = MappingProxyType({
+    "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1,
+})  # fmt: skip
+_DURATION = re.compile("".join(rf"(?:(\d+){unit})?" for unit in DURATION_UNITS))
+# An MFA age limit of over a year means "none" (omit the key); the bound also keeps the
+# float of the result exact and finite, whatever number was written.
+MAX_DURATION_DAYS = 365
+_MAX_DURATION_MS = MAX_DURATION_DAYS * DURATION_UNITS["d"]
+# Bytes per size unit: SI (kB and KB alike, as the config file writes KB) and binary.
+SIZE_UNITS = MappingProxyType({
     "B": 1,
     "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
 })  # fmt: skip
+_SIZE = re.compile(r"(\d+)\s*(" + "|".join(sorted(SIZE_UNITS, key=len, reverse=True)) + ")?")
+# Amounts longer than this are out of range anyway; checking the length first keeps int()
+# away from thousands of digits (which Python refuses with a ValueError of its own).
+_MAX_AMOUNT_DIGITS = 18
 _HOUR_RANGE = re.compile(r"(\d\d):(\d\d)-(\d\d):(\d\d)")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
@@ -48,19 +70,28 @@ def _reject_bool(value: object, what: str) -> None:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from an int (seconds) or a string like '90s', '5m', '1h30m'; must be > 0."""
+    """Seconds from an int (seconds) or a string like '90s', '5m', '1h30m', '7d', '500ms'
+    (units `DURATION_UNITS`, largest first, each at most once); > 0 and at most 365 days."""
     _reject_bool(value, "duration")
     match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
     if isinstance(value, int):
-        seconds = value
+        millis = value * 1000
     elif match is not None and any(match.groups()):
-        amounts = zip(match.groups(), _DURATION_UNITS, strict=True)
-        seconds = sum(int(amount) * unit for amount, unit in amounts if amount)
+        written = zip(match.groups(), DURATION_UNITS.values(), strict=True)
+        amounts = [(amount, unit) for amount, unit in written if amount]
+        if any(len(amount) > _MAX_AMOUNT_DIGITS for amount, _ in amounts):
+            raise ValueError(f"duration too long: at most {MAX_DURATION_DAYS}d")
+        millis = sum(int(amount) * unit for amount, unit in amounts)
     else:
-        raise ValueError(f"invalid duration {value!r}: use e.g. '90s', '5m' or '1h30m'")
-    if seconds <= 0:
+        raise ValueError(
+            f"invalid duration {value!r}: use e.g. '90s', '5m', '1h30m' or '7d' "
+            "(largest unit first)"
+        )
+    if millis <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
-    return float(seconds)
+    if millis > _MAX_DURATION_MS:
+        raise ValueError(f"duration too long: at most {MAX_DURATION_DAYS}d")
+    return millis / 1000
 
 
 def format_duration(seconds: float) -> str:
@@ -76,12 +107,15 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_size(value: object) -> int:
-    """Bytes from an int or a string like '10MiB', '500kB', '2 GB'; must be > 0."""
+    """Bytes from an int or a string like '10MiB', '500kB', '2 GB' (units `SIZE_UNITS`, or
+    none: bytes); must be > 0."""
     _reject_bool(value, "size")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
-        size = int(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"]
+        if len(match.group(1)) > _MAX_AMOUNT_DIGITS:
+            raise ValueError(f"invalid size: more than {_MAX_AMOUNT_DIGITS} digits")
+        size = int(match.group(1)) * SIZE_UNITS[match.group(2) or "B"]
     else:
         raise ValueError(f"invalid size {value!r}: use e.g. '10MiB', '500kB' or bytes")
     if size <= 0:
@@ -92,8 +126,8 @@ def parse_size(value: object) -> int:
 def format_size(size: int) -> str:
     """'10MiB' for 10485760; the largest binary unit that divides evenly."""
     for unit in ("TiB", "GiB", "MiB", "KiB"):
-        if size % _SIZE_UNITS[unit] == 0:
-            return f"{size // _SIZE_UNITS[unit]}{unit}"
+        if size % SIZE_UNITS[unit] == 0:
+            return f"{size // SIZE_UNITS[unit]}{unit}"
     return f"{size}B"
 
 
