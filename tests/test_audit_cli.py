@@ -140,6 +140,18 @@ async def test_hostile_file_names_are_printed_escaped(
         assert "\x1b" not in err
 
 
+@pytest.mark.parametrize("sealed", [[], ["--sealed"]])
+async def test_verify_fails_a_log_whose_first_records_were_deleted(
+    log: AuditLog, sealed: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = log.path.read_bytes().split(b"\n")
+    log.path.write_bytes(b"\n".join(lines[4:]))  # lines 1-4, audit.start among them
+    assert run(["audit", "verify", *sealed, str(log.path)]) == 1
+    out, _ = out_err(capsys)
+    assert out.startswith("TAMPERED: first bad seq 5: deleted")
+    assert "audit.log:1:" in out
+
+
 async def test_verify_json(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["audit", "verify", "--json", str(log.path)]) == 0
     result = json.loads(out_err(capsys)[0])

@@ -178,6 +178,91 @@ async def test_deleted_records(log: AuditLog) -> None:
     assert_problem(verify_files([log.path]), Problem.DELETED, 3)
 
 
+@pytest.mark.parametrize("sealed", [False, True])
+@pytest.mark.parametrize("cut", [1, 4, 6])
+async def test_deleted_head_of_a_closed_log(log: AuditLog, cut: int, sealed: bool) -> None:
+    """Every remaining link and signature is intact; only the missing header tells."""
+    write_lines(log.path, lines(log.path)[cut:])
+    result = verify_files([log.path], require_sealed=sealed)
+    assert_problem(result, Problem.DELETED, cut + 1)  # the seq of the file's first record
+    assert (result.file, result.line) == (log.path, 1)
+    assert "not with a header record" in result.problem
+
+
+async def test_deleted_head_of_a_rotated_file(tmp_path: Path) -> None:
+    chain = await rotated_log(tmp_path)
+    middle = chain[1]
+    content = lines(middle)
+    assert record(content[0])["event"] == "audit.continue"
+    write_lines(middle, content[2:])
+    first_left = record(content[2])["seq"]
+    assert_problem(verify_files(chain), Problem.DELETED, first_left)
+    assert_problem(verify_files(chain[1:]), Problem.DELETED, first_left)
+    write_lines(middle, content[1:])  # only the header
+    assert_problem(verify_files(chain), Problem.DELETED, first_left - 1)
+
+
+async def test_a_header_must_be_a_real_one(log: AuditLog) -> None:
+    content = lines(log.path)
+    start = record(content[0])
+    # an audit.start that does not begin a new chain is a restart, not a file header
+    write_lines(log.path, [rehashed({**start, "prev": "1" * 64}), *content[1:]])
+    assert_problem(verify_files([log.path]), Problem.DELETED, 1)
+    forged = {k: v for k, v in start.items() if k not in ("key_id", "reason")}
+    for prev_seq in (None, 0, 1):
+        fields = {**forged, "event": "audit.continue", "prev": "1" * 64}
+        if prev_seq is not None:
+            fields["prev_seq"] = prev_seq
+        write_lines(log.path, [rehashed(fields), *content[1:]])
+        assert_problem(verify_files([log.path]), Problem.DELETED, 1)
+
+
+def relinked(content: list[bytes], start: int) -> list[bytes]:
+    """``content`` with every record from index ``start`` on re-linked and re-hashed."""
+    out = list(content)
+    for index in range(start, len(out)):
+        out[index] = rehashed({**record(out[index]), "prev": record(out[index - 1])["hash"]})
+    return out
+
+
+async def test_gap_with_intact_chain_but_no_recovery_is_deleted(log: AuditLog) -> None:
+    """Deleting unsigned records and re-linking the rest leaves a gap and an intact chain."""
+    content = lines(log.path)[:-1]  # a live file: seq 13-15 come after the last checkpoint
+    del content[13]  # seq 14
+    write_lines(log.path, relinked(content, 13))
+    result = verify_files([log.path])
+    assert_problem(result, Problem.DELETED, 14)
+    assert "no audit.recovery record" in result.problem
+    assert (result.file, result.line) == (log.path, 14)
+    assert result.gaps == ()
+
+
+async def test_recovery_must_name_exactly_the_gap(log: AuditLog) -> None:
+    content = lines(log.path)[:-1]
+    del content[12:14]  # seq 13-14
+    content = relinked(content, 12)
+    template = record(content[-1])
+    for lost, ok in (((13, 15), False), ((14, 14), False), ((13, 13), False), ((13, 14), True)):
+        note = {key: value for key, value in template.items() if key not in ("user", "path")}
+        note.update(event="audit.recovery", seq=16, prev=template["hash"], reason="forged",
+                    lost_from=lost[0], lost_to=lost[1])
+        write_lines(log.path, [*content, rehashed(note)])
+        result = verify_files([log.path])
+        assert result.ok is ok, (lost, result.problem)
+    assert result.gaps == ((13, 14),)
+    assert any("seq 13-14 absent" in w and "audit.recovery seq 16" in w for w in result.warnings)
+
+
+async def test_gap_before_a_new_logs_first_record_needs_a_recovery(log: AuditLog) -> None:
+    content = lines(log.path)
+    start = record(content[0])
+    # seq 1 (the real audit.start) deleted; seq 2 re-made into an audit.start of a new chain
+    write_lines(log.path, relinked([rehashed({**start, "seq": 2}), *content[2:5]], 1))
+    result = verify_files([log.path])
+    assert_problem(result, Problem.DELETED, 1)
+    assert "seq 1 missing" in result.problem
+
+
 async def test_swapped_records(log: AuditLog) -> None:
     content = lines(log.path)
     content[2], content[3] = content[3], content[2]

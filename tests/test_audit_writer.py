@@ -536,6 +536,148 @@ async def test_failed_fsync_removes_the_unsynced_record(
     assert verify_files([log.path]).gaps == ((3, 3),)
 
 
+@pytest.fixture
+def fail_writes_of(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Make os.write on the audit file fail with ENOSPC for lines containing ``control["match"]``
+    (e.g. only recovery notes, only file headers)."""
+    real_write = os.write
+    control: dict[str, Any] = {"match": None}
+
+    def write(fd: int, data: Any) -> int:
+        if control["match"] is not None and control["match"] in bytes(data) and is_audit_fd(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return control
+
+
+async def test_each_lost_range_gets_its_own_recovery_record(
+    tmp_path: Path, fail_audit_writes: dict[str, Any], fail_writes_of: dict[str, Any]
+) -> None:
+    """A gap is accepted only when a recovery record names exactly it, so two gaps with a
+    record between them (the first note failed) need two recovery records."""
+    log = make_log(tmp_path, on_failure="continue")
+    await log.start()
+    log.emit("auth.success", user="alice")  # 2
+    fail_audit_writes["fail"] = True
+    assert log.emit("auth.success", user="bob") is None  # 3 lost
+    fail_audit_writes["fail"] = False
+    fail_writes_of["match"] = b'"audit.recovery"'
+    assert log.emit("auth.success", user="carol") is not None  # 4; its note (5) is lost
+    fail_writes_of["match"] = None
+    assert log.emit("auth.success", user="dave") is not None  # 6, then notes 7 and 8
+    await log.close()
+    notes = [r for r in records_of(log.path) if r["event"] == "audit.recovery"]
+    assert [(n["seq"], n["lost_from"], n["lost_to"]) for n in notes] == [(7, 3, 3), (8, 5, 5)]
+    assert "ENOSPC" in notes[0]["error"]
+    result = verify_files([log.path], require_sealed=True)
+    assert result.ok, result.problem
+    assert result.gaps == ((3, 3), (5, 5))
+
+
+async def test_adjacent_lost_seqs_are_one_range(
+    tmp_path: Path, fail_writes_of: dict[str, Any]
+) -> None:
+    log = make_log(tmp_path)
+    await log.start()
+    log.emit("auth.success", user="alice")  # 2
+    fail_writes_of["match"] = b"mallory"
+    with pytest.raises(AuditWriteError):
+        log.emit("auth.success", user="mallory")  # 3 lost
+    fail_writes_of["match"] = b'"audit.recovery"'
+    log.checkpoint()  # its note (4) is lost too; the checkpoint itself (5) is written
+    fail_writes_of["match"] = None
+    await log.close()
+    notes = [r for r in records_of(log.path) if r["event"] == "audit.recovery"]
+    assert [(n["lost_from"], n["lost_to"]) for n in notes] == [(3, 4)]
+    assert verify_files([log.path], require_sealed=True).ok
+
+
+async def test_close_accounts_for_a_failed_last_record(
+    tmp_path: Path, fail_audit_writes: dict[str, Any]
+) -> None:
+    log = make_log(tmp_path)
+    await log.start()
+    fail_audit_writes["fail"] = True
+    with pytest.raises(AuditWriteError):
+        log.emit("session.end", user="alice")  # seq 2, the run's last event, is lost
+    fail_audit_writes["fail"] = False
+    await log.close()
+    events = [(r["seq"], r["event"]) for r in records_of(log.path)]
+    assert events == [(1, "audit.start"), (3, "audit.recovery"), (4, "audit.checkpoint")]
+    result = verify_files([log.path], require_sealed=True)
+    assert result.ok and result.gaps == ((2, 2),)
+
+
+async def test_rotation_accounts_for_lost_seqs_in_the_file_it_seals(
+    tmp_path: Path, fail_audit_writes: dict[str, Any]
+) -> None:
+    clock = Clock()
+    log = make_log(tmp_path, clock, rotate_daily=True)
+    await log.start()
+    log.emit("auth.success", user="alice")  # 2
+    fail_audit_writes["fail"] = True
+    with pytest.raises(AuditWriteError):
+        log.emit("auth.success", user="bob")  # 3 lost
+    fail_audit_writes["fail"] = False
+    clock.advance(days=1)
+    log.emit("auth.success", user="carol")
+    await log.close()
+    (rotated,) = [p for p in log.path.parent.iterdir() if ROTATED.fullmatch(p.name)]
+    assert [r["event"] for r in records_of(rotated)][-2:] == ["audit.recovery", "audit.checkpoint"]
+    result = verify_files([rotated], require_sealed=True)  # the archived file on its own
+    assert result.ok, result.problem
+    assert result.gaps == ((3, 3),)
+    assert verify_files([rotated, log.path], require_sealed=True).ok
+
+
+async def test_a_failed_header_costs_a_seq_but_not_the_chain(
+    tmp_path: Path, fail_writes_of: dict[str, Any]
+) -> None:
+    log = make_log(tmp_path, rotate_bytes=1)  # every record starts a new file
+    await log.start()
+    log.emit("auth.success", user="alice")
+    fail_writes_of["match"] = b'"audit.continue"'
+    with pytest.raises(AuditWriteError) as caught:
+        log.emit("auth.success", user="bob")
+    assert caught.value.seq is None  # bob never got a seq: the new file's header failed
+    lost = records_of(log.path.parent / sorted(
+        p.name for p in log.path.parent.iterdir() if ROTATED.fullmatch(p.name))[-1])[-1]["seq"] + 1
+    fail_writes_of["match"] = None
+    log.emit("auth.success", user="carol")
+    await log.close()
+    header, carol, note = records_of(log.path)[:3]
+    assert (header["event"], header["seq"]) == ("audit.continue", lost + 1)
+    assert carol["user"] == "carol"
+    assert (note["event"], note["lost_from"], note["lost_to"]) == ("audit.recovery", lost, lost)
+    files = [p for p in log.path.parent.iterdir() if ROTATED.fullmatch(p.name)] + [log.path]
+    result = verify_files(files, require_sealed=True)
+    assert result.ok, result.problem
+    assert result.gaps == ((lost, lost),)
+
+
+async def test_a_failed_first_record_of_a_new_log(
+    tmp_path: Path, fail_audit_writes: dict[str, Any]
+) -> None:
+    fail_audit_writes["fail"] = True
+    log = make_log(tmp_path)
+    await log.start()  # audit.start (seq 1) and the header before its recovery note (2) failed
+    assert not log.healthy
+    fail_audit_writes["fail"] = False
+    record = log.emit("auth.success", user="alice")
+    await log.close()
+    assert record is not None
+    records = records_of(log.path)
+    events = [(r["seq"], r["event"], r.get("reason")) for r in records]
+    assert events[:2] == [(3, "audit.start", "new audit log"), (4, "auth.success", None)]
+    assert (records[2]["event"], records[2]["lost_from"], records[2]["lost_to"]) == (
+        "audit.recovery", 1, 2)
+    result = verify_files([log.path], require_sealed=True)
+    assert result.ok, result.problem
+    assert result.gaps == ((1, 2),)
+
+
 async def test_on_failure_continue_returns_none_but_counts(
     tmp_path: Path, fail_audit_writes: dict[str, Any]
 ) -> None:
@@ -567,17 +709,21 @@ async def test_vanished_directory_fails_until_it_is_back(tmp_path: Path) -> None
     log.path.parent.mkdir()
     record = log.emit("auth.success", user="carol")
     assert record is not None and log.healthy
-    assert record.prev == first.hash
     await log.close()
     records = records_of(log.path)
-    assert records[0]["user"] == "carol"
-    note = records[1]
+    header = records[0]  # the new file begins with a header chained to the last record written
+    assert (header["event"], header["seq"], header["prev_seq"]) == ("audit.continue", 4, 2)
+    assert header["prev"] == first.hash
+    assert header["reason"] == "the live file was moved or deleted while open"
+    assert (records[1]["user"], records[1]["prev"]) == ("carol", header["hash"])
+    note = records[2]
     assert note["event"] == "audit.recovery"
     assert "moved or deleted" in note["reason"]
     assert note["lost_from"] == note["lost_to"] == 3
     result = verify_files([log.path])
-    assert result.ok
+    assert result.ok, result.problem
     assert any("starts at seq 4" in w for w in result.warnings)
+    assert result.gaps == ((3, 3),)  # known from prev_seq, explained by the recovery record
 
 
 async def test_live_file_moved_away_continues_the_chain_in_a_new_file(tmp_path: Path) -> None:
@@ -590,8 +736,9 @@ async def test_live_file_moved_away_continues_the_chain_in_a_new_file(tmp_path: 
     assert record is not None and log.healthy
     await log.close()
     assert records_of(moved)[-1]["user"] == "alice"
-    assert records_of(log.path)[0]["user"] == "bob"
-    assert records_of(log.path)[1]["event"] == "audit.recovery"
+    header, bob, note, _close = records_of(log.path)
+    assert (header["event"], header["prev_seq"]) == ("audit.continue", 2)
+    assert bob["user"] == "bob" and note["event"] == "audit.recovery"
     assert verify_files([log.path, moved]).ok
 
 
@@ -828,10 +975,14 @@ async def test_resume_from_newest_rotated_file_when_live_file_is_missing(tmp_pat
     await again.start()
     record = again.emit("auth.success", user="bob")
     await again.close()
-    restart = records_of(again.path)[0]
-    assert (restart["seq"], restart["prev"]) == (4, records_of(rotated)[-1]["hash"])
-    assert record is not None and record.seq == 5
+    header, restart = records_of(again.path)[:2]
+    assert (header["event"], header["seq"], header["prev_seq"]) == ("audit.continue", 4, 3)
+    assert header["prev"] == records_of(rotated)[-1]["hash"]
+    assert header["reason"] == "restart: the live file was missing or empty"
+    assert (restart["event"], restart["seq"]) == ("audit.start", 5)
+    assert record is not None and record.seq == 6
     assert verify_files([rotated, again.path]).ok
+    assert verify_files([again.path], require_sealed=True).ok  # with a warning: starts later
 
 
 # --------------------------------------------------------------------------- rotation
@@ -860,8 +1011,12 @@ async def test_size_rotation_keeps_one_chain_across_files(tmp_path: Path) -> Non
             assert records[-1]["reason"] == "rotation"
             assert path.name == "audit.log." + datetime.fromisoformat(
                 records[0]["ts"]).strftime("%Y%m%dT%H%M%S.%f")
-        if previous_last is not None:
+        if previous_last is None:
+            assert (records[0]["event"], records[0]["prev"]) == ("audit.start", GENESIS_PREV)
+        else:  # each later file begins with a header naming the previous file's last record
+            assert (records[0]["event"], records[0]["reason"]) == ("audit.continue", "rotation")
             assert records[0]["prev"] == previous_last["hash"]
+            assert records[0]["prev_seq"] == previous_last["seq"]
         previous_last = records[-1]
         seqs += [r["seq"] for r in records]
     assert seqs == list(range(1, len(seqs) + 1))
@@ -930,9 +1085,10 @@ async def test_failed_rename_keeps_writing_and_says_so(
     assert record is not None and log.healthy
     await log.close()
     events = [(r["event"], r.get("reason", "")) for r in records_of(log.path)]
-    assert events[1] == ("audit.checkpoint", "rotation")
-    assert events[2][0] == "auth.success"
-    assert events[3][0] == "audit.recovery" and "rotation" in events[3][1]
+    assert events[0] == ("audit.continue", "rotation")
+    assert events[2] == ("audit.checkpoint", "rotation")
+    assert events[3][0] == "auth.success"
+    assert events[4][0] == "audit.recovery" and "rotation" in events[4][1]
     assert verify_files([log.path]).ok
 
 

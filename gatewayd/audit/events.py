@@ -5,6 +5,12 @@ field names with their value kinds (`CONTEXT_FIELDS` for callers, `INTERNAL_FIEL
 records the audit log writes about itself), the refusal of secret-looking field names, and the
 escaping/bounding of text values so that one record is always exactly one printable line.
 
+The internal events include the **file headers**: every audit file begins with one, so that a
+file whose first lines were deleted is detectable (see `verify`). A brand-new log begins with
+``audit.start``; any later file (rotation, a live file moved or deleted while open, a restart
+that found no live file) begins with ``audit.continue``, whose ``prev`` is the hash and
+``prev_seq`` the seq of the previous file's last record.
+
 Escaping rule (documented because readers of the log depend on it): every character whose
 Unicode category is Cc (C0/C1 controls, DEL), Cf (format: bidi overrides, zero-width chars),
 Cs (lone surrogates), Zl or Zp (U+2028/U+2029) is written as ``\\xNN``, ``\\uNNNN`` or
@@ -50,17 +56,18 @@ class EventName(enum.StrEnum):
     AUDIT_RETENTION = "audit.retention"
     # Written only by the AuditLog itself (see INTERNAL_EVENTS).
     AUDIT_CHECKPOINT = "audit.checkpoint"
-    AUDIT_START = "audit.start"
+    AUDIT_START = "audit.start"  # a run began; the first record of a new log is one
+    AUDIT_CONTINUE = "audit.continue"  # first record of a file that continues the chain
     AUDIT_RECOVERY = "audit.recovery"
 
 
 EVENT_NAMES: Final[frozenset[str]] = frozenset(e.value for e in EventName)
 
 # Callers may not forge these: a checkpoint carries a signature only the log can make, and the
-# start and recovery records describe the log itself.
+# start, continue and recovery records describe the log itself.
 INTERNAL_EVENTS: Final[frozenset[str]] = frozenset(
     {EventName.AUDIT_CHECKPOINT.value, EventName.AUDIT_START.value,
-     EventName.AUDIT_RECOVERY.value}
+     EventName.AUDIT_CONTINUE.value, EventName.AUDIT_RECOVERY.value}
 )
 
 
@@ -110,6 +117,7 @@ INTERNAL_FIELDS: Final[Mapping[str, FieldKind]] = MappingProxyType(
         "discarded_bytes": _N,  # recovery: size of a torn final line moved aside at start
         "discarded_sha256": _T,
         "quarantine": _T,  # recovery: file name the torn bytes were moved to
+        "prev_seq": _N,  # continue: seq of the previous file's last record (its hash = prev)
     }
 )
 

@@ -132,7 +132,7 @@ _HIDDEN: Final = frozenset({"prev", "hash", "node", "sig", "covers_hash", "disca
 _DETAIL_ORDER: Final = (
     "rule", "reason", "status", "error", "operator", "session", "device", "frontend",
     "serial", "bytes_up", "bytes_down", "duration_ms", "covers_seq", "key_id", "lost_from",
-    "lost_to", "quarantine", "discarded_bytes",
+    "lost_to", "prev_seq", "quarantine", "discarded_bytes",
 )
 
 

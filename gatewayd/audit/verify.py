@@ -12,8 +12,15 @@ Verification stops at the FIRST problem and reports its kind (`Problem`), the fi
 * ``edited`` — the bytes no longer match the record's hash (first_bad_seq: that record), or a
   record was replaced and re-hashed so the next ``prev`` no longer matches (first_bad_seq: the
   replaced record).
-* ``deleted`` — a seq gap where the next record's ``prev`` is not the last hash.
-  first_bad_seq: the first missing seq.
+* ``deleted`` — a seq gap where the next record's ``prev`` is not the last hash
+  (first_bad_seq: the first missing seq); a seq gap with an intact chain that no
+  ``audit.recovery`` record accounts for (see below; first_bad_seq: the first missing seq); or
+  a file that does not begin with a header record (first_bad_seq: the seq of its first
+  record). Every file the writer starts begins with a header — ``audit.start`` with
+  ``prev`` = 64 zeros for a new log, ``audit.continue`` for any later file — so a file that
+  begins with anything else lost its first lines: deleting the head of a file, even of a
+  closed and signed log, leaves every remaining link and signature intact and would otherwise
+  pass. (``audit.start`` in the middle of a file is an ordinary restart.)
 * ``reordered`` — a record appears out of seq order. first_bad_seq: the first seq out of place.
 * ``inserted`` — a forged record spliced in, even with a correctly recomputed hash (the next
   genuine record chains around it). first_bad_seq: the forged record's seq.
@@ -32,10 +39,14 @@ Verification stops at the FIRST problem and reports its kind (`Problem`), the fi
 Not problems, but reported as warnings (the result stays ok):
 
 * a **seq gap with an intact chain** (the record after the gap has ``prev`` = hash of the
-  record before it): the writer allocated those seqs but could not write them (disk full,
-  torn write at a crash); the log itself carries an ``audit.recovery`` record about it. Such a
-  gap cannot hide a deletion that a later checkpoint covers, because re-linking around a
-  deleted record changes every later hash and so breaks the checkpoint.
+  record before it) **that a later** ``audit.recovery`` **record names exactly**
+  (``lost_from``-``lost_to`` = the gap): the writer allocated those seqs but could not write
+  them (disk full, torn write at a crash) and said so. Without such a record the gap is
+  ``deleted``: someone able to write the file can delete records after the last checkpoint
+  and re-link the rest, which leaves exactly this shape. A gap at the start of the first file
+  given is known from the header (seq 1 for ``audit.start``, ``prev_seq`` + 1 for
+  ``audit.continue``). The recovery record may come later than the gap (files after it), so
+  unexplained gaps are reported when the files given are exhausted.
 * **records after the last checkpoint**: normal for the live file of a running gateway; they
   are protected by the hash chain only, so someone able to write the file could remove or
   rewrite them undetectably until the next checkpoint. Pass ``require_sealed=True``
@@ -65,6 +76,9 @@ from gatewayd.audit.signing import (
 )
 
 _CHECKPOINT = EventName.AUDIT_CHECKPOINT.value
+_START = EventName.AUDIT_START.value
+_CONTINUE = EventName.AUDIT_CONTINUE.value
+_RECOVERY = EventName.AUDIT_RECOVERY.value
 
 
 class Problem(enum.StrEnum):
@@ -159,7 +173,9 @@ class _ChainState:
     last_checkpoint: CheckpointInfo | None = None
     unsigned: int = 0
     first_unsigned: int | None = None
-    gaps: list[tuple[int, int]] = field(default_factory=list)
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # explained by audit.recovery
+    # Gaps with an intact chain not (yet) explained: (first, last) -> where it was seen.
+    pending: dict[tuple[int, int], tuple[Path, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -177,6 +193,8 @@ class _ChainState:
         self.records += 1
         if self.first_seq is None:
             self.first_seq = seq
+        if record["event"] == _RECOVERY:
+            self._explain(record, path)
         if record["event"] == _CHECKPOINT:
             self.checkpoints += 1
             self.last_checkpoint = CheckpointInfo(
@@ -189,13 +207,38 @@ class _ChainState:
             if self.first_unsigned is None:
                 self.first_unsigned = seq
 
-    def gap(self, first: int, last: int, path: Path) -> None:
+    def gap(self, first: int, last: int, path: Path, line: int) -> None:
+        """Note a seq gap with an intact chain; it stays a problem until a recovery names it."""
+        self.pending[(first, last)] = (path, line)
+
+    def _explain(self, recovery: Mapping[str, Any], path: Path) -> None:
+        first, last = recovery.get("lost_from"), recovery.get("lost_to")
+        if not (isinstance(first, int) and isinstance(last, int)):
+            return
+        where = self.pending.pop((first, last), None)
+        if where is None:
+            return  # a gap before the files given, or not a gap at all: nothing to excuse
         self.gaps.append((first, last))
-        span = f"seq {first}" if first == last else f"seq {first}-{last}"
         self.warnings.append(
-            f"{span} absent in {path.name} but the chain is intact across the gap: never "
-            "written (write failure or torn write; see the audit.recovery record)"
+            f"{_span(first, last)} absent in {where[0].name} but the chain is intact across "
+            f"the gap: never written, as audit.recovery seq {recovery['seq']} in {path.name} "
+            "records (write failure or torn write)"
         )
+
+
+def _span(first: int, last: int) -> str:
+    return f"seq {first}" if first == last else f"seq {first}-{last}"
+
+
+def _is_header(record: Mapping[str, Any]) -> bool:
+    """Whether ``record`` may begin a file: a new log's audit.start, or audit.continue."""
+    if record["event"] == _START:
+        return bool(record["prev"] == GENESIS_PREV)
+    if record["event"] == _CONTINUE:
+        prev_seq = record.get("prev_seq")
+        return (isinstance(prev_seq, int) and not isinstance(prev_seq, bool)
+                and 0 < prev_seq < record["seq"])
+    return False
 
 
 def _short(hash_hex: str) -> str:
@@ -232,6 +275,11 @@ class _Verifier:
         if check.defect is LineDefect.EDITED:
             return _Found(Problem.EDITED, record["seq"],
                           f"record seq {record['seq']} was modified: {check.detail}")
+        if line.number == 1 and not _is_header(record):
+            return _Found(Problem.DELETED, record["seq"],
+                          f"{path.name} begins with seq {record['seq']} ({record['event']}), "
+                          "not with a header record (audit.start of a new log or "
+                          "audit.continue): the records before it were deleted")
         found = self._check_link(record, path, line.number, file_start)
         if found is None and record["event"] == _CHECKPOINT:
             found = self._check_checkpoint(record)
@@ -245,10 +293,10 @@ class _Verifier:
         state = self.state
         seq, prev = record["seq"], record["prev"]
         if state.last_seq is None or state.last_hash is None:
-            self._check_start(seq, prev, path)
+            self._check_start(record, path, line_number)
             return None
         if prev == state.last_hash:
-            return self._check_linked_seq(seq, path)
+            return self._check_linked_seq(seq, path, line_number)
         if prev == GENESIS_PREV:
             return _Found(Problem.RESTARTED, seq,
                           f"a new chain (prev = zeros) starts at seq {seq}: the log was reset "
@@ -262,12 +310,12 @@ class _Verifier:
                           f"record {last} was replaced and re-hashed (or seq {seq}'s prev edited)")
         return self._classify_missing(seq, path, line_number, file_start)
 
-    def _check_linked_seq(self, seq: int, path: Path) -> _Found | None:
-        """The record chains to the last one; its seq must still increase (gaps are allowed)."""
+    def _check_linked_seq(self, seq: int, path: Path, line_number: int) -> _Found | None:
+        """The record chains to the last one; its seq must still increase (gaps noted)."""
         last = self.state.last_seq
         assert last is not None
         if seq > last + 1:
-            self.state.gap(last + 1, seq - 1, path)
+            self.state.gap(last + 1, seq - 1, path, line_number)
         if seq > last:
             return None
         return _Found(Problem.INSERTED, seq,
@@ -285,15 +333,20 @@ class _Verifier:
         return _Found(Problem.REORDERED, seq,
                       f"record seq {seq} appears after seq {last}: records were moved")
 
-    def _check_start(self, seq: int, prev: str, path: Path) -> None:
+    def _check_start(self, record: Mapping[str, Any], path: Path, line_number: int) -> None:
+        """The first record verified: a gap before it is known from its header, if any."""
+        seq, prev = record["seq"], record["prev"]
         if prev == GENESIS_PREV:
             if seq > 1:
-                self.state.gap(1, seq - 1, path)
-        else:
-            self.state.warnings.append(
-                f"the chain starts at seq {seq} in {path.name}, not at the beginning of the "
-                "log: earlier files were not given and are not checked"
-            )
+                self.state.gap(1, seq - 1, path, line_number)
+            return
+        self.state.warnings.append(
+            f"the chain starts at seq {seq} in {path.name}, not at the beginning of the "
+            "log: earlier files were not given and are not checked"
+        )
+        prev_seq = record.get("prev_seq") if record["event"] == _CONTINUE else None
+        if isinstance(prev_seq, int) and prev_seq + 1 < seq:
+            self.state.gap(prev_seq + 1, seq - 1, path, line_number)
 
     def _classify_missing(
         self, seq: int, path: Path, line_number: int, file_start: bool
@@ -398,6 +451,14 @@ def verify_files(
             return _result(verifier.state, ordered=ordered, keyring=keyring, found=found, path=path,
                            line=line.number)
     state = verifier.state
+    if state.pending:
+        (first, last), (gap_path, gap_line) = min(state.pending.items())
+        found = _Found(Problem.DELETED, first,
+                       f"{_span(first, last)} missing: the chain links around the gap but no "
+                       "audit.recovery record names it as lost: records were deleted and the "
+                       "rest re-linked")
+        return _result(state, ordered=ordered, keyring=keyring, found=found, path=gap_path,
+                       line=gap_line)
     if require_sealed and state.unsigned and state.first_unsigned is not None:
         found = _Found(Problem.UNSEALED, state.first_unsigned,
                        f"{state.unsigned} records from seq {state.first_unsigned} on come after "

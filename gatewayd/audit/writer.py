@@ -18,10 +18,17 @@ Guarantees and rules (security staff and operators rely on these):
   a later write succeeds. Partial bytes of a failed write are truncated away so the file never
   holds half a line.
 * **seq is never reused; the chain never forks.** A failed record keeps its ``seq`` (it is
-  simply absent) and the next record chains from the last record actually written, so
-  `verify_files` sees a seq gap with an intact chain and reports it as a warning, not as
-  tampering. After the next successful write the log adds an ``audit.recovery`` record naming
-  the lost seqs and the error.
+  simply absent) and the next record chains from the last record actually written. After the
+  next successful write — and in any case before the next checkpoint, so a rotated file or a
+  closed run accounts for its own gaps — the log adds ``audit.recovery`` records, one per
+  contiguous range of lost seqs (``lost_from``/``lost_to``), with the reason and the error.
+  `verify_files` accepts a seq gap with an intact chain only when such a record names exactly
+  that gap; any other gap is reported as ``deleted``.
+* **Every file begins with a header.** A new log's first record is ``audit.start``; every
+  later file (rotation, a live file moved or deleted while open, a restart that found no live
+  file) begins with ``audit.continue`` (``prev`` and ``prev_seq``: the previous file's last
+  record; ``reason``: why the file was started). A file that begins with anything else lost
+  its first lines, and `verify_files` says so.
 * **Start and stop are recorded.** `start` writes an ``audit.start`` record (key id in use;
   whether this is a new log, a restart after a clean shutdown, or after a crash); `close`
   always ends the log with a checkpoint with ``reason="close"``.
@@ -92,11 +99,12 @@ FailurePolicy = Literal["deny", "continue"]
 _CHECKPOINT: Final = EventName.AUDIT_CHECKPOINT.value
 _RECOVERY: Final = EventName.AUDIT_RECOVERY.value
 _START: Final = EventName.AUDIT_START.value
+_CONTINUE: Final = EventName.AUDIT_CONTINUE.value
+_RESTART_IN_NEW_FILE: Final = "restart: the live file was missing or empty"
 # Checkpoints that mark the end of something (a file, a run) are written even right after
 # another checkpoint, so that "ends with a close checkpoint" reliably means a clean shutdown.
 _SEALING_REASONS: Final = frozenset({"rotation", "close"})
 _ROTATION_RETRY_SECONDS: Final = 60.0
-_MAX_LISTED_RANGES: Final = 20
 DEFAULT_TIMEZONE: Final = ZoneInfo("Asia/Tokyo")  # the office's zone; ZoneInfo is immutable
 
 
@@ -190,18 +198,30 @@ def describe_os_error(error: OSError) -> str:
 
 
 class _AppendError(Exception):
-    def __init__(self, seq: int, error: OSError) -> None:
-        super().__init__(seq, error)
+    def __init__(self, event: str, seq: int, error: OSError) -> None:
+        super().__init__(event, seq, error)
+        self.event = event
         self.seq = seq
         self.error = error
 
 
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with touching or overlapping seq ranges joined: each is then one gap on disk."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(last, merged[-1][1]))
+        else:
+            merged.append((first, last))
+    return merged
+
+
 @dataclass
 class _Incident:
-    """Problems not yet recorded in the log; written as one audit.recovery record."""
+    """Problems not yet recorded in the log; written as audit.recovery records (`notes`)."""
 
     reasons: list[str] = field(default_factory=list)
-    lost: list[tuple[int, int]] = field(default_factory=list)  # contiguous seq ranges
+    lost: list[tuple[int, int]] = field(default_factory=list)  # merged seq ranges, ascending
     error: str = ""
     extra: dict[str, str | int] = field(default_factory=dict)
 
@@ -210,24 +230,37 @@ class _Incident:
             self.reasons.append(reason)
 
     def add_lost(self, seq: int) -> None:
-        if self.lost and self.lost[-1][1] == seq - 1:
-            self.lost[-1] = (self.lost[-1][0], seq)
-        else:
-            self.lost.append((seq, seq))
+        self.lost = _merge_ranges([*self.lost, (seq, seq)])
 
-    def fields(self) -> dict[str, object]:
-        reasons = list(self.reasons)
-        if self.lost:
-            ranges = [f"{a}" if a == b else f"{a}-{b}" for a, b in self.lost]
-            shown = ", ".join(ranges[:_MAX_LISTED_RANGES])
-            more = len(ranges) - _MAX_LISTED_RANGES
-            shown += f" and {more} more ranges" if more > 0 else ""
-            reasons.append(f"records not written: seq {shown}")
-        out: dict[str, object] = {"reason": "; ".join(reasons), "error": self.error or None}
-        if self.lost:
-            out["lost_from"] = self.lost[0][0]
-            out["lost_to"] = self.lost[-1][1]
-        return {**out, **self.extra}
+    def absorb(self, older: _Incident) -> None:
+        """Take back what an unwritten note of ``older`` would have said (older comes first)."""
+        self.reasons[:0] = [r for r in older.reasons if r not in self.reasons]
+        self.lost = _merge_ranges([*older.lost, *self.lost])
+        self.error = self.error or older.error
+        self.extra = {**older.extra, **self.extra}
+
+    def notes(self) -> list[dict[str, object]]:
+        """The audit.recovery records to write: one per contiguous range of lost seqs.
+
+        One per range because `verify_files` accepts a seq gap only when a recovery record
+        names exactly that gap (``lost_from``-``lost_to``); a single record spanning two gaps
+        would also claim the records written between them. The first note carries the reasons,
+        the error and the extra details (e.g. the quarantined torn line).
+        """
+        notes: list[dict[str, object]] = []
+        for index, span in enumerate(self.lost or [None]):
+            reasons = list(self.reasons) if index == 0 else []
+            fields: dict[str, object] = {"error": self.error or None}
+            if span is not None:
+                first, last = span
+                reasons.append(
+                    f"records not written: seq {first}" if first == last
+                    else f"records not written: seq {first}-{last}"
+                )
+                fields.update(lost_from=first, lost_to=last)
+            fields["reason"] = "; ".join(reasons)
+            notes.append({**fields, **self.extra} if index == 0 else fields)
+        return notes
 
 
 class _FileSink:
@@ -321,6 +354,7 @@ class AuditLog:
         self._size = 0
         self._truncate_pending = False
         self._first_ts: datetime | None = None  # ts of the live file's first record
+        self._new_file_reason = _RESTART_IN_NEW_FILE  # why the next new live file is started
         self._file_day: date | None = None  # day of the live file's last record
         self._unsynced = False
         self._rotation_retry_at = 0.0
@@ -364,9 +398,11 @@ class AuditLog:
             try:
                 record = self._write(name, clean, now)
             except _AppendError as failed:
-                self._note_write_failure(name, failed)
+                self._note_write_failure(failed)
                 if self._on_failure == "deny":
-                    raise AuditWriteError(name, failed.seq, failed.error) from failed.error
+                    # When the new file's header failed, this record got no seq at all.
+                    seq = failed.seq if failed.event == name else None
+                    raise AuditWriteError(name, seq, failed.error) from failed.error
                 return None
             self._after_success(now)
             return record
@@ -436,11 +472,19 @@ class AuditLog:
         self._open_live_file()
         self._state = "running"
         self._healthy = True
+        start = {"reason": previous_run, "key_id": self._key_id}
+        if self._last_seq == 0:
+            # A new chain: audit.start is the first record of the log, so it is the header of
+            # the first file and must precede even the note about a torn line moved aside.
+            self._write_internal(_START, start, now, header=True)
+            if self._incident is not None:
+                self._write_recovery_note(now)
+            return
         if self._incident is not None:
             self._write_recovery_note(now)
-        if self._last_seq and self._last_event != _CHECKPOINT:
+        if self._last_event != _CHECKPOINT:
             self._checkpoint_locked("start", now)  # sign what a crashed run left unsigned
-        self._write_internal(_START, {"reason": previous_run, "key_id": self._key_id}, now)
+        self._write_internal(_START, start, now)
 
     def _release_writer_lock(self) -> None:
         fd, self._writer_lock = self._writer_lock, None
@@ -531,6 +575,7 @@ class AuditLog:
     def _continue_from(self, point: ResumePoint) -> None:
         head = point.head
         assert head is not None
+        self._new_file_reason = _RESTART_IN_NEW_FILE
         self._next_seq = head["seq"] + 1
         self._prev = head["hash"]
         self._last_seq = head["seq"]
@@ -542,11 +587,48 @@ class AuditLog:
 
     # ----------------------------------------------------------------- writing
 
-    def _write(self, event: str, fields: Mapping[str, str | int], now: datetime) -> AuditRecord:
+    def _write(
+        self, event: str, fields: Mapping[str, str | int], now: datetime, *, header: bool = False
+    ) -> AuditRecord:
+        """Append one record; first the header of a new live file if this record starts one.
+
+        ``header`` marks the record as such a header itself. Raises `_AppendError` for the
+        record or for the header it needed (the latter leaves this record without a seq).
+        """
+        if not header and self._starting_new_file():
+            self._write_header(now)
         result = self._pipeline.msg(event, ts=self._format_ts(now), **fields)
         if not isinstance(result, AuditRecord):  # the sink always returns one
             raise TypeError(f"audit sink returned {type(result).__name__}")
         return result
+
+    def _starting_new_file(self) -> bool:
+        """Whether the next record would be the first line of the live file.
+
+        Opens the live file first (a new one after rotation, or when it was moved or deleted).
+        An OSError is not raised here but left for `_append_line` to meet again, so the failure
+        is charged to the record's own seq like every other failed write.
+        """
+        try:
+            self._ensure_open()
+        except OSError:
+            return False
+        return self._size == 0
+
+    def _write_header(self, now: datetime) -> None:
+        """Begin a new file with a record that ties it to the chain (see `events`).
+
+        Without it a file whose first lines were deleted would look like a file that simply
+        starts later; `verify_files` reports a file that does not begin with a header.
+        """
+        if self._last_seq == 0:  # nothing written yet (audit.start failed): a new log's header
+            fields: dict[str, object] = {"reason": "new audit log", "key_id": self._key_id}
+            event = _START
+        else:
+            fields = {"reason": self._new_file_reason, "prev_seq": self._last_seq}
+            event = _CONTINUE
+        clean = normalize_fields(fields, internal=True)
+        self._write(check_event_name(event, internal=True), clean, now, header=True)
 
     def _format_ts(self, now: datetime) -> str:
         return now.isoformat(timespec="microseconds")
@@ -570,14 +652,17 @@ class AuditLog:
     def _append_line(self, line: str, record: dict[str, Any]) -> AuditRecord:
         data = (line + "\n").encode("utf-8")
         try:
-            self._ensure_open()
+            if self._fd is None or self._truncate_pending:
+                # `_starting_new_file` already checked the path just before this record; only
+                # what it could not finish (an open or truncate that failed) is retried here.
+                self._ensure_open()
             self._write_all(data)
             if self._fsync_mode == "always":
                 assert self._fd is not None
                 os.fsync(self._fd)
         except OSError as exc:
             self._roll_back_partial_write()
-            raise _AppendError(record["seq"], exc) from exc
+            raise _AppendError(record["event"], record["seq"], exc) from exc
         self._size += len(data)
         self._unsynced = self._fsync_mode == "interval"
         self._advance_chain(record)
@@ -626,6 +711,7 @@ class AuditLog:
                 f"live audit file {self._path.name} was moved or deleted while open; "
                 "continued in a new file"
             )
+            self._new_file_reason = "the live file was moved or deleted while open"
         self._open_live_file()
 
     def _live_file_is_ours(self) -> bool:
@@ -698,25 +784,25 @@ class AuditLog:
         if self._metrics is not None:
             self._metrics.audit_write_errors.inc()
 
-    def _note_write_failure(self, event: str, failed: _AppendError) -> None:
+    def _note_write_failure(self, failed: _AppendError) -> None:
         self._healthy = False
         self._count_error()
         incident = self._incident_for_update()
         incident.add_lost(failed.seq)
         incident.error = describe_os_error(failed.error)
         self._log.error(
-            "audit record not written", audit_event=event, seq=failed.seq,
+            "audit record not written", audit_event=failed.event, seq=failed.seq,
             error=incident.error, path=str(self._path),
         )
 
     def _write_internal(
-        self, event: str, fields: Mapping[str, object], now: datetime
+        self, event: str, fields: Mapping[str, object], now: datetime, *, header: bool = False
     ) -> _AppendError | None:
         clean = normalize_fields(fields, internal=True)
         try:
-            self._write(check_event_name(event, internal=True), clean, now)
+            self._write(check_event_name(event, internal=True), clean, now, header=header)
         except _AppendError as failed:
-            self._note_write_failure(event, failed)
+            self._note_write_failure(failed)
             return failed
         return None
 
@@ -724,13 +810,15 @@ class AuditLog:
         incident, self._incident = self._incident, None
         if incident is None:
             return
-        if self._write_internal(_RECOVERY, incident.fields(), now) is not None:
-            # The note itself failed; keep everything it would have said for the next try.
-            new = self._incident_for_update()
-            for reason in incident.reasons:
-                new.add_reason(reason)
-            new.lost[:0] = incident.lost
-            new.extra = {**incident.extra, **new.extra}
+        for index, fields in enumerate(incident.notes()):
+            if self._write_internal(_RECOVERY, fields, now) is not None:
+                # This note failed (its own seq is now lost too): keep everything not yet said
+                # for the next try — all of it if the first note failed, else the later ranges.
+                unsaid = incident if index == 0 else _Incident(
+                    lost=incident.lost[index:], error=incident.error
+                )
+                self._incident_for_update().absorb(unsaid)
+                return
 
     def _after_success(self, now: datetime) -> None:
         if self._incident is not None:
@@ -741,6 +829,10 @@ class AuditLog:
     # ----------------------------------------------------------------- checkpoints
 
     def _checkpoint_locked(self, reason: str, now: datetime) -> _AppendError | None:
+        if self._incident is not None:
+            # Explain lost seqs before signing past them: a checkpoint (above all the one that
+            # seals a rotated file or a run) must not cover a gap its file never accounts for.
+            self._write_recovery_note(now)
         if self._last_seq == 0:
             return None  # nothing was ever written: nothing to sign
         if self._last_event == _CHECKPOINT and (
@@ -798,6 +890,7 @@ class AuditLog:
             )
             return
         self._close_file()
+        self._new_file_reason = "rotation"
         self._unsynced = False
         self._size = 0
         self._first_ts = None
