@@ -258,7 +258,9 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
+    # A bound on every test request: a proxy that hangs must fail the test, not stall it.
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
         yield session
 
 
@@ -435,8 +437,9 @@ async def test_redirects_are_passed_to_the_client_not_followed(
 async def test_upstream_cookies_never_reach_the_next_user(
     upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory,
 ) -> None:
-    """The pooled session is shared by all users: it must not keep a cookie jar."""
-    gateway = await make_gateway(upstream[0])
+    """The pooled session is shared by all users: it must not keep a cookie jar. (By host
+    name: aiohttp's jar would silently ignore cookies from an IP address.)"""
+    gateway = await make_gateway(upstream[0].replace("127.0.0.1", "localhost"))
     async with aiohttp.ClientSession() as first, aiohttp.ClientSession() as second:
         async with first.get(gateway.url + "/cookies") as response:
             assert response.status == 200
@@ -858,7 +861,8 @@ def test_url_for_keeps_the_raw_target() -> None:
 async def open_ws(
     client: aiohttp.ClientSession, gateway: Gateway, path: str = "/ws", **options: Any
 ) -> aiohttp.ClientWebSocketResponse:
-    return await client.ws_connect(gateway.url + path, **options)
+    timeout = aiohttp.ClientWSTimeout(ws_receive=5.0, ws_close=5.0)
+    return await client.ws_connect(gateway.url + path, timeout=timeout, **options)
 
 
 async def test_websocket_echo_both_ways_with_subprotocol_and_identity(

@@ -47,9 +47,10 @@ stalls past ``read_timeout`` or sends a broken body, the client connection is **
 ``send_timeout`` (nginx ``send_timeout``), ends the transfer quietly with
 ``client_disconnected`` / ``client_timeout``: no traceback, no error log.
 
-A bodyless GET/HEAD/OPTIONS whose pooled keep-alive connection turns out to have been closed
-by the upstream is retried once on a fresh connection, as nginx does (``proxy_next_upstream
-error``), so upstream keep-alive races never show as 502s.
+An idempotent request whose pooled keep-alive connection turns out to have been closed by the
+upstream is retried once on a fresh connection (aiohttp does this itself, RFC 9112 section
+9.3.1.1; a streamed body already partly sent is never replayed), as nginx does with
+``proxy_next_upstream error``, so upstream keep-alive races do not show as 502s.
 
 Client disconnects: aiohttp does not cancel handlers by default, so a disconnect is noticed at
 the next write to the client. Run the app with ``handler_cancellation=True`` (AppRunner) to
@@ -87,7 +88,6 @@ DEFAULT_WS_MAX_MESSAGE: Final = 4 * 1024 * 1024
 DEFAULT_WS_HEARTBEAT: Final = 30.0
 WS_CLOSE_TIMEOUT: Final = 2.0  # how long a close handshake may take before the socket is cut
 RETIRE_GRACE: Final = 5.0  # a replaced upstream stays open at least this long after a reload
-_IDEMPOTENT_BODYLESS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _REFUSED_METHODS: Final = frozenset({"TRACE", "CONNECT"})
 # Headers the client library must write itself for the upstream leg of a WebSocket.
 _WS_LEG_HEADERS: Final = frozenset(
@@ -409,14 +409,6 @@ def _mid_stream_error(exc: BaseException) -> str:
     return "upstream_bad_response"
 
 
-def _stale_connection(exc: BaseException) -> bool:
-    """A pooled keep-alive connection the upstream had closed (not a refused connect)."""
-    return isinstance(exc, aiohttp.ServerDisconnectedError) or (
-        isinstance(exc, aiohttp.ClientOSError)
-        and not isinstance(exc, aiohttp.ClientConnectorError)
-    )
-
-
 # --- HTTP ------------------------------------------------------------------------------------
 
 
@@ -515,29 +507,24 @@ async def _proxy_http(
         return refuse(405, "method_not_allowed")
     if request.content_length is not None and request.content_length > max_body:
         return refuse(413, "request_too_large")
-    attempts = 1 if request.body_exists or request.method not in _IDEMPOTENT_BODYLESS else 2
-    for attempt in range(1, attempts + 1):
-        body = (_request_body(request, progress, max_body=max_body, send_timeout=send_timeout)
-                if request.body_exists else None)
-        try:
-            upstream_response = await upstream.session.request(
-                request.method, upstream.url_for(request.raw_path), headers=headers,
-                data=body, allow_redirects=False,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if progress.error in _BODY_STATUS:  # the client's body, not the upstream, failed
-                return refuse(_BODY_STATUS[progress.error], progress.error)
-            if attempt < attempts and _stale_connection(exc):
-                continue
-            return refuse(*_classify(exc))
-        try:
-            return await _relay_response(request, upstream_response, send_timeout, progress)
-        finally:
-            if progress.error is None:
-                upstream_response.release()  # fully read: the connection goes back to the pool
-            else:
-                upstream_response.close()  # a half-read connection is never reused
-    raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
+    body = (_request_body(request, progress, max_body=max_body, send_timeout=send_timeout)
+            if request.body_exists else None)
+    try:
+        upstream_response = await upstream.session.request(
+            request.method, upstream.url_for(request.raw_path), headers=headers,
+            data=body, allow_redirects=False,
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if progress.error in _BODY_STATUS:  # the client's body, not the upstream, failed
+            return refuse(_BODY_STATUS[progress.error], progress.error)
+        return refuse(*_classify(exc))
+    try:
+        return await _relay_response(request, upstream_response, send_timeout, progress)
+    finally:
+        if progress.error is None:
+            upstream_response.release()  # fully read: the connection goes back to the pool
+        else:
+            upstream_response.close()  # a half-read connection is never reused
 
 
 async def _relay_response(
