@@ -21,8 +21,9 @@ for (gatewayd >= 0.15x nginx req/s at 1 KiB and >= 0.6x at 1 MiB; gatewayd's own
 
 Usage (from the repository root; installs nginx and wrk with apt-get when run as root):
 
-    .venv/bin/python bench/bench_http.py                  # 10 s per measurement
-    .venv/bin/python bench/bench_http.py --duration 5 --connections 64 --json results.json
+    .venv/bin/python bench/bench_http.py                  # 3 rounds x 5 s per target and size
+    .venv/bin/python bench/bench_http.py --rounds 5 --connections 64 --json results.json
+    .venv/bin/python bench/bench_http.py --audit-all      # + gatewayd with every request audited
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -471,6 +473,8 @@ class Result:
     target: str
     size: str
     requests_per_s: float = 0.0
+    min_requests_per_s: float = 0.0
+    max_requests_per_s: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     mib_per_s: float = 0.0
@@ -495,9 +499,9 @@ def check_target(url: str, headers: dict[str, str], ws: Workspace, label: str) -
         raise RuntimeError(f"{url} answered {status} with {len(body)} bytes, not the file")
 
 
-def wrk(url: str, *, duration: float, connections: int, threads: int, headers: dict[str, str],
+def wrk(url: str, *, duration: int, connections: int, threads: int, headers: dict[str, str],
         script: Path) -> dict[str, int]:
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s",
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
             "--timeout", "5s", "-s", str(script)]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
@@ -510,24 +514,51 @@ def wrk(url: str, *, duration: float, connections: int, threads: int, headers: d
     return result
 
 
-def measure(target: str, base: str, headers: dict[str, str], ws: Workspace,
-            args: argparse.Namespace, script: Path) -> list[Result]:
-    results = []
-    for label in SIZES:
-        url = f"{base}/bench/{label}.bin"
-        check_target(url, headers, ws, label)
-        say(f"  {target:<22} {label:>5} …")
-        for duration in (args.warmup, args.duration):  # the warm-up run is not kept
-            raw = wrk(url, duration=duration, connections=args.connections,
-                      threads=args.threads, headers=headers, script=script)
-        seconds = raw["duration_us"] / 1e6
-        results.append(Result(
-            target, label, requests_per_s=raw["requests"] / seconds,
-            p50_ms=raw["p50_us"] / 1000, p99_ms=raw["p99_us"] / 1000,
-            mib_per_s=raw["bytes"] / seconds / 1024**2,
-            errors=raw["status_errors"] + raw["socket_errors"],
-        ))
-    return results
+@dataclass(frozen=True)
+class Target:
+    name: str
+    base: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def sample(target: Target, label: str, duration: int, args: argparse.Namespace,
+           script: Path) -> dict[str, int]:
+    return wrk(f"{target.base}/bench/{label}.bin", duration=duration,
+               connections=args.connections, threads=args.threads, headers=target.headers,
+               script=script)
+
+
+def summarise(target: str, label: str, runs: list[dict[str, int]]) -> Result:
+    """Medians over the rounds; the req/s range shows how noisy the machine was."""
+    rates = [r["requests"] / (r["duration_us"] / 1e6) for r in runs]
+    throughput = [r["bytes"] / (r["duration_us"] / 1e6) / 1024**2 for r in runs]
+    return Result(
+        target, label, requests_per_s=statistics.median(rates),
+        min_requests_per_s=min(rates), max_requests_per_s=max(rates),
+        p50_ms=statistics.median(r["p50_us"] for r in runs) / 1000,
+        p99_ms=statistics.median(r["p99_us"] for r in runs) / 1000,
+        mib_per_s=statistics.median(throughput),
+        errors=sum(r["status_errors"] + r["socket_errors"] for r in runs),
+    )
+
+
+def measure(targets: list[Target], ws: Workspace, args: argparse.Namespace,
+            script: Path) -> list[Result]:
+    """Every target in every round, interleaved, so a burst of load from something else on
+    the machine hits all targets alike instead of spoiling one of them."""
+    for target in targets:
+        for label in SIZES:
+            check_target(f"{target.base}/bench/{label}.bin", target.headers, ws, label)
+            sample(target, label, args.warmup, args, script)
+    runs: dict[tuple[str, str], list[dict[str, int]]] = {}
+    for round_number in range(1, args.rounds + 1):
+        say(f"round {round_number}/{args.rounds}")
+        for target in targets:
+            for label in SIZES:
+                say(f"  {target.name:<22} {label:>5}")
+                runs.setdefault((target.name, label), []).append(
+                    sample(target, label, args.duration, args, script))
+    return [summarise(name, label, samples) for (name, label), samples in runs.items()]
 
 
 # --- reporting ------------------------------------------------------------------------------
@@ -545,15 +576,17 @@ def ratio(results: list[Result], target: str, base: str, size: str) -> str:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| target | size | req/s | p50 ms | p99 ms | MiB/s | errors | vs nginx TLS proxy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| target | size | req/s | (min-max) | p50 ms | p99 ms | MiB/s | errors "
+        "| vs nginx TLS proxy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.note:
-            lines.append(f"| {r.target} | {r.size} | {r.note} | | | | | |")
+            lines.append(f"| {r.target} | {r.size} | {r.note} | | | | | | |")
             continue
         lines.append(
-            f"| {r.target} | {r.size} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
+            f"| {r.target} | {r.size} | {r.requests_per_s:,.0f} | "
+            f"{r.min_requests_per_s:,.0f}-{r.max_requests_per_s:,.0f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.mib_per_s:,.1f} | {r.errors} | "
             f"{ratio(results, r.target, 'nginx TLS proxy', r.size)} |"
         )
@@ -594,7 +627,6 @@ def workspace() -> Iterator[Workspace]:
 def run(args: argparse.Namespace) -> list[Result]:
     ensure_tools()
     processes = Processes()
-    results: list[Result] = []
     with workspace() as ws:
         script = ws.root / "report.lua"
         script.write_text(WRK_SCRIPT)
@@ -606,36 +638,34 @@ def run(args: argparse.Namespace) -> list[Result]:
                 port=proxy_port, upstream_port=upstream_port, cert=ws.server_cert,
                 key=ws.server_key))
             bare_port = start_bare_proxy(processes, ws, upstream_port)
-            say(f"measuring {args.duration:g} s each, {args.connections} connections, "
-                f"{args.threads} wrk thread(s)")
-            results += measure("direct", f"http://127.0.0.1:{upstream_port}", {}, ws, args,
-                               script)
-            results += measure("nginx TLS proxy", f"https://127.0.0.1:{proxy_port}", {}, ws,
-                               args, script)
-            results += measure("bare aiohttp proxy", f"https://127.0.0.1:{bare_port}", {}, ws,
-                               args, script)
-            results += measure_gatewayd(processes, ws, upstream_port, args, script)
+            targets = [
+                Target("direct", f"http://127.0.0.1:{upstream_port}"),
+                Target("nginx TLS proxy", f"https://127.0.0.1:{proxy_port}"),
+                Target("bare aiohttp proxy", f"https://127.0.0.1:{bare_port}"),
+            ]
+            gatewayd_targets, missing = start_gatewayd_targets(processes, ws, upstream_port, args)
+            say(f"measuring {args.rounds} x {args.duration} s per target and size, "
+                f"{args.connections} connections, {args.threads} wrk thread(s)")
+            return measure(targets + gatewayd_targets, ws, args, script) + missing
         finally:
             processes.stop_all()
-    return results
 
 
-def measure_gatewayd(processes: Processes, ws: Workspace, upstream_port: int,
-                     args: argparse.Namespace, script: Path) -> list[Result]:
+def start_gatewayd_targets(processes: Processes, ws: Workspace, upstream_port: int,
+                           args: argparse.Namespace) -> tuple[list[Target], list[Result]]:
+    """The gatewayd rows: running targets, or result rows saying why there are none."""
     rows = [("gatewayd", False)] + ([("gatewayd (audit all)", True)] if args.audit_all else [])
-    results: list[Result] = []
+    targets: list[Target] = []
+    missing: list[Result] = []
     for name, audit_all in rows:
         try:
-            target = start_gatewayd(processes, ws, upstream_port, audit_all=audit_all)
+            gateway = start_gatewayd(processes, ws, upstream_port, audit_all=audit_all)
         except NotAvailable as exc:
             say(str(exc))
-            results += [Result(name, size, note=NOT_AVAILABLE) for size in SIZES]
+            missing += [Result(name, size, note=NOT_AVAILABLE) for size in SIZES]
             continue
-        try:
-            results += measure(name, target.url, {"Cookie": target.cookie}, ws, args, script)
-        finally:
-            processes.stop(target.process)
-    return results
+        targets.append(Target(name, gateway.url, {"Cookie": gateway.cookie}))
+    return targets, missing
 
 
 def main() -> None:
@@ -643,8 +673,11 @@ def main() -> None:
         run_bare_proxy(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each")
+    parser.add_argument("--duration", type=int, default=5,
+                        help="seconds per measurement (each round measures every target)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="seconds of warm-up per target and size, not reported")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (2-core machine)")
     parser.add_argument("--audit-all", action="store_true",
