@@ -54,6 +54,8 @@ async def stream_blocks(request: web.Request, total: int, *, length: bool) -> we
     if length:
         response.content_length = total
     await response.prepare(request)
+    if request.method == "HEAD":
+        return response
     sent = 0
     # The gateway hangs up on us when its client went away: that is expected, not an error.
     with contextlib.suppress(ConnectionError):
@@ -146,6 +148,10 @@ def upstream_app(state: UpstreamState) -> web.Application:
     async def ws_forbidden(request: web.Request) -> web.Response:
         raise web.HTTPForbidden()
 
+    async def status(request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        return web.Response(status=code, headers={"ETag": '"v1"', "X-Status": str(code)})
+
     app = web.Application()
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
@@ -159,6 +165,7 @@ def upstream_app(state: UpstreamState) -> web.Application:
     app.router.add_post("/never-reads", never_reads)
     app.router.add_get("/ws", ws)
     app.router.add_get("/ws-forbidden", ws_forbidden)
+    app.router.add_get("/status/{code}", status)
     return app
 
 
@@ -480,6 +487,55 @@ async def test_connect_is_refused_whatever_the_router_let_through(
         await pool.close()
     assert response.status == 405
     assert [(o.status, o.error) for o in outcomes] == [(405, "method_not_allowed")]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("HEAD", "/big?size=5000", 200), ("GET", "/status/204", 204),
+    ("GET", "/status/304", 304), ("GET", "/status/404", 404), ("GET", "/status/503", 503),
+])
+async def test_bodyless_and_error_statuses_pass_through(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory,
+    client: aiohttp.ClientSession, method: str, path: str, status: int,
+) -> None:
+    gateway = await make_gateway(upstream[0])
+    async with client.request(method, gateway.url + path) as response:
+        assert response.status == status
+        assert await response.read() == b""
+        if method == "HEAD":
+            assert response.headers["Content-Length"] == "5000"
+        else:
+            assert response.headers["X-Status"] == str(status)
+    outcome = await gateway.outcome()
+    assert (outcome.status, outcome.error, outcome.bytes_down) == (status, None, 0)
+
+
+async def test_absolute_form_target_is_refused_not_sent_elsewhere(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory,
+) -> None:
+    gateway = await make_gateway(upstream[0])
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET http://evil.example/echo HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"400"
+    outcome = await gateway.outcome()
+    assert (outcome.status, outcome.error) == (400, "bad_request_target")
+
+
+def test_url_for_refuses_other_target_forms() -> None:
+    async def build(target: str) -> str:
+        pool = await UpstreamPool.open({"a": UpstreamSettings(url="http://10.0.0.1:8080")})
+        upstream_ = pool.get("a")
+        assert upstream_ is not None
+        try:
+            return str(upstream_.url_for(target))
+        finally:
+            await pool.close()
+
+    for target in ("http://evil.example/x", "evil.example:443", "*", ""):
+        with pytest.raises(ValueError, match="origin-form"):
+            asyncio.run(build(target))
 
 
 # --- body limits -----------------------------------------------------------------------------
@@ -975,6 +1031,42 @@ async def test_websocket_client_vanishing_closes_upstream(
         await asyncio.sleep(0.01)
     assert state.upstream_close_codes == [1001]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_websocket_handler_on_a_plain_request_is_400(
+    upstream: tuple[str, UpstreamState],
+) -> None:
+    pool = await UpstreamPool.open({"app": UpstreamSettings(url=upstream[0])})
+    upstream_ = pool.get("app")
+    assert upstream_ is not None
+    outcomes: list[ProxyOutcome] = []
+    try:
+        response = await proxy.proxy_websocket(
+            make_mocked_request("GET", "/ws"), upstream=upstream_, headers={},
+            session_ended=asyncio.get_running_loop().create_future(),
+            on_finish=outcomes.append,
+        )
+    finally:
+        await pool.close()
+    assert response.status == 400
+    assert [(o.status, o.error) for o in outcomes] == [(400, "not_websocket")]
+    assert upstream[1].upstream_sockets == []
+
+
+async def test_websocket_activity_callback_failure_does_not_break_the_chat(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory,
+    client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    gateway = await make_gateway(upstream[0])
+    gateway.activity = None  # type: ignore[assignment]  # .append now raises AttributeError
+    ws = await open_ws(client, gateway)
+    for word in ("one", "two"):
+        await ws.send_str(word)
+        assert (await ws.receive_str()) == f"echo:{word}"
+    await ws.close()
+    outcome = await gateway.outcome()
+    assert (outcome.status, outcome.error) == (101, None)
+    assert any("on_client_message" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(("path", "status", "error"), [

@@ -140,7 +140,7 @@ def plain_error_response(status: int, error: str) -> web.StreamResponse:
 
 
 _REASONS: Final = {
-    401: "Unauthorized", 405: "Method Not Allowed", 408: "Request Timeout",
+    400: "Bad Request", 401: "Unauthorized", 405: "Method Not Allowed", 408: "Request Timeout",
     413: "Content Too Large", 502: "Bad Gateway", 504: "Gateway Timeout",
 }
 
@@ -170,11 +170,15 @@ class Upstream:
         return self._active
 
     def url_for(self, raw_target: str) -> URL:
-        """The upstream URL for a request target (path + query) passed on unchanged.
+        """The upstream URL for an origin-form request target (path + query), unchanged.
 
         ``encoded=True``: the exact bytes the policy decided on go upstream, never a
-        re-encoded variant another server could read differently.
+        re-encoded variant another server could read differently. Any other target form
+        (absolute URL, authority, ``*``) raises ValueError: pasted after the origin it could
+        name another host.
         """
+        if not is_origin_form(raw_target):
+            raise ValueError(f"not an origin-form request target: {raw_target[:80]!r}")
         return URL(f"{self._origin}{raw_target}", encoded=True)
 
     @contextlib.contextmanager
@@ -191,6 +195,11 @@ class Upstream:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+def is_origin_form(raw_target: str) -> bool:
+    """``/path[?query]`` (RFC 9112 section 3.2.1), the only target form proxied."""
+    return raw_target.startswith("/")
 
 
 class UpstreamConfigError(Exception):
@@ -505,6 +514,8 @@ async def _proxy_http(
 
     if request.method in _REFUSED_METHODS:
         return refuse(405, "method_not_allowed")
+    if not is_origin_form(request.raw_path):
+        return refuse(400, "bad_request_target")
     if request.content_length is not None and request.content_length > max_body:
         return refuse(413, "request_too_large")
     body = (_request_body(request, progress, max_body=max_body, send_timeout=send_timeout)
@@ -627,7 +638,15 @@ async def _pump(source: _Leg, sink: _Leg, on_message: Callable[[], None] | None)
             return sink
         source.payload_bytes += _payload_size(message)
         if on_message is not None:
-            on_message()
+            _notify(on_message)
+
+
+def _notify(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:
+        # Activity accounting must not tear down a user's chat.
+        log.exception("proxy on_client_message callback failed")
 
 
 def _sendable(code: int | None) -> int:
@@ -722,9 +741,24 @@ async def proxy_websocket(
             )
     except asyncio.CancelledError:
         progress.fail("client_disconnected" if _client_gone(request) else "cancelled")
+        if not progress.response_started:
+            progress.status = 499
         raise
     finally:
         _report(on_finish, progress)
+
+
+def _websocket_refusal(
+    request: web.Request, session_ended: asyncio.Future[str]
+) -> tuple[int, str] | None:
+    """Why the gateway refuses this upgrade before contacting the upstream, if it does."""
+    if session_ended.done():
+        return 401, "session_ended"  # raced a logout: the client must log in again
+    if not is_origin_form(request.raw_path):
+        return 400, "bad_request_target"
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        return 400, "not_websocket"
+    return None
 
 
 async def _proxy_websocket(
@@ -744,8 +778,9 @@ async def _proxy_websocket(
         progress.fail(error)
         return error_response(status, error)
 
-    if session_ended.done():
-        return refuse(401, "session_ended")
+    refusal = _websocket_refusal(request, session_ended)
+    if refusal is not None:
+        return refuse(*refusal)
     try:
         upstream_ws = await upstream.session.ws_connect(
             upstream.url_for(request.raw_path),
