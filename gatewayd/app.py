@@ -4,13 +4,19 @@
 policy, listeners) and passes them explicitly to whatever needs them — there is no
 module-level state anywhere in the package. Lifecycle order, as in uvicorn:
 
-* ``start()``: open the audit log (resume its chain), then the listeners; readiness turns
-  true only after both.
+* ``start()``: open the audit log (resume its chain), audit pending TOTP enrollments, load the
+  assertion key and the upstream pools, then the listeners (metrics, HTTPS); readiness turns
+  true only after all of them (and while the directory answers).
 * ``reload()`` (SIGHUP): re-read the config file and the policy directory; an invalid new
   config or policy is rejected as a whole and the old one stays. Recorded as
   ``config.reload`` and in ``gatewayd_config_last_reload_success``.
-* ``stop()`` (SIGTERM/SIGINT): stop accepting, then close the audit log last so that its final
-  checkpoint covers everything that happened.
+* ``stop()`` (SIGTERM/SIGINT): stop accepting, end every session with reason ``shutdown`` (each
+  gets its ``session.end``; WebSockets close with 1001), let requests in flight finish (up to
+  ``gateway.shutdown_grace``), close the upstream pools, then close the audit log last so that
+  its final checkpoint covers everything that happened.
+
+Clocks are injected: ``clock`` (monotonic seconds) drives sessions, regulation and the replay
+cache; ``wall_clock`` (aware datetime) is what policies and TOTP codes are evaluated against.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +39,19 @@ from pydantic import BaseModel
 from gatewayd import __version__
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
 from gatewayd.config import ConfigError, Settings, load_settings
+from gatewayd.https.app import HttpsFrontend
+from gatewayd.https.assertion import AssertionKeyError, AssertionSigner, open_signer
+from gatewayd.https.proxy import UpstreamConfigError, UpstreamPool
+from gatewayd.https.tls import TlsConfigError, server_context
+from gatewayd.identity.authenticator import (
+    DEFAULT_RESPONSE_FLOOR,
+    Authenticator,
+    build_authenticator,
+)
 from gatewayd.metrics import Metrics, metrics_app, serve_metrics
 from gatewayd.policy import Policy, PolicyError, load_policy
+from gatewayd.sessions import Session, SessionRegistry
+from gatewayd.state import MemoryState
 
 AUDIT_FAILURE_REASON = "audit_unavailable"
 
@@ -67,6 +86,18 @@ def make_logger(settings: Settings) -> Any:
             renderer,
         ],
         node=settings.gateway.node,
+    )
+
+
+def build_session_registry(
+    settings: Settings, clock: Callable[[], float], on_end: Callable[[Session, str], None]
+) -> SessionRegistry:
+    sessions = settings.sessions
+    return SessionRegistry(
+        idle_timeout=sessions.idle_timeout.total_seconds(),
+        absolute_timeout=sessions.absolute_timeout.total_seconds(),
+        max_concurrent=sessions.max_concurrent, per_user=sessions.per_user,
+        clock=clock, on_end=on_end,
     )
 
 
@@ -125,12 +156,32 @@ class Listeners:
     """Where the running gateway actually listens (ports resolved when 0 was asked for)."""
 
     metrics_url: str | None
+    https_url: str | None = None
+
+
+SESSION_SWEEP_INTERVAL = 15.0  # seconds; idle sessions (and their WebSockets) end this late at most
+ENROLLMENT_WATCH_INTERVAL = 5.0  # seconds between looks for CLI enrollments to audit
+
+
+def _url_host(host: str) -> str:
+    """A listen host as it goes into a URL (unspecified addresses shown as loopback)."""
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - naming the wildcard, not binding to it
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    return f"[{host}]" if ":" in host else host
 
 
 class Gateway:
     """One gatewayd node. Build with `Gateway(settings)`, then `await start()` / `await stop()`."""
 
-    def __init__(self, settings: Settings, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] | None = None,
+        login_pacing: float = DEFAULT_RESPONSE_FLOOR,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.log = make_logger(settings)
@@ -139,45 +190,128 @@ class Gateway:
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
         self.audit = build_audit_log(settings, self.metrics)
         self.listeners = Listeners(metrics_url=None)
+        self._clock = clock
+        self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
+        self.state = MemoryState(clock=clock)
+        self.sessions = build_session_registry(settings, clock, self._on_session_end)
+        self.authenticator: Authenticator = build_authenticator(
+            settings, state=self.state, audit_emit=self._emit_audit, response_floor=login_pacing
+        )
+        self.upstreams = UpstreamPool()
+        self._signer: AssertionSigner | None = None
+        self.https = HttpsFrontend(self) if settings.https.enabled else None
         self._runners: list[web.AppRunner] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = asyncio.Event()
+
+    # --- the frontends' view (gatewayd.https.context.FrontendContext) -------------------------
+
+    def clock(self) -> float:
+        return self._clock()
+
+    def wall_clock(self) -> datetime:
+        return self._wall_clock()
+
+    @property
+    def signer(self) -> AssertionSigner:
+        if self._signer is None:
+            raise RuntimeError("the assertion signer is loaded by Gateway.start()")
+        return self._signer
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.audit.start()
         try:
+            await self._start_services()
             await self._start_listeners()
         except BaseException:
             await self._close_everything()
             raise
         self._started = True
         self.metrics.config_last_reload_success.set(1)
-        self.log.info("gateway started", version=__version__, metrics=self.listeners.metrics_url)
+        self.log.info("gateway started", version=__version__, metrics=self.listeners.metrics_url,
+                      https=self.listeners.https_url)
+
+    async def _start_services(self) -> None:
+        """What the listeners depend on: audited TOTP enrollments, keys, upstream pools."""
+        settings = self.settings
+        if self.https is None:
+            return
+        await self.authenticator.totp.flush_enrollments()
+        try:
+            self._signer = await open_signer(
+                settings.gateway.state_dir, issuer=settings.https.public_url,
+                io_timeout=settings.directory.timeout.total_seconds(),
+                clock=lambda: self._wall_clock().timestamp(),
+            )
+            await self.upstreams.reconfigure(settings.upstreams)
+        except (AssertionKeyError, UpstreamConfigError) as exc:
+            raise GatewayError([str(exc)]) from None
+        self._spawn(self.sessions.sweep_forever(SESSION_SWEEP_INTERVAL), "gatewayd.sessions.sweep")
+        self._spawn(self.authenticator.totp.watch_enrollments(ENROLLMENT_WATCH_INTERVAL),
+                    "gatewayd.totp.enrollments")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
 
     async def _start_listeners(self) -> None:
         metrics = self.settings.metrics
+        metrics_url = None
         if metrics.enabled:
             app = metrics_app(self.metrics, self.readiness)
             runner, port = await serve_metrics(app, metrics.listen.host, metrics.listen.port)
             self._runners.append(runner)
-            host = metrics.listen.host
-            shown = f"[{host}]" if ":" in host else host
-            self.listeners = Listeners(metrics_url=f"http://{shown}:{port}/metrics")
+            metrics_url = f"http://{_url_host(metrics.listen.host)}:{port}/metrics"
+        https_url = await self._start_https() if self.https is not None else None
+        self.listeners = Listeners(metrics_url=metrics_url, https_url=https_url)
+
+    async def _start_https(self) -> str:
+        assert self.https is not None
+        https = self.settings.https
+        try:
+            context, profile = await asyncio.to_thread(server_context, https)
+        except TlsConfigError as exc:
+            raise GatewayError([str(exc)]) from None
+        try:
+            port = await self.https.start(context)
+        except OSError as exc:
+            raise GatewayError([f"https.listen {https.listen}: {exc.strerror or exc}"]) from None
+        self.log.debug("https listener up", tls_groups=profile.groups)
+        return f"https://{_url_host(https.listen.host)}:{port}"
 
     async def stop(self) -> None:
-        """Stop accepting, then close the audit log (its final checkpoint comes last)."""
+        """Stop accepting, end sessions, drain, close upstreams, close the audit log last."""
         self._started = False
         await self._close_everything()
         self.log.info("gateway stopped")
 
     async def _close_everything(self) -> None:
+        if self.https is not None:
+            with contextlib.suppress(Exception):
+                await self.https.stop_accepting()
+        self.sessions.end_all("shutdown")  # each writes session.end; WebSockets close now
+        if self.https is not None:
+            with contextlib.suppress(Exception):
+                await self.https.close()
+        with contextlib.suppress(Exception):
+            await self.upstreams.close()
+        await self._cancel_tasks()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
         await self.audit.close()
+
+    async def _cancel_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -233,6 +367,10 @@ class Gateway:
         self.metrics.config_last_reload_success.set(1)
         self.log.info("configuration reloaded")
         self._audit_best_effort("config.reload", status="success")
+        if self.https is not None:
+            closed = self.https.policy_changed()  # WebSockets the new policy denies close now
+            if closed:
+                self.log.info("closed WebSockets the new policy denies", count=closed)
         return True
 
     def _reject_reload(self, errors: list[str]) -> bool:
@@ -270,22 +408,46 @@ class Gateway:
             self.log.error("audit write failed", audit_event=event)
 
     def record_auth(
-        self, *, frontend: str, user: str, source_ip: str, ok: bool, reason: str | None = None
+        self, *, frontend: str, user: str, source_ip: str, ok: bool, reason: str | None = None,
+        locked: bool = False, step_up: bool = False, device: str | None = None,
+        session: str | None = None,
     ) -> None:
         """Record one authentication attempt: an audit record and a bounded metric.
 
-        The user name goes to the audit log only (escaped there); metrics never see it.
-        Raises AuditWriteError when the audit log is down and ``audit.on_failure = "deny"``:
-        the caller must then refuse the login (fail closed).
+        Event: ``auth.success``; ``auth.locked`` for a failure on (or that locked) a locked
+        account; else ``auth.failure``. Metric result: success / step_up (a successful
+        step-up) / locked / failure. The user name goes to the audit log only (escaped there);
+        metrics never see it. Raises AuditWriteError when the audit log is down and
+        ``audit.on_failure = "deny"``: the caller must then refuse the login (fail closed).
         """
-        result = "success" if ok else "failure"
-        fields: dict[str, object] = {"frontend": frontend, "user": user, "source_ip": source_ip}
-        if reason is not None:
-            fields["reason"] = reason
+        if ok:
+            event, result = "auth.success", "step_up" if step_up else "success"
+        elif locked:
+            event, result = "auth.locked", "locked"
+        else:
+            event, result = "auth.failure", "failure"
+        fields: dict[str, object] = {"frontend": frontend, "user": user, "source_ip": source_ip,
+                                     "reason": reason, "device": device, "session": session}
         # Audit first: if the record cannot be written the login is refused, and the metric
         # must not have counted a success that never happened.
-        self.audit.emit(f"auth.{result}", **fields)
+        self.audit.emit(event, **fields)
         self.metrics.auth_attempt(frontend, result)
+
+    def _emit_audit(self, event: str, /, **fields: object) -> object:
+        """`AuditLog.emit` for collaborators that take an emitter (raises like emit)."""
+        return self.audit.emit(event, **fields)
+
+    def _on_session_end(self, session: Session, reason: str) -> None:
+        """The registry's hook: ``session.end`` with duration and bytes, and the gauge."""
+        self.metrics.sessions_active.labels(session.frontend).set(
+            self.sessions.active(session.frontend))
+        duration = max(0.0, self._clock() - session.created)
+        self._audit_best_effort(
+            "session.end", frontend=session.frontend, user=session.user,
+            source_ip=session.source_ip, device=session.device, session=session.handle,
+            reason=reason, duration_ms=round(duration * 1000), bytes_up=session.bytes_up,
+            bytes_down=session.bytes_down,
+        )
 
     # --- health ------------------------------------------------------------------------------
 
@@ -294,4 +456,9 @@ class Gateway:
             return False, "starting or stopping"
         if not self.audit.healthy and self.settings.audit.on_failure == "deny":
             return False, "audit log cannot be written"
+        if self.https is not None:
+            if not self.https.listening:
+                return False, "https listener is not accepting"
+            if not await self.authenticator.directory.check():
+                return False, "directory cannot be read"
         return True, "ready"

@@ -35,6 +35,8 @@ def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
         "policy": {"dir": "policies"},
         "audit": {"path": "log/audit.log", "signing_key": "state/audit.key",
                   "checkpoint_interval": "1h"},
+        # The HTTPS listener has its own tests (tests/test_https_app.py, with certificates).
+        "https": {"enabled": False},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

@@ -213,5 +213,5 @@ def test_unusable_files_name_themselves(pki: Pki, tmp_path: Path, broken: str) -
 
 
 def test_a_missing_file_is_named(pki: Pki, tmp_path: Path) -> None:
-    with pytest.raises(TlsConfigError, match="nope.crt: No such file"):
+    with pytest.raises(TlsConfigError, match=r"nope\.crt: No such file"):
         server_context(HttpsSettings(cert_file=tmp_path / "nope.crt", key_file=pki.key_file))
