@@ -219,7 +219,9 @@ def write_gateway_config(tmp_path: Path, upstream_url: str, ca: trustme.CA,
         shutil.copytree(REPO / "policies", policies)
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    server = ca.issue_cert("127.0.0.1", "localhost")
+    # 90 days, like an ACME certificate: within every browser's and Mozilla's lifetime limits.
+    server = ca.issue_cert("127.0.0.1", "localhost",
+                           not_after=datetime.now(TOKYO) + timedelta(days=90))
     server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
     for pem in server.cert_chain_pems[1:]:
         pem.write_to_path(str(tmp_path / "server.crt"), append=True)
