@@ -14,10 +14,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from https_harness import Harness, running_gateway
 
 from gatewayd.certs import issue_server_cert, new_server_ca, save_pair
-
-from https_harness import Harness, running_gateway
 
 SSLYZE = os.environ.get("SSLYZE") or shutil.which("sslyze")
 pytestmark = pytest.mark.skipif(SSLYZE is None, reason="sslyze is not installed")
