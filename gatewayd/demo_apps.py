@@ -133,6 +133,7 @@ class AssertionTrust:
         self._source: JwksSource | None = None
         self.issuer: str | None = None
         self._cached: Mapping[str, Any] | None = None
+        self._failure: InvalidAssertionError | None = None
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
@@ -140,7 +141,7 @@ class AssertionTrust:
     def configure(self, source: JwksSource | None, issuer: str | None) -> None:
         """Point at a (new) gateway; forgets the cached key set."""
         self._source, self.issuer = source, issuer
-        self._cached, self._fetched_at = None, float("-inf")
+        self._cached, self._failure, self._fetched_at = None, None, float("-inf")
 
     async def close(self) -> None:
         if self._http is not None:
@@ -166,11 +167,17 @@ class AssertionTrust:
 
     async def _key_set(self, *, refresh: bool) -> Mapping[str, Any]:
         async with self._lock:  # one fetch at a time; the others use its result
-            if self._cached is None or (
-                refresh and self._clock() - self._fetched_at >= JWKS_REFRESH_INTERVAL
-            ):
+            recent = self._clock() - self._fetched_at < JWKS_REFRESH_INTERVAL
+            if self._cached is None and self._failure is not None and recent:
+                raise self._failure  # a gateway that is down is not asked on every request
+            if self._cached is None or (refresh and not recent):
                 self._fetched_at = self._clock()
-                self._cached = await self._load()
+                try:
+                    self._cached = await self._load()  # a failed refresh keeps the old keys
+                except InvalidAssertionError as exc:
+                    self._failure = exc
+                    raise
+                self._failure = None
             return self._cached
 
     async def _load(self) -> Mapping[str, Any]:

@@ -325,9 +325,16 @@ async def test_unreachable_jwks_is_reported(
     server, url = jwks_server
     server.status = 503
     async with await start_demo_apps(jwks_source=url, issuer=ISSUER, clock=clock) as running:
+        for _ in range(5):
+            body = await whoami(http, running, "groupware", as_user(signer, ALICE, "groupware"))
+            assert body["assertion"]["verified"] is False
+            assert "JWKS unavailable" in body["assertion"]["error"]
+        assert server.fetches == 1  # a gateway that is down is not asked on every request
+        server.status = 200
+        clock.now += JWKS_REFRESH_INTERVAL
         body = await whoami(http, running, "groupware", as_user(signer, ALICE, "groupware"))
-    assert body["assertion"]["verified"] is False
-    assert "JWKS unavailable" in body["assertion"]["error"]
+        assert body["assertion"]["verified"] is True
+        assert server.fetches == 2
 
 
 async def test_gateway_configured_after_start_with_a_coroutine_source(
@@ -683,3 +690,20 @@ async def test_closing_the_apps_closes_chat_members(http: aiohttp.ClientSession)
     assert message.type is aiohttp.WSMsgType.CLOSE
     assert message.data == aiohttp.WSCloseCode.GOING_AWAY
     await asyncio.wait_for(closing, 5)
+
+
+async def test_failed_refresh_keeps_the_known_keys(
+    jwks_server: tuple[JwksServer, str], http: aiohttp.ClientSession, signer: AssertionSigner,
+    clock: Clock,
+) -> None:
+    server, url = jwks_server
+    async with await start_demo_apps(jwks_source=url, issuer=ISSUER, clock=clock) as running:
+        assert (await whoami(http, running, "files", as_user(signer, ALICE, "files"))
+                )["assertion"]["verified"] is True
+        server.status = 503
+        clock.now += JWKS_REFRESH_INTERVAL
+        forged = await whoami(http, running, "files", as_user(new_signer(clock), ALICE, "files"))
+        assert forged["assertion"]["verified"] is False
+        assert server.fetches == 2  # the refresh was tried and failed
+        genuine = await whoami(http, running, "files", as_user(signer, ALICE, "files"))
+        assert genuine["assertion"]["verified"] is True
