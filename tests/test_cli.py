@@ -97,6 +97,7 @@ def test_run_with_a_port_in_use_exits_1_with_a_reason(tmp_path: Path) -> None:
         path.write_text(
             f'[metrics]\nlisten = "127.0.0.1:{port}"\n[policy]\ndir = "{REPO / "policies"}"\n'
             '[audit]\npath = "a/audit.log"\nsigning_key = "a/key"\n'
+            '[https]\nenabled = false\n'  # no certificates here; this is about the port
         )
         result = run_cli("run", "--config", str(path))
     assert result.returncode == 1
@@ -126,6 +127,7 @@ def test_run_refuses_an_unsafe_audit_setup_without_a_traceback(
     path.write_text(
         f'[metrics]\nlisten = "127.0.0.1:0"\n[policy]\ndir = "{REPO / "policies"}"\n'
         '[audit]\npath = "a/audit.log"\nsigning_key = "k/audit.key"\n'
+        '[https]\nenabled = false\n'  # no certificates here; this is about the audit log
     )
     first = subprocess.Popen([sys.executable, "-m", "gatewayd", "run", "--config", str(path)],
                              stderr=subprocess.PIPE, text=True)
