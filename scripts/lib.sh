@@ -87,3 +87,17 @@ ensure_venv() {
     printf '%s\n' "$want" >"$stamp"
   fi
 }
+
+# Graders the tests run as separate programs (sslyze pins its own cryptography/pydantic, so it
+# cannot share the project's venv): each gets a small venv of its own under .venv-tools/.
+ensure_tool() {
+  local name=$1 requirement=$2 python dir
+  dir="$REPO_ROOT/.venv-tools/$name"
+  if [[ ! -x $dir/bin/$name ]]; then
+    python=$(find_python) || return 1
+    say "installing $requirement into $dir"
+    "$python" -m venv "$dir" || return 1
+    "$dir/bin/python" -m pip install -q "$requirement" || return 1
+  fi
+  printf '%s\n' "$dir/bin/$name"
+}
