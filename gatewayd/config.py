@@ -179,9 +179,11 @@ OriginUrl = Annotated[str, _grammar(parse_http_url, "URL", "http://127.0.0.1:808
 HttpsOrigin = Annotated[str, _grammar(parse_https_url, "URL", "https://gateway.example.jp")]
 
 
-def _resolve_relative(value: Path, info: ValidationInfo) -> Path:
+def _resolve_relative(value: Path | None, info: ValidationInfo) -> Path | None:
     base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
-    return value if value.is_absolute() or base is None else (base / value)
+    if value is None or value.is_absolute() or not isinstance(base, Path):
+        return value
+    return base / value
 
 
 # --- the settings model ----------------------------------------------------------------------

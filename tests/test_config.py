@@ -247,3 +247,9 @@ def test_documented_example_is_valid_and_complete() -> None:
         return found
 
     assert keys(data, "") == set(_leaf_fields(Settings))
+
+
+def test_optional_paths_may_be_none_when_built_in_code() -> None:
+    from gatewayd.config import HttpsSettings  # noqa: PLC0415
+
+    assert HttpsSettings(client_ca_file=None).client_ca_file is None
