@@ -54,7 +54,7 @@ class ConfigError(Exception):
 # --- value grammars --------------------------------------------------------------------------
 
 _DURATION_UNITS = MappingProxyType({"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400})
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"(\d{1,12})(ms|s|m|h|d)")  # 12 digits: no float overflow
 _SIZE_UNITS = MappingProxyType({
     "B": 1,
     "KB": 1000, "MB": 1000**2, "GB": 1000**3,
