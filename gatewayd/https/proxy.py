@@ -428,7 +428,8 @@ class _BodyRefusedError(Exception):
 async def _request_body(
     request: web.BaseRequest, progress: _Progress, *, max_body: int, send_timeout: float
 ) -> AsyncIterator[bytes]:
-    """The client's body, chunk by chunk as it arrives, counted against ``max_body``."""
+    """The client's body, chunk by chunk as it arrives, counted against ``max_body``.
+    ``progress.bytes_up`` counts what was passed on: never the chunk that crossed the limit."""
     while True:
         try:
             async with asyncio.timeout(send_timeout):
@@ -444,10 +445,10 @@ async def _request_body(
             raise _BodyRefusedError from None
         if not chunk:
             return
-        progress.bytes_up += len(chunk)
-        if progress.bytes_up > max_body:
+        if progress.bytes_up + len(chunk) > max_body:
             progress.fail("request_too_large")
             raise _BodyRefusedError
+        progress.bytes_up += len(chunk)
         yield chunk
 
 
