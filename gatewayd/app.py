@@ -108,7 +108,7 @@ def load_policy_or_raise(settings: Settings) -> Policy:
         raise GatewayError([str(issue) for issue in exc.errors]) from None
 
 
-def build_audit_log(settings: Settings, metrics: Metrics) -> AuditLog:
+def build_audit_log(settings: Settings, metrics: Metrics, logger: Any) -> AuditLog:
     audit = settings.audit
     return AuditLog(
         audit.path,
@@ -123,6 +123,7 @@ def build_audit_log(settings: Settings, metrics: Metrics) -> AuditLog:
         checkpoint_every=audit.checkpoint_events,
         on_failure=audit.on_failure,
         metrics=metrics,
+        logger=logger,
     )
 
 
@@ -188,7 +189,7 @@ class Gateway:
         self.policy = load_policy_or_raise(settings)
         self.metrics = Metrics(services=self.policy.services, events=EVENT_NAMES)
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
-        self.audit = build_audit_log(settings, self.metrics)
+        self.audit = build_audit_log(settings, self.metrics, self.log)
         self.listeners = Listeners(metrics_url=None)
         self._clock = clock
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
