@@ -61,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        _run_loop(run_demo(args.state_dir, args.policies, args.metrics_port))
+        _run_loop(run_demo(args.state_dir, args.policies, https_port=args.https_port,
+                           metrics_port=args.metrics_port))
     except START_ERRORS as exc:
         return _report_start_error("gatewayd demo", exc)
     return EXIT_OK
@@ -90,6 +91,13 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port number, 0 meaning "pick a free one"."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return int(text)
+
+
 def _add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, default=default_config_path(),
@@ -114,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where generated state goes (default ./demo-state)")
     demo.add_argument("--policies", type=Path, default=Path("policies"),
                       help="policy directory (default ./policies, the shipped ward example)")
-    demo.add_argument("--metrics-port", type=int, default=0,
+    demo.add_argument("--https-port", type=_port, default=0,
+                      help="HTTPS port on 127.0.0.1 (default 0 = pick a free one)")
+    demo.add_argument("--metrics-port", type=_port, default=0,
                       help="metrics/health port on 127.0.0.1 (default 0 = pick a free one)")
     demo.set_defaults(func=cmd_demo)
 

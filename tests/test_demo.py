@@ -1,20 +1,28 @@
-"""Tests for gatewayd.demo: the demo process comes up, describes itself, and stops cleanly."""
+"""Tests for gatewayd.demo: the demo process comes up, a user logs in through it, it stops cleanly."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
+import ssl
+import stat
 import subprocess
 import sys
 import time
 import tomllib
-import urllib.request
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiohttp
+import pyotp
+import pytest
+
 from gatewayd.audit import verify_files
-from gatewayd.demo import TOUR, tour_lines, write_demo_config
+from gatewayd.demo import TOUR, toml_string, tour_lines
 from gatewayd.policy import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,36 +47,85 @@ def test_tour_shows_the_ward_policy_at_work() -> None:
     ]
 
 
-def test_demo_process_runs_describes_itself_and_stops(tmp_path: Path) -> None:
-    state = tmp_path / "demo-state"
+@pytest.mark.parametrize("text", ["plain", "ポリシー \U0001f3e2", 'say "hi"\\now', "tab\there"])
+def test_toml_string_round_trips(text: str) -> None:
+    assert tomllib.loads(f"v = {toml_string(text)}")["v"] == text
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], Path]]:
+    """One `gatewayd demo` process for the module's tests, stopped with Ctrl-C at the end."""
+    state = tmp_path_factory.mktemp("demo") / "demo-state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "demo", "--state-dir", str(state)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while not (state / "demo.json").exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "demo.json never appeared"
             time.sleep(0.05)
-        description = json.loads((state / "demo.json").read_text())
-        with urllib.request.urlopen(description["metrics_url"], timeout=5) as resp:
-            assert b"gatewayd_build_info" in resp.read()
-        assert set(description["users"]) == {"alice", "bob", "carol"}
+        yield json.loads((state / "demo.json").read_text()), state
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert sum(" -> " in line for line in out.splitlines()) == len(TOUR)
+        assert "alice" in out and "Ctrl-C" in out
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, err
-    # Which decisions the tour shows depends on the hour (approval closes at night and at
-    # weekends); the decisions themselves are checked at a fixed time above.
-    assert sum(" -> " in line for line in out.splitlines()) == len(TOUR)
-    assert verify_files([Path(description["audit_log"])]).ok
 
 
-def test_demo_config_survives_unusual_policy_paths(tmp_path: Path) -> None:
-    policies = tmp_path / "ポリシー \U0001f3e2 \"quoted\""
-    config = write_demo_config(tmp_path / "state", policies, 0)
-    assert tomllib.loads(config.read_text())["policy"]["dir"] == str(policies.resolve())
+def test_demo_json_has_the_contract_keys(demo: tuple[dict[str, Any], Path]) -> None:
+    description, state = demo
+    assert {"https_url", "ssh_port", "metrics_url", "admin_socket", "ca_cert", "audit_log",
+            "policies", "users"} <= set(description)
+    assert set(description["users"]) == {"alice", "bob", "carol"}
+    assert description["users"]["bob"]["groups"] == ["telework-managers"]
+    for private in ("demo.json", "demo-secrets.json", "users.toml", "totp.key"):
+        assert stat.S_IMODE((state / private).stat().st_mode) == 0o600, private
+
+
+async def login(client: aiohttp.ClientSession, base: str, user: dict[str, Any], name: str) -> None:
+    async with client.get(f"{base}.gatewayd/login?next=/groupware/") as resp:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', await resp.text())
+    assert token is not None
+    form = {"username": name, "password": user["password"],
+            "code": pyotp.TOTP(user["totp_secret"]).now(), "csrf_token": token.group(1),
+            "next": "/groupware/"}
+    async with client.post(f"{base}.gatewayd/login", data=form, allow_redirects=False,
+                           headers={"Origin": base.rstrip("/")}) as resp:
+        assert resp.status in (302, 303), await resp.text()
+        assert resp.headers["Location"] == "/groupware/"
+
+
+async def test_alice_logs_in_and_reaches_groupware_but_not_approval(
+    demo: tuple[dict[str, Any], Path],
+) -> None:
+    description, _ = demo
+    base = description["https_url"]
+    tls = ssl.create_default_context(cafile=description["ca_cert"])
+    json_headers = {"Accept": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as client:
+        async with client.get(f"{base}groupware/whoami", headers=json_headers) as resp:
+            assert resp.status == 401  # not logged in yet
+        await login(client, base, description["users"]["alice"], "alice")
+        async with client.get(f"{base}groupware/whoami", headers=json_headers) as resp:
+            assert resp.status == 200
+            whoami = await resp.json()
+        assert whoami["headers"]["X-Gatewayd-User"] == "alice"
+        assert whoami["headers"]["X-Gatewayd-Groups"] == "telework-staff"
+        assert whoami["assertion"]["verified"] is True
+        assert "__Host-gatewayd_session" not in whoami["cookies"]
+        async with client.post(f"{base}approval/requests/1/approve", headers=json_headers) as resp:
+            assert resp.status == 403
+
+
+def test_audit_log_of_the_running_demo_verifies(demo: tuple[dict[str, Any], Path]) -> None:
+    description, _ = demo
+    result = verify_files([Path(description["audit_log"])])
+    assert result.ok, result.problem
+    events = [json.loads(line)["event"] for line in Path(description["audit_log"]).read_text().splitlines()]
+    assert {"auth.success", "session.start", "mfa.enroll"} <= set(events)
