@@ -65,7 +65,7 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "demo", "config check", "policy check", "policy explain", "audit verify", "audit query"]
+    "command", ["run", "demo", "config check", "policy check", "policy explain", "audit verify", "audit query", "mfa enroll", "mfa code", "users hash-password"]
 )
 def test_contract_commands_exist(command: str) -> None:
     with pytest.raises(SystemExit) as info:
