@@ -13,15 +13,20 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
+from aiohttp.http_exceptions import TransferEncodingError
+from aiohttp.streams import StreamReader
 from aiohttp.test_utils import make_mocked_request
 from yarl import URL
 
@@ -269,6 +274,11 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
         yield session
+
+
+def proxy_idle(gateway: Gateway) -> bool:
+    upstream_ = gateway.pool.get("app")
+    return upstream_ is None or upstream_.active == 0
 
 
 def duration(seconds: float) -> Any:
@@ -749,6 +759,44 @@ async def test_broken_upstream_responses_are_502(
         server.close()
 
 
+@pytest.fixture
+async def tls_upstream(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """An https:// upstream with a certificate from a private CA; yields (url, CA file)."""
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(context)
+    ca_file = tmp_path / "internal-ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    runner = web.AppRunner(upstream_app(UpstreamState()), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    yield f"https://127.0.0.1:{runner.addresses[0][1]}", ca_file
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("trust_ca", "status", "error"),
+                         [(True, 200, None), (False, 502, "upstream_tls_error")])
+async def test_https_upstream_is_verified_against_its_ca(
+    tls_upstream: tuple[str, Path], client: aiohttp.ClientSession,
+    trust_ca: bool, status: int, error: str | None,
+) -> None:
+    url, ca_file = tls_upstream
+    settings = UpstreamSettings(url=url, tls_ca_file=ca_file if trust_ca else None)
+    pool = await UpstreamPool.open({"app": settings})
+    gateway = Gateway("", pool, [], asyncio.get_running_loop().create_future(), [])
+    runner, gateway.url = await serve(gateway_app(pool, gateway, max_body=0, send_timeout=5))
+    try:
+        async with client.get(gateway.url + "/echo") as response:
+            assert response.status == status
+        outcome = await gateway.outcome()
+        assert (outcome.status, outcome.error) == (status, error)
+    finally:
+        await runner.cleanup()
+        await pool.close()
+
+
 async def test_stale_keepalive_connection_is_retried_once_for_get() -> None:
     """The first connection answers one request and is closed by the upstream while idle;
     the next GET must not see a 502 for it."""
@@ -849,6 +897,67 @@ async def test_client_vanishing_during_upload(
     writer.transport.abort()
     outcome = await gateway.outcome()
     assert (outcome.status, outcome.error) == (499, "client_disconnected")
+
+
+async def test_client_silent_during_upload_gets_408(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory,
+) -> None:
+    gateway = await make_gateway(upstream[0], send_timeout=0.2)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    async with asyncio.timeout(5):
+        status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"408"
+    outcome = await gateway.outcome()
+    assert (outcome.status, outcome.error) == (408, "client_timeout")
+
+
+async def test_broken_chunked_upload_never_completes_upstream(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory,
+) -> None:
+    """Broken framing mid-body (a real socket): the upstream request is never completed and
+    the client gets a 4xx (aiohttp 3.14 does not hand the framing error to a streaming
+    reader, so it is the send_timeout that ends the wait: 408)."""
+    gateway = await make_gateway(upstream[0], send_timeout=0.3)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n")
+    await writer.drain()
+    for _ in range(100):  # the body is streaming upstream: the handler is running
+        if not proxy_idle(gateway):
+            break
+        await asyncio.sleep(0.01)
+    writer.write(b"zz\r\n")  # not a chunk size
+    async with asyncio.timeout(5):
+        status_line = await reader.readline()
+    writer.close()
+    outcome = await gateway.outcome()
+    assert (int(status_line.split()[1]), outcome.status) in ((400, 400), (408, 408))
+    assert outcome.error in ("bad_request_body", "client_timeout")
+
+
+async def test_client_body_framing_error_is_400(upstream: tuple[str, UpstreamState]) -> None:
+    """The mapping itself, with a request body stream that fails as aiohttp's parser fails."""
+    pool = await UpstreamPool.open({"app": UpstreamSettings(url=upstream[0])})
+    upstream_ = pool.get("app")
+    assert upstream_ is not None
+    protocol = mock.Mock(_reading_paused=False)
+    body = StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())
+    body.feed_data(b"hello")
+    body.set_exception(TransferEncodingError("Not enough data to satisfy transfer length"))
+    request = make_mocked_request("PUT", "/echo", headers={"Transfer-Encoding": "chunked"},
+                                  payload=body)
+    outcomes: list[ProxyOutcome] = []
+    try:
+        response = await proxy.proxy_http(request, upstream=upstream_, headers={},
+                                          max_body=1000, on_finish=outcomes.append)
+    finally:
+        await pool.close()
+    assert response.status == 400
+    assert [(o.status, o.error) for o in outcomes] == [(400, "bad_request_body")]
 
 
 async def test_on_finish_failure_is_logged_not_raised(

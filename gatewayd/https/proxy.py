@@ -23,12 +23,15 @@ Outcomes, as nginx users know them (``error`` is a fixed word, safe for audit an
 situation                           status  ``error``
 ==================================  ======  ===============================================
 completed                           (any)   None
+target not ``/path?query``          400     ``bad_request_target``
+broken chunked framing from client  400     ``bad_request_body``
 TRACE / CONNECT                     405     ``method_not_allowed``
 body over ``max_body``              413     ``request_too_large`` (by Content-Length before
                                             contacting the upstream, or while streaming)
 client silent while uploading       408     ``client_timeout``
 client gone before a response       499     ``client_disconnected`` (nginx's 499; nobody
                                             receives it)
+handler cancelled (shutdown)        499     ``cancelled``
 connection refused                  502     ``upstream_refused`` (immediate)
 DNS / no route / other socket error 502     ``upstream_unreachable``
 no connection in ``connect_timeout`` 502    ``upstream_connect_timeout`` (CONFIGURATION.md:
@@ -38,6 +41,12 @@ closed before response headers      502     ``upstream_disconnected``
 malformed / oversized headers       502     ``upstream_bad_response``
 no response in ``read_timeout``     504     ``upstream_timeout``
 ==================================  ======  ===============================================
+
+WebSocket (`proxy_websocket`): 101 once bridged, then ``error`` is None for a clean close by
+either side, ``session_ended`` when the session ended, ``client_disconnected`` /
+``upstream_disconnected`` for a peer that vanished; before bridging, 401 ``session_ended``
+(raced a logout), 400 ``not_websocket``, the upstream's own 4xx or 502
+``upstream_refused_websocket`` for a refused handshake, and the 502/504 rows above.
 
 Once the response has started the status cannot change any more: if the upstream then dies,
 stalls past ``read_timeout`` or sends a broken body, the client connection is **aborted**
