@@ -569,6 +569,34 @@ async def test_content_length_over_limit_is_413_without_contacting_upstream(
     assert (outcome.status, outcome.error) == (413, "request_too_large")
 
 
+@pytest.mark.parametrize(("content_length", "body_complete", "keep_alive"),
+                         [("2000", False, False), ("2000", True, True)])
+async def test_any_error_renderer_gets_connection_close_when_a_body_is_left_unread(
+    upstream: tuple[str, UpstreamState], content_length: str, body_complete: bool,
+    keep_alive: bool,
+) -> None:
+    pool = await UpstreamPool.open({"app": UpstreamSettings(url=upstream[0])})
+    upstream_ = pool.get("app")
+    assert upstream_ is not None
+    body = StreamReader(mock.Mock(_reading_paused=False), 2**16,
+                        loop=asyncio.get_running_loop())
+    body.feed_data(b"x" * 10)
+    if body_complete:
+        body.feed_eof()
+    request = make_mocked_request("POST", "/echo", headers={"Content-Length": content_length},
+                                  payload=body)
+    try:
+        response = await proxy.proxy_http(
+            request, upstream=upstream_, headers={}, max_body=1000, on_finish=lambda _: None,
+            error_response=lambda status, error: web.json_response({"error": error},
+                                                                   status=status),
+        )
+    finally:
+        await pool.close()
+    assert response.status == 413
+    assert response.keep_alive is (None if keep_alive else False)
+
+
 @pytest.mark.parametrize(("size", "expected"), [(1000, 200), (1001, 413), (5 * MiB, 413)])
 async def test_chunked_body_is_counted_against_the_limit(
     upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory, size: int, expected: int,
@@ -591,19 +619,19 @@ async def test_chunked_body_is_counted_against_the_limit(
     sender = asyncio.create_task(send_body(), name="chunked-sender")
     try:
         async with asyncio.timeout(10):
-            status_line = await reader.readline()
+            head = await reader.readuntil(b"\r\n\r\n")
             if not sender.done():
                 sender.cancel()  # stops between two chunks (cancelled only while draining)
                 await asyncio.gather(sender, return_exceptions=True)
                 # End the body instead of vanishing: otherwise the gateway keeps reading and
                 # discarding for aiohttp's lingering_time (10 s) so that clients see the 413.
                 writer.write(b"0\r\n\r\n")
-            if expected == 413:
-                await reader.read()  # the gateway closes the connection after its 413
+            if b"connection: close" in head.lower():
+                await reader.read()  # until the gateway has closed its side
     finally:
         sender.cancel()
         writer.close()
-    assert status_line.split()[1] == str(expected).encode()
+    assert head.split()[1] == str(expected).encode()
     outcome = await gateway.outcome()
     assert outcome.status == expected
     if expected == 413:

@@ -137,15 +137,11 @@ ErrorResponse = Callable[[int, str], web.StreamResponse]
 def plain_error_response(status: int, error: str) -> web.StreamResponse:
     """Default gateway error response: short text, not cached, like nginx's error pages."""
     reason = _REASONS.get(status, "Error")
-    response = web.Response(
+    return web.Response(
         status=status,
         text=f"{status} {reason}\n",
         headers={"Cache-Control": "no-store"},
     )
-    if status in (408, 413):
-        # The unread rest of the body is still on the wire: don't reuse this connection.
-        response.force_close()
-    return response
 
 
 _REASONS: Final = {
@@ -520,7 +516,13 @@ async def _proxy_http(
     def refuse(status: int, error: str) -> web.StreamResponse:
         progress.status = status
         progress.fail(error)
-        return error_response(status, error)
+        response = error_response(status, error)
+        if request.body_exists and not request.content.is_eof():
+            # The unread rest of the body is still on the wire: whatever renders the error,
+            # this connection must not carry another request (aiohttp still drains it for
+            # a while so the client can read the response, as nginx's lingering close does).
+            response.force_close()
+        return response
 
     if request.method in _REFUSED_METHODS:
         return refuse(405, "method_not_allowed")
