@@ -75,6 +75,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Final
 
 import aiohttp
@@ -144,10 +145,10 @@ def plain_error_response(status: int, error: str) -> web.StreamResponse:
     )
 
 
-_REASONS: Final = {
+_REASONS: Final = MappingProxyType({
     400: "Bad Request", 401: "Unauthorized", 405: "Method Not Allowed", 408: "Request Timeout",
     413: "Content Too Large", 502: "Bad Gateway", 504: "Gateway Timeout",
-}
+})
 
 
 # --- the pool --------------------------------------------------------------------------------
@@ -457,8 +458,8 @@ async def _request_body(
         yield chunk
 
 
-_BODY_STATUS: Final = {"request_too_large": 413, "client_timeout": 408,
-                       "bad_request_body": 400, "client_disconnected": 499}
+_BODY_STATUS: Final = MappingProxyType({"request_too_large": 413, "client_timeout": 408,
+                                        "bad_request_body": 400, "client_disconnected": 499})
 
 
 async def proxy_http(
@@ -538,8 +539,10 @@ async def _proxy_http(
             data=body, allow_redirects=False,
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
-        if progress.error in _BODY_STATUS:  # the client's body, not the upstream, failed
-            return refuse(_BODY_STATUS[progress.error], progress.error)
+        body_error = progress.error
+        if body_error is not None and body_error in _BODY_STATUS:
+            # The client's body, not the upstream, failed.
+            return refuse(_BODY_STATUS[body_error], body_error)
         return refuse(*_classify(exc))
     try:
         return await _relay_response(request, upstream_response, send_timeout, progress)
