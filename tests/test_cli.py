@@ -98,6 +98,7 @@ def test_run_with_a_port_in_use_exits_1_with_a_reason(tmp_path: Path) -> None:
             f'[metrics]\nlisten = "127.0.0.1:{port}"\n[policy]\ndir = "{REPO / "policies"}"\n'
             '[audit]\npath = "a/audit.log"\nsigning_key = "a/key"\n'
             '[https]\nenabled = false\n'  # no certificates here; this is about the port
+            '[gateway]\nstate_dir = "state"\n'
         )
         result = run_cli("run", "--config", str(path))
     assert result.returncode == 1
@@ -109,7 +110,8 @@ def test_run_with_a_broken_policy_exits_1_naming_file_and_line(tmp_path: Path) -
     (tmp_path / "pol").mkdir()
     (tmp_path / "pol" / "bad.yaml").write_text("rules:\n  - id: r1\n    effect: perhaps\n")
     path = tmp_path / "gatewayd.toml"
-    path.write_text('[policy]\ndir = "pol"\n[audit]\npath = "a/audit.log"\nsigning_key = "a/key"\n')
+    path.write_text('[policy]\ndir = "pol"\n[audit]\npath = "a/audit.log"\nsigning_key = "a/key"\n'
+                    '[gateway]\nstate_dir = "state"\n')
     result = run_cli("run", "--config", str(path))
     assert result.returncode == 1
     assert "bad.yaml:" in result.stderr
@@ -128,6 +130,7 @@ def test_run_refuses_an_unsafe_audit_setup_without_a_traceback(
         f'[metrics]\nlisten = "127.0.0.1:0"\n[policy]\ndir = "{REPO / "policies"}"\n'
         '[audit]\npath = "a/audit.log"\nsigning_key = "k/audit.key"\n'
         '[https]\nenabled = false\n'  # no certificates here; this is about the audit log
+        '[gateway]\nstate_dir = "state"\n'
     )
     first = subprocess.Popen([sys.executable, "-m", "gatewayd", "run", "--config", str(path)],
                              stderr=subprocess.PIPE, text=True)
