@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import shutil
 import signal
 import ssl
 import stat
@@ -26,6 +29,7 @@ from gatewayd.demo import TOUR, toml_string, tour_lines
 from gatewayd.policy import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
+USED_SECRETS: list[str] = []  # TOTP codes and session cookies the tests used on the demo
 
 
 def test_tour_shows_the_ward_policy_at_work() -> None:
@@ -52,9 +56,25 @@ def test_toml_string_round_trips(text: str) -> None:
     assert tomllib.loads(f"v = {toml_string(text)}")["v"] == text
 
 
+SSLYZE = os.environ.get("SSLYZE") or shutil.which("sslyze")
+
+
+def secrets_of(description: dict[str, Any], state: Path) -> list[str]:
+    """Every secret the demo knows: none may appear in its output or its audit log."""
+    found = [description["device"]["p12_password"]]
+    for user in description["users"].values():
+        found += [user["password"], user["totp_secret"]]
+    found += [line.split()[-1] for line in (state / "totp.key").read_text().splitlines()]
+    return found
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], Path]]:
-    """One `gatewayd demo` process for the module's tests, stopped with Ctrl-C at the end."""
+    """One `gatewayd demo` process for the module's tests, stopped with Ctrl-C at the end.
+
+    At the end it also checks that no secret reached the operational log (stderr) or the audit
+    log — passwords, TOTP secrets and the codes used in the tests, the session cookie.
+    """
     state = tmp_path_factory.mktemp("demo") / "demo-state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "demo", "--state-dir", str(state)],
@@ -66,12 +86,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, A
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "demo.json never appeared"
             time.sleep(0.05)
-        yield json.loads((state / "demo.json").read_text()), state
+        description = json.loads((state / "demo.json").read_text())
+        yield description, state
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert sum(" -> " in line for line in out.splitlines()) == len(TOUR)
         assert "alice" in out and "Ctrl-C" in out
+        audit = Path(description["audit_log"]).read_text()
+        for secret in [*secrets_of(description, state), *USED_SECRETS]:
+            assert secret not in err, "a secret reached the operational log"
+            assert secret not in audit, "a secret reached the audit log"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -95,10 +120,12 @@ async def login(client: aiohttp.ClientSession, base: str, user: dict[str, Any], 
     form = {"username": name, "password": user["password"],
             "code": pyotp.TOTP(user["totp_secret"]).now(), "csrf_token": token.group(1),
             "next": "/groupware/"}
+    USED_SECRETS.append(form["code"])
     async with client.post(f"{base}.gatewayd/login", data=form, allow_redirects=False,
                            headers={"Origin": base.rstrip("/")}) as resp:
         assert resp.status in (302, 303), await resp.text()
         assert resp.headers["Location"] == "/groupware/"
+        USED_SECRETS.append(resp.cookies["__Host-gatewayd_session"].value)
 
 
 async def test_alice_logs_in_and_reaches_groupware_but_not_approval(
@@ -129,3 +156,20 @@ def test_audit_log_of_the_running_demo_verifies(demo: tuple[dict[str, Any], Path
     assert result.ok, result.problem
     events = [json.loads(line)["event"] for line in Path(description["audit_log"]).read_text().splitlines()]
     assert {"auth.success", "session.start", "mfa.enroll"} <= set(events)
+
+
+@pytest.mark.skipif(SSLYZE is None, reason="sslyze is not installed (scripts/test installs it)")
+async def test_sslyze_says_the_demo_is_mozilla_intermediate_compliant(
+    demo: tuple[dict[str, Any], Path],
+) -> None:
+    assert SSLYZE is not None
+    description, _ = demo
+    target = description["https_url"].removeprefix("https://").rstrip("/")
+    process = await asyncio.create_subprocess_exec(
+        SSLYZE, "--mozilla_config=intermediate", f"--certinfo_ca_file={description['ca_cert']}",
+        target, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 300)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert "OK - Compliant" in text and "Not compliant" not in text, text
