@@ -11,8 +11,10 @@ say() { printf '%s\n' "$*" >&2; }
 # Debian packages the test suite drives for real (later issues add slapd, redis-server,
 # openssh-server, nginx, chromium, ...). Each entry is "package:command-or-file-that-proves-it".
 # The policy and audit tests evaluate office hours in Asia/Tokyo: they need the zone database.
+# The browser journey drives Debian's chromium (Playwright uses it; it downloads no browser).
 TEST_PACKAGES=(
   "tzdata:/usr/share/zoneinfo/Asia/Tokyo"
+  "chromium:chromium"
 )
 
 missing_packages() {
