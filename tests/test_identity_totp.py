@@ -259,7 +259,7 @@ def test_root_running_the_cli_hands_files_to_the_daemon_user(tmp_path: Path) -> 
     state.mkdir(mode=0o700)
     os.chown(state, 4242, 4242)
     SecretStore(state).enroll("alice")
-    for name in ("totp.key", "totp-secrets.json"):
+    for name in ("totp.key", "totp-secrets.json", "totp-secrets.json.lock"):
         assert (state / name).stat().st_uid == 4242
 
 
@@ -485,3 +485,19 @@ async def test_store_timeout_fails_closed(store: SecretStore, monkeypatch: pytes
             await verifier.verify("alice", "123456", NOW)
     finally:
         release.set()
+
+
+def test_a_failed_write_leaves_the_old_store_and_no_debris(store: SecretStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.enroll("alice")
+    before = store.path.read_bytes()
+
+    def broken_chown(path: Path, state_dir: Path) -> None:
+        if path.name.endswith(".tmp"):
+            assert path.read_bytes()  # the new version was written...
+            raise OSError(28, "No space left on device")  # ...but never replaces the store
+
+    monkeypatch.setattr(totp, "_give_to_state_dir_owner", broken_chown)
+    with pytest.raises(OSError, match="No space"):
+        store.enroll("bob")
+    assert store.path.read_bytes() == before
+    assert sorted(p.name for p in store.state_dir.iterdir()) == ["totp-secrets.json", "totp-secrets.json.lock", "totp.key"]

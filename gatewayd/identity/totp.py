@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import pyotp
@@ -159,26 +160,25 @@ def _give_to_state_dir_owner(path: Path, state_dir: Path) -> None:
 
 
 def _write_private(path: Path, data: bytes, *, exclusive: bool) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from birth, durably and atomically."""
-    if exclusive:
-        target = path
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    else:
-        target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    fd = os.open(target, flags, 0o600)
+    """Write ``data`` to ``path`` with mode 0600 from birth, durably.
+
+    ``exclusive``: create ``path`` itself and fail if it exists (a key is never overwritten);
+    otherwise write a temporary file and rename it over ``path`` (readers never see half).
+    """
+    target = path if exclusive else path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _give_to_state_dir_owner(target, path.parent)
+        if target != path:
+            os.replace(target, path)
     except BaseException:
-        os.close(fd)
         with contextlib.suppress(OSError):
             target.unlink()
         raise
-    os.close(fd)
-    _give_to_state_dir_owner(target, path.parent)
-    if target != path:
-        os.replace(target, path)
     _fsync_directory(path.parent)
 
 
@@ -316,6 +316,8 @@ class SecretStore:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            # A lock file root created must stay usable by the daemon marking audits.
+            _give_to_state_dir_owner(self._lock_path, self.state_dir)
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -399,10 +401,10 @@ class SecretStore:
                                  "(corrupted or tampered)") from None
 
 
-_ENTRY_TYPES: Final[Mapping[str, type]] = {
+_ENTRY_TYPES: Final[Mapping[str, type]] = MappingProxyType({
     "user": str, "enrollment": str, "enrolled_at": str, "operator": str, "replaced": bool,
     "audited": bool, "nonce": str, "ciphertext": str,
-}
+})
 
 
 def _well_formed(name: str, entry: object) -> bool:
