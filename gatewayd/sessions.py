@@ -163,6 +163,7 @@ class SessionRegistry:
         self._clock = clock
         self._on_end = on_end
         self._by_hash: dict[str, Session] = {}
+        self._by_user: dict[str, list[Session]] = {}  # limits and end_user without a scan
 
     # --- creating and resolving ------------------------------------------------------------
 
@@ -194,6 +195,7 @@ class SessionRegistry:
             device=device, device_user=device_user, created=now, last_seen=now, mfa_at=now,
         )
         self._by_hash[id_hash] = session
+        self._by_user.setdefault(principal.user, []).append(session)
         return raw_id, session
 
     def get(self, raw_id: str) -> Session | None:
@@ -252,8 +254,7 @@ class SessionRegistry:
         if session.ended is not None:
             return
         session.ended = reason
-        if self._by_hash.get(session.id_hash) is session:
-            del self._by_hash[session.id_hash]
+        self._unindex(session)
         closers, session._closers = session._closers, []
         for closer in closers:
             _run_closer(session, closer, reason)
@@ -264,7 +265,7 @@ class SessionRegistry:
 
     def end_user(self, user: str, reason: str) -> int:
         """End every session of ``user``; returns how many were ended."""
-        victims = [s for s in self._by_hash.values() if s.principal.user == user]
+        victims = list(self._by_user.get(user, ()))
         for session in victims:
             self.end(session, reason)
         return len(victims)
@@ -322,7 +323,16 @@ class SessionRegistry:
                 return raw_id, id_hash
 
     def _count_user(self, user: str) -> int:
-        return sum(1 for s in self._by_hash.values() if s.principal.user == user)
+        return len(self._by_user.get(user, ()))
+
+    def _unindex(self, session: Session) -> None:
+        if self._by_hash.get(session.id_hash) is session:
+            del self._by_hash[session.id_hash]
+        same_user = self._by_user.get(session.principal.user)
+        if same_user is not None and session in same_user:
+            same_user.remove(session)
+            if not same_user:
+                del self._by_user[session.principal.user]
 
     def _expiry_reason(self, session: Session, now: float) -> str | None:
         # The absolute lifetime wins: a session both idle and too old ended because it was old.

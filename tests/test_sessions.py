@@ -372,3 +372,16 @@ def test_byte_accounting() -> None:
 def test_bad_limits_are_refused(options: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="session"):
         Harness(**options)
+
+
+def test_ending_frees_the_per_user_slot_and_leaves_no_index_behind() -> None:
+    h = Harness(per_user=1)
+    for reason in ("logout", "admin_kill", "policy_changed"):
+        _, session = h.login()
+        with pytest.raises(PerUserLimit):
+            h.login()
+        h.registry.end(session, reason)
+    h.login(BOB)
+    h.clock.now += 900
+    h.registry.sweep()
+    assert h.registry._by_user == {} and h.registry._by_hash == {}
