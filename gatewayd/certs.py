@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import re
 import secrets
 import string
@@ -68,6 +67,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from gatewayd.files import atomic_write
 
 DEVICE_USER_URI_PREFIX: Final = "gatewayd:user:"
 
@@ -513,42 +514,6 @@ def certificates_pem(certs: Iterable[x509.Certificate]) -> bytes:
 
 
 # --- files --------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
-
-    The temporary file is created with ``mode`` (``O_EXCL``, no symlink followed), so a key is
-    never readable by others, not even briefly. Without ``overwrite`` an existing ``path``
-    raises FileExistsError: re-running a command must not silently replace a CA key that 50
-    PCs already trust.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temporary, flags, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # the umask may have narrowed a 0644 file
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)  # fails if path exists, unlike rename
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_private_key(

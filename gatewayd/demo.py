@@ -42,6 +42,7 @@ from gatewayd.app import Gateway
 from gatewayd.certs import DemoPki, ensure_demo_pki
 from gatewayd.config import load_settings
 from gatewayd.demo_apps import DemoApps, start_demo_apps
+from gatewayd.files import atomic_write
 from gatewayd.identity.filedir import hash_password
 from gatewayd.identity.totp import AlreadyEnrolled, SecretStore
 from gatewayd.policy import AccessRequest, Policy, decide
@@ -105,11 +106,8 @@ def free_loopback_port() -> int:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file readable by the owner only, from the start (no window with looser mode)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
+    """Replace a file readable by the owner only (0600 from its first byte, atomically)."""
+    atomic_write(path, text.encode("utf-8"), mode=0o600, overwrite=True)
 
 
 def load_or_create_secrets(state_dir: Path) -> DemoSecrets:
@@ -232,10 +230,8 @@ def tour_lines(policy: Policy, now: datetime) -> list[str]:
 
 
 def write_description(state_dir: Path, description: Mapping[str, object]) -> None:
-    # Written whole and renamed: scripts polling for demo.json never read half a file.
-    partial = state_dir / "demo.json.partial"
-    write_private(partial, json.dumps(description, indent=2) + "\n")
-    partial.replace(state_dir / "demo.json")
+    # Written atomically: scripts polling for demo.json never read half a file.
+    write_private(state_dir / "demo.json", json.dumps(description, indent=2) + "\n")
 
 
 def welcome_lines(gateway: Gateway, state_dir: Path, description: Mapping[str, object],

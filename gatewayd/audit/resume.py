@@ -34,7 +34,7 @@ from typing import Any
 
 from gatewayd.audit import files
 from gatewayd.audit.chain import check_line
-from gatewayd.audit.signing import fsync_directory
+from gatewayd.files import fsync_directory
 
 
 class AuditResumeError(Exception):

@@ -26,7 +26,6 @@ import binascii
 import contextlib
 import hashlib
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gatewayd.audit.chain import canonical_json
+from gatewayd.files import exposure, fsync_directory
 
 CHECKPOINT_DOMAIN: Final = b"gatewayd-audit-checkpoint-v1\n"
 PUBLIC_KEY_SUFFIX: Final = ".pub"
@@ -92,15 +92,6 @@ def public_pem(public_key: Ed25519PublicKey) -> bytes:
     )
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a create/rename inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _create_private_key(path: Path) -> Ed25519PrivateKey:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
@@ -116,12 +107,9 @@ def _create_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def _read_private_key(path: Path) -> Ed25519PrivateKey:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise AuditKeyError(
-            f"audit signing key {path} is accessible by group/others (mode {mode:04o}); "
-            "run chmod 600 on it"
-        )
+    problem = exposure(path, "audit signing key")
+    if problem is not None:
+        raise AuditKeyError(problem)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:

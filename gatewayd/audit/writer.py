@@ -100,12 +100,12 @@ from gatewayd.audit.events import (
 )
 from gatewayd.audit.resume import ResumePoint, find_resume_point, lock_for_writing
 from gatewayd.audit.signing import (
-    fsync_directory,
     key_id,
     load_or_create_signing_key,
     publish_public_key,
     sign_checkpoint,
 )
+from gatewayd.files import fsync_directory
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

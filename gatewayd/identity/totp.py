@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import secrets
-import stat
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
@@ -62,6 +61,7 @@ import pyotp
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gatewayd.files import exposure, fsync_directory
 from gatewayd.identity.directory import lookup_key
 from gatewayd.state.store import StateStore
 
@@ -142,14 +142,6 @@ def time_step(now: float) -> int:
 # --- files ------------------------------------------------------------------------------------
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _give_to_state_dir_owner(path: Path, state_dir: Path) -> None:
     """When root runs the CLI, hand new files to the daemon's user (the state dir's owner)."""
     if os.geteuid() != 0:
@@ -179,14 +171,13 @@ def _write_private(path: Path, data: bytes, *, exclusive: bool) -> None:
         with contextlib.suppress(OSError):
             target.unlink()
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _check_private(path: Path, what: str) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise TotpStoreError(f"{what} {path} is accessible by group/others (mode {mode:04o}); "
-                             "run chmod 600 on it")
+    problem = exposure(path, what)
+    if problem is not None:
+        raise TotpStoreError(problem)
 
 
 def read_key(path: Path) -> bytes:
