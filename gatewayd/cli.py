@@ -21,10 +21,10 @@ from gatewayd.audit import AuditKeyError, AuditResumeError, AuditWriteError
 from gatewayd.audit import cli as audit_cli
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
 from gatewayd.demo import run_demo
+from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.identity import cli as identity_cli
 from gatewayd.policy import cli as policy_cli
 
-EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
 
 

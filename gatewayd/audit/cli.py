@@ -33,13 +33,11 @@ from gatewayd.audit.query import json_line, query_files, table_header, table_row
 from gatewayd.audit.signing import AuditKeyError
 from gatewayd.audit.verify import VerifyResult, verify_files
 from gatewayd.audit.writer import DEFAULT_TIMEZONE
+from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK, EXIT_USAGE
 
 _NOT_A_LOG: Final = re.compile(
     r".*(\.pub|\.pub\.[0-9a-f]{16}|\.torn-[0-9T.]+(-\d+)?|\.tmp|\.lock)"
 )
-EXIT_OK: Final = 0
-EXIT_NEGATIVE: Final = 1
-EXIT_USAGE: Final = 2
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -39,11 +39,11 @@ from typing import Final, TextIO
 import segno
 
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
+from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK, EXIT_USAGE
 from gatewayd.identity.directory import MAX_PASSWORD_CHARS, lookup_key, normalize_password
 from gatewayd.identity.filedir import UserEntry, UsersFileError, hash_password, load_users_file
 from gatewayd.identity.totp import PERIOD, AlreadyEnrolled, SecretStore, TotpStoreError
 
-EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
 MIN_PASSWORD_CHARS: Final = 8
 DEMO_MARKER: Final = "demo.json"
 

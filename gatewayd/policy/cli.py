@@ -25,15 +25,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK, EXIT_USAGE
+
 from .errors import PolicyError
 from .explain import explain, format_explanation
 from .loader import load_policy, policy_files
 from .model import HttpService, Policy, Service, TcpService
 from .request import AccessRequest
 
-EXIT_OK = 0
-EXIT_NEGATIVE = 1
-EXIT_USAGE = 2
 DEFAULT_SOURCE = "192.0.2.1"
 
 
