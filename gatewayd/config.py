@@ -404,6 +404,19 @@ def load_settings(path: Path) -> Settings:
     return settings_from_mapping(data, source=source, base_dir=path.resolve().parent)
 
 
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string, for the programs that write config-like files.
+
+    Quotes, backslashes and every control character (DEL included, which TOML forbids raw)
+    are ``\\uXXXX`` escapes; everything else, astral characters included, stays literal.
+    """
+    escaped = "".join(
+        f"\\u{ord(ch):04x}" if ch in '"\\' or ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        for ch in text
+    )
+    return f'"{escaped}"'
+
+
 def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
     """``$GATEWAYD_CONFIG`` if set, else ``/etc/gatewayd/gatewayd.toml``."""
     value = environ.get(CONFIG_ENV)

@@ -44,6 +44,7 @@ from typing import Any, Final, TypeVar, cast
 from argon2 import Parameters, PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from gatewayd.config import toml_string
 from gatewayd.identity.directory import DirectoryUnavailable, lookup_key, normalize_password
 from gatewayd.identity.principal import Principal
 
@@ -230,23 +231,15 @@ def load_users_file(path: Path) -> dict[str, UserEntry]:
     return parse_users(text, str(path))
 
 
-def _toml_string(text: str) -> str:
-    escaped = "".join(
-        f"\\u{ord(ch):04x}" if ch in '"\\' or ord(ch) < 0x20 or ord(ch) == 0x7F else ch
-        for ch in text
-    )
-    return f'"{escaped}"'
-
-
 def render_users(entries: Iterable[UserEntry]) -> str:
     """The TOML text of a users file holding ``entries`` (for the demo and for tests)."""
     lines = ["# gatewayd users file: see `gatewayd users hash-password`", ""]
     for entry in entries:
-        lines.append(f"[users.{_toml_string(entry.name)}]")
-        lines.append(f"password_hash = {_toml_string(entry.password_hash)}")
-        groups = ", ".join(_toml_string(g) for g in sorted(entry.groups))
+        lines.append(f"[users.{toml_string(entry.name)}]")
+        lines.append(f"password_hash = {toml_string(entry.password_hash)}")
+        groups = ", ".join(toml_string(g) for g in sorted(entry.groups))
         lines.append(f"groups = [{groups}]")
-        attributes = ", ".join(f"{k} = {_toml_string(v)}"
+        attributes = ", ".join(f"{k} = {toml_string(v)}"
                                for k, v in sorted(entry.attributes.items()))
         lines.append(f"attributes = {{ {attributes} }}" if attributes else "attributes = {}")
         lines.append(f"disabled = {'true' if entry.disabled else 'false'}")
