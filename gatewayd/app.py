@@ -409,7 +409,8 @@ class Gateway:
             self.log.error("audit write failed", audit_event=event)
 
     def record_auth(
-        self, *, frontend: str, user: str, source_ip: str, ok: bool, reason: str | None = None,
+        self, *, frontend: str, user: str | None, source_ip: str, ok: bool,
+        reason: str | None = None,
         locked: bool = False, step_up: bool = False, device: str | None = None,
         session: str | None = None,
     ) -> None:

@@ -83,6 +83,18 @@ async def test_every_wrong_factor_gets_the_same_answer(gw: Harness) -> None:
     assert reasons >= {"bad_password", "bad_code", "unknown_or_disabled_user"}
 
 
+async def test_a_name_that_is_no_account_is_not_audited(gw: Harness) -> None:
+    """People type their password into the user-name field; the audit log keeps it for years."""
+    typed = "Tr0ub4dor&3-typed-as-name"
+    status, _, _ = await gw.login(gw.client(), typed, password="x", code="000000")
+    assert status == 401
+    failure = gw.audit_events("auth.failure")[-1]
+    assert failure["reason"] == "unknown_or_disabled_user" and "user" not in failure
+    assert typed not in gw.gateway.settings.audit.path.read_text()
+    status, _, _ = await gw.login(gw.client(), "ALICE", password="wrong-password")
+    assert gw.audit_events("auth.failure")[-1]["user"] == "alice"  # real accounts: canonical
+
+
 async def test_a_replayed_code_gets_the_generic_answer(gw: Harness) -> None:
     code = gw.code("alice")
     assert (await gw.login(gw.client(), "alice", code=code))[0] == 303

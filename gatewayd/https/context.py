@@ -50,7 +50,7 @@ class FrontendContext(Protocol):
         ...
 
     def record_auth(
-        self, *, frontend: str, user: str, source_ip: str, ok: bool,
+        self, *, frontend: str, user: str | None, source_ip: str, ok: bool,
         reason: str | None = None, locked: bool = False, step_up: bool = False,
         device: str | None = None, session: str | None = None,
     ) -> None:

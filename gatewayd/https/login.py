@@ -168,8 +168,10 @@ class AuthPages:
                       device: DeviceIdentity | None) -> web.Response:
         username = form["username"]
         try:
+            # The name as typed is recorded only when it names a real account: people type
+            # their password into the user-name field, and the audit log is kept for years.
             self._ctx.record_auth(
-                frontend=FRONTEND, user=result.user or username, source_ip=source_ip,
+                frontend=FRONTEND, user=result.user or None, source_ip=source_ip,
                 ok=False, reason=result.detail or result.reason,
                 locked=result.reason == "locked" or result.lockout_started,
                 device=device.device_id if device else None,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, Literal
 
 from gatewayd.audit import AuditWriteError
@@ -61,8 +61,9 @@ class LoginResult:
     reason: "ok", or why not (see the module docstring). Show one generic message for
         "bad_credentials" and "replayed_code".
     retry_after: seconds until a "locked"/"throttled" name or source may try again.
-    user: the canonical user name when the account is known, else the name as typed (for
-        the audit log's ``user`` field).
+    user: the canonical user name when the directory confirmed the account, else "" — never
+        the name as typed: people type their password into the user-name field, and this
+        goes to the audit log's ``user`` field, which is kept for years.
     detail: finer cause for audit and operators, never for the person signing in:
         unknown_or_disabled_user, bad_password, bad_code, not_enrolled, replayed_code,
         account_gone, directory_unavailable, totp_store_unavailable, audit_unavailable,
@@ -142,7 +143,7 @@ class Authenticator:
         """
         attempt = await self.regulator.begin(username, source_ip)
         if isinstance(attempt, Refusal):
-            return _refused(attempt, username)
+            return _refused(attempt, await self._account_name(username))
         try:
             result, outcome = await check()
         except BaseException:
@@ -163,12 +164,13 @@ class Authenticator:
         try:
             principal = await self.directory.authenticate(username, password)
         except DirectoryUnavailable:
-            return _unavailable(username, "directory_unavailable"), None
+            return _unavailable("", "directory_unavailable"), None
         user = principal.user if principal is not None else username
         # Same work whether or not the password was right (and whoever the user is).
         step, unavailable = await self._code_step(user, code, now)
         if unavailable is not None:
-            return unavailable, None
+            # Only a confirmed account's name may reach the audit log (see `LoginResult`).
+            return (unavailable if principal else replace(unavailable, user="")), None
         if principal is None:
             return await self._login_failure(username), False
         if step is None and not await self.totp.enrolled(user):
@@ -176,14 +178,18 @@ class Authenticator:
                                detail="not_enrolled"), False
         return await self._second_factor(principal, step)
 
-    async def _login_failure(self, username: str) -> LoginResult:
-        """Name the cause for the audit log (one lookup; the page is the same either way)."""
+    async def _account_name(self, username: str) -> str:
+        """The canonical name if ``username`` names an account, else "" (see `LoginResult`)."""
         try:
             known = await self.directory.lookup(username)
         except DirectoryUnavailable:
-            known = None
-        detail = "bad_password" if known is not None else "unknown_or_disabled_user"
-        user = known.user if known is not None else username
+            return ""
+        return known.user if known is not None else ""
+
+    async def _login_failure(self, username: str) -> LoginResult:
+        """Name the cause for the audit log (one lookup; the page is the same either way)."""
+        user = await self._account_name(username)
+        detail = "bad_password" if user else "unknown_or_disabled_user"
         return LoginResult(False, None, "bad_credentials", user=user, detail=detail)
 
     async def _check_step_up(self, principal: Principal, code: str,
