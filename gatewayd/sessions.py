@@ -32,7 +32,8 @@ Frontend = Literal["https", "ssh"]
 EndReason = Literal["logout", "idle_timeout", "expired", "admin_kill", "policy_changed",
                     "shutdown"]
 END_REASONS: Final[frozenset[str]] = frozenset(
-    {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown"}
+    {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown",
+     "replaced"}
 )
 Closer = Callable[[str], None]
 """Called once with the end reason when the session ends; must not block."""
@@ -176,15 +177,21 @@ class SessionRegistry:
         device: str | None = None,
         device_user: str | None = None,
         now: float | None = None,
+        replace_oldest: bool = False,
     ) -> tuple[str, Session]:
         """Start a session after a successful login (password + TOTP, so ``mfa_at = now``).
 
         Returns ``(raw_id, session)``; the raw id goes to the client and is forgotten here.
         Raises `SeatsFull` or `PerUserLimit`; sessions already past their timeouts are ended
-        first so they never hold a seat.
+        first so they never hold a seat. With ``replace_oldest``, a user at the per-user cap
+        does not get `PerUserLimit`: their oldest sessions end with reason ``"replaced"``
+        instead — newest login wins, so someone whose browser crashed (its cookie gone, its
+        session still counted) is not locked out until the idle timeout.
         """
         now = self._clock() if now is None else now
         self.sweep(now)
+        if replace_oldest:
+            self._make_room_for(principal.user)
         if len(self._by_hash) >= self.max_concurrent:
             raise SeatsFull(self.max_concurrent)
         if self._count_user(principal.user) >= self.per_user:
@@ -197,6 +204,11 @@ class SessionRegistry:
         self._by_hash[id_hash] = session
         self._by_user.setdefault(principal.user, []).append(session)
         return raw_id, session
+
+    def _make_room_for(self, user: str) -> None:
+        while self._count_user(user) >= self.per_user:
+            oldest = min(self._by_user[user], key=lambda session: session.created)
+            self.end(oldest, "replaced")
 
     def get(self, raw_id: str) -> Session | None:
         """The live session for a raw id, or None (unknown, or expired — which ends it now)."""

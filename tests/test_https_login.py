@@ -233,3 +233,18 @@ async def test_the_seat_limit_is_a_clear_refusal(tmp_path: Path) -> None:
         status, body, _ = await gw.login(gw.client(), "bob")
         assert status == 503 and "All 1 remote-access seats are in use" in body
         assert gw.audit_events("auth.failure")[-1]["reason"] == "seats_full"
+
+
+async def test_newest_login_wins_over_a_lost_session(tmp_path: Path) -> None:
+    """per_user = 1: a browser that crashed must not lock its user out until the idle timeout."""
+    async for gw in running_gateway(tmp_path, sessions={"per_user": 1}):
+        first = await gw.signed_in("alice")
+        gw.clock.advance(31)  # a new code step: each code works once
+        second = await gw.signed_in("alice")
+        async with second.get(gw.base + "/groupware/", allow_redirects=False) as resp:
+            assert resp.status == 200
+        async with first.get(gw.base + "/groupware/", allow_redirects=False,
+                             headers={"Accept": "application/json"}) as resp:
+            assert resp.status == 401
+        ends = [e for e in gw.audit_events("session.end") if e["user"] == "alice"]
+        assert [e["reason"] for e in ends] == ["replaced"]

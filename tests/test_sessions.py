@@ -110,6 +110,31 @@ def test_per_user_limit_counts_both_frontends() -> None:
         h.login(frontend="https")
 
 
+@pytest.mark.parametrize("per_user", [1, 2, 3])
+def test_replace_oldest_ends_the_oldest_sessions_of_that_user_only(per_user: int) -> None:
+    h = Harness(per_user=per_user)
+    bob_raw, _ = h.login(BOB)
+    olds = []
+    for _ in range(per_user):
+        olds.append(h.login(ALICE)[0])
+        h.clock.now += 1
+    raw, session = h.registry.create(ALICE, frontend="https", source_ip="192.0.2.8",
+                                     replace_oldest=True)
+    assert h.registry.get(raw) is session
+    assert h.registry.get(olds[0]) is None  # the oldest made room
+    assert all(h.registry.get(old) is not None for old in olds[1:])
+    assert h.registry.get(bob_raw) is not None
+    assert [(s.user, r) for s, r in h.ended] == [("alice", "replaced")]
+
+
+def test_replacing_never_bypasses_the_seat_limit() -> None:
+    h = Harness(max_concurrent=1, per_user=1)
+    h.login(BOB)
+    with pytest.raises(SeatsFull):
+        h.registry.create(ALICE, frontend="https", source_ip="192.0.2.8", replace_oldest=True)
+    assert h.ended == []
+
+
 def test_expired_sessions_do_not_hold_seats() -> None:
     h = Harness(max_concurrent=1)
     h.login(BOB)
@@ -249,7 +274,7 @@ def test_unknown_end_reason_is_a_programming_error() -> None:
 
 
 def test_end_reasons_are_the_contract() -> None:
-    assert {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown"} == END_REASONS
+    assert {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown", "replaced"} == END_REASONS
 
 
 def test_end_user_and_end_all() -> None:
