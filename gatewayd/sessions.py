@@ -73,7 +73,9 @@ def hash_session_id(raw_id: str) -> str:
 class Session:
     """One authenticated session. Identity is by object (``eq=False``), not by value.
 
-    id_hash: SHA-256 hex of the raw id (the registry's key; safe to show to admins).
+    id_hash: SHA-256 hex of the raw id (the registry's key); changes when the id is rotated.
+    handle: a random, non-secret name for logs, audit, admin listings and CSRF binding; it
+        stays the same for the session's whole life, across id rotations.
     created, last_seen, mfa_at: clock seconds of login, last activity, last TOTP check.
     ended: the end reason once the session has ended, else None.
     """
@@ -87,6 +89,7 @@ class Session:
     created: float
     last_seen: float
     mfa_at: float
+    handle: str = field(default_factory=lambda: secrets.token_hex(8))
     bytes_up: int = 0
     bytes_down: int = 0
     ended: str | None = None
@@ -95,11 +98,6 @@ class Session:
     @property
     def user(self) -> str:
         return self.principal.user
-
-    @property
-    def handle(self) -> str:
-        """A short, non-secret name for logs, audit and admin listings (id_hash prefix)."""
-        return self.id_hash[:16]
 
     def mfa_age(self, now: float) -> float:
         """Seconds since the last successful TOTP check (for `AccessRequest.mfa_age`)."""
@@ -224,13 +222,14 @@ class SessionRegistry:
         return session
 
     def by_handle(self, handle: str) -> Session | None:
-        """The live session whose id_hash starts with ``handle`` (admin kill), if exactly one.
+        """The live session whose handle starts with ``handle`` (admin kill), if exactly one.
 
         Admin handles are at least 8 hex digits so one cannot kill by a guessed short prefix.
         """
         if len(handle) < 8:
             return None
-        matches = [s for h, s in self._by_hash.items() if h.startswith(handle.lower())]
+        wanted = handle.lower()
+        matches = [s for s in self._by_hash.values() if s.handle.startswith(wanted)]
         return matches[0] if len(matches) == 1 else None
 
     def rotate(self, session: Session) -> str:

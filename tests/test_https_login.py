@@ -248,3 +248,28 @@ async def test_newest_login_wins_over_a_lost_session(tmp_path: Path) -> None:
             assert resp.status == 401
         ends = [e for e in gw.audit_events("session.end") if e["user"] == "alice"]
         assert [e["reason"] for e in ends] == ["replaced"]
+
+
+async def test_step_up_gives_a_new_session_id_and_the_old_one_stops_working(gw: Harness) -> None:
+    client = await gw.signed_in("bob")
+    cookie = "__Host-gatewayd_session"
+    before = next(c.value for c in client.cookie_jar if c.key == cookie)
+    gw.clock.advance(6 * 60)
+    async with client.get(gw.base + "/.gatewayd/stepup?next=/approval/") as resp:
+        token = csrf_token(await resp.text(), "/.gatewayd/stepup")
+    async with client.post(gw.base + "/.gatewayd/stepup", allow_redirects=False,
+                           headers={"Origin": gw.base},
+                           data={"code": gw.code("bob"), "csrf_token": token,
+                                 "next": "/approval/"}) as resp:
+        assert resp.status == 303
+        after = resp.cookies[cookie].value
+    assert after != before
+    handles = {e["session"] for e in gw.audit_events() if e.get("user") == "bob" and "session" in e}
+    assert len(handles) == 1  # the audit trail still sees one session
+    stale = gw.client()
+    stale.cookie_jar.update_cookies({cookie: before}, URL(gw.base))
+    async with stale.get(gw.base + "/approval/", headers={"Accept": "application/json"},
+                         allow_redirects=False) as resp:
+        assert resp.status == 401
+    async with client.get(gw.base + "/approval/", allow_redirects=False) as resp:
+        assert resp.status == 200

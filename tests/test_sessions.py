@@ -72,7 +72,18 @@ def test_new_session_fields() -> None:
     assert (s.user, s.frontend, s.source_ip, s.device, s.device_user) == ("alice", "ssh", "2001:db8::1", "dev-1", "alice")
     assert s.created == s.last_seen == s.mfa_at == 123.0
     assert (s.bytes_up, s.bytes_down, s.ended) == (0, 0, None)
-    assert s.handle == s.id_hash[:16]
+    assert re.fullmatch(r"[0-9a-f]{16}", s.handle) and s.handle not in s.id_hash
+
+
+def test_rotation_changes_the_id_but_not_the_handle() -> None:
+    h = Harness()
+    old_raw, session = h.login()
+    handle, old_hash = session.handle, session.id_hash
+    new_raw = h.registry.rotate(session)
+    assert h.registry.get(old_raw) is None
+    assert h.registry.get(new_raw) is session
+    assert session.handle == handle and session.id_hash != old_hash
+    assert h.ended == []  # rotation is not an end
 
 
 @pytest.mark.parametrize(
@@ -372,9 +383,11 @@ def test_by_handle() -> None:
     _, a = h.login(ALICE)
     _, b = h.login(BOB)
     assert h.registry.by_handle(a.handle) is a
-    assert h.registry.by_handle(b.id_hash.upper()) is b
+    assert h.registry.by_handle(b.handle.upper()) is b
+    assert h.registry.by_handle(b.handle[:8]) is b
     assert h.registry.by_handle(a.handle[:7]) is None  # too short to be a deliberate choice
-    assert h.registry.by_handle("f" * 64 if not a.id_hash.startswith("f" * 8) else "0" * 64) is None
+    assert h.registry.by_handle(b.id_hash) is None  # handles are not id prefixes
+    assert h.registry.by_handle("g" * 16) is None
 
 
 def test_byte_accounting() -> None:

@@ -251,7 +251,7 @@ class HttpsFrontend:
         body = pages.portal_page(
             user=session.user, display_name=session.principal.attributes.get("display_name"),
             entries=entries, device=caller.device.device_id if caller.device else None,
-            logout_token=self.csrf.issue("logout", session.id_hash),
+            logout_token=self.csrf.issue("logout", session.handle),
         )
         return web.Response(text=body, content_type="text/html")
 

@@ -245,8 +245,8 @@ class AuthPages:
                      error: str | None = None) -> web.Response:
         return _html(pages.stepup_page(
             user=session.user, next_path=next_path, error=error,
-            csrf_token=self._csrf.issue("stepup", session.id_hash),
-            logout_token=self._csrf.issue("logout", session.id_hash),
+            csrf_token=self._csrf.issue("stepup", session.handle),
+            logout_token=self._csrf.issue("logout", session.handle),
         ), status)
 
     async def stepup_submit(self, request: web.Request, session: Session,
@@ -256,7 +256,7 @@ class AuthPages:
         except FormError as exc:
             return self._form_error(request, exc)
         next_path = safe_next(form["next"])
-        refusal = self._refuse_forgery(request, form["csrf_token"], "stepup", session.id_hash)
+        refusal = self._refuse_forgery(request, form["csrf_token"], "stepup", session.handle)
         if refusal is not None:
             return self._stepup_page(session, next_path, status=403, error=refusal)
         result = await self._step_up(session, form["code"])
@@ -275,7 +275,11 @@ class AuthPages:
             if result.principal is not None:
                 session.principal = result.principal  # the directory's current groups
             self._ctx.sessions.mark_mfa(session)
-            return _redirect(next_path)
+            # A privilege change gets a new session id (OWASP): a copy of the old cookie, made
+            # before the fresh code was typed, cannot use the stepped-up session.
+            response = _redirect(next_path)
+            set_cookie(response, session_cookie_header(self._ctx.sessions.rotate(session)))
+            return response
         return self._stepup_failed(session, result, next_path)
 
     def _stepup_failed(self, session: Session, result: LoginResult,
@@ -311,7 +315,7 @@ class AuthPages:
     async def logout_form(self, request: web.Request, session: Session | None) -> web.Response:
         if session is None:
             return _redirect(pages.LOGIN_PATH, 302)
-        token = self._csrf.issue("logout", session.id_hash)
+        token = self._csrf.issue("logout", session.handle)
         return _html(pages.logout_page(user=session.user, csrf_token=token))
 
     async def logout_submit(self, request: web.Request, session: Session | None) -> web.Response:
@@ -321,9 +325,9 @@ class AuthPages:
             return self._form_error(request, exc)
         if session is not None:
             refusal = self._refuse_forgery(request, form["csrf_token"], "logout",
-                                           session.id_hash)
+                                           session.handle)
             if refusal is not None:
-                token = self._csrf.issue("logout", session.id_hash)
+                token = self._csrf.issue("logout", session.handle)
                 return _html(pages.logout_page(user=session.user, csrf_token=token), 403)
             self._ctx.sessions.end(session, "logout")
         response = _redirect(f"{pages.LOGIN_PATH}?signed_out=1")
