@@ -48,6 +48,7 @@ from gatewayd.identity.authenticator import (
     Authenticator,
     build_authenticator,
 )
+from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.metrics import Metrics, metrics_app, serve_metrics
 from gatewayd.policy import Policy, PolicyError, load_policy
 from gatewayd.sessions import Session, SessionRegistry
@@ -251,8 +252,42 @@ class Gateway:
         except (AssertionKeyError, UpstreamConfigError) as exc:
             raise GatewayError([str(exc)]) from None
         self._spawn(self.sessions.sweep_forever(SESSION_SWEEP_INTERVAL), "gatewayd.sessions.sweep")
+        self._spawn(self._refresh_principals_forever(
+            settings.directory.refresh_interval.total_seconds()), "gatewayd.sessions.refresh")
         self._spawn(self.authenticator.totp.watch_enrollments(ENROLLMENT_WATCH_INTERVAL),
                     "gatewayd.totp.enrollments")
+
+    async def refresh_principals(self) -> int:
+        """Re-read every session's user from the directory; end those it no longer knows.
+
+        A disabled or deleted account loses its sessions (and their WebSockets) here instead
+        of keeping them until the absolute timeout; changed groups or attributes apply to the
+        next request. A directory that is down changes nothing (sessions stay as they were,
+        new logins fail closed). Returns the number of sessions ended.
+        """
+        directory = self.authenticator.directory
+        ended = 0
+        for user in sorted({session.user for session in self.sessions.sessions()}):
+            try:
+                principal = await directory.lookup(user)
+            except DirectoryUnavailable:
+                self.log.warning("directory unavailable; sessions not refreshed")
+                return ended
+            if principal is None:
+                ended += self.sessions.end_user(user, "directory_revoked")
+                continue
+            for session in self.sessions.sessions():
+                if session.user == user:
+                    session.principal = principal
+        return ended
+
+    async def _refresh_principals_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh_principals()
+            except Exception:  # keep refreshing; a bad round must not stop the task
+                self.log.exception("session refresh failed")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=name)

@@ -297,6 +297,7 @@ class DirectorySettings(_Section):
     backend: Literal["file"] = "file"
     file: Path = Path("/etc/gatewayd/users.toml")
     timeout: Interval = timedelta(seconds=5)
+    refresh_interval: Interval = timedelta(minutes=5)
 
     _resolve = field_validator("file", mode="after")(_resolve_relative)
 

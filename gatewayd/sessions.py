@@ -33,7 +33,7 @@ EndReason = Literal["logout", "idle_timeout", "expired", "admin_kill", "policy_c
                     "shutdown"]
 END_REASONS: Final[frozenset[str]] = frozenset(
     {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown",
-     "replaced"}
+     "replaced", "directory_revoked"}
 )
 Closer = Callable[[str], None]
 """Called once with the end reason when the session ends; must not block."""

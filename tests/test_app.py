@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from https_harness import Harness, running_gateway
 
 from gatewayd.app import Gateway, GatewayError
 from gatewayd.audit import AuditWriteError, verify_files
@@ -270,3 +271,45 @@ def test_daemon_reloads_on_sighup_and_stops_cleanly_on_sigterm(
     assert daemon.wait(timeout=15) == 0
     assert verify_files([log]).ok
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "audit.checkpoint"
+
+
+# --- open sessions follow the directory ---------------------------------------------------
+
+
+@pytest.fixture
+async def https_gw(tmp_path: Path) -> AsyncIterator[Harness]:
+    async for harness in running_gateway(tmp_path):
+        yield harness
+
+
+async def test_a_disabled_user_loses_open_sessions_at_the_next_refresh(https_gw: Harness) -> None:
+    gw = https_gw
+    alice, bob = await gw.signed_in("alice"), await gw.signed_in("bob")
+    users = gw.config.parent / "users.toml"
+    users.write_text(users.read_text().replace(
+        '[users.bob]', '[users.bob]\ndisabled = true', 1))
+    assert await gw.gateway.refresh_principals() == 1
+    json_only = {"Accept": "application/json"}
+    async with bob.get(gw.base + "/groupware/", headers=json_only) as resp:
+        assert resp.status == 401
+    async with alice.get(gw.base + "/groupware/", headers=json_only) as resp:
+        assert resp.status == 200
+    ends = [(e["user"], e["reason"]) for e in gw.audit_events("session.end")]
+    assert ends == [("bob", "directory_revoked")]
+
+
+async def test_changed_groups_apply_to_open_sessions(https_gw: Harness) -> None:
+    gw = https_gw
+    alice = await gw.signed_in("alice")
+    put = {"Accept": "application/json"}
+    async with alice.put(gw.base + "/files/shared/x.txt", data=b"x", headers=put) as resp:
+        assert resp.status == 403  # staff: files are read-only
+    users = gw.config.parent / "users.toml"
+    text = users.read_text()
+    start = text.index("[users.alice]")
+    alice_block = text[start:text.index("[users.", start + 1)]
+    users.write_text(text.replace(alice_block, alice_block.replace(
+        '"telework-staff"', '"telework-managers"')))
+    assert await gw.gateway.refresh_principals() == 0
+    async with alice.put(gw.base + "/files/shared/x.txt", data=b"x", headers=put) as resp:
+        assert resp.status != 403
