@@ -53,6 +53,7 @@ from gatewayd.metrics import Metrics, metrics_app, serve_metrics
 from gatewayd.policy import Policy, PolicyError, load_policy
 from gatewayd.sessions import Session, SessionRegistry
 from gatewayd.state import MemoryState
+from gatewayd.tasks import cancel_and_wait
 
 AUDIT_FAILURE_REASON = "audit_unavailable"
 
@@ -343,11 +344,7 @@ class Gateway:
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)
 
     def request_stop(self) -> None:
         self._stopping.set()

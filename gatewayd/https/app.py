@@ -62,6 +62,7 @@ from gatewayd.https.portal import portal_entries
 from gatewayd.https.redirects import safe_next
 from gatewayd.https.tls import device_of
 from gatewayd.sessions import Session
+from gatewayd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,7 @@ class HttpsFrontend:
         """Wait for requests in flight (up to ``gateway.shutdown_grace``), then release all."""
         task, self._recheck = self._recheck, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
