@@ -239,7 +239,9 @@ async def test_every_answer_is_paced_to_the_floor(tmp_path: Path, hashes: dict[s
 
 async def test_pacing_makes_unknown_and_known_accounts_take_the_same_time(tmp_path: Path, hashes: dict[str, str]) -> None:
     world = World(tmp_path, hashes, RegulationPolicy(failures_before_backoff=1000, lockout_after=100))
-    world.auth = build_auth_with_real_clock(world, floor=0.2)
+    # A floor well above the cheap test hashes' cost: the assertion is about the pacer, and a
+    # busy CI machine (tests run in parallel) must not push a check past the floor.
+    world.auth = build_auth_with_real_clock(world, floor=0.4)
 
     async def duration(user: str) -> float:
         start = time.perf_counter()
@@ -248,7 +250,7 @@ async def test_pacing_makes_unknown_and_known_accounts_take_the_same_time(tmp_pa
 
     known = [await duration("alice") for _ in range(3)]
     unknown = [await duration("nobody") for _ in range(3)]
-    assert min(known + unknown) >= 0.2
+    assert min(known + unknown) >= 0.4
     assert abs(statistics.median(known) - statistics.median(unknown)) < 0.08
 
 
