@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -132,6 +133,10 @@ def _restrict_groups(context: ssl.SSLContext) -> str:
 
 
 def _set_groups_list(context: ssl.SSLContext, groups: str) -> bool:
+    # Only where PySSLContext's layout is known (PyObject_HEAD, then SSL_CTX *): CPython 3.11
+    # to 3.14. Elsewhere, or if the layout check below fails, the P-256 fallback is used.
+    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
+        return False
     try:
         import _ssl  # noqa: PLC0415 - the C module that links libssl, only needed here
 
