@@ -39,6 +39,7 @@ from pydantic import BaseModel
 from gatewayd import __version__
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
 from gatewayd.config import ConfigError, Settings, load_settings
+from gatewayd.emergency import WATCH_INTERVAL, EmergencyStop
 from gatewayd.https.app import HttpsFrontend
 from gatewayd.https.assertion import AssertionKeyError, AssertionSigner, open_signer
 from gatewayd.https.proxy import UpstreamConfigError, UpstreamPool
@@ -201,6 +202,8 @@ class Gateway:
             settings, state=self.state, audit_emit=self._emit_audit, response_floor=login_pacing
         )
         self.upstreams = UpstreamPool()
+        self.emergency = EmergencyStop(settings, self.sessions, emit=self._emit_audit,
+                                       refresh_directory=self.refresh_principals)
         self._signer: AssertionSigner | None = None
         self.https = HttpsFrontend(self) if settings.https.enabled else None
         self._runners: list[web.AppRunner] = []
@@ -257,6 +260,7 @@ class Gateway:
             settings.directory.refresh_interval.total_seconds()), "gatewayd.sessions.refresh")
         self._spawn(self.authenticator.totp.watch_enrollments(ENROLLMENT_WATCH_INTERVAL),
                     "gatewayd.totp.enrollments")
+        self._spawn(self.emergency.watch(WATCH_INTERVAL), "gatewayd.emergency")
 
     async def refresh_principals(self) -> int:
         """Re-read every session's user from the directory; end those it no longer knows.
@@ -312,6 +316,7 @@ class Gateway:
             context, profile = await asyncio.to_thread(server_context, https)
         except TlsConfigError as exc:
             raise GatewayError([str(exc)]) from None
+        self.emergency.attach(context)  # later device CRLs are loaded into this context
         try:
             port = await self.https.start(context)
         except OSError as exc:
@@ -384,8 +389,13 @@ class Gateway:
         """Re-read config and policy; keep the old ones if the new ones are invalid.
 
         Reading and compiling run in a thread: a large policy takes a few hundred ms to
-        compile, and every open connection would stall that long on the loop.
+        compile, and every open connection would stall that long on the loop. The device CRL
+        and the disable journal are re-read too, whatever becomes of the config.
         """
+        try:
+            await self.emergency.check(force=True)
+        except Exception:  # the reload itself must go on
+            self.log.exception("re-reading the device CRL failed")
         try:
             settings, policy = await asyncio.to_thread(self._read_config_and_policy)
         except GatewayError as exc:

@@ -1,10 +1,12 @@
 """Certificate tooling: the device CA, the server CA and TLS server certificates, device
-certificates bound to a user, and the files an administrator hands out.
+certificates bound to a user, the device revocation list, SSH keys, and the files an
+administrator hands out.
 
 This module owns the X.509 profile of every certificate gatewayd issues, the encoding of a
 device's identity inside its certificate, and the on-disk formats. It is a library: the demo
-uses it now, ``gatewayd certs …`` (issue 4) will wrap it. Functions that touch files are
-synchronous; async callers run them with ``asyncio.to_thread``.
+uses it, `gatewayd.ca` (the CA directory behind ``gatewayd certs …``) and the HTTPS listener's
+CRL loading build on it. Functions that touch files are synchronous; async callers run them
+with ``asyncio.to_thread``.
 
 Two separate CAs, on purpose
     The **device CA** signs only device (TLS client) certificates; its certificate is what
@@ -43,7 +45,18 @@ Files (PEM is the usual ``-----BEGIN …-----`` text)
       writes 3DES/SHA-1 instead, only for old systems that cannot read the modern form.
       Mode ``0600``.
 
-All keys generated here are ECDSA P-256, signed with SHA-256. A CA brought from elsewhere
+Revocation list (``new_crl`` / ``read_crl``)
+    An X.509 v2 CRL signed by the device CA, PEM, with a ``cRLNumber`` that grows by one per
+    list, an ``authorityKeyIdentifier``, ``thisUpdate``/``nextUpdate`` (default one year), and
+    one entry per revoked serial with its revocation date and, unless "unspecified", a
+    ``reasonCode`` (RFC 5280 5.3.1 asks to leave that one out). ``thisUpdate`` of each new list
+    is strictly later, in whole seconds, than the previous one's: OpenSSL keeps every CRL a
+    running listener has loaded and uses the one with the latest ``thisUpdate``.
+
+SSH keys (``new_ssh_key``): Ed25519, private key in OpenSSH's own format (what ``sshd`` and
+``ssh-keygen -s`` read), public key as one ``authorized_keys``-style line.
+
+All X.509 keys generated here are ECDSA P-256, signed with SHA-256. A CA brought from elsewhere
 (for example Active Directory Certificate Services) may have an RSA key; ``load_ca`` accepts it.
 """
 
@@ -54,16 +67,17 @@ import ipaddress
 import re
 import secrets
 import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final, NamedTuple
 from urllib.parse import quote, unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
@@ -607,6 +621,197 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
+
+
+# --- a self-signed server certificate -----------------------------------------------------
+
+
+def self_signed_server_cert(
+    names: Sequence[str], *, organization: str | None = None,
+    valid_for: timedelta = DEFAULT_SERVER_LIFETIME, now: datetime | None = None,
+) -> CertAndKey:
+    """A self-signed TLS server certificate for ``names``, for sites without a server CA.
+
+    It is not a CA (``CA:FALSE``, no ``keyCertSign``): a PC told to trust it trusts these
+    names on this one key and nothing else, so it needs no name constraints.
+    """
+    if not names:
+        raise CertError("a server certificate needs at least one DNS name or IP address")
+    general = [parse_subject_alt_name(name) for name in names]
+    key = _new_leaf_key()
+    public = key.public_key()
+    start = _now(now)
+    subject = _subject(str(general[0].value), organization)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(start + valid_for)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True, cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(general), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+    )
+    return CertAndKey(builder.sign(key, hashes.SHA256()), key)
+
+
+def serial_hex(serial: int) -> str:
+    """How serial numbers are written everywhere in gatewayd: lower-case hex, no separators."""
+    return f"{serial:x}"
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER certificate, lower-case hex (what Windows and browsers can show)."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+# --- revocation lists ---------------------------------------------------------------------
+
+# The RFC 5280 reasons an administrator picks from (certificateHold is left out on purpose:
+# a "suspended" device certificate that can be un-revoked is not something to offer here).
+REVOCATION_REASONS: Final[Mapping[str, x509.ReasonFlags | None]] = MappingProxyType({
+    "unspecified": None,  # RFC 5280 5.3.1: omit reasonCode rather than write "unspecified"
+    "key-compromise": x509.ReasonFlags.key_compromise,  # stolen or lost PC, leaked .p12
+    "affiliation-changed": x509.ReasonFlags.affiliation_changed,  # the person left or moved
+    "superseded": x509.ReasonFlags.superseded,  # replaced by a renewed certificate
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,  # PC retired
+})
+_REASON_WORDS: Final[Mapping[x509.ReasonFlags, str]] = MappingProxyType(
+    {flag: word for word, flag in REVOCATION_REASONS.items() if flag is not None}
+)
+# A list must not lapse while nobody is looking: OpenSSL refuses every device once nextUpdate
+# has passed. Every revocation re-signs the list; `gatewayd certs crl --renew` (monthly timer)
+# keeps it fresh when nothing is revoked for a long time, and the gateway warns 30 days ahead.
+DEFAULT_CRL_LIFETIME: Final = timedelta(days=365)
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One entry of a revocation list: which serial, since when, and why."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str  # a key of REVOCATION_REASONS
+
+
+@dataclass(frozen=True, slots=True)
+class CrlInfo:
+    """What a verified revocation list says."""
+
+    number: int
+    this_update: datetime
+    next_update: datetime | None
+    revoked: Mapping[int, str]  # serial -> reason word (REVOCATION_REASONS key or OpenSSL's)
+
+
+def next_crl_time(previous: datetime | None, now: datetime | None = None) -> datetime:
+    """``thisUpdate`` for a new list: backdated like certificates, after ``previous``.
+
+    Whole seconds, and at least one second after the previous list's ``thisUpdate`` (see the
+    module docstring). Signing many lists within ``BACKDATE`` can make this a moment in the
+    future; the caller must wait until then before publishing, or the list is "not yet valid".
+    """
+    start = _now(now).replace(microsecond=0) - BACKDATE
+    if previous is not None:
+        start = max(start, previous.astimezone(UTC).replace(microsecond=0) + timedelta(seconds=1))
+    return start
+
+
+def new_crl(
+    ca: CertAndKey, revocations: Iterable[Revocation], *, number: int, this_update: datetime,
+    valid_for: timedelta = DEFAULT_CRL_LIFETIME,
+) -> x509.CertificateRevocationList:
+    """A CRL of ``ca`` listing ``revocations`` (see the module docstring for its profile)."""
+    if number < 0:
+        raise CertError("the CRL number must not be negative")
+    ca_public = ca.cert.public_key()
+    if not isinstance(ca_public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise CertError("the CA key must be ECDSA or RSA")
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(this_update)
+        .next_update(this_update + valid_for)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public),
+                       critical=False)
+    )
+    for item in sorted(revocations, key=lambda r: r.serial):
+        if item.reason not in REVOCATION_REASONS:
+            raise CertError(f"unknown revocation reason {item.reason!r}")
+        entry = (x509.RevokedCertificateBuilder().serial_number(item.serial)
+                 .revocation_date(item.revoked_at.astimezone(UTC).replace(microsecond=0)))
+        flag = REVOCATION_REASONS[item.reason]
+        if flag is not None:
+            entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def read_crl(data: bytes, ca_certs: Iterable[x509.Certificate], *, source: str) -> CrlInfo:
+    """Parse a PEM or DER CRL and check that one of ``ca_certs`` issued and signed it.
+
+    A list from another CA, or with a bad signature, raises CertError: loaded into OpenSSL it
+    would either be ignored or make every handshake fail.
+    """
+    try:
+        crl = (x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----")
+               else x509.load_der_x509_crl(data))
+    except ValueError:
+        raise CertError(f"{source}: not a certificate revocation list") from None
+    signed = False
+    for ca_cert in ca_certs:
+        public = ca_cert.public_key()
+        if (ca_cert.subject == crl.issuer
+                and isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+                and crl.is_signature_valid(public)):
+            signed = True
+            break
+    if not signed:
+        raise CertError(f"{source}: not issued and signed by the device CA")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    revoked = {entry.serial_number: _reason_word(entry) for entry in crl}
+    return CrlInfo(number, crl.last_update_utc, crl.next_update_utc,
+                   MappingProxyType(revoked))
+
+
+def _reason_word(entry: x509.RevokedCertificate) -> str:
+    try:
+        flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return "unspecified"
+    return _REASON_WORDS.get(flag, flag.value)
+
+
+# --- SSH keys -----------------------------------------------------------------------------
+
+
+def new_ssh_key() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def ssh_private_key(key: ed25519.Ed25519PrivateKey) -> bytes:
+    """The key in OpenSSH's private key format (``-----BEGIN OPENSSH PRIVATE KEY-----``)."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+
+
+def ssh_public_key(key: ed25519.Ed25519PrivateKey, comment: str) -> bytes:
+    """``ssh-ed25519 AAAA… comment`` plus a newline, as in ``*.pub`` and ``authorized_keys``."""
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH)
+    return line + b" " + comment.encode("utf-8") + b"\n"
 
 
 # --- the demo's certificates --------------------------------------------------------------

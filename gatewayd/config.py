@@ -276,12 +276,12 @@ class HttpsSettings(_Section):
     key_file: Path = Path("/etc/gatewayd/tls/server.key")
     client_cert: Literal["off", "optional", "required"] = "off"
     client_ca_file: Path | None = None
+    crl_file: Path | None = None
     max_header_size: Size = 16 * 1024
     max_body: Size = 1024**3
 
-    _resolve = field_validator("cert_file", "key_file", "client_ca_file", mode="after")(
-        _resolve_relative
-    )
+    _resolve = field_validator("cert_file", "key_file", "client_ca_file", "crl_file",
+                               mode="after")(_resolve_relative)
 
     @model_validator(mode="after")
     def _client_ca_when_client_certs(self) -> HttpsSettings:
@@ -290,6 +290,11 @@ class HttpsSettings(_Section):
                 "client_ca", 'client_cert = "{mode}" needs client_ca_file (the device CA)',
                 {"mode": self.client_cert},
             )
+        if self.crl_file is not None and self.client_cert == "off":
+            # A revocation list nobody checks would look like protection and be none.
+            raise PydanticCustomError(
+                "crl_file", 'crl_file is only checked with client_cert = "optional" or '
+                '"required", not "off"', {})
         return self
 
 

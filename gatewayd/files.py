@@ -25,13 +25,16 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
+def atomic_write(
+    path: Path, data: bytes, *, mode: int, overwrite: bool, owner: tuple[int, int] | None = None
+) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
 
     The temporary file is created with ``mode`` (``O_EXCL``, no symlink followed), so a key is
     never readable by others, not even briefly. Without ``overwrite`` an existing ``path``
     raises FileExistsError: re-running a command must not silently replace a CA key that 50
-    PCs already trust.
+    PCs already trust. ``owner`` (uid, gid; needs root) is set before the file appears, so the
+    daemon a root-run command writes for never meets a file it cannot read.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -39,6 +42,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None
     fd = os.open(temporary, flags, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if owner is not None:
+                os.fchown(handle.fileno(), *owner)
             os.fchmod(handle.fileno(), mode)  # the umask may have narrowed a 0644 file
             handle.write(data)
             handle.flush()

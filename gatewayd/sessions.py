@@ -33,7 +33,9 @@ EndReason = Literal["logout", "idle_timeout", "expired", "admin_kill", "policy_c
                     "shutdown"]
 END_REASONS: Final[frozenset[str]] = frozenset(
     {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown",
-     "replaced", "directory_revoked"}
+     "replaced", "directory_revoked",
+     # the emergency stop (gatewayd.emergency): `certs revoke` and `users disable`
+     "device_revoked", "user_disabled"}
 )
 Closer = Callable[[str], None]
 """Called once with the end reason when the session ends; must not block."""

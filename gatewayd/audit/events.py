@@ -52,6 +52,7 @@ class EventName(enum.StrEnum):
     MFA_ENROLL = "mfa.enroll"
     CERT_ISSUE = "cert.issue"
     CERT_REVOKE = "cert.revoke"
+    USER_DISABLE = "user.disable"  # `gatewayd users disable`: the account emergency stop
     AUDIT_READ = "audit.read"
     AUDIT_RETENTION = "audit.retention"
     # Written only by the AuditLog itself (see INTERNAL_EVENTS).

@@ -22,19 +22,46 @@ verifies a presented one against ``https.client_ca_file`` (a browser without one
 in, as a device-less client); ``required`` refuses the handshake without a valid one. A
 verified certificate is read with `gatewayd.certs.device_identity_from_der`; one that chains to
 the device CA but is not a well-formed device certificate yields no device (and is logged).
+
+Revocation (``https.crl_file``): the device CA's CRL is checked by OpenSSL at every handshake
+(``VERIFY_CRL_CHECK_LEAF``), so a revoked certificate fails the handshake (asyncio closes such a
+connection without sending OpenSSL's alert: the browser shows a connection error). Only a list
+signed by a CA of ``client_ca_file`` is loaded (`gatewayd.certs.read_crl`): a foreign or forged
+list would make OpenSSL fail every handshake or be ignored. A new list is loaded into the
+running context without a restart (`ServerContext.apply_crl`, called by the gateway's watcher
+when the file changes and on SIGHUP): OpenSSL keeps every list it was given and uses the one
+with the latest ``thisUpdate``, so a rolled-back file never un-revokes anything in a running
+gateway (the watcher also refuses a lower CRL number). Handshakes done before a revocation
+are not re-run by OpenSSL; each connection is a `DeviceConnection`, which checks its peer's
+serial against the context's current list whenever that list changes and fails its next
+read — a keep-alive connection of a stolen laptop is cut at its next request, not at its idle
+timeout.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import ssl
 import sys
+import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from gatewayd.certs import CertError, DeviceIdentity, device_identity_from_der
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gatewayd.certs import (
+    CertError,
+    CrlInfo,
+    DeviceIdentity,
+    device_identity_from_der,
+    load_certificates,
+    read_crl,
+)
 from gatewayd.config import HttpsSettings
 
 log = logging.getLogger(__name__)
@@ -75,9 +102,115 @@ class TlsProfile:
     groups: str  # "X25519:P-256:P-384", or "prime256v1" after the fallback
 
 
-def server_context(settings: HttpsSettings) -> tuple[ssl.SSLContext, TlsProfile]:
+FileSignature = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+CRL_EXPIRY_WARNING: Final = timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedCrl:
+    """A device CRL read from ``https.crl_file`` and verified against the device CA."""
+
+    pem: bytes
+    info: CrlInfo
+    signature: FileSignature  # of the file it was read from, to notice the next change
+
+
+def file_signature(st: os.stat_result) -> FileSignature:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_device_crl(settings: HttpsSettings) -> LoadedCrl:
+    """Read and verify ``https.crl_file`` (blocking); TlsConfigError names what is wrong."""
+    path, ca_file = settings.crl_file, settings.client_ca_file
+    if path is None or ca_file is None:
+        raise TlsConfigError("https: crl_file needs client_ca_file")
+    try:
+        with path.open("rb") as handle:
+            signature = file_signature(os.fstat(handle.fileno()))
+            data = handle.read()
+        ca_certs = load_certificates(ca_file)
+        info = read_crl(data, ca_certs, source=str(path))
+    except OSError as exc:
+        raise TlsConfigError(f"https: crl_file {path}: {exc.strerror or exc}") from None
+    except CertError as exc:
+        raise TlsConfigError(f"https: crl_file: {exc}") from None
+    if not data.lstrip().startswith(b"-----"):  # DER (read_crl accepted it): OpenSSL wants PEM
+        data = x509.load_der_x509_crl(data).public_bytes(serialization.Encoding.PEM)
+    return LoadedCrl(data, info, signature)
+
+
+def crl_expiry_warning(info: CrlInfo, now: datetime) -> str | None:
+    """A warning when the list lapses within 30 days: then OpenSSL refuses every device."""
+    if info.next_update is None or info.next_update - now > CRL_EXPIRY_WARNING:
+        return None
+    if info.next_update <= now:
+        return (f"the device CRL expired at {info.next_update:%Y-%m-%d %H:%M} UTC: every device "
+                "certificate is refused; run gatewayd certs crl --renew")
+    return (f"the device CRL expires at {info.next_update:%Y-%m-%d %H:%M} UTC; after that every "
+            "device certificate is refused. Run gatewayd certs crl --renew (monthly timer)")
+
+
+class DeviceConnection(ssl.SSLObject):
+    """A server-side TLS connection that fails its next read once its device is revoked.
+
+    Instances are made by `ServerContext.wrap_bio` (asyncio's SSL transport), never directly.
+    The check costs an integer comparison per read until the context's list changes; then
+    the peer certificate's serial is read once and compared.
+    """
+
+    _seen_generation = 0
+    _serial: int | None = None
+    _serial_known = False
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except ssl.SSLCertVerificationError as exc:
+            # asyncio drops this error without a trace (and without sending OpenSSL's alert):
+            # the help desk needs "certificate has expired" / "certificate revoked" somewhere.
+            log.warning("TLS client certificate refused: %s", exc.verify_message)
+            raise
+
+    def read(self, len: int = 1024, buffer: Any = None) -> bytes:
+        context = self.context
+        if isinstance(context, ServerContext) and context.generation != self._seen_generation:
+            self._seen_generation = context.generation
+            if context.revoked and self._peer_serial() in context.revoked:
+                raise ssl.SSLError("the client's device certificate was revoked")
+        return super().read(len, buffer)
+
+    def _peer_serial(self) -> int | None:
+        if not self._serial_known:
+            der = self.getpeercert(binary_form=True)
+            self._serial = x509.load_der_x509_certificate(der).serial_number if der else None
+            self._serial_known = True
+        return self._serial
+
+
+class ServerContext(ssl.SSLContext):
+    """The listener's SSLContext, plus the device CRL it enforces (see module docstring)."""
+
+    sslobject_class = DeviceConnection
+    crl: LoadedCrl | None = None
+    revoked: frozenset[int] = frozenset()
+    generation = 0  # bumped by every apply_crl: connections re-check their peer then
+
+    def apply_crl(self, crl: LoadedCrl) -> None:
+        """Give OpenSSL a verified list (blocking: a temporary file) and enforce it."""
+        # ssl can load a CRL only from a file, and loading the verified bytes (not the
+        # path, which may have been replaced meanwhile) is what makes the check mean anything.
+        with tempfile.NamedTemporaryFile(prefix="gatewayd-crl-", suffix=".pem") as copy:
+            copy.write(crl.pem)
+            copy.flush()
+            self.load_verify_locations(cafile=copy.name)
+        self.crl = crl
+        self.revoked = frozenset(crl.info.revoked)
+        self.generation += 1
+
+
+def server_context(settings: HttpsSettings) -> tuple[ServerContext, TlsProfile]:
     """Build the listener's SSLContext from ``https.*``; raise TlsConfigError on bad files."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(INTERMEDIATE_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION
@@ -110,7 +243,7 @@ def _require_readable(key: str, path: Path) -> None:
         raise TlsConfigError(f"https: {key} {path}: {exc.strerror or exc}") from None
 
 
-def _configure_client_certificates(context: ssl.SSLContext, settings: HttpsSettings) -> None:
+def _configure_client_certificates(context: ServerContext, settings: HttpsSettings) -> None:
     context.verify_mode = CLIENT_CERT_MODES[settings.client_cert]
     if settings.client_cert == "off" or settings.client_ca_file is None:
         return
@@ -121,6 +254,17 @@ def _configure_client_certificates(context: ssl.SSLContext, settings: HttpsSetti
         raise TlsConfigError(
             f"https: client_ca_file {settings.client_ca_file}: cannot load the device CA ({exc})"
         ) from None
+    if settings.crl_file is None:
+        log.warning("https.crl_file is not set: a revoked device certificate is still accepted")
+        return
+    # Without a list for the device CA, CRL_CHECK_LEAF refuses every device: the list is
+    # loaded before the flag can matter (this context is not listening yet).
+    loaded = read_device_crl(settings)
+    try:
+        context.apply_crl(loaded)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(f"https: crl_file {settings.crl_file}: cannot load ({exc})") from None
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _restrict_groups(context: ssl.SSLContext) -> str:

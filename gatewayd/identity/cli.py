@@ -14,6 +14,8 @@
 ``gatewayd mfa code USER --state-dir DIR``
     Prints USER's current code, for **demo state directories only** (the directory must hold
     the ``demo.json`` that ``gatewayd demo`` writes); a production state directory is refused.
+``gatewayd users disable USER [--reason TEXT] [--config FILE]``
+    The account emergency stop: see `gatewayd.identity.disable`.
 ``gatewayd users hash-password [--stdin]``
     Reads a new password — from a hidden prompt (asked twice) or one line of stdin, never
     from the command line, where ``ps`` and shell history would show it — and prints its
@@ -41,6 +43,7 @@ import segno
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK, EXIT_USAGE
 from gatewayd.identity.directory import MAX_PASSWORD_CHARS, lookup_key, normalize_password
+from gatewayd.identity.disable import disable_user
 from gatewayd.identity.filedir import UserEntry, UsersFileError, hash_password, load_users_file
 from gatewayd.identity.totp import PERIOD, AlreadyEnrolled, SecretStore, TotpStoreError
 
@@ -102,6 +105,23 @@ def _register_users(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     hash_cmd.add_argument("--stdin", action="store_true",
                           help="read the password as one line from standard input")
     hash_cmd.set_defaults(func=run_hash_password)
+    disable = commands.add_parser(
+        "disable", help="emergency stop: disable an account and end its open sessions",
+        description="Set disabled = true for USER in the users file (file backend) and end "
+                    "USER's open sessions within seconds (a running gateway does it and writes "
+                    "the user.disable audit record).")
+    disable.add_argument("user", metavar="USER", help="user name as in the directory")
+    disable.add_argument("--reason", metavar="TEXT",
+                         help="why, for the audit record (e.g. 'laptop stolen')")
+    _add_config(disable)
+    disable.set_defaults(func=run_disable)
+
+
+def run_disable(args: argparse.Namespace) -> int:
+    settings = _settings(args.config)
+    if settings is None:
+        return EXIT_NEGATIVE
+    return disable_user(settings, args.user, reason=args.reason, operator=operator_name())
 
 
 # --- mfa enroll / status ----------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""The account emergency stop: ``gatewayd users disable`` (and a hand edit of the users file)
+ends a running gateway's sessions of that person within seconds, audited; the users-file
+edit keeps everything else of the file; the disable journal hands the request to the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from https_harness import Harness, running_gateway
+
+from gatewayd.audit import AuditWriteError
+from gatewayd.cli import main
+from gatewayd.config import settings_from_mapping
+from gatewayd.emergency import DisableJournal, EmergencyStop
+from gatewayd.identity.disable import disable_in_users_file, disable_user, set_disabled_text
+from gatewayd.identity.filedir import load_users_file
+from gatewayd.sessions import SessionRegistry
+
+JSON = {"Accept": "application/json"}
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Harness]:
+    async for harness in running_gateway(tmp_path):
+        yield harness
+
+
+async def seconds_until(gw: Harness, event: str, reason: str) -> float:
+    """Seconds until an ``event`` record with ``reason`` is in the audit log (at most 5)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < 5.0:
+        if any(r.get("reason") == reason for r in gw.audit_events(event)):
+            return loop.time() - start
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {event} with reason {reason} within 5 s")
+
+
+async def status(gw: Harness, client: object, path: str = "/.gatewayd/userinfo") -> int:
+    async with client.get(gw.base + path, headers=JSON) as resp:  # type: ignore[attr-defined]
+        return int(resp.status)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+async def test_users_disable_ends_the_sessions_within_5_seconds(gw: Harness) -> None:
+    users = gw.config.parent / "users.toml"
+    users.write_text("# kept by the ward's IT desk\n" + users.read_text())
+    alice = await gw.signed_in("alice")
+    bob = await gw.signed_in("bob")
+    before = users.read_text()
+
+    code = await asyncio.to_thread(main, ["users", "disable", "alice", "--reason",
+                                          "laptop stolen", "--config", str(gw.config)])
+    assert code == 0
+    latency = await seconds_until(gw, "session.end", "user_disabled")
+    assert latency < 5.0
+    print(f"users disable ended the session after {latency:.2f}s")
+
+    assert await status(gw, alice) == 401
+    assert await status(gw, bob) == 200
+    [record] = gw.audit_events("user.disable")
+    assert (record["user"], record["reason"], record["status"]) == ("alice", "laptop stolen",
+                                                                     "success")
+    assert record["operator"]
+    [end] = gw.audit_events("session.end")
+    assert end["user"] == "alice"
+    # Only alice's disabled flag changed; the comment and every other line are as they were.
+    assert users.read_text() == before.replace("[users.alice]\n",
+                                               "[users.alice]\ndisabled = true\n", 1)
+    assert load_users_file(users)["alice"].disabled
+    status_code, _, _ = await gw.login(gw.client(), "alice")
+    assert status_code != 303
+    # Done once: later rounds write no second record.
+    await gw.gateway.emergency.check()
+    assert len(gw.audit_events("user.disable")) == 1
+    journal = DisableJournal(gw.gateway.settings.gateway.state_dir)
+    assert [r.done for r in journal.requests()] == [True]
+
+
+async def test_a_hand_edit_of_the_users_file_applies_within_seconds(gw: Harness) -> None:
+    bob = await gw.signed_in("bob")
+    users = gw.config.parent / "users.toml"
+    users.write_text(users.read_text().replace("[users.bob]", "[users.bob]\ndisabled = true", 1))
+    # directory.refresh_interval is 5 minutes: this is the watcher, not the refresh task.
+    assert await seconds_until(gw, "session.end", "directory_revoked") < 5.0
+    assert await status(gw, bob) == 401
+    assert gw.audit_events("user.disable") == []
+
+
+async def test_reload_rereads_the_journal_at_once(gw: Harness) -> None:
+    carol = await gw.signed_in("carol")
+    journal = DisableJournal(gw.gateway.settings.gateway.state_dir)
+    with journal.locked():
+        journal.add("CAROL", operator="admin1", reason=None)  # any spelling of the name
+    await gw.gateway.reload()
+    assert [e["reason"] for e in gw.audit_events("session.end")] == ["user_disabled"]
+    assert await status(gw, carol) == 401
+
+
+async def test_unknown_users_are_refused_and_nothing_is_recorded(
+        gw: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["users", "disable", "mallory", "--config", str(gw.config)]) == 1
+    assert "no user 'mallory'" in capsys.readouterr().err
+    assert DisableJournal(gw.gateway.settings.gateway.state_dir).requests() == []
+
+
+async def test_other_backends_end_the_sessions_but_say_the_account_is_not_disabled(
+        gw: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = gw.gateway.settings
+    ldap = settings.model_copy(update={"directory": settings.directory.model_copy(
+        update={"backend": "ldap"})})
+    users_before = (gw.config.parent / "users.toml").read_text()
+    alice = await gw.signed_in("alice")
+    assert disable_user(ldap, "alice", reason=None, operator="admin1") == 1
+    assert "Disable alice in the directory now" in capsys.readouterr().err
+    await gw.gateway.emergency.check()
+    assert await status(gw, alice) == 401
+    assert (gw.config.parent / "users.toml").read_text() == users_before
+
+
+async def test_a_request_whose_audit_record_fails_is_retried(tmp_path: Path) -> None:
+    settings = settings_from_mapping({"gateway": {"state_dir": str(tmp_path / "state")},
+                                      "directory": {"file": str(tmp_path / "users.toml")}})
+    registry = SessionRegistry(idle_timeout=60, absolute_timeout=600, max_concurrent=5,
+                               per_user=1, clock=lambda: 0.0, on_end=lambda s, r: None)
+    written: list[str] = []
+    failures = [AuditWriteError("user.disable", None, OSError(28, "disk full"))]
+
+    def emit(event: str, /, **fields: object) -> object:
+        if failures:
+            raise failures.pop()
+        written.append(str(fields["user"]))
+        return None
+
+    async def no_refresh() -> int:
+        return 0
+
+    stop = EmergencyStop(settings, registry, emit=emit, refresh_directory=no_refresh)
+    journal = DisableJournal(settings.gateway.state_dir)
+    with journal.locked():
+        journal.add("dave", operator="admin1", reason="left")
+    await stop.check()
+    assert written == [] and not journal.requests()[0].done
+    await stop.check()
+    assert written == ["dave"] and journal.requests()[0].done
+    await stop.check()
+    assert written == ["dave"]
+
+
+# --- editing the users file -------------------------------------------------------------------
+
+HASH = '"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$3m7bWlmC0yZRnvPVa7KlD1Jxd2PhnXzHAKDFBPqZJYs"'
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (f"[users.alice]\npassword_hash = {HASH}\n",
+     f"[users.alice]\ndisabled = true\npassword_hash = {HASH}\n"),
+    (f'[users."alice"]  # the clerk\npassword_hash = {HASH}\ndisabled = false  # on leave\n'
+     "\n[users.bob]\ndisabled = false\n",
+     f'[users."alice"]  # the clerk\npassword_hash = {HASH}\ndisabled = true  # on leave\n'
+     "\n[users.bob]\ndisabled = false\n"),
+    (f"[users.bob]\npassword_hash = {HASH}\n[ users . alice ]", None),  # header is the last line
+    (f"[users.alicex]\npassword_hash = {HASH}\n", None),
+    (f"[users]\nalice = {{ password_hash = {HASH} }}\n", None),
+])
+def test_set_disabled_text(text: str, expected: str | None) -> None:
+    result = set_disabled_text(text, "alice")
+    if expected is None and text.endswith("[ users . alice ]"):
+        assert result == text + "\ndisabled = true\n"
+    else:
+        assert result == expected
+
+
+def test_the_edit_keeps_mode_and_falls_back_to_a_rewrite_with_a_backup(tmp_path: Path) -> None:
+    users = tmp_path / "users.toml"
+    inline = (f"# inline layout\n[users]\nalice = {{ password_hash = {HASH}, groups = [\"a\"] }}\n"
+              f"bob = {{ password_hash = {HASH} }}\n")
+    users.write_text(inline)
+    users.chmod(0o640)
+    outcome = disable_in_users_file(users, "ALICE")
+    assert (outcome.user, outcome.already) == ("alice", False)
+    assert outcome.backup is not None and outcome.backup.read_text() == inline
+    assert stat.S_IMODE(users.stat().st_mode) == 0o640
+    assert stat.S_IMODE(outcome.backup.stat().st_mode) == 0o640
+    entries = load_users_file(users)
+    assert entries["alice"].disabled and not entries["bob"].disabled
+    assert entries["alice"].groups == frozenset({"a"})
+    assert disable_in_users_file(users, "alice").already
+    if os.geteuid() == 0:
+        os.chown(users, 65534, 65534)
+        disable_in_users_file(users, "bob")
+        assert (users.stat().st_uid, users.stat().st_gid) == (65534, 65534)
+
+
+def test_the_journal_is_private_and_well_formed(tmp_path: Path) -> None:
+    journal = DisableJournal(tmp_path / "state")
+    with journal.locked():
+        first = journal.add("alice", operator="admin1", reason="x")
+    data = json.loads(journal.path.read_text())
+    assert data["format"] == "gatewayd-user-disable-v1"
+    assert data["requests"][0]["id"] == first.id and data["requests"][0]["done"] is False
+    assert stat.S_IMODE(journal.path.stat().st_mode) == 0o600
+    journal.mark_done([first.id])
+    assert journal.requests()[0].done
