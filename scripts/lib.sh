@@ -8,13 +8,17 @@ VENV="$REPO_ROOT/.venv"
 
 say() { printf '%s\n' "$*" >&2; }
 
-# Debian packages the test suite drives for real (later issues add slapd, redis-server,
-# openssh-server, nginx, chromium, ...). Each entry is "package:command-or-file-that-proves-it".
+# Debian packages the test suite drives for real (later issues add redis-server,
+# openssh-server, nginx, ...). Each entry is "package:command-or-file-that-proves-it".
 # The policy and audit tests evaluate office hours in Asia/Tokyo: they need the zone database.
 # The browser journey drives Debian's chromium (Playwright uses it; it downloads no browser).
+# The LDAP tests start OpenLDAP's slapd themselves (tests/ldap_server.py: slapadd, then
+# slapd on a free loopback port) and change its data with ldap-utils' ldapadd/ldapmodify.
 TEST_PACKAGES=(
   "tzdata:/usr/share/zoneinfo/Asia/Tokyo"
   "chromium:chromium"
+  "slapd:/usr/sbin/slapd"
+  "ldap-utils:ldapmodify"
 )
 
 missing_packages() {
@@ -30,11 +34,21 @@ missing_packages() {
   done
 }
 
+preseed() {
+  # slapd's installer would otherwise create a dc=nodomain directory and start a system-wide
+  # slapd on port 389 that nobody asked for; the tests start their own. "No configuration"
+  # installs the programs only.
+  if [[ " $* " == *" slapd "* ]] && command -v debconf-set-selections >/dev/null 2>&1; then
+    echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+  fi
+}
+
 apt_install() {
   # Install Debian packages when root; otherwise say exactly which are missing and fail.
   (($# == 0)) && return 0
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     say "installing Debian packages: $*"
+    preseed "$@"
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "$@" >/dev/null
   else

@@ -240,17 +240,32 @@ def build_authenticator(
 ) -> Authenticator:
     """The Authenticator of one node from its settings (the Gateway's wiring in one place).
 
-    ``directory`` defaults to the configured backend (``file``); the TOTP secrets live in
-    ``gateway.state_dir``. The caller should also run ``authenticator.totp.flush_enrollments()``
-    after the audit log starts and keep ``authenticator.totp.watch_enrollments(5)`` as a named
-    task, so CLI enrollments reach the audit log promptly.
+    ``directory`` defaults to the configured backend (`configured_directory`); the TOTP
+    secrets live in ``gateway.state_dir``. The caller should also run
+    ``authenticator.totp.flush_enrollments()`` after the audit log starts and keep
+    ``authenticator.totp.watch_enrollments(5)`` as a named task, so CLI enrollments reach the
+    audit log promptly.
     """
-    from gatewayd.identity.filedir import FileDirectory  # noqa: PLC0415 - backend choice
-
     timeout = settings.directory.timeout.total_seconds()
     if directory is None:
-        directory = FileDirectory(settings.directory.file, timeout=timeout)
+        directory = configured_directory(settings)
     store = SecretStore(settings.gateway.state_dir, issuer=settings.mfa.issuer)
     verifier = TotpVerifier(store, state, audit_emit=audit_emit, timeout=timeout)
     regulator = Regulator(state, RegulationPolicy.from_settings(settings.login))
     return Authenticator(directory, verifier, regulator, response_floor=response_floor)
+
+
+def configured_directory(settings: Settings) -> Directory:
+    """The `Directory` that ``directory.backend`` names: ``file`` or ``ldap``.
+
+    Imported here, not at the top: a node runs one backend, and the LDAP one pulls in ldap3.
+    """
+    directory = settings.directory
+    timeout = directory.timeout.total_seconds()
+    if directory.backend == "ldap":
+        from gatewayd.identity.ldap import LdapDirectory  # noqa: PLC0415 - backend choice
+
+        return LdapDirectory(directory.ldap, timeout=timeout)
+    from gatewayd.identity.filedir import FileDirectory  # noqa: PLC0415 - backend choice
+
+    return FileDirectory(directory.file, timeout=timeout)
