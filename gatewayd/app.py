@@ -496,6 +496,11 @@ class Gateway:
     # --- health ------------------------------------------------------------------------------
 
     async def readiness(self) -> tuple[bool, str]:
+        """Ready: started, audit writable, listeners accepting, directory answering.
+
+        The directory gets 3 s: the metrics listener allows the whole check 5 s, and a
+        directory that hangs must read as "directory unavailable", not as a failed check.
+        """
         if not self._started:
             return False, "starting or stopping"
         if not self.audit.healthy and self.settings.audit.on_failure == "deny":
@@ -503,6 +508,10 @@ class Gateway:
         if self.https is not None:
             if not self.https.listening:
                 return False, "https listener is not accepting"
-            if not await self.authenticator.directory.check():
-                return False, "directory cannot be read"
+            try:
+                reachable = await asyncio.wait_for(self.authenticator.directory.check(), 3.0)
+            except TimeoutError:
+                reachable = False
+            if not reachable:
+                return False, "directory unavailable"
         return True, "ready"

@@ -298,13 +298,158 @@ class HttpsSettings(_Section):
         return self
 
 
+def parse_ldap_url(text: str) -> str:
+    """``ldap://host[:port]`` or ``ldaps://host[:port]`` (no DN, filter or credentials)."""
+    match = re.fullmatch(r"(ldaps?)://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:.]+\])(?::(\d{1,5}))?/?",
+                         text)
+    if match is None or (match.group(3) is not None and not 0 < int(match.group(3)) <= 65535):
+        raise ValueError(text)
+    return text.rstrip("/")
+
+
+def parse_ldap_filter(text: str) -> str:
+    """An RFC 4515 filter as an operator writes it: ``(...)`` with balanced parentheses.
+
+    Only the shape is checked here (the server parses the rest): a filter that is not one
+    parenthesised expression would silently change meaning when gatewayd wraps it in ``(&…)``.
+    """
+    depth = 0
+    for index, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0 and index != len(text) - 1:
+                raise ValueError(text)  # "(a=1)(b=2)": two filters, not one
+        if depth < 0 or not char.isprintable():
+            raise ValueError(text)
+    if depth != 0 or not text.startswith("(") or len(text) < 3:
+        raise ValueError(text)
+    return text
+
+
+def parse_ldap_attribute(text: str) -> str:
+    """An attribute description: a name (``sAMAccountName``) or a numeric OID."""
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,127}|[0-9]+(?:\.[0-9]+)+", text) is None:
+        raise ValueError(text)
+    return text
+
+
+def parse_optional_ldap_filter(text: str) -> str:
+    """A filter as for `parse_ldap_filter`, or ``""`` for none."""
+    return text if text == "" else parse_ldap_filter(text)
+
+
+def parse_policy_attribute(text: str) -> str:
+    """A name policies use for a directory attribute (``office_pc`` in ``{user.office_pc}``)."""
+    if re.fullmatch(r"[a-z][a-z0-9_]{0,63}", text) is None:
+        raise ValueError(text)
+    return text
+
+
+def parse_dn_text(text: str) -> str:
+    """A distinguished name as written in the config: printable, ``attr=value,...``, or empty."""
+    if text and ("=" not in text or not text.isprintable() or len(text) > 1024):
+        raise ValueError(text)
+    return text
+
+
+LdapUrl = Annotated[str, _grammar(parse_ldap_url, "URL", "ldaps://dc1.ward.local")]
+LdapFilter = Annotated[str, _grammar(parse_ldap_filter, "filter", "(objectClass=person)")]
+OptionalLdapFilter = Annotated[
+    str, _grammar(parse_optional_ldap_filter, "filter", "(employeeType=retired)")]
+LdapAttribute = Annotated[
+    str, _grammar(parse_ldap_attribute, "directory attribute", "sAMAccountName")]
+DnText = Annotated[str, _grammar(parse_dn_text, "DN", "ou=people,dc=ward,dc=example")]
+PolicyAttribute = Annotated[str, _grammar(parse_policy_attribute, "policy name", "office_pc")]
+
+
+class LdapSettings(_Section):
+    """``[directory.ldap]``: where the LDAP / Active Directory server is and how to read it.
+
+    Only shape is validated here; whether the pieces fit together is checked by
+    `DirectorySettings` when ``backend = "ldap"`` (so the table may sit unused in a file).
+    """
+
+    urls: list[LdapUrl] = Field(default_factory=list, max_length=16)
+    start_tls: Bool = True
+    insecure: Bool = False
+    ca_file: Path | None = None
+    bind_dn: DnText = ""
+    bind_password_file: Path | None = None
+    user_base: DnText = ""
+    user_filter: LdapFilter = "(objectClass=person)"
+    user_id_attribute: LdapAttribute = "uid"
+    user_dn_template: str = Field(default="", max_length=1024)
+    group_mode: Literal["search", "memberof"] = "search"
+    group_base: DnText = ""
+    group_filter: LdapFilter = "(objectClass=*)"
+    group_member_attribute: Literal["member", "uniqueMember", "memberUid"] = "member"
+    group_name_attribute: LdapAttribute = "cn"
+    nested_groups: Literal["auto", "in_chain", "recursive", "off"] = "auto"
+    nesting_depth: Int = Field(default=8, ge=1, le=32)
+    attributes: dict[PolicyAttribute, LdapAttribute] = Field(default_factory=dict)
+    disabled_filter: OptionalLdapFilter = ""
+    pool_size: Int = Field(default=4, ge=1, le=64)
+    connect_timeout: Interval = timedelta(seconds=2)
+
+    _resolve = field_validator("ca_file", "bind_password_file", mode="after")(_resolve_relative)
+
+    @field_validator("user_dn_template")
+    @classmethod
+    def _template_names_the_user(cls, value: str) -> str:
+        if value and ("{user}" not in value or parse_dn_text(value) != value):
+            raise PydanticCustomError(
+                "template", 'expected a DN with {user} like "uid={user},ou=people,dc=ward,'
+                'dc=example", got {got}', {"got": _show(value)})
+        return value
+
+    @model_validator(mode="after")
+    def _no_plain_text_by_accident(self) -> LdapSettings:
+        plain = [url for url in self.urls if url.startswith("ldap://")]
+        if plain and not self.start_tls and not self.insecure:
+            # Simple binds carry the staff's passwords: in clear text only when asked for.
+            raise PydanticCustomError(
+                "insecure", "{url} with start_tls = false sends passwords in clear text; use "
+                "ldaps:// or start_tls = true, or set insecure = true to accept that",
+                {"url": plain[0]})
+        if (self.bind_dn == "") != (self.bind_password_file is None):
+            raise PydanticCustomError(
+                "bind", "bind_dn and bind_password_file go together (both empty: anonymous "
+                "searches)", {})
+        return self
+
+
 class DirectorySettings(_Section):
-    backend: Literal["file"] = "file"
+    backend: Literal["file", "ldap"] = "file"
     file: Path = Path("/etc/gatewayd/users.toml")
     timeout: Interval = timedelta(seconds=5)
     refresh_interval: Interval = timedelta(minutes=5)
+    ldap: LdapSettings = LdapSettings()
 
     _resolve = field_validator("file", mode="after")(_resolve_relative)
+
+    @model_validator(mode="after")
+    def _ldap_is_complete(self) -> DirectorySettings:
+        if self.backend != "ldap":
+            return self
+        ldap, problems = self.ldap, []
+        if not ldap.urls:
+            problems.append("directory.ldap.urls (at least one ldaps:// or ldap:// URL)")
+        if not ldap.user_base and not ldap.user_dn_template:
+            problems.append("directory.ldap.user_base or directory.ldap.user_dn_template")
+        if ldap.group_mode == "search" and not (ldap.group_base or ldap.user_base):
+            problems.append("directory.ldap.group_base (group_mode = \"search\")")
+        if ldap.nested_groups == "in_chain" and ldap.group_member_attribute == "memberUid":
+            problems.append('a DN-valued group_member_attribute (nested_groups = "in_chain")')
+        if ldap.nested_groups == "in_chain" and not (ldap.group_base or ldap.user_base):
+            problems.append('directory.ldap.group_base (nested_groups = "in_chain")')
+        if ldap.connect_timeout > self.timeout:
+            problems.append("directory.ldap.connect_timeout no longer than directory.timeout")
+        if problems:
+            raise PydanticCustomError(
+                "ldap", 'backend = "ldap" needs {needs}', {"needs": "; ".join(problems)})
+        return self
 
 
 class MfaSettings(_Section):
