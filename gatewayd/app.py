@@ -330,6 +330,13 @@ class Gateway:
         await self._close_everything()
         self.log.info("gateway stopped")
 
+    async def _close_directory(self) -> None:
+        """Release the directory's connections (LDAP pools); the file backend has none."""
+        close = getattr(self.authenticator.directory, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
     async def _close_everything(self) -> None:
         if self.https is not None:
             with contextlib.suppress(Exception):
@@ -340,6 +347,7 @@ class Gateway:
                 await self.https.close()
         with contextlib.suppress(Exception):
             await self.upstreams.close()
+        await self._close_directory()
         await self._cancel_tasks()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
