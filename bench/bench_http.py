@@ -239,7 +239,8 @@ NGINX_PROXY = """\
 
 
 def start_nginx(processes: Processes, ws: Workspace, name: str, port: int,
-                server_block: str) -> None:
+                server_block: str) -> int:
+    """Start nginx in the foreground; returns the master's pid."""
     tmp = ws.root / "tmp"
     tmp.mkdir(exist_ok=True)
     tmp.chmod(0o1777)
@@ -259,6 +260,7 @@ def start_nginx(processes: Processes, ws: Workspace, name: str, port: int,
         name, [nginx_binary(), "-c", str(config), "-p", str(ws.root), "-e",
                str(ws.root / f"{name}-error.log"), "-g", "daemon off;"], log)
     wait_for_port(port, process, name)
+    return process.pid
 
 
 def run_bare_proxy(port: int, upstream: str, cert: Path, key: Path) -> None:
@@ -310,14 +312,16 @@ def run_bare_proxy(port: int, upstream: str, cert: Path, key: Path) -> None:
         asyncio.run(main())
 
 
-def start_bare_proxy(processes: Processes, ws: Workspace, upstream_port: int) -> int:
+def start_bare_proxy(processes: Processes, ws: Workspace, upstream_port: int
+                     ) -> tuple[int, int]:
+    """Start the bare proxy; returns (port, pid)."""
     port = free_port()
     process = processes.start("bare-aiohttp-proxy", [
         sys.executable, __file__, "--serve-bare-proxy", str(port),
         f"http://127.0.0.1:{upstream_port}", str(ws.server_cert), str(ws.server_key),
     ], ws.root / "bare-proxy.out")
     wait_for_port(port, process, "bare aiohttp proxy")
-    return port
+    return port, process.pid
 
 
 # --- gatewayd -------------------------------------------------------------------------------
@@ -468,6 +472,27 @@ def start_gatewayd(processes: Processes, ws: Workspace, upstream_port: int, *,
 # --- measuring ------------------------------------------------------------------------------
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (nginx: the master and its worker)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(int(child) for child in children)]
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User + system CPU time the processes (every thread) have used so far."""
+    ticks = 0
+    for pid in pids:
+        for member in process_tree(pid):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+
 @dataclass
 class Result:
     target: str
@@ -478,6 +503,7 @@ class Result:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     mib_per_s: float = 0.0
+    cpu_us_per_request: float = 0.0  # the target process's CPU time (not wrk's, not upstream's)
     errors: int = 0
     note: str = ""
 
@@ -519,13 +545,21 @@ class Target:
     name: str
     base: str
     headers: dict[str, str] = field(default_factory=dict)
+    pids: tuple[int, ...] = ()  # whose CPU time serves this target's requests
 
 
 def sample(target: Target, label: str, duration: int, args: argparse.Namespace,
            script: Path) -> dict[str, int]:
-    return wrk(f"{target.base}/bench/{label}.bin", duration=duration,
-               connections=args.connections, threads=args.threads, headers=target.headers,
-               script=script)
+    """One wrk run, plus ``cpu_us``: the target's CPU time over the run (microseconds).
+
+    CPU time per request is the steadier number on a shared machine: req/s moves with
+    whatever else runs, CPU per request much less."""
+    before = cpu_seconds(target.pids)
+    result = wrk(f"{target.base}/bench/{label}.bin", duration=duration,
+                 connections=args.connections, threads=args.threads, headers=target.headers,
+                 script=script)
+    result["cpu_us"] = round((cpu_seconds(target.pids) - before) * 1e6)
+    return result
 
 
 def summarise(target: str, label: str, runs: list[dict[str, int]]) -> Result:
@@ -538,6 +572,7 @@ def summarise(target: str, label: str, runs: list[dict[str, int]]) -> Result:
         p50_ms=statistics.median(r["p50_us"] for r in runs) / 1000,
         p99_ms=statistics.median(r["p99_us"] for r in runs) / 1000,
         mib_per_s=statistics.median(throughput),
+        cpu_us_per_request=statistics.median(r["cpu_us"] / max(1, r["requests"]) for r in runs),
         errors=sum(r["status_errors"] + r["socket_errors"] for r in runs),
     )
 
@@ -576,18 +611,18 @@ def ratio(results: list[Result], target: str, base: str, size: str) -> str:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| target | size | req/s | (min-max) | p50 ms | p99 ms | MiB/s | errors "
+        "| target | size | req/s | (min-max) | p50 ms | p99 ms | MiB/s | CPU µs/req | errors "
         "| vs nginx TLS proxy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.note:
-            lines.append(f"| {r.target} | {r.size} | {r.note} | | | | | | |")
+            lines.append(f"| {r.target} | {r.size} | {r.note} | | | | | | | |")
             continue
         lines.append(
             f"| {r.target} | {r.size} | {r.requests_per_s:,.0f} | "
             f"{r.min_requests_per_s:,.0f}-{r.max_requests_per_s:,.0f} | {r.p50_ms:.2f} | "
-            f"{r.p99_ms:.2f} | {r.mib_per_s:,.1f} | {r.errors} | "
+            f"{r.p99_ms:.2f} | {r.mib_per_s:,.1f} | {r.cpu_us_per_request:,.0f} | {r.errors} | "
             f"{ratio(results, r.target, 'nginx TLS proxy', r.size)} |"
         )
     return "\n".join(lines)
@@ -609,6 +644,11 @@ def verdicts(results: list[Result]) -> list[str]:
             mark = "ok" if overhead <= 0.15 else "MISSED"
             lines.append(f"gatewayd overhead vs bare aiohttp proxy at {size}: {overhead:.0%} "
                          f"(target <= 15%) {mark}")
+            if bare.cpu_us_per_request:
+                extra = gw.cpu_us_per_request / bare.cpu_us_per_request - 1
+                lines.append(f"  CPU per request at {size}: gatewayd "
+                             f"{gw.cpu_us_per_request:,.0f} µs, bare {bare.cpu_us_per_request:,.0f}"
+                             f" µs ({extra:+.0%})")
         elif bare:
             lines.append(f"bare aiohttp proxy / nginx TLS proxy at {size}: "
                          f"{ratio(results, 'bare aiohttp proxy', 'nginx TLS proxy', size)}")
@@ -632,16 +672,17 @@ def run(args: argparse.Namespace) -> list[Result]:
         script.write_text(WRK_SCRIPT)
         try:
             upstream_port, proxy_port = free_port(), free_port()
-            start_nginx(processes, ws, "upstream", upstream_port,
-                        NGINX_STATIC.format(port=upstream_port, www=ws.www))
-            start_nginx(processes, ws, "nginx-proxy", proxy_port, NGINX_PROXY.format(
+            upstream = start_nginx(processes, ws, "upstream", upstream_port,
+                                   NGINX_STATIC.format(port=upstream_port, www=ws.www))
+            nginx_proxy = start_nginx(processes, ws, "nginx-proxy", proxy_port, NGINX_PROXY.format(
                 port=proxy_port, upstream_port=upstream_port, cert=ws.server_cert,
                 key=ws.server_key))
-            bare_port = start_bare_proxy(processes, ws, upstream_port)
+            bare_port, bare = start_bare_proxy(processes, ws, upstream_port)
             targets = [
-                Target("direct", f"http://127.0.0.1:{upstream_port}"),
-                Target("nginx TLS proxy", f"https://127.0.0.1:{proxy_port}"),
-                Target("bare aiohttp proxy", f"https://127.0.0.1:{bare_port}"),
+                Target("direct", f"http://127.0.0.1:{upstream_port}", pids=(upstream,)),
+                Target("nginx TLS proxy", f"https://127.0.0.1:{proxy_port}",
+                       pids=(nginx_proxy,)),
+                Target("bare aiohttp proxy", f"https://127.0.0.1:{bare_port}", pids=(bare,)),
             ]
             gatewayd_targets, missing = start_gatewayd_targets(processes, ws, upstream_port, args)
             say(f"measuring {args.rounds} x {args.duration} s per target and size, "
@@ -664,7 +705,8 @@ def start_gatewayd_targets(processes: Processes, ws: Workspace, upstream_port: i
             say(str(exc))
             missing += [Result(name, size, note=NOT_AVAILABLE) for size in SIZES]
             continue
-        targets.append(Target(name, gateway.url, {"Cookie": gateway.cookie}))
+        targets.append(Target(name, gateway.url, {"Cookie": gateway.cookie},
+                              pids=(gateway.process.pid,)))
     return targets, missing
 
 

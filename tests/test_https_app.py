@@ -5,6 +5,7 @@ HTTPS on 127.0.0.1 (see https_harness)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from https_harness import Harness, running_gateway
 from yarl import URL
 
 from gatewayd.certs import issue_device_cert, new_device_ca, save_pair
+from gatewayd.https.app import SERVING_GC_THRESHOLD, tune_gc_for_serving
 
 JSON = {"Accept": "application/json"}
 NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
@@ -305,3 +307,14 @@ async def test_readiness_and_shutdown(tmp_path: Path) -> None:
 
 async def _already_stopped() -> None:
     return None
+
+
+def test_serving_gc_settings() -> None:
+    """Startup objects are frozen once per process; young collections are made rarer."""
+    gc.collect()
+    tune_gc_for_serving()
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    assert gc.get_threshold()[0] >= SERVING_GC_THRESHOLD
+    tune_gc_for_serving()  # a second frontend in the same process freezes nothing more
+    assert gc.get_freeze_count() <= frozen  # (frozen objects may still be freed)

@@ -94,6 +94,111 @@ def test_each_token_has_a_fresh_jti(signer: AssertionSigner) -> None:
     assert len(jtis) == 200
 
 
+# --- reuse per (session, service, device) ----------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reusing_signer(key: ec.EllipticCurvePrivateKey, clock: Clock) -> AssertionSigner:
+    return AssertionSigner(key, issuer=ISSUER, clock=clock)
+
+
+def test_a_token_is_reused_until_it_has_15_seconds_left(key: ec.EllipticCurvePrivateKey) -> None:
+    clock = Clock(NOW)
+    signer = reusing_signer(key, clock)
+    first = signer.token_for(session="s1", audience="approval", principal=BOB, device=None)
+    clock.now = NOW + 44.9
+    assert signer.token_for(session="s1", audience="approval", principal=BOB,
+                            device=None) == first
+    clock.now = NOW + 45
+    renewed = signer.token_for(session="s1", audience="approval", principal=BOB, device=None)
+    assert renewed != first
+    claims = verify(renewed, signer, now=clock.now)
+    assert (claims["iat"], claims["exp"]) == (int(NOW) + 45, int(NOW) + 105)
+
+
+def test_every_reused_token_still_verifies_with_15_seconds_to_spare(
+        key: ec.EllipticCurvePrivateKey) -> None:
+    clock = Clock(NOW + 0.7)
+    signer = reusing_signer(key, clock)
+    for step in range(0, 200):
+        clock.now = NOW + 0.7 + step * 0.5
+        token = signer.token_for(session="s1", audience="approval", principal=BOB, device=None)
+        claims = verify(token, signer, now=clock.now, leeway=0)
+        assert claims["exp"] - clock.now >= assertion.REUSE_MARGIN_SECONDS
+        assert claims["iat"] <= clock.now
+
+
+@pytest.mark.parametrize("change", ["session", "audience", "device", "principal"])
+def test_a_token_is_never_reused_for_another_session_service_device_or_identity(
+        key: ec.EllipticCurvePrivateKey, change: str) -> None:
+    signer = reusing_signer(key, Clock(NOW))
+    base: dict[str, Any] = {"session": "s1", "audience": "approval", "principal": BOB,
+                            "device": "pc-1"}
+    first = signer.token_for(**base)
+    other = {"session": "s2", "audience": "files", "device": "pc-2",
+             # Equal by value but another object: a new login or a directory refresh.
+             "principal": Principal("bob", frozenset(BOB.groups))}
+    second = signer.token_for(**{**base, change: other[change]})
+    assert second != first
+    claims = segments(second)[1]
+    if change == "audience":
+        assert claims["aud"] == "files"
+    if change == "device":
+        assert claims["device"] == "pc-2"
+
+
+def test_two_users_never_share_a_token(key: ec.EllipticCurvePrivateKey) -> None:
+    signer = reusing_signer(key, Clock(NOW))
+    alice = Principal("alice", frozenset({"telework-staff"}))
+    bob_token = signer.token_for(session="s1", audience="a", principal=BOB, device=None)
+    alice_token = signer.token_for(session="s2", audience="a", principal=alice, device=None)
+    assert segments(bob_token)[1]["sub"] == "bob"
+    assert segments(alice_token)[1]["sub"] == "alice"
+    assert signer.token_for(session="s1", audience="a", principal=BOB, device=None) == bob_token
+
+
+def test_a_clock_stepped_back_gets_a_fresh_token(key: ec.EllipticCurvePrivateKey) -> None:
+    clock = Clock(NOW)
+    signer = reusing_signer(key, clock)
+    first = signer.token_for(session="s1", audience="a", principal=BOB, device=None)
+    clock.now = NOW - 3600
+    again = signer.token_for(session="s1", audience="a", principal=BOB, device=None)
+    assert again != first and segments(again)[1]["iat"] == int(NOW) - 3600
+
+
+def test_the_token_cache_stays_bounded(key: ec.EllipticCurvePrivateKey,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(assertion, "MAX_CACHED_TOKENS", 10)
+    clock = Clock(NOW)
+    signer = reusing_signer(key, clock)
+    for n in range(25):  # all live: when full, everything goes (at worst, one signature each)
+        signer.token_for(session=f"s{n}", audience="a", principal=BOB, device=None)
+        assert len(signer._cache) <= 10
+    signer._cache.clear()
+    for n in range(5):
+        signer.token_for(session=f"old{n}", audience="a", principal=BOB, device=None)
+    clock.now = NOW + 30
+    for n in range(5):
+        signer.token_for(session=f"new{n}", audience="a", principal=BOB, device=None)
+    # Full: the tokens due for renewal (as ended sessions leave them behind) go first.
+    clock.now = NOW + 50
+    signer.token_for(session="fresh", audience="a", principal=BOB, device=None)
+    assert {key[0] for key in signer._cache} == {"fresh", *(f"new{n}" for n in range(5))}
+
+
+def test_a_short_lifetime_is_never_reused(key: ec.EllipticCurvePrivateKey) -> None:
+    signer = AssertionSigner(key, issuer=ISSUER, clock=lambda: NOW, lifetime=10)
+    first = signer.token_for(session="s1", audience="a", principal=BOB, device=None)
+    assert signer.token_for(session="s1", audience="a", principal=BOB, device=None) != first
+
+
 def test_signature_verifies_with_plain_cryptography(signer: AssertionSigner,
                                                     key: ec.EllipticCurvePrivateKey) -> None:
     """Independent of verify_assertion: r||s over 'header.payload' with P-256/SHA-256."""

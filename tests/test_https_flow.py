@@ -53,6 +53,36 @@ async def test_an_allowed_request_reaches_the_upstream_with_identity(gw: Harness
         assert await resp.json() == gw.gateway.signer.jwks()
 
 
+async def assertion_of(client: aiohttp.ClientSession, url: str) -> str:
+    async with client.get(url, headers=JSON) as resp:
+        assert resp.status == 200
+        record = await resp.json()
+    token: str = upstream_headers(record)["x-gatewayd-assertion"][0]
+    return token
+
+
+async def test_the_assertion_is_reused_per_session_and_never_across_users(gw: Harness) -> None:
+    """Signed once per (session, service, device), renewed with 15 s left, never shared."""
+    alice = await gw.signed_in("alice")
+    first = await assertion_of(alice, gw.base + "/groupware/a")
+    assert await assertion_of(alice, gw.base + "/groupware/b") == first
+    bob = await gw.signed_in("bob")
+    bobs = await assertion_of(bob, gw.base + "/groupware/a")
+    claims = verify_assertion(bobs, gw.gateway.signer.jwks(), issuer="https://gateway.test",
+                              audience="groupware", now=gw.clock.wall.timestamp())
+    assert claims["sub"] == "bob" and bobs != first
+    gw.clock.advance(31)  # a TOTP code works once: the next login needs the next one
+    other_session = await gw.signed_in("alice")
+    assert await assertion_of(other_session, gw.base + "/groupware/a") != first
+    assert await assertion_of(alice, gw.base + "/groupware/a") == first  # 29 s left
+    gw.clock.advance(15)  # less than 15 s of the 60 s lifetime left: a new one
+    renewed = await assertion_of(alice, gw.base + "/groupware/a")
+    assert renewed != first
+    claims = verify_assertion(renewed, gw.gateway.signer.jwks(), issuer="https://gateway.test",
+                              audience="groupware", now=gw.clock.wall.timestamp(), leeway=0)
+    assert claims["sub"] == "alice" and claims["exp"] - gw.clock.wall.timestamp() >= 59
+
+
 SPOOFS = [
     ("X-Gatewayd-User", "mayor"), ("x-gatewayd-user", "mayor"), ("X_Gatewayd_User", "mayor"),
     ("X-GATEWAYD-GROUPS", "telework-managers"), ("x-gatewayd-anything", "1"),

@@ -171,6 +171,20 @@ def test_headers_named_by_connection_are_dropped(connection: str, named: str,
     assert headers[kept] == "2"
 
 
+@pytest.mark.parametrize("spelling", ["connection", "CONNECTION", "Connection"])
+def test_every_connection_header_counts_in_any_case(spelling: str) -> None:
+    headers = rewrite((spelling, "X-A"), ("Connection", "X-B"), ("X-A", "1"), ("X-B", "2"),
+                      ("X-C", "3"))
+    assert "X-A" not in headers and "X-B" not in headers and headers["X-C"] == "3"
+
+
+def test_what_one_requests_connection_drops_is_kept_in_the_next() -> None:
+    """Header rules are memoised per name; what Connection names is per request."""
+    first = rewrite(("Connection", "X-Custom"), ("X-Custom", "1"))
+    second = rewrite(("X-Custom", "2"))
+    assert "X-Custom" not in first and second["X-Custom"] == "2"
+
+
 def test_connection_cannot_drop_the_gateways_own_headers() -> None:
     headers = rewrite(("Connection", "X-Gatewayd-User, X-Forwarded-For, X-Gatewayd-Assertion"))
     assert headers[USER_HEADER] == "alice"

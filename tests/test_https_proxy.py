@@ -1252,3 +1252,73 @@ async def test_websocket_to_refused_upstream_is_502(
     assert raised.value.status == 502
     outcome = await gateway.outcome()
     assert (outcome.status, outcome.error) == (502, "upstream_refused")
+
+
+# --- the send timeout (one timer per response) ------------------------------------------------
+
+
+async def test_send_timeout_cuts_a_write_that_takes_too_long() -> None:
+    loop = asyncio.get_running_loop()
+    sending = proxy._SendTimeout(loop, 0.05)
+    started = loop.time()
+    with pytest.raises(TimeoutError), sending:
+        await asyncio.sleep(5)
+    assert 0.04 <= loop.time() - started < 1.0
+    sending.close()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # the timeout's own cancel was undone
+
+
+async def test_send_timeout_is_per_write_and_idle_between_writes() -> None:
+    """Many quick writes that together take far longer than the timeout, and a long wait for
+    the upstream between two of them, are all fine: only one write may not take too long."""
+    loop = asyncio.get_running_loop()
+    sending = proxy._SendTimeout(loop, 0.05)
+    for _ in range(8):
+        with sending:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.15)  # waiting for the upstream: not a send
+    with sending:
+        await asyncio.sleep(0.02)
+    sending.close()
+    await asyncio.sleep(0.1)  # a closed timer never fires
+
+
+async def test_send_timeout_leaves_an_outside_cancellation_alone() -> None:
+    loop = asyncio.get_running_loop()
+    entered = asyncio.Event()
+
+    async def send() -> None:
+        sending = proxy._SendTimeout(loop, 0.2)
+        try:
+            with sending:
+                entered.set()
+                await asyncio.sleep(5)
+        finally:
+            sending.close()
+
+    task = asyncio.create_task(send())
+    await entered.wait()
+    task.cancel()  # a shutdown or a client that went away, not a slow client
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_send_timeout_and_an_outside_cancellation_at_once_stay_a_cancellation() -> None:
+    loop = asyncio.get_running_loop()
+
+    async def send() -> None:
+        sending = proxy._SendTimeout(loop, 60)
+        try:
+            with sending:
+                sending._deadline = loop.time() - 1  # this write is overdue ...
+                sending._check()  # ... its timer fires and cancels the task,
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()  # and so does someone else (a shutdown), in the same instant
+                await asyncio.sleep(1)
+        finally:
+            sending.close()
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(send())

@@ -77,6 +77,41 @@ def test_client_controlled_labels_cannot_grow_the_series() -> None:
     assert not re.search(r"(frontend|result|decision|event|svc|dir)\d", text)
 
 
+def sample(metrics: Metrics, name: str, labels: str) -> float:
+    match = re.search(rf"^{name}{{{labels}}} (\S+)$", metrics.render().decode(), re.MULTILINE)
+    assert match is not None, (name, labels)
+    return float(match.group(1))
+
+
+def test_per_request_helpers_count_into_the_right_series() -> None:
+    """The label children they keep per label combination are the series .labels() names."""
+    metrics = Metrics(services={"groupware"})
+    for _ in range(3):
+        metrics.policy_decision("https", "groupware", "allow")
+        metrics.policy_decision("https", "unknown-service", "allow")
+        metrics.proxy_duration("groupware", 0.002)
+        metrics.proxy_duration(None, 0.002)
+    allow = 'decision="allow",frontend="https",service="{}"'
+    assert sample(metrics, "gatewayd_policy_decisions_total", allow.format("groupware")) == 3
+    assert sample(metrics, "gatewayd_policy_decisions_total", allow.format("other")) == 3
+    count = "gatewayd_proxy_request_duration_seconds_count"
+    assert sample(metrics, count, 'service="groupware"') == 3
+    assert sample(metrics, count, 'service="other"') == 3
+
+
+def test_a_service_removed_on_reload_counts_as_other_from_then_on() -> None:
+    metrics = Metrics(services={"groupware", "files"})
+    metrics.policy_decision("https", "files", "allow")
+    metrics.proxy_duration("files", 0.1)
+    metrics.set_services({"groupware"})
+    metrics.policy_decision("https", "files", "allow")
+    metrics.proxy_duration("files", 0.1)
+    other = 'decision="allow",frontend="https",service="other"'
+    assert sample(metrics, "gatewayd_policy_decisions_total", other) == 1
+    assert sample(metrics, "gatewayd_proxy_request_duration_seconds_count",
+                  'service="other"') == 1
+
+
 @pytest.fixture
 async def listener() -> AsyncIterator[tuple[str, list[bool]]]:
     state = [True]

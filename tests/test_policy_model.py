@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gatewayd.policy import HttpService, Policy, TcpService, load_policy_texts
+from gatewayd.policy import HttpService, Policy, TcpService, load_policy_texts, model
 from gatewayd.policy.model import http_host_key
 
 POLICY = """\
@@ -65,6 +65,24 @@ def test_no_route_without_a_catch_all() -> None:
     policy = load_policy_texts({"p.yaml": "services:\n  files: {kind: http, prefixes: /files/}\n"})
     assert policy.http_service_for(None, "/approval/x") is None
     assert policy.http_service_for(None, "/files/x") == "files"
+
+
+def test_without_host_routes_the_host_header_is_never_parsed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing by path alone must not pay for canonicalising Host (an IP literal goes through
+    ipaddress) on every request; with host routes it is parsed, and the answer is the same."""
+    paths_only = load_policy_texts(
+        {"p.yaml": "services:\n  files: {kind: http, prefixes: /files/}\n"})
+    with_hosts = load_policy_texts({"p.yaml": POLICY})
+
+    def refuse(host: str) -> str | None:
+        raise AssertionError(f"Host {host!r} parsed")
+
+    monkeypatch.setattr(model, "_host_key", refuse)
+    for host in ("127.0.0.1:8443", "[::1]", "bad host", None):
+        assert paths_only.http_service_for(host, "/files/a") == "files"
+    with pytest.raises(AssertionError, match="parsed"):
+        with_hosts.http_service_for("mail.ward.example", "/")
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,16 @@
 
 Owns the request pipeline of the HTTPS listener and its lifecycle:
 
-1. `guard.error_middleware` — nothing unexpected reaches a client as a traceback;
-2. `guard.header_size_middleware` — the whole request head within ``https.max_header_size``;
-3. the caller middleware — the device certificate of this connection (`tls.device_of`) and
-   the session of the cookie (`auth.resolve_session`), touched as activity;
-4. dispatch on the exact raw path: the gateway's own endpoints (table below, anything else
+1. `guard.guarded` — nothing unexpected reaches a client as a traceback, and the whole
+   request head is within ``https.max_header_size``;
+2. the caller — the device certificate of this connection (`tls.device_of`) and the session
+   of the cookie (`auth.resolve_session`), touched as activity;
+3. dispatch on the exact raw path: the gateway's own endpoints (table below, anything else
    under ``/.gatewayd/`` that the policy does not route is a 404 like any unrouted path), else
    the protected flow (`flow.RequestFlow`) for a session, or the sign-in redirect / 401 JSON.
+
+These steps run in one handler behind one catch-all route, not as aiohttp middlewares: each
+middleware layer costs an await on every request (see `guard.guarded`).
 
 =============================== ============ ====================================================
 path                            methods      what
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -50,12 +54,7 @@ from gatewayd.https.flow import (
     error_page,
     unavailable,
 )
-from gatewayd.https.guard import (
-    GuardedAppRunner,
-    add_security_headers,
-    error_middleware,
-    header_size_middleware,
-)
+from gatewayd.https.guard import GuardedAppRunner, add_security_headers, guarded
 from gatewayd.https.headers import SESSION_COOKIE
 from gatewayd.https.login import AuthPages, query_value
 from gatewayd.https.portal import portal_entries
@@ -70,9 +69,35 @@ USERINFO_PATH: Final = "/.gatewayd/userinfo"
 JWKS_PATH: Final = "/.gatewayd/jwks.json"
 RECHECK_INTERVAL: Final = 10.0  # seconds between re-decisions of open WebSockets
 # aiohttp bounds each header line (and the request line) itself; the whole head is bounded by
-# https.max_header_size in guard.header_size_middleware.
+# https.max_header_size in guard.guarded.
 MAX_REQUEST_LINE: Final = 8190
 MAX_HEADERS: Final = 100
+# Allocations between two young-generation collections while serving (CPython's default is
+# 700); see `tune_gc_for_serving`.
+SERVING_GC_THRESHOLD: Final = 7000
+
+
+def tune_gc_for_serving() -> None:
+    """Make the cyclic garbage collector cheap for a long-running proxy. Process-wide.
+
+    Measured under load (bench/README.md): with CPython's defaults the collector took about
+    a tenth of gatewayd's CPU per proxied request, and each full collection paused the loop
+    for tens of milliseconds. Two reasons. (1) Full collections walk every object of the
+    process, and a gateway holds many more than a bare proxy (configuration, policy,
+    libraries) — objects that live as long as the process. ``gc.freeze()`` moves what exists
+    once the node is up out of the collector's sight; reference counting still frees those
+    objects, only cycles among them would outlive their use. (2) Every request allocates a
+    few hundred container objects, so the young generation filled every dozen requests and
+    promoted the objects of the requests still in flight; a larger first threshold lets most
+    of them die young. Frozen at most once per process (a test process starts many
+    frontends), after a collection so no garbage is made immortal.
+    """
+    if gc.get_freeze_count() == 0:
+        gc.collect()
+        gc.freeze()
+    young, middle, old = gc.get_threshold()
+    if young < SERVING_GC_THRESHOLD:
+        gc.set_threshold(SERVING_GC_THRESHOLD, middle, old)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +107,6 @@ class Caller:
     session: Session | None
     device: DeviceIdentity | None
 
-
-CALLER: Final = web.RequestKey("gatewayd_caller", Caller)
 
 Endpoint = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
@@ -100,6 +123,7 @@ class HttpsFrontend:
         self._runner: GuardedAppRunner | None = None
         self._site: web.TCPSite | None = None
         self._recheck: asyncio.Task[None] | None = None
+        self._device_certs = True  # until start() knows whether the TLS context asks
         self._endpoints: dict[str, dict[str, Endpoint]] = {
             pages.PORTAL_PATH: {"GET": self._portal},
             pages.LOGIN_PATH: {"GET": self._login_form, "POST": self._login_submit},
@@ -113,14 +137,12 @@ class HttpsFrontend:
     # --- lifecycle -----------------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        max_header = self._ctx.settings.https.max_header_size
-        app = web.Application(middlewares=[
-            error_middleware(self._server_error),
-            header_size_middleware(max_header, self._headers_too_large),
-            self._caller_middleware,
-        ])
+        app = web.Application()
         app.on_response_prepare.append(add_security_headers)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.router.add_route("*", "/{tail:.*}", guarded(
+            self._dispatch, max_header_size=self._ctx.settings.https.max_header_size,
+            too_large=self._headers_too_large, server_error=self._server_error,
+        ))
         return app
 
     async def start(self, ssl_context: ssl.SSLContext) -> int:
@@ -142,8 +164,11 @@ class HttpsFrontend:
                 await runner.cleanup()
             raise
         self._runner, self._site = runner, site
+        # The connection's certificate is only worth reading when the handshake asked for one.
+        self._device_certs = ssl_context.verify_mode != ssl.CERT_NONE
         self._recheck = asyncio.create_task(self._recheck_forever(),
                                             name="gatewayd.https.websocket-recheck")
+        tune_gc_for_serving()  # the HTTPS listener is the last thing a node starts
         return int(runner.addresses[0][1])
 
     async def stop_accepting(self) -> None:
@@ -179,13 +204,12 @@ class HttpsFrontend:
 
     # --- pipeline ------------------------------------------------------------------------
 
-    @web.middleware
-    async def _caller_middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        transport = request.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        device = device_of(ssl_object)
+    def _caller(self, request: web.Request) -> Caller:
+        device = None
+        if self._device_certs:
+            transport = request.transport
+            device = device_of(transport.get_extra_info("ssl_object")
+                               if transport is not None else None)
         candidates = cookie_values(request.headers, SESSION_COOKIE)
         session = None
         if candidates:
@@ -193,11 +217,10 @@ class HttpsFrontend:
                                       device.device_id if device else None)
             if session is not None:
                 self._ctx.sessions.touch(session)
-        request[CALLER] = Caller(session, device)
-        return await handler(request)
+        return Caller(session, device)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        caller = request[CALLER]
+        caller = self._caller(request)
         path = request.raw_path.partition("?")[0]
         endpoint = self._endpoints.get(path)
         if endpoint is None:

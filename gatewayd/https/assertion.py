@@ -11,9 +11,20 @@ Token (RFC 7519, JWS compact serialisation, RFC 7515/7518):
 * claims ``iss`` (the gateway's public URL), ``aud`` (the service name), ``sub`` (the user),
   ``groups`` (sorted list), ``device`` (verified device id or null), ``iat``, ``exp``
   (``iat`` + 60 s: long enough for clock skew, short enough that a token copied from an
-  upstream log is useless soon), ``jti`` (128 random bits, for upstreams that keep a replay
-  cache);
+  upstream log is useless soon), ``jti`` (128 random bits: names the token, for upstreams
+  that log or revoke tokens);
 * signature: ECDSA P-256 / SHA-256, as the 64-byte ``r || s`` JWS form (not DER).
+
+Reuse (`AssertionSigner.token_for`, what the proxy calls): an ES256 signature costs about
+25 µs of CPU, a third of what a whole proxied request may cost, so a token is signed once per
+(session, service, device) and sent again with that session's requests until it has less
+than ``REUSE_MARGIN_SECONDS`` (15 s) to live: every token an upstream receives still has at
+least 15 s left, ``exp`` stays 60 s after ``iat``, and a token is never sent with another
+session's requests (the cache key is the session, and a hit also requires the very same
+`Principal` object the token was signed for). Consequently ``jti`` names a token, not a
+request: an upstream sees the same ``jti`` on up to 45 s of one session's requests, so it
+must not treat a repeated ``jti`` as a replay. `AssertionSigner.sign` still signs a fresh
+token on every call.
 
 Implemented on ``cryptography`` directly: the format is small, and writing it out keeps the
 verifier strict in the ways that matter (only ES256 — never ``none`` or an HMAC algorithm
@@ -38,6 +49,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,6 +66,8 @@ from gatewayd.identity.principal import Principal
 ALGORITHM: Final = "ES256"
 KEY_FILE_NAME: Final = "assertion-es256.pem"
 LIFETIME_SECONDS: Final = 60
+REUSE_MARGIN_SECONDS: Final = 15  # a reused token always has at least this long to live
+MAX_CACHED_TOKENS: Final = 10_000  # (session, service, device) triples; far above 140 seats
 DEFAULT_LEEWAY_SECONDS: Final = 10.0
 _COORDINATE_BYTES: Final = 32  # P-256
 _JTI_BYTES: Final = 16
@@ -214,6 +228,18 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
 # --- signing ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _CachedToken:
+    token: str
+    principal: Principal  # the object signed for: a hit must present this very object
+    issued: float
+    renew_at: float  # issued + lifetime - REUSE_MARGIN_SECONDS
+
+
+CacheKey = tuple[str, str, str | None]
+"""(session id hash, audience, device id): whose requests may carry a cached token."""
+
+
 class AssertionSigner:
     """Signs assertion JWTs with one P-256 key and publishes its public half as JWKS.
 
@@ -239,6 +265,8 @@ class AssertionSigner:
         self._header = b64url_encode(
             _compact_json({"alg": ALGORITHM, "kid": self.kid, "typ": "JWT"})
         )
+        self._reuse_for = max(0, lifetime - REUSE_MARGIN_SECONDS)
+        self._cache: dict[CacheKey, _CachedToken] = {}
 
     @property
     def kid(self) -> str:
@@ -264,6 +292,40 @@ class AssertionSigner:
         der = self._key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         return f"{signing_input}.{b64url_encode(_int_bytes(r) + _int_bytes(s))}"
+
+    def token_for(
+        self, *, session: str, audience: str, principal: Principal, device: str | None
+    ) -> str:
+        """The token for one proxied request of ``session`` (its id hash) to ``audience``.
+
+        Returns the token last signed for this (session, audience, device) while it has more
+        than ``REUSE_MARGIN_SECONDS`` to live and was signed for this same ``principal``
+        object; otherwise signs a fresh one (see the module docstring for why).
+        """
+        now = self._clock()
+        key = (session, audience, device)
+        cached = self._cache.get(key)
+        if (
+            cached is not None
+            and cached.principal is principal
+            # A wall clock stepped back re-signs: iat must never lie in the future.
+            and cached.issued <= now < cached.renew_at
+        ):
+            return cached.token
+        issued = int(now)
+        token = self.sign(audience=audience, principal=principal, device=device, now=issued)
+        if key not in self._cache and len(self._cache) >= MAX_CACHED_TOKENS:
+            self._prune(now)
+        self._cache[key] = _CachedToken(token, principal, issued, issued + self._reuse_for)
+        return token
+
+    def _prune(self, now: float) -> None:
+        """Drop tokens due for renewal (ended sessions leave theirs behind); if that is not
+        enough, drop everything: the worst case is one signature per request, never a cache
+        that grows with the number of sessions ever seen."""
+        self._cache = {k: v for k, v in self._cache.items() if v.issued <= now < v.renew_at}
+        if len(self._cache) >= MAX_CACHED_TOKENS:
+            self._cache.clear()
 
     def jwks(self) -> dict[str, Any]:
         """The document served at ``/.gatewayd/jwks.json``."""

@@ -30,6 +30,7 @@ socket opens, as for any other request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -79,6 +80,28 @@ def session_fields(session: Session, device: DeviceIdentity | None) -> dict[str,
         "session": session.handle,
         "device": device.device_id if device else None,
     }
+
+
+def audit_fields(request: web.Request, session: Session, device: DeviceIdentity | None,
+                 service: str | None) -> dict[str, object]:
+    """The audit context of one request: the session's fields, the service, method and path
+    (without the query: it carries tokens and personal data)."""
+    return {**session_fields(session, device), "service": service,
+            "method": request.method, "path": strip_query(request.raw_path)}
+
+
+@functools.lru_cache(maxsize=1024)
+def peer_address(remote: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The TCP peer address as decide() takes it, or None if it is not one.
+
+    Memoised: a browser sends many requests from one address (and keep-alive connections
+    from it), and `ipaddress` parsing was a noticeable share of the per-request policy
+    work. Bounded: addresses come from the network.
+    """
+    try:
+        return ipaddress.ip_address(remote)
+    except ValueError:
+        return None
 
 
 def respond(request: web.BaseRequest, status: int, *, title: str, message: str,
@@ -154,19 +177,20 @@ class RequestFlow:
         access = self._access_request(request, session, device, service, host)
         decision = _decide(policy, access) if access is not None else INTERNAL_ERROR_DECISION
         ctx.metrics.policy_decision(FRONTEND, service, decision.decision)
-        fields = {**session_fields(session, device), "service": service,
-                  "method": request.method, "path": strip_query(raw_target)}
         if decision.decision == "deny":
-            return self._deny(request, decision, fields, _deny_status(service, raw_target))
+            return self._deny(request, decision, audit_fields(request, session, device, service),
+                              _deny_status(service, raw_target))
         if decision.decision == "step_up":
-            return self._step_up(request, decision, fields)
+            return self._step_up(request, decision,
+                                 audit_fields(request, session, device, service))
         if decision.obligations.read_only and request.method not in READ_METHODS:
             # decide() never allows a write under a read-only rule; this is defence in depth.
             refused = Decision("deny", decision.rule, "the rule allows reading only")
-            return self._deny(request, refused, fields, 403)
+            return self._deny(request, refused, audit_fields(request, session, device, service),
+                              403)
         assert service is not None and access is not None  # decide() denies service None
         return await self._proxy(request, session=session, device=device, service=service,
-                                 access=access, decision=decision, fields=fields)
+                                 access=access, decision=decision, host=host)
 
     # --- building the request ------------------------------------------------------------
 
@@ -174,9 +198,8 @@ class RequestFlow:
         self, request: web.Request, session: Session, device: DeviceIdentity | None,
         service: str | None, host: str | None,
     ) -> AccessRequest | None:
-        try:
-            source = ipaddress.ip_address(request.remote or "")
-        except ValueError:
+        source = peer_address(request.remote or "")
+        if source is None:
             return None  # no usable peer address: decide() could not judge "source" rules
         principal = session.principal
         return AccessRequest(
@@ -229,23 +252,28 @@ class RequestFlow:
 
     async def _proxy(
         self, request: web.Request, *, session: Session, device: DeviceIdentity | None,
-        service: str, access: AccessRequest, decision: Decision, fields: dict[str, object],
+        service: str, access: AccessRequest, decision: Decision, host: str | None,
     ) -> web.StreamResponse:
         ctx = self._ctx
         upstream = ctx.upstreams.get(service)
         if upstream is None:
             not_configured = Decision("deny", decision.rule,
                                       f"no upstream is configured for service {service!r}")
-            return self._deny_unconfigured(request, not_configured, fields)
+            return self._deny_unconfigured(request, not_configured,
+                                           audit_fields(request, session, device, service))
         headers = upstream_request_headers(
             request.headers, principal=session.principal,
-            assertion=ctx.signer.sign(audience=service, principal=session.principal,
-                                      device=device.device_id if device else None),
-            client_ip=request.remote or "", forwarded_host=_forwarded_host(request, ctx),
+            assertion=ctx.signer.token_for(session=session.id_hash, audience=service,
+                                           principal=session.principal,
+                                           device=device.device_id if device else None),
+            client_ip=request.remote or "", forwarded_host=_forwarded_host(host, ctx),
         )
         websocket = is_websocket_upgrade(request.method, request.headers)
-        record = self._recorder(session, fields, decision, service, websocket,
-                                write=request.method not in READ_METHODS)
+        audited = (websocket or request.method not in READ_METHODS
+                   or ctx.settings.audit.http_requests == "all")
+        # An allowed read that is not audited needs no audit context: most requests.
+        fields = audit_fields(request, session, device, service) if audited else None
+        record = self._recorder(session, fields, decision, service)
         if websocket:
             return await self._proxy_websocket(request, session=session, access=access,
                                                upstream=upstream, headers=headers, record=record)
@@ -289,17 +317,17 @@ class RequestFlow:
             remove_closer()
 
     def _recorder(
-        self, session: Session, fields: dict[str, object], decision: Decision, service: str,
-        websocket: bool, *, write: bool,
+        self, session: Session, fields: dict[str, object] | None, decision: Decision,
+        service: str,
     ) -> Callable[[ProxyOutcome], None]:
+        """What ends a proxied request: bytes, the duration metric and, when ``fields`` is
+        given (the request is audited), its ``access.allow`` record."""
         ctx = self._ctx
-        audited = websocket or write or ctx.settings.audit.http_requests == "all"
 
         def record(outcome: ProxyOutcome) -> None:
             session.add_bytes(up=outcome.bytes_up, down=outcome.bytes_down)
-            ctx.metrics.proxy_request_duration.labels(
-                ctx.metrics.service_label(service)).observe(outcome.duration)
-            if not audited:
+            ctx.metrics.proxy_duration(service, outcome.duration)
+            if fields is None:
                 return
             try:
                 ctx.audit.emit(
@@ -347,9 +375,8 @@ def _return_path(request: web.Request) -> str:
     return pages.PORTAL_PATH
 
 
-def _forwarded_host(request: web.Request, ctx: FrontendContext) -> str:
+def _forwarded_host(host: str | None, ctx: FrontendContext) -> str:
     """The routed Host when the request named one, else the public URL's host."""
-    host = request.headers.get("Host")
     if host and len(host) <= 255 and host.isascii() and host.isprintable():
         return host
     return ctx.settings.https.public_url.partition("://")[2]

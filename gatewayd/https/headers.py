@@ -39,6 +39,7 @@ dropped so an upstream can neither read, overwrite nor shadow it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Final
@@ -111,11 +112,24 @@ def is_gateway_header(name: str) -> bool:
 
 def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Canonical names listed in every ``Connection`` header: hop-by-hop for this hop only."""
-    names: set[str] = set()
-    for name, value in headers.items():
-        if canonical_name(name) == "connection":
-            names.update(canonical_name(t.strip()) for t in value.split(",") if t.strip())
-    return frozenset(names)
+    # "connection" has no '-', so the only names whose canonical spelling is "connection" are
+    # its case variants: exactly what the case-insensitive getall finds, in one lookup
+    # instead of a canonical_name() per header.
+    values = headers.getall("Connection", ())
+    if not values:
+        return _NOTHING_NAMED
+    if len(values) == 1:
+        return _connection_value_tokens(values[0])
+    return frozenset().union(*map(_connection_value_tokens, values))
+
+
+# Nearly every message carries "keep-alive", "close" or "Upgrade"; bounded (peer input).
+@functools.lru_cache(maxsize=256)
+def _connection_value_tokens(value: str) -> frozenset[str]:
+    return frozenset(canonical_name(token.strip()) for token in value.split(",") if token.strip())
+
+
+_NOTHING_NAMED: Final[frozenset[str]] = frozenset()
 
 
 def _is_hop_by_hop(canonical: str, connection_named: frozenset[str]) -> bool:
@@ -137,6 +151,36 @@ def _dropped_from_request(canonical: str, connection_named: frozenset[str]) -> b
         or canonical in _WEBSOCKET_HANDSHAKE
         or canonical == "cookie"  # re-added below without the session cookie
     )
+
+
+# What happens to a client request header, by name (before the names its Connection header
+# lists, which vary per request and are checked on top).
+_KEEP: Final = 0
+_DROP: Final = 1
+_COOKIE: Final = 2
+
+
+# Header names repeat on every request of every browser, and classifying one (token regex,
+# canonical spelling, eight rule checks) costs about a microsecond: memoised, bounded
+# because names are client input. A pure function of the name, so nothing is shared but
+# the answer.
+@functools.lru_cache(maxsize=1024)
+def _request_header_rule(name: str) -> tuple[int, str]:
+    """(_KEEP | _DROP | _COOKIE, canonical name) for a client request header name."""
+    if not is_valid_name(name):
+        return _DROP, ""
+    canonical = canonical_name(name)
+    if canonical == "cookie":
+        return _COOKIE, canonical
+    return (_DROP if _dropped_from_request(canonical, _NOTHING_NAMED) else _KEEP), canonical
+
+
+@functools.lru_cache(maxsize=1024)
+def _response_header_rule(name: str) -> tuple[bool, str]:
+    """(dropped whatever Connection says, canonical name) for an upstream response header."""
+    canonical = canonical_name(name)
+    return (_is_hop_by_hop(canonical, _NOTHING_NAMED) or canonical in _REPLACED_IN_RESPONSE,
+            canonical)
 
 
 def _cookie_name(pair: str) -> str:
@@ -177,6 +221,12 @@ def header_safe(value: str) -> str:
     """An identity value as a header value: unchanged if it is printable ASCII without ``%``
     or ``,``, else percent-encoded UTF-8 for exactly the characters that are not. Surrounding
     spaces are encoded too, because header parsers strip them."""
+    if (
+        value.isascii() and value.isprintable()  # printable ASCII is exactly 0x20-0x7E
+        and "%" not in value and "," not in value
+        and value[:1] != " " and value[-1:] != " "
+    ):
+        return value  # the common case, decided without looking at each character
     core = value.strip(" ")
     if not core:
         return "%20" * len(value)
@@ -187,9 +237,19 @@ def header_safe(value: str) -> str:
 
 def groups_value(groups: Iterable[str]) -> str:
     """``X-Gatewayd-Groups``: sorted, each `header_safe`, comma-separated (empty if none)."""
+    if isinstance(groups, frozenset):
+        return _groups_value_memo(groups)
     return ",".join(header_safe(group) for group in sorted(groups))
 
 
+# A session's groups are one frozenset object (its hash is cached) sent with every request.
+@functools.lru_cache(maxsize=1024)
+def _groups_value_memo(groups: frozenset[str]) -> str:
+    return ",".join(header_safe(group) for group in sorted(groups))
+
+
+# The same client address and host on every request of a session; bounded (client input).
+@functools.lru_cache(maxsize=1024)
 def _forwarded_element(client_ip: str, host: str, proto: str) -> str:
     """RFC 7239 ``Forwarded`` element; IPv6 addresses bracketed, values quoted when needed."""
     node = f"[{client_ip}]" if ":" in client_ip else client_ip
@@ -225,23 +285,26 @@ def upstream_request_headers(
     headers: CIMultiDict[str] = CIMultiDict()
     cookies: list[str] = []
     for name, value in client_headers.items():
-        if not is_valid_name(name):
-            continue
-        canonical = canonical_name(name)
-        if canonical == "cookie":
+        rule, canonical = _request_header_rule(name)
+        if rule == _KEEP:
+            if canonical not in connection_named:
+                headers.add(name, value)
+        elif rule == _COOKIE:
             cookies.append(value)
-        if not _dropped_from_request(canonical, connection_named):
-            headers.add(name, value)
-    cookie = strip_session_cookie(cookies)
-    if cookie is not None and "cookie" not in connection_named:
-        headers["Cookie"] = cookie
-    headers["X-Forwarded-For"] = client_ip
-    headers["X-Forwarded-Proto"] = proto
-    headers["X-Forwarded-Host"] = forwarded_host
-    headers["Forwarded"] = _forwarded_element(client_ip, forwarded_host, proto)
-    headers[USER_HEADER] = header_safe(principal.user)
-    headers[GROUPS_HEADER] = groups_value(principal.groups)
-    headers[ASSERTION_HEADER] = assertion
+    if cookies:
+        cookie = strip_session_cookie(cookies)
+        if cookie is not None and "cookie" not in connection_named:
+            headers.add("Cookie", cookie)
+    # Added, not set: the loop above let no client header of these names through.
+    headers.extend((
+        ("X-Forwarded-For", client_ip),
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", forwarded_host),
+        ("Forwarded", _forwarded_element(client_ip, forwarded_host, proto)),
+        (USER_HEADER, header_safe(principal.user)),
+        (GROUPS_HEADER, groups_value(principal.groups)),
+        (ASSERTION_HEADER, assertion),
+    ))
     return headers
 
 
@@ -255,8 +318,8 @@ def downstream_response_headers(upstream_headers: MultiMapping[str]) -> CIMultiD
     connection_named = _connection_tokens(upstream_headers)
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers.items():
-        canonical = canonical_name(name)
-        if _is_hop_by_hop(canonical, connection_named) or canonical in _REPLACED_IN_RESPONSE:
+        dropped, canonical = _response_header_rule(name)
+        if dropped or canonical in connection_named:
             continue
         if canonical == "set-cookie" and _set_cookie_is_session(value):
             continue
@@ -278,6 +341,7 @@ def is_websocket_upgrade(method: str, headers: MultiMapping[str]) -> bool:
     ``Upgrade: websocket`` and ``Connection: upgrade`` (tokens, any case, in any list)."""
     return (
         method == "GET"
+        and "Upgrade" in headers  # the common case, in one lookup
         and "websocket" in _tokens(headers, "Upgrade")
         and "upgrade" in _tokens(headers, "Connection")
     )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .conditions import Facts, reaches
-from .model import HttpService, Policy, Rule, ServiceRules, TcpService, http_host_key
+from .model import HttpService, Policy, Rule, ServiceRules, TcpService
 from .paths import AmbiguousPathError, normalize_path
 from .request import AccessRequest, Decision
 from .values import canonical_host, format_duration, is_request_method, show_method
@@ -183,7 +183,7 @@ def _admit_http(policy: Policy, request: AccessRequest, service: HttpService) ->
         path = normalize_path(request.path)
     except AmbiguousPathError as exc:
         return _refuse(f"ambiguous request path refused: {exc.reason}")
-    if policy.http_routes.lookup(http_host_key(request.host), path) != service.name:
+    if policy.http_routes.route(request.host, path) != service.name:
         return _refuse(f"path {path} is not part of service {service.name}")
     return Facts(request, policy.timezone, path=path)
 

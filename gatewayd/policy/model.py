@@ -7,6 +7,7 @@ and a per-service rule index, so a decision only looks at the rules that can app
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -125,8 +126,17 @@ class HttpRoutes:
     table: Mapping[tuple[str | None, str], str]
     hosts: frozenset[str]
 
+    def route(self, host_header: str | None, path: str) -> str | None:
+        """The service for a request's Host header (as received) and normalised path.
+
+        The Host header is canonicalised only when some service is published under a host
+        name: parsing it (an IP literal goes through `ipaddress`) was a tenth of a decision's
+        cost, and a policy without ``hosts:`` routes by path alone anyway.
+        """
+        return self.lookup(http_host_key(host_header) if self.hosts else None, path)
+
     def lookup(self, host: str | None, path: str) -> str | None:
-        """The service for an already normalised path."""
+        """The service for a canonical host key (`http_host_key`) and normalised path."""
         candidates = _prefix_candidates(path)
         if host is not None and host in self.hosts:
             for prefix in candidates:
@@ -156,6 +166,13 @@ def http_host_key(host: str | None) -> str | None:
     """A Host header value as a route key: port dropped, lower-cased, no trailing dot."""
     if not host:
         return None
+    return _host_key(host)
+
+
+# Browsers send the same few Host values over and over; the cache is bounded because the
+# header is client input.
+@functools.lru_cache(maxsize=256)
+def _host_key(host: str) -> str | None:
     text = host.strip()
     if text.startswith("["):
         text = text[: text.find("]") + 1] if "]" in text else text
@@ -204,7 +221,7 @@ class Policy:
             path = normalize_path(raw_path)
         except AmbiguousPathError:
             return None
-        return self.http_routes.lookup(http_host_key(host), path)
+        return self.http_routes.route(host, path)
 
     def tcp_service_for(
         self, host: str, port: int, request_attributes: Mapping[str, str]

@@ -233,7 +233,12 @@ def is_request_method(method: str) -> bool:
     matched or guessed, like an ambiguous path; so are empty, spaced, control-character,
     non-ASCII and overlong ones.
     """
-    return _REQUEST_METHOD.fullmatch(method) is not None
+    return method in _COMMON_METHODS or _REQUEST_METHOD.fullmatch(method) is not None
+
+
+# Checked before the regex: nearly every request carries one of these.
+_COMMON_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
+                             "PROPFIND"})
 
 
 def show_method(method: str) -> str:
