@@ -318,3 +318,14 @@ async def test_websocket_closes_when_a_reload_denies_it(gw: Harness) -> None:
     await ws.receive(timeout=5)
     assert ws.closed and ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
     assert json.dumps(gw.audit_events("session.end")) == "[]"  # the session itself goes on
+
+
+async def test_proxied_pages_keep_their_own_security_headers(gw: Harness) -> None:
+    """The gateway's strict page CSP must not replace an upstream's (it broke the chat app)."""
+    client = await gw.signed_in("alice")
+    async with client.get(gw.base + "/groupware/") as resp:
+        assert resp.status == 200
+        assert "Content-Security-Policy" not in resp.headers  # the echo upstream sets none
+        assert resp.headers["Cache-Control"] == "no-store"  # but nothing protected is cached
+    async with client.get(gw.base + "/") as resp:  # the gateway's own portal page
+        assert "default-src 'none'" in resp.headers["Content-Security-Policy"]

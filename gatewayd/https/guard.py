@@ -36,7 +36,7 @@ from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger(__name__)
 
-PROXIED: Final = "gatewayd.proxied"  # request key: this response is the upstream's
+PROXIED: Final = web.RequestKey("gatewayd.proxied", bool)  # the response is the upstream's
 
 HSTS: Final = "max-age=31536000"
 CSP: Final = (

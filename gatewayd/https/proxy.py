@@ -85,6 +85,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gatewayd.config import UpstreamSettings
+from gatewayd.https.guard import PROXIED
 from gatewayd.https.headers import (
     canonical_name,
     downstream_response_headers,
@@ -657,6 +658,7 @@ async def _relay_response(
     )
     progress.status = upstream_response.status
     progress.response_started = True
+    request[PROXIED] = True  # the upstream's page: its own CSP etc. stand, not the gateway's
     try:
         with sending:
             await response.prepare(request)
@@ -896,6 +898,7 @@ async def _proxy_websocket(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
             autoclose=False, autoping=True, heartbeat=heartbeat, max_msg_size=max_message_size,
         )
+        request[PROXIED] = True
         try:
             await client_ws.prepare(request)
         except ConnectionError:
