@@ -14,6 +14,7 @@ from gatewayd.https.guard import (
     GuardedAppRunner,
     add_security_headers,
     error_middleware,
+    guarded,
     header_size_middleware,
     parser_error_status,
 )
@@ -37,19 +38,27 @@ async def too_large(request: web.Request) -> web.StreamResponse:
     return web.Response(status=431, text="too large")
 
 
-@pytest.fixture
-async def port() -> AsyncIterator[int]:
+@pytest.fixture(params=["middlewares", "guarded"])
+async def port(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    """The same guards as aiohttp middlewares, or as the one handler the listener uses."""
+
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("secret internal detail")
 
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application(middlewares=[error_middleware(generic),
-                                       header_size_middleware(2048, too_large)])
+    if request.param == "middlewares":
+        app = web.Application(middlewares=[error_middleware(generic),
+                                           header_size_middleware(2048, too_large)])
+        app.router.add_get("/boom", boom)
+        app.router.add_get("/ok", ok)
+    else:
+        app = web.Application()
+        for path, handler in (("/boom", boom), ("/ok", ok)):
+            app.router.add_get(path, guarded(handler, max_header_size=2048,
+                                             too_large=too_large, server_error=generic))
     app.on_response_prepare.append(add_security_headers)
-    app.router.add_get("/boom", boom)
-    app.router.add_get("/ok", ok)
     runner = GuardedAppRunner(app, access_log=None, max_field_size=1024)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
