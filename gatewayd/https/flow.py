@@ -33,7 +33,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -250,17 +250,19 @@ class RequestFlow:
 
     # --- proxying ------------------------------------------------------------------------
 
-    async def _proxy(
+    def _proxy(
         self, request: web.Request, *, session: Session, device: DeviceIdentity | None,
         service: str, access: AccessRequest, decision: Decision, host: str | None,
-    ) -> web.StreamResponse:
+    ) -> Awaitable[web.StreamResponse]:
+        """The transfer to await. Not a coroutine itself: it hands back the proxy's own, so a
+        proxied request pays for one await layer less."""
         ctx = self._ctx
         upstream = ctx.upstreams.get(service)
         if upstream is None:
             not_configured = Decision("deny", decision.rule,
                                       f"no upstream is configured for service {service!r}")
-            return self._deny_unconfigured(request, not_configured,
-                                           audit_fields(request, session, device, service))
+            return _answered(self._deny_unconfigured(
+                request, not_configured, audit_fields(request, session, device, service)))
         headers = upstream_request_headers(
             request.headers, principal=session.principal,
             assertion=ctx.signer.token_for(session=session.id_hash, audience=service,
@@ -275,14 +277,13 @@ class RequestFlow:
         fields = audit_fields(request, session, device, service) if audited else None
         record = self._recorder(session, fields, decision, service)
         if websocket:
-            return await self._proxy_websocket(request, session=session, access=access,
-                                               upstream=upstream, headers=headers, record=record)
+            return self._proxy_websocket(request, session=session, access=access,
+                                         upstream=upstream, headers=headers, record=record)
         limit = ctx.settings.https.max_body
         if decision.obligations.max_upload is not None:
             limit = min(limit, decision.obligations.max_upload)
-        return await proxy_http(request, upstream=upstream, headers=headers, max_body=limit,
-                                on_finish=record,
-                                error_response=lambda s, e: error_page(request, s, e))
+        return proxy_http(request, upstream=upstream, headers=headers, max_body=limit,
+                          on_finish=record, error_response=lambda s, e: error_page(request, s, e))
 
     def _deny_unconfigured(self, request: web.Request, decision: Decision,
                            fields: dict[str, object]) -> web.StreamResponse:
@@ -339,6 +340,10 @@ class RequestFlow:
                 log.error("access.allow could not be audited (service %s)", service)
 
         return record
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 def _decide(policy: Policy, access: AccessRequest) -> Decision:

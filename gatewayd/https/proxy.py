@@ -572,34 +572,7 @@ async def proxy_http(
     """
     loop = asyncio.get_running_loop()
     progress = _Progress(started=loop.time())
-    upstream._acquire()
-    try:
-        return await _proxy_http(
-            request, upstream=upstream, headers=headers, max_body=max_body,
-            send_timeout=send_timeout, error_response=error_response, progress=progress,
-            loop=loop,
-        )
-    except asyncio.CancelledError:
-        progress.fail("client_disconnected" if _client_gone(request) else "cancelled")
-        if not progress.response_started:
-            progress.status = 499
-        raise
-    finally:
-        upstream._release()
-        _report(on_finish, progress, loop)
 
-
-async def _proxy_http(
-    request: web.Request,
-    *,
-    upstream: Upstream,
-    headers: MultiMapping[str],
-    max_body: int,
-    send_timeout: float,
-    error_response: ErrorResponse,
-    progress: _Progress,
-    loop: asyncio.AbstractEventLoop,
-) -> web.StreamResponse:
     def refuse(status: int, error: str) -> web.StreamResponse:
         progress.status = status
         progress.fail(error)
@@ -611,34 +584,45 @@ async def _proxy_http(
             response.force_close()
         return response
 
-    if request.method in _REFUSED_METHODS:
-        return refuse(405, "method_not_allowed")
-    if not is_origin_form(request.raw_path):
-        return refuse(400, "bad_request_target")
-    if request.content_length is not None and request.content_length > max_body:
-        return refuse(413, "request_too_large")
-    body = (_request_body(request, progress, max_body=max_body, send_timeout=send_timeout)
-            if request.body_exists else None)
+    # All in this one coroutine down to the relay: every await layer is paid per request.
+    upstream._acquire()
     try:
-        upstream_response = await upstream.session.request(
-            request.method, upstream.url_for(request.raw_path), headers=headers,
-            data=body, allow_redirects=False,
-        )
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        body_error = progress.error
-        if body_error is not None and body_error in _BODY_STATUS:
-            # The client's body, not the upstream, failed.
-            return refuse(_BODY_STATUS[body_error], body_error)
-        return refuse(*_classify(exc))
-    sending = _SendTimeout(loop, send_timeout)
-    try:
-        return await _relay_response(request, upstream_response, sending, progress)
+        if request.method in _REFUSED_METHODS:
+            return refuse(405, "method_not_allowed")
+        if not is_origin_form(request.raw_path):
+            return refuse(400, "bad_request_target")
+        if request.content_length is not None and request.content_length > max_body:
+            return refuse(413, "request_too_large")
+        body = (_request_body(request, progress, max_body=max_body, send_timeout=send_timeout)
+                if request.body_exists else None)
+        try:
+            upstream_response = await upstream.session.request(
+                request.method, upstream.url_for(request.raw_path), headers=headers,
+                data=body, allow_redirects=False,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            body_error = progress.error
+            if body_error is not None and body_error in _BODY_STATUS:
+                # The client's body, not the upstream, failed.
+                return refuse(_BODY_STATUS[body_error], body_error)
+            return refuse(*_classify(exc))
+        sending = _SendTimeout(loop, send_timeout)
+        try:
+            return await _relay_response(request, upstream_response, sending, progress)
+        finally:
+            sending.close()
+            if progress.error is None:
+                upstream_response.release()  # fully read: the connection goes back to the pool
+            else:
+                upstream_response.close()  # a half-read connection is never reused
+    except asyncio.CancelledError:
+        progress.fail("client_disconnected" if _client_gone(request) else "cancelled")
+        if not progress.response_started:
+            progress.status = 499
+        raise
     finally:
-        sending.close()
-        if progress.error is None:
-            upstream_response.release()  # fully read: the connection goes back to the pool
-        else:
-            upstream_response.close()  # a half-read connection is never reused
+        upstream._release()
+        _report(on_finish, progress, loop)
 
 
 async def _relay_response(
