@@ -473,6 +473,37 @@ class UpstreamSettings(_Section):
     _resolve = field_validator("tls_ca_file", mode="after")(_resolve_relative)
 
 
+def parse_host_port(text: str) -> str:
+    """``host:port`` as policies write TCP destinations (``fileserver.ward.local:445``)."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]{0,252}):(\d{1,5})", text)
+    if match is None or not 0 < int(match.group(2)) <= 65535:
+        raise ValueError(text)
+    return text
+
+
+HostPort = Annotated[str, _grammar(parse_host_port, "host:port", "fileserver.ward.local:445")]
+
+
+class SshSettings(_Section):
+    """``[ssh]``: the tunnel frontend for the stock OpenSSH client (``ssh -L`` / ``ssh -D``)."""
+
+    enabled: Bool = False
+    listen: Listen = ListenAddress("0.0.0.0", 22)  # noqa: S104 - a gateway faces the network
+    host_key_file: Path = Path("/etc/gatewayd/certs/ssh-host-ed25519.key")
+    user_ca_key_file: Path | None = None
+    login_grace_time: Interval = timedelta(seconds=30)
+    max_auth_tries: Int = Field(default=4, ge=1, le=10)
+    keepalive_interval: Interval = timedelta(seconds=15)
+    keepalive_count: Int = Field(default=3, ge=1, le=100)
+    preauth_total: Int = Field(default=64, ge=1, le=100_000)
+    preauth_per_source: Int = Field(default=4, ge=1, le=1000)
+    connect_rate_per_source: Int = Field(default=20, ge=1, le=100_000)
+    address_overrides: dict[HostPort, HostPort] = Field(default_factory=dict)
+
+    _resolve = field_validator("host_key_file", "user_ca_key_file",
+                               mode="after")(_resolve_relative)
+
+
 class Settings(_Section):
     """Every setting of one gatewayd node. Frozen: a reload builds a new one."""
 
@@ -482,6 +513,7 @@ class Settings(_Section):
     sessions: SessionSettings = SessionSettings()
     audit: AuditSettings = AuditSettings()
     https: HttpsSettings = HttpsSettings()
+    ssh: SshSettings = SshSettings()
     directory: DirectorySettings = DirectorySettings()
     mfa: MfaSettings = MfaSettings()
     login: LoginSettings = LoginSettings()
