@@ -52,6 +52,7 @@ from gatewayd.identity.authenticator import (
 from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.metrics import Metrics, metrics_app, serve_metrics
 from gatewayd.policy import Policy, PolicyError, load_policy
+from gatewayd.sdnotify import SystemdNotifier
 from gatewayd.sessions import Session, SessionRegistry
 from gatewayd.state import MemoryState
 from gatewayd.tasks import cancel_and_wait
@@ -362,17 +363,36 @@ class Gateway:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    async def run(self, *, on_started: Callable[[Gateway], None] | None = None) -> None:
+    async def run(
+        self,
+        *,
+        on_started: Callable[[Gateway], None] | None = None,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
         """Start, serve until SIGTERM/SIGINT, stop. SIGHUP reloads. Used by ``gatewayd run``.
 
         Signal handlers go in before ``start()``: a SIGHUP that arrives while listeners open
-        must reload, not kill the process with the default action.
+        must reload, not kill the process with the default action. ``notifier`` tells systemd
+        (``Type=notify``) when the listeners are up, around each reload, and when the drain
+        starts, and keeps its watchdog fed from this loop.
         """
         loop = asyncio.get_running_loop()
+        notify = notifier if notifier is not None else SystemdNotifier(None)
         reloads: set[asyncio.Task[bool]] = set()
 
+        async def notified_reload() -> bool:
+            # A SIGHUP during start() reloads too, but READY=1 must wait for the listeners.
+            started = self._started
+            if started:
+                notify.reloading()
+            try:
+                return await self.reload()
+            finally:
+                if started:
+                    notify.ready(self._status_line())  # old or new config serves again
+
         def on_sighup() -> None:
-            task = loop.create_task(self.reload(), name="gatewayd-reload")
+            task = loop.create_task(notified_reload(), name="gatewayd-reload")
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -381,15 +401,25 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         try:
             await self.start()
+            self._spawn(notify.keep_alive(), "gatewayd.systemd.watchdog")
+            notify.ready(self._status_line())
             if on_started is not None:
                 on_started(self)
             await self._stopping.wait()
             for task in list(reloads):
                 await task  # a reload in progress finishes before we stop
+            notify.stopping()
             await self.stop()
         finally:
+            notify.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    def _status_line(self) -> str:
+        """One line for ``systemctl status``: where the gateway listens and how full it is."""
+        urls = [url for url in (self.listeners.https_url, self.listeners.metrics_url) if url]
+        return (f"serving {' '.join(urls) or 'nothing'}; {self.sessions.active()} of "
+                f"{self.settings.sessions.max_concurrent} seats in use")
 
     # --- reload ------------------------------------------------------------------------------
 

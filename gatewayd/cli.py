@@ -24,6 +24,7 @@ from gatewayd.demo import run_demo
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.identity import cli as identity_cli
 from gatewayd.policy import cli as policy_cli
+from gatewayd.sdnotify import SystemdNotifier
 
 T = TypeVar("T")
 
@@ -52,7 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         try:
-            await Gateway(settings, config_path=args.config).run()
+            await Gateway(settings, config_path=args.config).run(
+                notifier=SystemdNotifier.from_environment())
         except START_ERRORS as exc:
             return _report_start_error("gatewayd", exc)
         return EXIT_OK
