@@ -41,6 +41,25 @@ async def test_gateway_pages_carry_the_security_headers(gw: Harness) -> None:
     assert "script-src" not in csp  # no script at all
 
 
+@pytest.mark.parametrize(("path", "signed_in", "status"), [
+    ("/.gatewayd/login", False, 200),              # a gateway page
+    ("/.gatewayd/assets/gatewayd.css", False, 200),
+    ("/groupware/", False, 401),                    # the sign-in answer
+    ("/.gatewayd/nothing-here", True, 404),         # an error page
+    ("/files/.git/config", True, 403),              # a deny page
+    ("/groupware/mail", True, 200),                 # proxied: the upstream is aiohttp too
+])
+async def test_no_response_names_the_stack_or_its_version(
+    gw: Harness, path: str, signed_in: bool, status: int
+) -> None:
+    client = await gw.signed_in("alice") if signed_in else gw.client()
+    async with client.get(gw.base + path, headers=JSON, allow_redirects=False) as resp:
+        assert resp.status == status
+        assert resp.headers.getall("Server") == ["gatewayd"]
+        head = "\n".join(f"{k}: {v}" for k, v in resp.headers.items()).lower()
+    assert "aiohttp" not in head and "python" not in head
+
+
 @pytest.mark.parametrize(("method", "headers", "status", "location"), [
     ("GET", NAVIGATE, 302, "/.gatewayd/login?next=%2Fgroupware%2Fmail%3Fa%3D1"),
     ("GET", {"Accept": "text/html,application/xhtml+xml"}, 302,

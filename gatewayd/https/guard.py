@@ -7,11 +7,17 @@ Owns everything that happens to a request before and after the gateway's own log
   logged traceback. `GuardedAppRunner` installs a request handler that answers them with
   **431** (header too large / too many) or **400**, a fixed text body that echoes nothing
   back, and one log line without a traceback — a client's garbage is not a server error.
-* **Header size** (`header_size_middleware`): aiohttp bounds each header line; the *total*
-  size of the request head is bounded here by ``https.max_header_size`` (431).
-* **Unexpected exceptions** (`error_middleware`): logged once with the traceback (that is a
-  bug), answered with a generic 500 page that shows nothing internal; a client that went
-  away mid-request is not logged as an error at all.
+* **Header size** (`guarded`): aiohttp bounds each header line; the *total* size of the
+  request head is bounded here by ``https.max_header_size`` (431).
+* **Unexpected exceptions** (`guarded`): logged once with the traceback (that is a bug),
+  answered with a generic 500 page that shows nothing internal; a client that went away
+  mid-request is not logged as an error at all.
+* **No stack versions** (`add_security_headers`, `_GuardedRequestHandler`): aiohttp stamps
+  ``Server: Python/3.x aiohttp/3.y`` on every response it prepares; the gateway answers
+  ``Server: gatewayd`` instead, without a version (nginx's ``server_tokens off``). That holds
+  for proxied responses too: `headers.downstream_response_headers` already drops the
+  upstream's own ``Server`` (as nginx and Envoy do), so the only value left to replace is
+  aiohttp's.
 * **Security headers** (`add_security_headers`, an ``on_response_prepare`` hook): every
   gateway page gets HSTS (one year), a script-free CSP with ``frame-ancestors 'none'``,
   ``X-Content-Type-Options``, ``X-Frame-Options``, ``Referrer-Policy``,
@@ -28,9 +34,11 @@ import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Final
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -53,6 +61,7 @@ GATEWAY_PAGE_HEADERS: Final = (
     ("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=()"),
 )
 NO_STORE: Final = "no-store"
+SERVER_NAME: Final = "gatewayd"  # what the listener calls itself: no version, no stack
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,6 +85,9 @@ def _hsts_applies_to(host_header: str) -> bool:
 
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = response.headers
+    # aiohttp has set its own Server (setdefault) just before this hook runs.
+    if headers.get("Server", SERVER_SOFTWARE) == SERVER_SOFTWARE:
+        headers["Server"] = SERVER_NAME
     if _hsts_applies(request):
         headers.setdefault("Strict-Transport-Security", HSTS)
     if request.get(PROXIED):
@@ -99,40 +111,13 @@ def request_head_size(request: web.BaseRequest) -> int:
     return line + sum(map(len, itertools.chain.from_iterable(raw))) + 4 * len(raw) + 2
 
 
-def header_size_middleware(max_header_size: int, too_large: Handler) -> Any:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request_head_size(request) > max_header_size:
-            return await too_large(request)
-        return await handler(request)
-
-    return middleware
-
-
-def error_middleware(server_error: Handler) -> Any:
-    """Outermost middleware: turn anything unexpected into a generic page, never a traceback."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except (web.HTTPException, asyncio.CancelledError):
-            raise
-        except (ConnectionResetError, BrokenPipeError):
-            return _client_went_away(request)
-        except Exception:
-            return await _unexpected_error(request, server_error)
-
-    return middleware
-
-
 def guarded(handler: Handler, *, max_header_size: int, too_large: Handler,
             server_error: Handler) -> Handler:
-    """``handler`` behind `error_middleware` and `header_size_middleware`, as one coroutine.
+    """``handler`` behind the head-size limit and the catch-all for unexpected errors.
 
-    What the HTTPS listener routes every request to. The same two guards as aiohttp
-    middlewares would cost a coroutine and a partial each, plus the extra one aiohttp adds to
-    any application that has middlewares: a measurable share of a proxied request.
+    What the HTTPS listener routes every request to: one coroutine, not two aiohttp
+    middlewares, which would cost a coroutine and a partial each, plus the extra one aiohttp
+    adds to any application that has middlewares — a measurable share of a proxied request.
     """
 
     async def guarded_handler(request: web.Request) -> web.StreamResponse:
@@ -164,10 +149,10 @@ async def _unexpected_error(request: web.Request, server_error: Handler) -> web.
 
 # --- parser errors ----------------------------------------------------------------------------
 
-PARSER_ERROR_BODIES: Final = {
+PARSER_ERROR_BODIES: Final = MappingProxyType({
     400: "400 Bad Request: the request could not be read.\n",
     431: "431 Request Header Fields Too Large: the request headers are too large.\n",
-}
+})
 
 
 def parser_error_status(exc: BaseException | None) -> int:
@@ -188,7 +173,10 @@ class _GuardedRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status != 400 or not isinstance(exc, HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
+            # The application's on_response_prepare hook does not run for these.
+            fallback = super().handle_error(request, status, exc, message)
+            fallback.headers["Server"] = SERVER_NAME
+            return fallback
         status = parser_error_status(exc)
         log.info("refused an unreadable request from %s: %s", request.remote, status)
         if request.writer.output_size > 0:  # same rule as aiohttp: too late to answer
@@ -196,6 +184,7 @@ class _GuardedRequestHandler(RequestHandler):
         response = web.Response(status=status, text=PARSER_ERROR_BODIES[status])
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Cache-Control"] = NO_STORE
+        response.headers["Server"] = SERVER_NAME
         response.force_close()
         return response
 

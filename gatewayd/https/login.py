@@ -33,6 +33,7 @@ import logging
 import math
 import secrets
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Final
 from urllib.parse import parse_qsl
 
@@ -64,10 +65,13 @@ from gatewayd.sessions import PerUserLimit, SeatsFull, Session
 log = logging.getLogger(__name__)
 
 MAX_FORM_BYTES: Final = 8 * 1024
-LOGIN_FIELDS: Final = {"username": MAX_USERNAME_CHARS, "password": MAX_PASSWORD_CHARS,
-                       "code": 16, "csrf_token": 128, "next": 2048}
-STEPUP_FIELDS: Final = {"code": 16, "csrf_token": 128, "next": 2048}
-LOGOUT_FIELDS: Final = {"csrf_token": 128}
+# Field name -> most characters accepted (`forms.read_form`); read-only views.
+LOGIN_FIELDS: Final = MappingProxyType({
+    "username": MAX_USERNAME_CHARS, "password": MAX_PASSWORD_CHARS, "code": 16,
+    "csrf_token": 128, "next": 2048,
+})
+STEPUP_FIELDS: Final = MappingProxyType({"code": 16, "csrf_token": 128, "next": 2048})
+LOGOUT_FIELDS: Final = MappingProxyType({"csrf_token": 128})
 CLEAR_SITE_DATA: Final = '"cache", "cookies", "storage"'
 # The authenticator bounds its own time; this only guards against a wedged backend.
 AUTH_TIMEOUT: Final = 30.0

@@ -49,6 +49,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 from cryptography import x509
@@ -84,11 +85,11 @@ FALLBACK_CURVE: Final = "prime256v1"
 
 _SSL_CTRL_SET_GROUPS_LIST: Final = 92  # OpenSSL's SSL_CTRL_SET_GROUPS_LIST
 
-CLIENT_CERT_MODES: Final = {
+CLIENT_CERT_MODES: Final = MappingProxyType({
     "off": ssl.CERT_NONE,
     "optional": ssl.CERT_OPTIONAL,
     "required": ssl.CERT_REQUIRED,
-}
+})
 
 
 class TlsConfigError(Exception):
