@@ -211,6 +211,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = asyncio.Event()
+        self.notifier = SystemdNotifier(None)  # `run()` gets the real one from `gatewayd run`
 
     # --- the frontends' view (gatewayd.https.context.FrontendContext) -------------------------
 
@@ -377,22 +378,13 @@ class Gateway:
         starts, and keeps its watchdog fed from this loop.
         """
         loop = asyncio.get_running_loop()
-        notify = notifier if notifier is not None else SystemdNotifier(None)
+        if notifier is not None:
+            self.notifier = notifier
+        notify = self.notifier
         reloads: set[asyncio.Task[bool]] = set()
 
-        async def notified_reload() -> bool:
-            # A SIGHUP during start() reloads too, but READY=1 must wait for the listeners.
-            started = self._started
-            if started:
-                notify.reloading()
-            try:
-                return await self.reload()
-            finally:
-                if started:
-                    notify.ready(self._status_line())  # old or new config serves again
-
         def on_sighup() -> None:
-            task = loop.create_task(notified_reload(), name="gatewayd-reload")
+            task = loop.create_task(self.reload(), name="gatewayd-reload")
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -428,8 +420,20 @@ class Gateway:
 
         Reading and compiling run in a thread: a large policy takes a few hundred ms to
         compile, and every open connection would stall that long on the loop. The device CRL
-        and the disable journal are re-read too, whatever becomes of the config.
+        and the disable journal are re-read too, whatever becomes of the config. systemd hears
+        RELOADING=1 before and READY=1 after (the old or the new config serves again) — but
+        only once started: READY=1 must wait for the listeners.
         """
+        started = self._started
+        if started:
+            self.notifier.reloading()
+        try:
+            return await self._reload()
+        finally:
+            if started:
+                self.notifier.ready(self._status_line())
+
+    async def _reload(self) -> bool:
         try:
             await self.emergency.check(force=True)
         except Exception:  # the reload itself must go on
