@@ -112,6 +112,7 @@ DEVICES_DIR: Final = "devices"
 ISSUED_DIR: Final = "issued"
 LOCK_FILE: Final = ".lock"
 MAX_DAYS: Final = 3650
+MAX_CRL_NUMBER: Final = 2**159 - 1  # RFC 5280 5.2.3: at most 20 octets
 # A serial typed by hand must be long enough that it cannot hit the wrong certificate.
 MIN_SERIAL_PREFIX: Final = 8
 
@@ -451,9 +452,9 @@ class CaDirectory:
         except CertError as exc:
             raise CaUsageError(f"cannot use the device CA: {exc}") from None
 
-    def _sign_crl(self, index: Index, ca: CertAndKey, crl_days: int | None) -> tuple[Index,
-                                                                                   CrlInfo]:
-        """Write ``index`` with the next CRL number, then the CRL derived from it."""
+    def _sign_crl(self, index: Index, ca: CertAndKey, crl_days: int | None,
+                  min_number: int = 0) -> tuple[Index, CrlInfo]:
+        """Write ``index`` with the next CRL number (at least ``min_number``), then the CRL."""
         valid_for = _days(crl_days, DEFAULT_CRL_LIFETIME)
         this_update = next_crl_time(index.crl_this_update)
         # Only when hundreds of lists were signed within minutes: a list whose thisUpdate is
@@ -461,7 +462,8 @@ class CaDirectory:
         delay = (this_update - datetime.now(UTC)).total_seconds()
         if delay > 0:
             time.sleep(delay)
-        index = replace(index, crl_number=index.crl_number + 1, crl_this_update=this_update,
+        number = max(index.crl_number + 1, min_number)
+        index = replace(index, crl_number=number, crl_this_update=this_update,
                         crl_next_update=this_update + valid_for)
         crl = new_crl(ca, index.revocations(), number=index.crl_number, this_update=this_update,
                       valid_for=valid_for)
@@ -534,7 +536,9 @@ class CaDirectory:
 
     def _write_ssh_keys(self, owner: tuple[int, int] | None) -> list[Path]:
         written = []
-        for stem, comment, give in ((SSH_USER_CA, "gatewayd SSH user CA", False),
+        # Both go to the daemon's user: the host key for the SSH listener, the user CA key for
+        # the portal, which signs short-lived SSH user certificates with it (ssh.user_ca_key_file).
+        for stem, comment, give in ((SSH_USER_CA, "gatewayd SSH user CA", True),
                                     (SSH_HOST_KEY, "gatewayd SSH host key", True)):
             key = new_ssh_key()
             private = self.path / stem
@@ -632,11 +636,17 @@ class CaDirectory:
             self._give(files.key, owner)
         return IssuedServer(entry, files.cert, files.key, self_signed)
 
-    def find(self, index: Index, target: str, now: datetime) -> list[IndexEntry]:
-        """The device certificates ``target`` names: a device id, else a serial (prefix)."""
+    def find(self, index: Index, target: str) -> list[IndexEntry]:
+        """The device certificates ``target`` names: a device id, else a serial (prefix).
+
+        A device id names every certificate ever issued to that PC that is not revoked yet,
+        expired ones included: "revoke pc-0042" must leave nothing of that PC accepted, even
+        by a gateway whose clock is wrong. When all are revoked, the newest is returned (the
+        caller reports it as already revoked).
+        """
         by_device = index.devices(target)
         if by_device:
-            return [e for e in by_device if e.revoked_at is None and e.not_after > now] or [
+            return [e for e in by_device if e.revoked_at is None] or [
                 max(by_device, key=lambda e: e.not_after)]
         text = target.lower().replace(":", "").removeprefix("0x")
         if len(text) < MIN_SERIAL_PREFIX or any(c not in "0123456789abcdef" for c in text):
@@ -654,14 +664,14 @@ class CaDirectory:
         self, target: str, *, reason: str = "unspecified", operator: str,
         crl_days: int | None = None, now: datetime | None = None,
     ) -> RevokeResult:
-        """Revoke every valid certificate of device ``target`` (or the one with that serial)."""
+        """Revoke every certificate of device ``target`` not revoked yet (or the one serial)."""
         now = now or datetime.now(UTC)
         if reason not in REVOCATION_REASONS:
             raise CaUsageError(f"unknown reason {reason!r}: one of "
                                f"{', '.join(REVOCATION_REASONS)}")
         with self._locked():
             index = self.index()
-            found = self.find(index, target, now)
+            found = self.find(index, target)
             servers = [e for e in found if e.kind == "server"]
             if servers:
                 raise CaError(f"{serial_hex(servers[0].serial)} is a server certificate; "
@@ -683,10 +693,17 @@ class CaDirectory:
             _, info = self._sign_crl(index, ca, crl_days)
         return RevokeResult(revoked, info, self.crl_path)
 
-    def renew_crl(self, *, crl_days: int | None = None) -> CrlInfo:
-        """Re-sign the CRL from the index with a new number and a fresh nextUpdate."""
+    def renew_crl(self, *, crl_days: int | None = None, min_number: int = 0) -> CrlInfo:
+        """Re-sign the CRL from the index with a new number and a fresh nextUpdate.
+
+        ``min_number``: after restoring this directory from a backup, the gateways have seen
+        higher CRL numbers than the restored index knows and refuse an older list (rollback
+        protection); the new list must be numbered above what they saw.
+        """
+        if not 0 <= min_number <= MAX_CRL_NUMBER:
+            raise CaUsageError(f"--min-number must be between 0 and {MAX_CRL_NUMBER}")
         with self._locked():
             index = self.index()
-            _, info = self._sign_crl(index, self._load_device_ca(), crl_days)
+            _, info = self._sign_crl(index, self._load_device_ca(), crl_days, min_number)
         return info
 

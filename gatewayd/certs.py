@@ -68,11 +68,11 @@ import re
 import secrets
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, NamedTuple
+from typing import Final
 from urllib.parse import quote, unquote
 
 from cryptography import x509
@@ -80,7 +80,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from gatewayd.files import atomic_write
 
@@ -115,11 +121,18 @@ class CertError(Exception):
     """A certificate, key or name is unusable; the message says which and why."""
 
 
-class DeviceIdentity(NamedTuple):
-    """What a verified device certificate says: its device id and the user it is bound to."""
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """What a verified device certificate says: its device id and the user it is bound to.
+
+    ``serial`` is the certificate's serial number: sessions record it so that revoking one
+    superseded certificate of a PC ends only the sessions made with that certificate. It is
+    not part of equality: two certificates of one PC for one user are the same identity.
+    """
 
     device_id: str
     user: str | None
+    serial: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,7 +439,7 @@ def device_identity_from_cert(cert: x509.Certificate) -> DeviceIdentity:
     users = [user for uri in _san_uris(cert) if (user := user_from_uri(uri)) is not None]
     if len(users) > 1:
         raise CertError("device certificate binds more than one user")
-    return DeviceIdentity(device_id, users[0] if users else None)
+    return DeviceIdentity(device_id, users[0] if users else None, cert.serial_number)
 
 
 def device_identity_from_der(der: bytes) -> DeviceIdentity:
@@ -472,9 +485,18 @@ def verify_device_cert(
 
     The TLS frontend lets OpenSSL verify the chain during the handshake; this is for tools and
     tests that hold a certificate outside a handshake (e.g. ``gatewayd certs verify``).
+
+    The Web PKI client profile requires a ``subjectAltName`` on the leaf; a shared device's
+    certificate has none (no bound user), and OpenSSL accepts it in the handshake, so here the
+    extension is allowed to be absent too. Everything else stays the Web PKI default.
     """
+    leaf_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
     verifier = (
-        PolicyBuilder().store(Store(list(ca_certs))).time(_now(now)).build_client_verifier()
+        PolicyBuilder().store(Store(list(ca_certs))).time(_now(now))
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                            ee_policy=leaf_policy)
+        .build_client_verifier()
     )
     try:
         verifier.verify(cert, [])

@@ -9,8 +9,9 @@ Every subcommand works on one CA directory: ``--dir DIR``, default ``$GATEWAYD_C
     Creates the device CA, a server CA (name-constrained to the server names, or ``--permit``)
     with the gateway's server certificate — or with ``--self-signed`` only a self-signed server
     certificate — an SSH user CA and an SSH host key (Ed25519, OpenSSH format), an empty CRL
-    and the index. Keys are ``0600``; ``--key-owner`` gives the server and SSH host keys to
-    the daemon's user. Refuses a directory that already holds a CA.
+    and the index. Keys are ``0600``; ``--key-owner`` gives the keys the daemon reads (server
+    TLS key, SSH host key, SSH user CA key) to the daemon's user; the device and server CA keys
+    stay root's. Refuses a directory that already holds a CA.
 ``issue-device DEVICE_ID (--user USER | --shared) [--days N] [--renew] [--legacy-p12] [--json]``
     Issues a device certificate (clientAuth, device id in the subject, bound user in a SAN)
     and writes ``devices/DEVICE_ID.p12`` (password-protected; the generated password is
@@ -20,12 +21,15 @@ Every subcommand works on one CA directory: ``--dir DIR``, default ``$GATEWAYD_C
     Issues ``STEM.crt`` / ``STEM.key`` (default ``server``) from the server CA, or a
     self-signed one in a directory without a server CA.
 ``revoke DEVICE_ID|SERIAL [--reason R] [--crl-days N]``
-    Revokes every valid certificate of the device (or the one with that serial; a unique
-    prefix of at least 8 hex digits will do) and re-signs the CRL.
+    Revokes every certificate of the device not revoked yet (or the one with that serial; a
+    unique prefix of at least 8 hex digits will do) and re-signs the CRL. A gateway ends the
+    device's sessions: all of them for a device id, those made with that certificate for a
+    serial.
 ``list [--device ID] [--user USER] [--expiring DAYS] [--json]``
     Issued and revoked certificates with expiry, and the state of the CRL.
-``crl [--renew] [--crl-days N]``
-    Shows the CRL; ``--renew`` re-signs it with a fresh next-update (run monthly).
+``crl [--renew [--min-number N]] [--crl-days N]``
+    Shows the CRL; ``--renew`` re-signs it with a fresh next-update (run monthly);
+    ``--min-number`` numbers it above what a gateway has seen (after a restore from backup).
 
 Audit: each issuance and revocation is in the index; a gateway whose ``https.crl_file`` is
 this directory's ``devices.crl`` writes ``cert.issue`` / ``cert.revoke`` for it within seconds
@@ -96,6 +100,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a CRL number >= 0, got {text!r}")
+    return int(text)
+
+
 def _add_init(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     init = commands.add_parser(
         "init", help="create the CAs, the server certificate, SSH keys and an empty CRL",
@@ -114,7 +124,7 @@ def _add_init(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                            "default: exactly the --server-name values)")
     init.add_argument("--org", metavar="ORG", help="organisation name in the certificates")
     init.add_argument("--key-owner", metavar="USER",
-                      help="give server.key and the SSH host key to this user (the daemon's)")
+                      help="give server.key and the SSH keys to this user (the daemon's)")
     init.add_argument("--crl-days", type=_positive, metavar="N",
                       help="days until the CRL's next update (default 365)")
     init.set_defaults(func=run_init)
@@ -156,9 +166,9 @@ def _add_issue_server(commands: argparse._SubParsersAction[argparse.ArgumentPars
 def _add_revoke(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke = commands.add_parser(
         "revoke", help="revoke a device's certificates (stolen laptop) and re-sign the CRL",
-        description="Revoke every valid certificate of DEVICE_ID, or the one with SERIAL. A "
-                    "gateway using this CRL refuses it and ends the device's sessions within "
-                    "seconds.")
+        description="Revoke every certificate of DEVICE_ID, or the one with SERIAL. A "
+                    "gateway using this CRL refuses it and ends the sessions made with it "
+                    "within seconds.")
     revoke.add_argument("target", metavar="DEVICE_ID|SERIAL")
     revoke.add_argument("--reason", choices=sorted(REVOCATION_REASONS), default="unspecified",
                         help="RFC 5280 reason (stolen or lost: key-compromise)")
@@ -189,6 +199,9 @@ def _add_crl(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     crl.add_argument("--renew", action="store_true", help="re-sign with a fresh next update")
     crl.add_argument("--crl-days", type=_positive, metavar="N",
                      help="days until the next update (default 365)")
+    crl.add_argument("--min-number", type=_number, default=0, metavar="N",
+                     help="with --renew: number the new CRL at least N (after restoring this "
+                          "directory from a backup, above the number the gateway last saw)")
     _dir(crl)
     crl.set_defaults(func=run_crl)
 
@@ -247,12 +260,20 @@ def _print_next_steps(path: Path, server: bool, self_signed: bool) -> None:
         trust = SERVER + ".crt" if self_signed else SERVER_CA + ".crt"
         print(f"\nStaff PCs must trust {path / trust} (Windows: Trusted Root Certification "
               "Authorities, e.g. by group policy).")
-    print(f"\nBack up {DEVICE_CA}.key"
-          + ("" if self_signed or not server else f", {SERVER_CA}.key")
-          + f" and {SSH_USER_CA} offline now (encrypted USB stick in the safe): without them "
-          "no certificate can be issued or revoked.")
-    print(f"The SSH host key is {path / SSH_HOST_KEY}. Next: gatewayd certs issue-device "
-          "DEVICE_ID --user USER for each PC.")
+    ca_keys = f"{DEVICE_CA}.key" + ("" if self_signed or not server else
+                                    f" and {SERVER_CA}.key")
+    print(f"\nBack up {ca_keys} offline now (encrypted USB stick in the safe): without "
+          "them no PC certificate can be issued or revoked, and whoever copies them can "
+          "issue some.")
+    print("\nSSH ([ssh] of gatewayd.toml):")
+    print(f'  host_key_file = "{path / SSH_HOST_KEY}"')
+    print(f'  user_ca_key_file = "{path / SSH_USER_CA}"')
+    print(f"{SSH_USER_CA} stays online, readable by the daemon (--key-owner): the portal signs "
+          "short-lived SSH user certificates with it, which only this gateway trusts and "
+          "which last one session at most. It needs no offline backup: if lost or leaked, "
+          f"replace it (ssh-keygen -t ed25519 -N '' -f {SSH_USER_CA}) and restart the "
+          "gateway.")
+    print("\nNext: gatewayd certs issue-device DEVICE_ID --user USER for each PC.")
 
 
 def run_issue_device(args: argparse.Namespace) -> int:
@@ -417,8 +438,10 @@ def run_crl(args: argparse.Namespace) -> int:
     directory = CaDirectory(args.dir)
 
     def act() -> int:
+        if args.min_number and not args.renew:
+            raise CaUsageError("--min-number applies to --renew")
         if args.renew:
-            info = directory.renew_crl(crl_days=args.crl_days)
+            info = directory.renew_crl(crl_days=args.crl_days, min_number=args.min_number)
             print(f"Re-signed {directory.crl_path}.\n{_crl_line(info)}")
             return EXIT_OK
         status = directory.crl_status(directory.index())

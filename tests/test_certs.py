@@ -192,7 +192,9 @@ def test_device_cert_profile(alice_pc: CertAndKey, device_ca: CertAndKey) -> Non
 
 
 def test_device_identity_reads_back(alice_pc: CertAndKey) -> None:
-    assert certs.device_identity_from_cert(alice_pc.cert) == ("pc-0042", "alice")
+    identity = certs.device_identity_from_cert(alice_pc.cert)
+    assert identity == DeviceIdentity("pc-0042", "alice")
+    assert identity.serial == alice_pc.cert.serial_number  # recorded by sessions, not compared
     der = alice_pc.cert.public_bytes(serialization.Encoding.DER)
     assert certs.device_identity_from_der(der) == DeviceIdentity("pc-0042", "alice")
 
@@ -202,6 +204,15 @@ def test_unbound_device_has_no_user(device_ca: CertAndKey) -> None:
     assert certs.device_identity_from_cert(shared.cert) == DeviceIdentity("kiosk-1", None)
     with pytest.raises(x509.ExtensionNotFound):
         shared.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    # No SAN at all: the Web PKI client profile would refuse it, verify_device_cert must not.
+    assert certs.verify_device_cert(shared.cert, [device_ca.cert],
+                                    now=NOW) == DeviceIdentity("kiosk-1", None)
+
+
+def test_a_server_purpose_leaf_of_the_device_ca_does_not_verify(device_ca: CertAndKey) -> None:
+    server = certs.issue_server_cert(device_ca, ["pc-0042.ward.local"], now=NOW)
+    with pytest.raises(CertError, match="does not verify"):
+        certs.verify_device_cert(server.cert, [device_ca.cert], now=NOW)
 
 
 def test_device_cert_verifies_against_its_ca(alice_pc: CertAndKey, device_ca: CertAndKey) -> None:
@@ -306,7 +317,7 @@ def test_rsa_ca_from_elsewhere_issues_verifiable_device_certs(tmp_path: Path) ->
     files = certs.save_pair(CertAndKey(ca_cert, key), tmp_path, "ad-ca")
     ca = certs.load_ca(files.cert, files.key)
     leaf = certs.issue_device_cert(ca, "pc-7", "bob", now=NOW)
-    assert certs.verify_device_cert(leaf.cert, [ca_cert], now=NOW) == ("pc-7", "bob")
+    assert certs.verify_device_cert(leaf.cert, [ca_cert], now=NOW) == DeviceIdentity("pc-7", "bob")
 
 
 # --- server certificates and the two CAs ------------------------------------------------------
@@ -512,7 +523,8 @@ def test_ca_round_trip_with_passphrase(tmp_path: Path, device_ca: CertAndKey) ->
     loaded = certs.load_ca(files.cert, files.key, passphrase=b"ca passphrase")
     assert loaded.cert == device_ca.cert
     leaf = certs.issue_device_cert(loaded, "pc-9", "carol", now=NOW)
-    assert certs.verify_device_cert(leaf.cert, [device_ca.cert], now=NOW) == ("pc-9", "carol")
+    assert certs.verify_device_cert(leaf.cert, [device_ca.cert],
+                                    now=NOW) == DeviceIdentity("pc-9", "carol")
     for wrong in (None, b"wrong"):
         with pytest.raises(CertError, match="cannot load"):
             certs.load_ca(files.cert, files.key, passphrase=wrong)
@@ -552,7 +564,7 @@ def test_demo_pki_is_created_then_kept(tmp_path: Path) -> None:
     assert server_verifies(certs.load_certificate(first.server_ca.cert), server, "127.0.0.1")
     device_ca = certs.load_certificate(first.device_ca.cert)
     assert certs.verify_device_cert(certs.load_certificate(first.device.cert), [device_ca],
-                                    now=NOW) == ("demo-pc-alice", "alice")
+                                    now=NOW) == DeviceIdentity("demo-pc-alice", "alice")
 
 
 @pytest.mark.parametrize("change", ["user", "password", "missing p12"])
@@ -571,7 +583,7 @@ def test_demo_device_is_reissued_when_it_no_longer_fits(tmp_path: Path, change: 
                                   p12_password=password, now=NOW)
     assert again.device.cert.read_bytes() != before
     identity = certs.device_identity_from_cert(certs.load_certificate(again.device.cert))
-    assert identity == ("demo-pc", user)
+    assert identity == DeviceIdentity("demo-pc", user)
     assert pkcs12.load_pkcs12(again.device.p12.read_bytes(), password.encode()).key is not None
 
 
@@ -622,7 +634,8 @@ async def mtls_handshake(tmp_path: Path, server_ca: CertAndKey, device_ca: CertA
 async def test_mtls_handshake_reads_device_identity(tmp_path: Path, server_ca: CertAndKey,
                                                     device_ca: CertAndKey) -> None:
     device = certs.issue_device_cert(device_ca, "pc-0042", "alice")
-    assert await mtls_handshake(tmp_path, server_ca, device_ca, device) == ("pc-0042", "alice")
+    assert await mtls_handshake(tmp_path, server_ca, device_ca,
+                                device) == DeviceIdentity("pc-0042", "alice")
 
 
 async def test_mtls_handshake_refuses_foreign_device(tmp_path: Path, server_ca: CertAndKey,

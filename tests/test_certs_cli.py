@@ -131,6 +131,17 @@ def test_the_server_ca_only_certifies_the_names_it_was_made_for(
     assert (ca / "node2.crt").exists()
 
 
+def test_init_says_which_keys_go_offline_and_which_stay(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "init", "--dir", str(tmp_path / "ca"), "--server-name", "gw.test")
+    assert code == 0
+    offline = next(line for line in out.splitlines() if "offline" in line)
+    assert "device-ca.key and server-ca.key" in offline and "ssh-user-ca" not in offline
+    assert f'user_ca_key_file = "{tmp_path / "ca" / "ssh-user-ca"}"' in out
+    assert "ssh-user-ca stays online" in out
+    assert "needs no offline backup" in out
+
+
 def test_init_never_replaces_a_ca(ca: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (ca / "device-ca.key").read_bytes()
     code, _, err = run(capsys, "init", "--dir", str(ca), "--no-server")
@@ -189,6 +200,9 @@ def test_key_owner_gets_the_keys_the_daemon_reads(tmp_path: Path,
                "--key-owner", "nobody")[0] == 0
     assert (ca / "server.key").stat().st_uid == nobody.pw_uid
     assert (ca / "ssh-host-ed25519.key").stat().st_uid == nobody.pw_uid
+    # The portal signs SSH user certificates with it (ssh.user_ca_key_file): the daemon's too.
+    assert (ca / "ssh-user-ca").stat().st_uid == nobody.pw_uid
+    assert mode(ca / "ssh-user-ca") == 0o600
     assert (ca / "device-ca.key").stat().st_uid == 0
     assert (ca / "server-ca.key").stat().st_uid == 0
 
@@ -323,6 +337,36 @@ def test_revoke_by_device_and_by_serial(issued: tuple[Path, dict[str, int]],
         entry.extensions.get_extension_for_class(x509.CRLReason)
 
 
+def test_revoking_a_device_revokes_every_certificate_it_ever_had(
+        issued: tuple[Path, dict[str, int]], capsys: pytest.CaptureFixture[str]) -> None:
+    ca, serials = issued
+    directory = CaDirectory(ca)
+    # pc-0042 now has: the original, a renewal, and one that expired last week.
+    renewal = directory.issue_device("pc-0042", "alice", renew=True, operator="admin1").entry
+    lapsed = directory.issue_device("pc-0042", "alice", days=1, renew=True, operator="admin1",
+                                    now=datetime.now(UTC) - timedelta(days=8)).entry
+    code, out, _ = run(capsys, "revoke", "pc-0042", "--reason", "key-compromise",
+                       "--dir", str(ca))
+    assert code == 0
+    _, revoked = crl_of(ca)
+    assert set(revoked) == {serials["pc-0042"], renewal.serial, lapsed.serial}
+    assert out.count("Revoked pc-0042") == 3
+    assert run(capsys, "revoke", "pc-0042", "--dir", str(ca))[0] == 1  # nothing left
+
+
+def test_revoking_one_serial_leaves_the_device_s_other_certificates(
+        issued: tuple[Path, dict[str, int]], capsys: pytest.CaptureFixture[str]) -> None:
+    ca, serials = issued
+    renewal = CaDirectory(ca).issue_device("pc-0042", "alice", renew=True,
+                                           operator="admin1").entry
+    code, _, _ = run(capsys, "revoke", serial_hex(serials["pc-0042"]), "--reason",
+                     "superseded", "--dir", str(ca))
+    assert code == 0
+    _, revoked = crl_of(ca)
+    assert revoked == {serials["pc-0042"]: "superseded"}
+    assert renewal.serial not in revoked
+
+
 @pytest.mark.parametrize(("target", "message"), [
     ("pc-9999", "no device"),
     ("abc", "at least 8 hex digits"),
@@ -367,6 +411,22 @@ def test_crl_renew_and_a_crl_out_of_step_with_the_index(
     assert crl.next_update_utc is not None
     assert crl.next_update_utc - crl.last_update_utc == timedelta(days=40)
     assert run(capsys, "crl", "--dir", str(ca))[0] == 0
+
+
+def test_crl_renew_above_a_number_after_a_restore(
+        ca: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "crl", "--renew", "--min-number", "40", "--dir", str(ca))
+    assert code == 0 and "CRL #40" in out
+    crl, _ = crl_of(ca)
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 40
+    assert read_index(ca / "index.json").crl_number == 40
+    # Never lower: a smaller --min-number still counts up from the index.
+    assert run(capsys, "crl", "--renew", "--min-number", "3", "--dir", str(ca))[0] == 0
+    assert read_index(ca / "index.json").crl_number == 41
+    code, _, err = run(capsys, "crl", "--min-number", "50", "--dir", str(ca))
+    assert code == 2 and "--min-number applies to --renew" in err
+    code, _, err = run(capsys, "crl", "--renew", "--min-number", "-1", "--dir", str(ca))
+    assert code == 2
 
 
 def test_a_crl_not_signed_by_the_device_ca_is_reported(
