@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from gatewayd.https.auth import (
+    REQUEST_COOKIES,
     cookie_values,
     looks_like_session_id,
+    request_cookie_values,
     resolve_session,
     session_cookie_header,
     wants_html,
@@ -33,6 +36,17 @@ NAME = "__Host-gatewayd_session"
 ])
 def test_cookie_values(headers: list[tuple[str, str]], expected: list[str]) -> None:
     assert cookie_values(CIMultiDict(headers), NAME) == expected
+
+
+def test_a_requests_cookies_are_parsed_once() -> None:
+    request = make_mocked_request("GET", "/", headers=CIMultiDict(
+        [("Cookie", f"a=1; {NAME}=one"), ("Cookie", f"{NAME}=two; __Host-gatewayd_csrf=c")]))
+    assert REQUEST_COOKIES not in request
+    assert list(request_cookie_values(request, NAME)) == ["one", "two"]
+    parsed = request[REQUEST_COOKIES]
+    assert list(request_cookie_values(request, "__Host-gatewayd_csrf")) == ["c"]
+    assert list(request_cookie_values(request, "absent")) == []
+    assert request[REQUEST_COOKIES] is parsed  # the later reads used the first parse
 
 
 @pytest.mark.parametrize(("value", "ok"), [

@@ -15,16 +15,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from https_harness import Harness, running_gateway
+from yarl import URL
 
 from gatewayd.ca import CaDirectory
 from gatewayd.certs import CertAndKey, CrlInfo, load_ca, save_pair, user_to_uri
 from gatewayd.cli import main
 from gatewayd.config import HttpsSettings
+from gatewayd.https.headers import SESSION_COOKIE
 from gatewayd.https.tls import TlsConfigError, crl_expiry_warning, server_context
 
 JSON = {"Accept": "application/json"}
@@ -259,6 +262,51 @@ async def test_revocation_ends_the_open_session_within_5_seconds(gw: Harness, pk
     [entry] = [c for c in index["certificates"] if c["name"] == "pc-0042"]
     assert revoke[0]["serial"] == entry["serial"]
     assert revoke[0]["operator"] == entry["revoked_by"]
+
+
+async def test_a_request_read_before_the_revocation_is_refused(tmp_path: Path, pki: Pki) -> None:
+    """A request the listener had already read when the list changed never reaches a read
+    that could fail: the per-request check answers it 403 and closes the connection."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    slow_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async for gw in running_gateway(tmp_path, https=https_section(pki),
+                                        upstreams={"files": {"url": slow_url}}):
+            alice = await gw.signed_in("alice", cert=pki.alice)
+            cookie = alice.cookie_jar.filter_cookies(URL(gw.base))[SESSION_COOKIE].value
+            reader, writer = await fetch_raw(gw, pki.alice)
+            # Two requests in one write: the second is read while the first waits upstream.
+            writer.write(
+                f"GET /files/report HTTP/1.1\r\nHost: gateway.test\r\n"
+                f"Cookie: {SESSION_COOKIE}={cookie}\r\n\r\n"
+                "GET /.gatewayd/jwks.json HTTP/1.1\r\nHost: gateway.test\r\n"
+                "Accept: application/json\r\n\r\n".encode())
+            await writer.drain()
+            await asyncio.wait_for(arrived.wait(), 5)
+            certs("revoke", "pc-0042", "--dir", str(pki.ca))
+            await gw.gateway.emergency.check()
+            release.set()
+            try:
+                answers = await asyncio.wait_for(reader.read(), 5)  # to the connection's end
+            finally:
+                writer.close()
+            first, _, second = answers.partition(b"late")
+            assert first.startswith(b"HTTP/1.1 200")
+            assert second.startswith(b"HTTP/1.1 403") and b"device_revoked" in second
+            assert b"Connection: close" in second and b'"keys"' not in second
+    finally:
+        await runner.cleanup()
 
 
 async def test_issuance_is_audited_once_across_restarts(tmp_path: Path, pki: Pki) -> None:

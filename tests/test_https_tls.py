@@ -4,6 +4,7 @@ handshakes on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,15 +14,26 @@ import pytest
 import trustme
 
 from gatewayd.certs import (
+    CrlInfo,
     DeviceIdentity,
+    Revocation,
+    crl_pem,
     issue_device_cert,
+    load_ca,
+    load_certificate,
+    new_crl,
     new_device_ca,
+    next_crl_time,
     save_pair,
 )
 from gatewayd.config import HttpsSettings
 from gatewayd.https.tls import (
     FALLBACK_CURVE,
     INTERMEDIATE_GROUPS,
+    ConnectionDevices,
+    DeviceRevokedError,
+    LoadedCrl,
+    ServerContext,
     TlsConfigError,
     device_of,
     server_context,
@@ -215,3 +227,66 @@ def test_unusable_files_name_themselves(pki: Pki, tmp_path: Path, broken: str) -
 def test_a_missing_file_is_named(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(TlsConfigError, match=r"nope\.crt: No such file"):
         server_context(HttpsSettings(cert_file=tmp_path / "nope.crt", key_file=pki.key_file))
+
+
+def revoke(pki: Pki, context: ServerContext, cert: Path) -> None:
+    """Apply a device CRL listing ``cert`` to a running context (as the gateway's watcher)."""
+    ca = load_ca(pki.device_ca_file, pki.device_ca_file.with_suffix(".key"))
+    serial = load_certificate(cert).serial_number
+    this_update = next_crl_time(None)
+    crl = new_crl(ca, [Revocation(serial, this_update, "key-compromise")], number=1,
+                  this_update=this_update)
+    info = CrlInfo(1, this_update, crl.next_update_utc, {serial: "key-compromise"})
+    context.apply_crl(LoadedCrl(crl_pem(crl), info, (0, 0, 0, 0)))
+
+
+@pytest.mark.parametrize(("cert", "device"), [
+    ("device", DeviceIdentity("pc-0042", "alice")),
+    (None, None),
+])
+async def test_a_connections_device_is_read_once_and_revocation_checked_per_request(
+    pki: Pki, cert: str | None, device: DeviceIdentity | None
+) -> None:
+    context, _ = server_context(settings(pki, "optional"))
+    devices = ConnectionDevices()
+    seen: list[object] = []
+    revoked = asyncio.Event()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        first, again = devices.device(ssl_object), devices.device(ssl_object)
+        seen.append((first, first is again, len(devices)))  # `is`: the same parse, kept
+        writer.write(b"hello")
+        await writer.drain()
+        await revoked.wait()  # the next request on this connection comes after the CRL
+        try:
+            seen.append(devices.device(ssl_object))
+        except DeviceRevokedError as exc:
+            seen.append(f"revoked {exc}")
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=context)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = client_context(pki, cert=(pki.device_cert, pki.device_key) if cert else None)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
+                                                      server_hostname="127.0.0.1")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+        revoke(pki, context, pki.device_cert)
+        revoked.set()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    after = f"revoked {device.device_id}" if device else None
+    assert seen == [(device, True, 1), after]
+    for _ in range(3):  # let asyncio finish tearing the connection down
+        await asyncio.sleep(0)
+    gc.collect()
+    assert len(devices) == 0  # the closed connection's entry went with its SSL object
+
+
+def test_no_connection_has_no_device() -> None:
+    assert ConnectionDevices().device(None) is None

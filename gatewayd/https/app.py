@@ -4,8 +4,9 @@ Owns the request pipeline of the HTTPS listener and its lifecycle:
 
 1. `guard.guarded` — nothing unexpected reaches a client as a traceback, and the whole
    request head is within ``https.max_header_size``;
-2. the caller — the device certificate of this connection (`tls.device_of`) and the session
-   of the cookie (`auth.resolve_session`), touched as activity;
+2. the caller — the device certificate of this connection (`tls.ConnectionDevices`: read once
+   per connection, revocation checked per request) and the session of the cookie
+   (`auth.resolve_session`, the Cookie headers parsed once per request), touched as activity;
 3. dispatch on the exact raw path: the gateway's own endpoints (table below, anything else
    under ``/.gatewayd/`` that the policy does not route is a 404 like any unrouted path), else
    the protected flow (`flow.RequestFlow`) for a session, or the sign-in redirect / 401 JSON.
@@ -44,7 +45,7 @@ from aiohttp import web
 
 from gatewayd.certs import DeviceIdentity
 from gatewayd.https import pages
-from gatewayd.https.auth import cookie_values, resolve_session, wants_html
+from gatewayd.https.auth import request_cookie_values, resolve_session, wants_html
 from gatewayd.https.context import FrontendContext
 from gatewayd.https.csrf import CsrfTokens
 from gatewayd.https.flow import (
@@ -52,6 +53,7 @@ from gatewayd.https.flow import (
     RequestFlow,
     audit_refuses,
     error_page,
+    respond,
     unavailable,
 )
 from gatewayd.https.guard import GuardedAppRunner, add_security_headers, guarded
@@ -59,7 +61,7 @@ from gatewayd.https.headers import SESSION_COOKIE
 from gatewayd.https.login import AuthPages, query_value
 from gatewayd.https.portal import portal_entries
 from gatewayd.https.redirects import safe_next
-from gatewayd.https.tls import device_of
+from gatewayd.https.tls import ConnectionDevices, DeviceRevokedError
 from gatewayd.sessions import Session
 from gatewayd.tasks import cancel_and_wait
 
@@ -124,6 +126,7 @@ class HttpsFrontend:
         self._site: web.TCPSite | None = None
         self._recheck: asyncio.Task[None] | None = None
         self._device_certs = True  # until start() knows whether the TLS context asks
+        self._devices = ConnectionDevices()  # each connection's certificate, read once
         self._endpoints: dict[str, dict[str, Endpoint]] = {
             pages.PORTAL_PATH: {"GET": self._portal},
             pages.LOGIN_PATH: {"GET": self._login_form, "POST": self._login_submit},
@@ -205,12 +208,13 @@ class HttpsFrontend:
     # --- pipeline ------------------------------------------------------------------------
 
     def _caller(self, request: web.Request) -> Caller:
+        """Raises DeviceRevokedError when the connection's device certificate is now revoked."""
         device = None
         if self._device_certs:
             transport = request.transport
-            device = device_of(transport.get_extra_info("ssl_object")
-                               if transport is not None else None)
-        candidates = cookie_values(request.headers, SESSION_COOKIE)
+            device = self._devices.device(transport.get_extra_info("ssl_object")
+                                          if transport is not None else None)
+        candidates = request_cookie_values(request, SESSION_COOKIE)
         session = None
         if candidates:
             session = resolve_session(self._ctx.sessions, candidates,
@@ -220,7 +224,10 @@ class HttpsFrontend:
         return Caller(session, device)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        caller = self._caller(request)
+        try:
+            caller = self._caller(request)
+        except DeviceRevokedError as revoked:
+            return self._device_revoked(request, str(revoked))
         path = request.raw_path.partition("?")[0]
         endpoint = self._endpoints.get(path)
         if endpoint is None:
@@ -248,6 +255,16 @@ class HttpsFrontend:
             status=401,
         )
         response.headers["WWW-Authenticate"] = f'Gatewayd realm="gatewayd", login="{target}"'
+        return response
+
+    def _device_revoked(self, request: web.Request, device: str) -> web.StreamResponse:
+        """The device was revoked after this connection's handshake: answer once, then close
+        the connection (a new one fails the handshake against the current list)."""
+        log.info("refused a request on a connection of revoked device %s", device)
+        response = respond(request, 403, title="Device revoked",
+                           message="This device's certificate has been revoked. "
+                                   "Contact the help desk.", error="device_revoked")
+        response.force_close()
         return response
 
     async def _server_error(self, request: web.Request) -> web.StreamResponse:

@@ -22,7 +22,7 @@ script, XHR or API client (401 JSON naming the sign-in URL), from ``Sec-Fetch-Mo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 from aiohttp import web
@@ -34,22 +34,41 @@ from gatewayd.sessions import Session, SessionRegistry
 CSRF_COOKIE: Final = "__Host-gatewayd_csrf"
 _TOKEN_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 MAX_COOKIES_TRIED: Final = 4
+# This request's cookies (`request_cookie_values`): name -> values, parsed once per request.
+REQUEST_COOKIES: Final = web.RequestKey[Mapping[str, Sequence[str]]]("cookies")
 
 
-def cookie_values(headers: MultiMapping[str], name: str) -> list[str]:
-    """Every value of cookie ``name`` in the request's Cookie headers, in order.
+def parse_cookies(headers: MultiMapping[str]) -> dict[str, list[str]]:
+    """Every cookie of the request's Cookie headers: name -> its values, in order.
 
     Parsed by hand (``name=value`` pairs split on ``;``) rather than with
     ``http.cookies``, which silently drops a whole header at the first pair it dislikes —
     one odd cookie of an upstream application must not log a user out.
     """
-    values = []
+    cookies: dict[str, list[str]] = {}
     for header in headers.getall("Cookie", ()):
         for pair in header.split(";"):
             key, sep, value = pair.strip().partition("=")
-            if sep and key.strip() == name:
-                values.append(value.strip().strip('"'))
-    return values
+            if sep:
+                cookies.setdefault(key.strip(), []).append(value.strip().strip('"'))
+    return cookies
+
+
+def cookie_values(headers: MultiMapping[str], name: str) -> list[str]:
+    """Every value of cookie ``name`` in ``headers``, in order (see `parse_cookies`)."""
+    return parse_cookies(headers).get(name, [])
+
+
+def request_cookie_values(request: web.BaseRequest, name: str) -> Sequence[str]:
+    """`cookie_values` of a request, its Cookie headers parsed once per request.
+
+    The session cookie is read for every request and the CSRF cookie on the sign-in path,
+    sometimes twice (the form and its error page): the parse is kept on the request.
+    """
+    cookies = request.get(REQUEST_COOKIES)
+    if cookies is None:
+        cookies = request[REQUEST_COOKIES] = parse_cookies(request.headers)
+    return cookies.get(name, ())
 
 
 def looks_like_session_id(value: str) -> bool:

@@ -44,10 +44,10 @@ from gatewayd.certs import DeviceIdentity
 from gatewayd.https import pages
 from gatewayd.https.auth import (
     CSRF_COOKIE,
-    cookie_values,
     csrf_cookie_header,
     expired_cookie_header,
     looks_like_session_id,
+    request_cookie_values,
     session_cookie_header,
     set_cookie,
     wants_html,
@@ -362,7 +362,7 @@ class AuthPages:
 
 
 def _existing_binding(request: web.BaseRequest) -> str | None:
-    for value in cookie_values(request.headers, CSRF_COOKIE):
+    for value in request_cookie_values(request, CSRF_COOKIE):
         if looks_like_session_id(value):
             return value
     return None

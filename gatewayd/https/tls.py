@@ -20,8 +20,9 @@ still within the profile.
 Client certificates (``https.client_cert``): ``off`` asks for none; ``optional`` asks and
 verifies a presented one against ``https.client_ca_file`` (a browser without one still gets
 in, as a device-less client); ``required`` refuses the handshake without a valid one. A
-verified certificate is read with `gatewayd.certs.device_identity_from_der`; one that chains to
-the device CA but is not a well-formed device certificate yields no device (and is logged).
+verified certificate is read with `gatewayd.certs.device_identity_from_cert`; one that chains
+to the device CA but is not a well-formed device certificate yields no device (and is logged).
+The listener reads it once per connection (`ConnectionDevices`), not once per request.
 
 Revocation (``https.crl_file``): the device CA's CRL is checked by OpenSSL at every handshake
 (``VERIFY_CRL_CHECK_LEAF``), so a revoked certificate fails the handshake (asyncio closes such a
@@ -35,7 +36,8 @@ gateway (the watcher also refuses a lower CRL number). Handshakes done before a 
 are not re-run by OpenSSL; each connection is a `DeviceConnection`, which checks its peer's
 serial against the context's current list whenever that list changes and fails its next
 read — a keep-alive connection of a stolen laptop is cut at its next request, not at its idle
-timeout.
+timeout. A request already read before the list changed (pipelined, or in the same read) is
+caught by `ConnectionDevices.device`, which checks the serial on every request.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import os
 import ssl
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -59,7 +62,7 @@ from gatewayd.certs import (
     CertError,
     CrlInfo,
     DeviceIdentity,
-    device_identity_from_der,
+    device_identity_from_cert,
     load_certificates,
     read_crl,
 )
@@ -301,23 +304,89 @@ def _set_groups_list(context: ssl.SSLContext, groups: str) -> bool:
     return bool(control(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii")))
 
 
-def device_of(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> DeviceIdentity | None:
+TlsConnection = ssl.SSLObject | ssl.SSLSocket
+
+
+class DeviceRevokedError(Exception):
+    """The connection's device certificate was revoked after its handshake."""
+
+
+@dataclass(frozen=True, slots=True)
+class _PeerDevice:
+    device: DeviceIdentity | None  # None: no certificate, or not a usable device certificate
+    serial: int | None  # of the certificate presented, usable or not
+
+
+_NO_PEER: Final = _PeerDevice(None, None)
+
+
+def device_of(ssl_object: TlsConnection | None) -> DeviceIdentity | None:
     """The verified device certificate's identity on this connection, or None.
 
     OpenSSL has already verified the chain against the device CA (the context only asks for
     client certificates when ``client_cert`` is not ``off``), so a certificate returned here is
     trusted; whether it is a well-formed *device* certificate is checked by `certs`.
+    Parses the certificate on every call: per request, use `ConnectionDevices`.
     """
+    peer = _read_peer(ssl_object)
+    return peer.device if peer is not None else None
+
+
+def _read_peer(ssl_object: TlsConnection | None) -> _PeerDevice | None:
+    """The peer's certificate as far as the frontend cares; None while it cannot be read
+    (no TLS, handshake not complete, connection gone) — nothing worth remembering."""
     if ssl_object is None:
         return None
     try:
         der = ssl_object.getpeercert(binary_form=True)
-    except (ValueError, ssl.SSLError):  # handshake not complete, or connection gone
+    except (ValueError, ssl.SSLError):
         return None
     if not der:
-        return None
+        return _NO_PEER
     try:
-        return device_identity_from_der(der)
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        log.warning("client certificate is not a usable device certificate: %s", exc)
+        return _NO_PEER
+    try:
+        return _PeerDevice(device_identity_from_cert(cert), cert.serial_number)
     except CertError as exc:
         log.warning("client certificate is not a usable device certificate: %s", exc)
-        return None
+        return _PeerDevice(None, cert.serial_number)
+
+
+class ConnectionDevices:
+    """The device of each TLS connection, parsed once per connection, revocation checked on
+    every request.
+
+    Reading and parsing the peer certificate was a per-request cost although it cannot change
+    on a connection (renegotiation is off). What can change is the device CRL: `device`
+    compares the remembered serial with the context's current revoked set on every call (a
+    set lookup), so a request that was already buffered when the list changed — which
+    `DeviceConnection.read` cannot stop — is refused too. Entries are held weakly: a closed
+    connection's entry goes with its SSL object. One instance per listener (no module state).
+    """
+
+    def __init__(self) -> None:
+        self._peers: weakref.WeakKeyDictionary[TlsConnection, _PeerDevice] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def device(self, ssl_object: TlsConnection | None) -> DeviceIdentity | None:
+        """The connection's device (see `device_of`); raises DeviceRevokedError if it is revoked."""
+        if ssl_object is None:
+            return None
+        peer = self._peers.get(ssl_object)
+        if peer is None:
+            peer = _read_peer(ssl_object)
+            if peer is None:
+                return None
+            self._peers[ssl_object] = peer
+        if peer.serial is not None:
+            context = ssl_object.context
+            if isinstance(context, ServerContext) and peer.serial in context.revoked:
+                raise DeviceRevokedError(peer.device.device_id if peer.device else hex(peer.serial))
+        return peer.device
