@@ -1,0 +1,707 @@
+"""The tunnel broker: every ``direct-tcpip`` open (``ssh -L`` and ``ssh -D``) is decided,
+connected, relayed, counted and closed here.
+
+One open, in order (`Tunnels.open`)::
+
+    policy.tcp_service_for(host, port, user attributes)   which service (None: "no service at")
+    decide(AccessRequest(..., frontend="ssh"))            one call; deny and step_up refuse
+    ssh.address_overrides[host:port]                      operator-explicit: connect there
+      or getaddrinfo (off the loop, with a timeout)       every address must be safe (below)
+    connect to an address that was checked                no second resolution (DNS rebinding)
+    tunnel.open + gatewayd_tunnels_active                 then bytes flow both ways
+    ... tunnel.close                                      bytes each way, duration, reason
+
+**Refusals** raise `TunnelRefused`, an ``asyncssh.ChannelOpenError``: asyncssh sends its code
+and reason to the client as the channel-open failure (the OpenSSH client prints
+``open failed: administratively prohibited: <reason>``). Every refusal after the session was
+found is audited as ``tunnel.deny`` with ``dest``, ``service``, ``rule``, ``reason`` and a
+``status`` word saying which step refused:
+
+* ``no_service`` — host:port is no destination of any TCP service for this user (user A's
+  ``{user.office_pc}`` is not one of user B's destinations); ``denied`` — a deny decision;
+  ``step_up`` — an allow rule matched but wants fresher MFA: a tunnel cannot show a step-up
+  page, so it is refused with "needs a fresh MFA login";
+* ``unsafe_destination`` — the name resolves to loopback, link-local, unspecified, multicast,
+  reserved or one of the gateway's own addresses (interface addresses and listeners). Any
+  one such address refuses the whole open, unless the service lists that IP literal itself;
+  an address override is the operator's explicit choice and is not checked;
+* ``unreachable`` — allowed, but the name does not resolve or nothing answers: the refusal
+  code is ``OPEN_CONNECT_FAILED`` (all others are ``OPEN_ADMINISTRATIVELY_PROHIBITED``) and
+  the record carries the rule that allowed it and ``error`` (``connection_refused``,
+  ``timeout``, ``no_route``, ``dns``, ...). The allowed decision itself shows in
+  ``gatewayd_policy_decisions_total{decision="allow"}``.
+
+With ``audit.on_failure = "deny"`` and the audit log down, opens are refused, and an open
+whose ``tunnel.open`` cannot be written is refused too (nothing happens unrecorded).
+
+**The relay** (`Tunnel`) is two callback objects and no task: the channel's session object
+writes client bytes straight to the upstream transport, the upstream protocol writes to the
+channel — no await, no queue, no copy of ours per chunk. Flow control both ways: a full
+upstream write buffer pauses reading the channel (the client's SSH window then closes), a full
+channel send buffer (the client does not read) pauses reading the upstream socket; gateway
+memory per tunnel stays within the channel window plus the two high-water marks. EOF passes
+through each way (half-close); when both sides have sent it the tunnel closes. Bytes are
+counted per chunk as one integer addition; the session's counters, the byte metrics and the
+session's idle timer (`SessionRegistry.touch`) are updated at most once a second and at close.
+
+**Closing**: ``tunnel.close`` with ``bytes_up`` (client → upstream), ``bytes_down``,
+``duration_ms``, ``rule`` and ``reason``: ``client_closed`` / ``upstream_closed`` (whoever
+ended first: closed the channel or socket, or sent EOF first), ``error`` (with ``error``), the
+session's end reason (every tunnel registers a session closer: logout, kill, expiry, revoke,
+shutdown abort its channel at once), or ``policy_changed`` (`Tunnels.recheck`: the current
+policy now denies it — only a *deny* closes; MFA freshness is judged at open, as for HTTPS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final, Protocol
+
+import asyncssh
+from prometheus_client import Counter
+
+from gatewayd.audit import AuditLog, AuditWriteError
+from gatewayd.config import Settings
+from gatewayd.metrics import Metrics
+from gatewayd.policy import AccessRequest, Decision, Policy, TcpService, decide
+from gatewayd.policy.values import canonical_host
+from gatewayd.sessions import Session, SessionRegistry
+from gatewayd.ssh.destinations import (
+    IPAddress,
+    OwnAddresses,
+    explicitly_named,
+    override_table,
+    own_addresses_from_proc,
+    reachable_services,
+    show_dest,
+    unsafe_kind,
+)
+
+log = logging.getLogger(__name__)
+
+FRONTEND: Final = "ssh"
+PROHIBITED: Final = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+CONNECT_FAILED: Final = asyncssh.OPEN_CONNECT_FAILED
+INTERNAL_ERROR_DECISION: Final = Decision("deny", None, "internal error while deciding")
+
+RESOLVE_TIMEOUT: Final = 5.0  # seconds for getaddrinfo
+CONNECT_TIMEOUT: Final = 10.0  # seconds for all connection attempts of one open together
+CONFIRM_TIMEOUT: Final = 30.0  # an upstream whose channel never opened is closed after this
+FLUSH_INTERVAL: Final = 1.0  # seconds between session/metric updates while bytes flow
+# Write-buffer high-water marks (bytes). One asyncio read is at most 256 KiB, so a buffer
+# holds at most about twice this before the other side stops reading.
+UPSTREAM_HIGH_WATER: Final = 256 * 1024
+CHANNEL_HIGH_WATER: Final = 256 * 1024
+OWN_ADDRESSES_TTL: Final = 10.0  # seconds; interfaces change rarely (DHCP, failover)
+PROC_FILES: Final = (Path("/proc/net/fib_trie"), Path("/proc/net/if_inet6"),
+                     Path("/proc/net/ipv6_route"))
+
+_ERRNO_WORDS: Final = {
+    errno.ECONNREFUSED: ("connection_refused", "connection refused"),
+    errno.ETIMEDOUT: ("timeout", "timed out"),
+    errno.EHOSTUNREACH: ("no_route", "no route to host"),
+    errno.ENETUNREACH: ("no_route", "network unreachable"),
+    errno.ECONNRESET: ("connection_reset", "connection reset"),
+}
+
+
+class TunnelContext(Protocol):
+    """The gateway as the tunnel broker sees it (`gatewayd.app.Gateway` satisfies it). Read
+    at every call, never cached: a reload swaps ``settings`` and ``policy``."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def audit(self) -> AuditLog: ...
+    @property
+    def sessions(self) -> SessionRegistry: ...
+
+    def clock(self) -> float: ...
+    def wall_clock(self) -> datetime: ...
+
+
+class TunnelRefused(asyncssh.ChannelOpenError):
+    """An open is refused: ``code`` is an SSH open-failure code, ``reason`` the client's text.
+
+    A ``ChannelOpenError``, so asyncssh turns it into the channel-open failure by itself when
+    `Tunnels.open` is returned from ``connection_requested``.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+
+
+
+class _Refusal(Exception):  # noqa: N818 - internal signal, turned into a TunnelRefused
+    """An open refused after the session was found: audited as tunnel.deny, then refused."""
+
+    def __init__(self, code: int, reason: str, status: str, *, service: str | None = None,
+                 rule: str | None = None, error: str | None = None) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.status = code, reason, status
+        self.service, self.rule, self.error = service, rule, error
+
+    def of(self, service: str, rule: str | None) -> _Refusal:
+        """The same refusal, for the service and rule that had allowed the open."""
+        return _Refusal(self.code, self.reason, self.status, service=service, rule=rule,
+                        error=self.error)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where to connect: the checked addresses, in the order to try them, and the port."""
+
+    addresses: tuple[IPAddress, ...]
+    port: int
+
+
+def session_fields(session: Session) -> dict[str, object]:
+    """The audit context of a session's tunnels: who, from where, on which device."""
+    return {"frontend": FRONTEND, "user": session.user, "session": session.handle,
+            "device": session.device, "source_ip": session.source_ip}
+
+
+class Tunnels:
+    """The tunnel broker of one gateway (see module docstring)."""
+
+    def __init__(self, *, gateway: TunnelContext, resolve_timeout: float = RESOLVE_TIMEOUT,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self._gateway = gateway
+        self._resolve_timeout = resolve_timeout
+        self._connect_timeout = connect_timeout
+        self._open: dict[Session, set[Tunnel]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(tunnels) for tunnels in self._open.values())
+
+    def tunnels_of(self, session: Session) -> list[Tunnel]:
+        """The session's open tunnels (for listings and tests)."""
+        return list(self._open.get(session, ()))
+
+    # --- what a user may reach -----------------------------------------------------------
+
+    def services_for(self, session: Session) -> list[tuple[str, str]]:
+        """(service, "host:port") the session's user may open now, in policy order."""
+        template = self._access(session, None, None, None)
+        if template is None:
+            return []
+        return reachable_services(self._gateway.policy, template)
+
+    # --- re-deciding open tunnels --------------------------------------------------------
+
+    def recheck(self, session: Session) -> int:
+        """Close the session's tunnels the current policy denies (``policy_changed``);
+        returns how many. Only a deny closes: MFA freshness was judged at open."""
+        closed = 0
+        policy = self._gateway.policy
+        for tunnel in self.tunnels_of(session):
+            _, decision = self._decide(policy, session, tunnel.dest_host, tunnel.dest_port)
+            if decision.decision == "deny":
+                tunnel.abort("policy_changed")
+                closed += 1
+        return closed
+
+    def recheck_all(self) -> int:
+        """`recheck` every session with open tunnels (after a reload, and periodically for
+        rules with hours and weekdays)."""
+        return sum(self.recheck(session) for session in list(self._open))
+
+    # --- opening -------------------------------------------------------------------------
+
+    async def open(self, session: Session, conn: asyncssh.SSHServerConnection, *,
+                   dest_host: str, dest_port: int, orig_host: str,
+                   orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
+        """Decide, connect and hand back the channel's session object; or raise TunnelRefused.
+
+        ``orig_host``/``orig_port`` are the client's claim of where the connection came from
+        on its side; they decide nothing. ``conn`` is the SSH connection the channel is on.
+        """
+        dest = show_dest(dest_host, dest_port)
+        try:
+            return await self._open_checked(session, dest_host, dest_port, dest)
+        except _Refusal as refusal:
+            self._audit_deny(session, dest, refusal)
+            raise TunnelRefused(refusal.code, refusal.reason) from None
+        except (TunnelRefused, asyncio.CancelledError):
+            raise
+        except Exception:  # fail closed: a bug refuses this open, never the whole connection
+            log.exception("tunnel open failed unexpectedly")
+            self._audit_deny(session, dest, _Refusal(CONNECT_FAILED, "internal error", "error"))
+            raise TunnelRefused(CONNECT_FAILED, "internal error") from None
+
+    async def _open_checked(self, session: Session, dest_host: str, dest_port: int,
+                            dest: str) -> Tunnel:
+        gateway = self._gateway
+        if gateway.settings.audit.on_failure == "deny" and not gateway.audit.healthy:
+            raise TunnelRefused(PROHIBITED, "the audit log is unavailable; no new tunnels")
+        if session.ended is not None:
+            raise TunnelRefused(PROHIBITED, "the session has ended")
+        policy = gateway.policy
+        service, decision = self._decide(policy, session, dest_host, dest_port)
+        gateway.metrics.policy_decision(FRONTEND, service, decision.decision)
+        if service is None:
+            raise _Refusal(PROHIBITED, f"no service at {dest}", "no_service")
+        if decision.decision == "step_up":
+            raise _Refusal(PROHIBITED, f"{dest} needs a fresh MFA login ({decision.reason})",
+                           "step_up", service=service, rule=decision.rule)
+        if decision.decision != "allow":
+            raise _Refusal(PROHIBITED, f"{dest} refused: {decision.reason}", "denied",
+                           service=service, rule=decision.rule)
+        host = canonical_host(dest_host)
+        assert host is not None  # tcp_service_for found a service for it
+        tunnel = Tunnel(self, gateway, session=session, service=service, rule=decision.rule,
+                        dest_host=host, dest_port=dest_port, dest=dest)
+        try:
+            target = await self._target(policy.services.get(service), host, dest_port, dest)
+            await self._connect(tunnel, target, dest)
+        except _Refusal as refusal:
+            raise refusal.of(service, decision.rule) from None
+        self._start(tunnel)
+        return tunnel
+
+    def _access(self, session: Session, service: str | None, host: str | None,
+                port: int | None) -> AccessRequest | None:
+        try:
+            source = ipaddress.ip_address(session.source_ip)
+        except ValueError:
+            return None  # no usable peer address: "source" rules could not be judged
+        principal = session.principal
+        gateway = self._gateway
+        return AccessRequest(
+            user=principal.user, groups=principal.groups, attributes=principal.attributes,
+            device=session.device, device_user=session.device_user, frontend=FRONTEND,
+            service=service, dest_host=host, dest_port=port, source=source,
+            now=gateway.wall_clock(), mfa_age=session.mfa_age(gateway.clock()),
+        )
+
+    def _decide(self, policy: Policy, session: Session, host: str,
+                port: int) -> tuple[str | None, Decision]:
+        """The service host:port belongs to for this user, and the decision (one decide())."""
+        attributes = session.principal.attributes
+        service = policy.tcp_service_for(host, port, attributes) if 0 < port <= 65535 else None
+        access = self._access(session, service, host, port)
+        if access is None:
+            return service, INTERNAL_ERROR_DECISION
+        try:
+            return service, decide(policy, access)
+        except Exception:  # fail closed: a bug in policy evaluation is a deny
+            log.exception("decide() failed; denying the tunnel")
+            return service, INTERNAL_ERROR_DECISION
+
+    # --- where to connect ----------------------------------------------------------------
+
+    async def _target(self, service: object, host: str, port: int, dest: str) -> _Target:
+        override = override_table(self._gateway.settings.ssh.address_overrides).get((host, port))
+        if override is not None:  # the operator named the address: connect there, unchecked
+            addresses, _ = await self._lookup(override[0], override[1], dest, own=False)
+            return _Target(addresses, override[1])
+        addresses, own = await self._lookup(host, port, dest, own=True)
+        if isinstance(service, TcpService) and explicitly_named(service, host, port):
+            return _Target(addresses, port)  # the service writes this IP literal itself
+        own = own.union(self._listen_addresses())
+        for address in addresses:
+            kind = unsafe_kind(address, own)
+            if kind is not None:
+                raise _Refusal(PROHIBITED, f"{dest} refused: it resolves to {kind}",
+                               "unsafe_destination")
+        return _Target(addresses, port)
+
+    async def _lookup(self, host: str, port: int, dest: str,
+                      *, own: bool) -> tuple[tuple[IPAddress, ...], OwnAddresses]:
+        """Resolve off the loop (and read the gateway's own addresses in the same hop)."""
+        try:
+            async with asyncio.timeout(self._resolve_timeout):
+                addresses, mine = await asyncio.to_thread(_resolve, host, port, own)
+        except TimeoutError:
+            raise _Refusal(CONNECT_FAILED, f"{dest} is unreachable: name resolution timed out",
+                           "unreachable", error="dns_timeout") from None
+        except (socket.gaierror, UnicodeError):
+            addresses, mine = (), OwnAddresses()
+        if not addresses:
+            raise _Refusal(CONNECT_FAILED, f"{dest} is unreachable: the name does not resolve",
+                           "unreachable", error="dns")
+        return addresses, mine
+
+    def _listen_addresses(self) -> Iterable[IPAddress]:
+        settings = self._gateway.settings
+        for listen in (settings.ssh.listen, settings.https.listen, settings.metrics.listen):
+            try:
+                yield ipaddress.ip_address(listen.host)
+            except ValueError:
+                continue  # a name: the interface addresses cover what it is bound to
+
+    async def _connect(self, tunnel: Tunnel, target: _Target, dest: str) -> None:
+        """Connect to the first checked address that answers (no name is resolved here)."""
+        loop = asyncio.get_running_loop()
+        failure: OSError | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                for address in target.addresses:
+                    try:
+                        await loop.create_connection(tunnel.upstream_protocol, str(address),
+                                                     target.port)
+                    except OSError as exc:
+                        failure = exc
+                    else:
+                        return
+        except TimeoutError:
+            failure = TimeoutError(errno.ETIMEDOUT, "timed out")
+        word, text = describe_os_error(failure)
+        raise _Refusal(CONNECT_FAILED, f"{dest} is unreachable: {text}", "unreachable",
+                       error=word)
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _start(self, tunnel: Tunnel) -> None:
+        try:
+            self._gateway.audit.emit("tunnel.open", **tunnel.fields(), rule=tunnel.rule)
+        except AuditWriteError:
+            tunnel.discard()
+            raise TunnelRefused(PROHIBITED, "the audit log is unavailable; no new tunnels"
+                                ) from None
+        self._open.setdefault(tunnel.session, set()).add(tunnel)
+        tunnel.started()
+
+    def forget(self, tunnel: Tunnel) -> None:
+        """A tunnel has closed (called by the tunnel)."""
+        tunnels = self._open.get(tunnel.session)
+        if tunnels is not None:
+            tunnels.discard(tunnel)
+            if not tunnels:
+                del self._open[tunnel.session]
+
+    def _audit_deny(self, session: Session, dest: str, refusal: _Refusal) -> None:
+        try:
+            self._gateway.audit.emit(
+                "tunnel.deny", **session_fields(session), dest=dest, service=refusal.service,
+                rule=refusal.rule, reason=refusal.reason, status=refusal.status,
+                error=refusal.error)
+        except AuditWriteError:
+            log.error("tunnel.deny could not be audited")  # refused anyway
+
+
+def _resolve(host: str, port: int, own: bool) -> tuple[tuple[IPAddress, ...], OwnAddresses]:
+    """getaddrinfo (blocking; run in a thread), and the local addresses when ``own``."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    addresses = tuple(dict.fromkeys(
+        ipaddress.ip_address(info[4][0]) for info in infos
+        if info[0] in (socket.AF_INET, socket.AF_INET6)))
+    return addresses, (local_addresses(addresses) if own else OwnAddresses())
+
+
+def local_addresses(candidates: Iterable[IPAddress] = ()) -> OwnAddresses:
+    """The gateway's own addresses, read fresh from the kernel (blocking; a few /proc reads).
+
+    Without Linux's /proc, each candidate is probed instead: binding a socket to an address
+    succeeds only for an address of this host.
+    """
+    texts = []
+    for path in PROC_FILES:
+        try:
+            texts.append(path.read_text(encoding="ascii", errors="replace"))
+        except OSError:
+            texts.append("")
+    own = own_addresses_from_proc(*texts)
+    if own.networks:
+        return own
+    return OwnAddresses().union(a for a in candidates if _bindable(a))
+
+
+def _bindable(address: IPAddress) -> bool:
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
+def describe_os_error(exc: BaseException | None) -> tuple[str, str]:
+    """(audit word, text for the client) for a failed connection."""
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:
+        return _ERRNO_WORDS[exc.errno]
+    if isinstance(exc, ConnectionRefusedError):
+        return _ERRNO_WORDS[errno.ECONNREFUSED]
+    if isinstance(exc, TimeoutError):
+        return _ERRNO_WORDS[errno.ETIMEDOUT]
+    if isinstance(exc, OSError) and exc.strerror:
+        return "connect_failed", exc.strerror.lower()
+    return "connect_failed", "connection failed"
+
+
+def _nothing() -> None:
+    return None
+
+
+class _Upstream(asyncio.Protocol):
+    """The upstream socket's protocol: every callback goes to its `Tunnel`."""
+
+    __slots__ = ("_tunnel",)
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._tunnel.upstream_connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._tunnel.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return self._tunnel.upstream_eof()
+
+    def pause_writing(self) -> None:
+        self._tunnel.upstream_full()
+
+    def resume_writing(self) -> None:
+        self._tunnel.upstream_drained()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tunnel.upstream_lost(exc)
+
+
+class Tunnel(asyncssh.SSHTCPSession[bytes]):
+    """One open tunnel: the SSH channel's session object, relaying to its upstream socket.
+
+    ``up`` is client → upstream, ``down`` upstream → client. `closed` is the close reason
+    once the tunnel has ended (its ``tunnel.close`` is written then).
+    """
+
+    def __init__(self, owner: Tunnels, gateway: TunnelContext, *, session: Session,
+                 service: str, rule: str | None, dest_host: str, dest_port: int,
+                 dest: str) -> None:
+        self._owner = owner
+        self._gateway = gateway
+        self.session = session
+        self.service = service
+        self.rule = rule
+        self.dest_host, self.dest_port, self.dest = dest_host, dest_port, dest
+        self.opened_at = gateway.clock()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.closed: str | None = None
+        self._loop_time = asyncio.get_running_loop().time
+        self._counted_up = 0
+        self._counted_down = 0
+        self._next_flush = 0.0
+        self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self._upstream: asyncio.Transport | None = None
+        self._eof_from_client = False
+        self._eof_from_upstream = False
+        self._first_end: str | None = None  # who ended first: client_closed / upstream_closed
+        self._remove_closer: Callable[[], None] = _nothing
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._active: Callable[[float], None] | None = None
+        self._up_counter: Counter | None = None
+        self._down_counter: Counter | None = None
+
+    def fields(self) -> dict[str, object]:
+        return {**session_fields(self.session), "dest": self.dest, "service": self.service}
+
+    def upstream_protocol(self) -> asyncio.Protocol:
+        return _Upstream(self)
+
+    @property
+    def channel_buffered(self) -> int:
+        """Bytes waiting in the channel's send buffer (upstream → client)."""
+        return self._chan.get_write_buffer_size() if self._chan is not None else 0
+
+    @property
+    def upstream_buffered(self) -> int:
+        """Bytes waiting in the upstream socket's write buffer (client → upstream)."""
+        return self._upstream.get_write_buffer_size() if self._upstream is not None else 0
+
+    # --- lifecycle (called by Tunnels) ---------------------------------------------------
+
+    def started(self) -> None:
+        """The open is decided, connected and audited: count it, tie it to its session."""
+        metrics = self._gateway.metrics
+        label = metrics.service_label(self.service)
+        active = metrics.tunnels_active.labels(label)
+        active.inc()
+        self._active = active.dec
+        # Resolved once: no label lookup per chunk or per flush.
+        self._up_counter = metrics.tunnel_bytes.labels(label, "up")
+        self._down_counter = metrics.tunnel_bytes.labels(label, "down")
+        self._watchdog = asyncio.get_running_loop().call_later(CONFIRM_TIMEOUT,
+                                                               self._never_opened)
+        self._remove_closer = self.session.add_closer(self.abort)
+
+    def discard(self) -> None:
+        """Drop a connected upstream whose open was refused after all (nothing recorded)."""
+        self.closed = "refused"
+        if self._upstream is not None:
+            self._upstream.abort()
+
+    def abort(self, reason: str) -> None:
+        """Close both sides now, discarding buffered data (session end, policy change)."""
+        if self.closed is None:
+            self._finish(reason)
+        if self._chan is not None:
+            self._chan.abort()
+        if self._upstream is not None:
+            self._upstream.abort()
+
+    def _never_opened(self) -> None:
+        self._watchdog = None
+        if self._chan is None and self.closed is None:
+            self._finish("error", error="channel_not_opened")
+            if self._upstream is not None:
+                self._upstream.abort()
+
+    def _close_both(self) -> None:
+        """Both sides have sent EOF: close gracefully (buffered bytes still go out)."""
+        if self.closed is None:
+            self._finish(self._first_end or "client_closed")
+        if self._chan is not None:
+            self._chan.close()
+        if self._upstream is not None:
+            self._upstream.close()
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        self.closed = reason
+        self._flush(activity=False)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._active is not None:
+            self._active(1)
+            self._active = None
+        self._remove_closer()
+        self._remove_closer = _nothing
+        self._owner.forget(self)
+        duration = max(0.0, self._gateway.clock() - self.opened_at)
+        try:
+            self._gateway.audit.emit(
+                "tunnel.close", **self.fields(), rule=self.rule, reason=reason, error=error,
+                bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                duration_ms=round(duration * 1000))
+        except AuditWriteError:
+            log.error("tunnel.close could not be audited")
+
+    def _flush(self, *, activity: bool) -> None:
+        """Hand the bytes counted since the last flush to the session and the metrics."""
+        up, down = self.bytes_up - self._counted_up, self.bytes_down - self._counted_down
+        self._counted_up, self._counted_down = self.bytes_up, self.bytes_down
+        if up or down:
+            self.session.add_bytes(up=up, down=down)
+            if up and self._up_counter is not None:
+                self._up_counter.inc(up)
+            if down and self._down_counter is not None:
+                self._down_counter.inc(down)
+        if activity:
+            self._gateway.sessions.touch(self.session)
+        self._next_flush = self._loop_time() + FLUSH_INTERVAL
+
+    # --- the upstream socket (via _Upstream) ---------------------------------------------
+
+    def upstream_connected(self, transport: asyncio.Transport) -> None:
+        # Nowhere to send its bytes until the channel is open: read nothing until then.
+        transport.pause_reading()
+        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER)
+        self._upstream = transport
+
+    def from_upstream(self, data: bytes) -> None:
+        chan = self._chan
+        if chan is None:
+            return
+        try:
+            chan.write(data)
+        except OSError:
+            return  # the channel is closing; its connection_lost ends the tunnel
+        self.bytes_down += len(data)
+        if self._loop_time() >= self._next_flush:
+            self._flush(activity=True)
+
+    def upstream_eof(self) -> bool:
+        self._eof_from_upstream = True
+        self._first_end = self._first_end or "upstream_closed"
+        if self._chan is not None:
+            self._chan.write_eof()
+        if self._eof_from_client:
+            self._close_both()
+        return True  # keep the socket open: the client may still be sending (half-close)
+
+    def upstream_full(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()  # the client's window closes behind this
+
+    def upstream_drained(self) -> None:
+        if self._chan is not None:
+            self._chan.resume_reading()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.closed is None:
+            if exc is None:
+                self._finish(self._first_end or "upstream_closed")
+            else:
+                self._finish("error", error=describe_os_error(exc)[0])
+        if self._chan is not None:
+            self._chan.close()  # what the upstream sent still reaches the client
+
+    # --- the SSH channel (asyncssh SSHTCPSession callbacks) ------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self._chan = chan
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self.closed is not None:  # the session ended (or upstream left) while opening
+            chan.close()
+            return
+        chan.set_write_buffer_limits(high=CHANNEL_HIGH_WATER)
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        upstream = self._upstream
+        if upstream is None:
+            return
+        try:
+            upstream.write(data)
+        except (OSError, RuntimeError):
+            return  # written after our EOF or close: dropped, the tunnel is ending
+        self.bytes_up += len(data)
+        if self._loop_time() >= self._next_flush:
+            self._flush(activity=True)
+
+    def eof_received(self) -> bool:
+        self._eof_from_client = True
+        self._first_end = self._first_end or "client_closed"
+        upstream = self._upstream
+        if upstream is not None and not upstream.is_closing() and upstream.can_write_eof():
+            upstream.write_eof()
+        if self._eof_from_upstream:
+            self._close_both()
+        return True  # keep the channel open: the upstream may still be answering
+
+    def pause_writing(self) -> None:
+        if self._upstream is not None:
+            self._upstream.pause_reading()  # the client is not reading: stop reading for it
+
+    def resume_writing(self) -> None:
+        if self._upstream is not None and not self._upstream.is_closing():
+            self._upstream.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed is None:
+            if exc is None:
+                self._finish(self._first_end or "client_closed")
+            else:
+                self._finish("error", error=type(exc).__name__)
+        if self._upstream is not None:
+            self._upstream.close()  # what the client sent still reaches the upstream
