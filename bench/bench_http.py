@@ -372,6 +372,8 @@ def write_gatewayd_config(ws: Workspace, upstream_port: int, https_port: int,
         'node = "bench"\nstate_dir = "state"\nlog_level = "warning"\n'
         "[metrics]\n"
         f'listen = "127.0.0.1:{metrics_port}"\n'
+        "[admin]\n"
+        'socket = "admin.sock"\ngroup = ""\n'
         "[policy]\n"
         'dir = "policies"\n'
         "[audit]\n"

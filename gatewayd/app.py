@@ -37,6 +37,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from gatewayd import __version__
+from gatewayd.admin import AdminServer, AdminSocketError, status_fields
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
 from gatewayd.config import ConfigError, Settings, load_settings
 from gatewayd.emergency import WATCH_INTERVAL, EmergencyStop
@@ -162,6 +163,7 @@ class Listeners:
 
     metrics_url: str | None
     https_url: str | None = None
+    admin_socket: str | None = None
 
 
 SESSION_SWEEP_INTERVAL = 15.0  # seconds; idle sessions (and their WebSockets) end this late at most
@@ -207,11 +209,13 @@ class Gateway:
                                        refresh_directory=self.refresh_principals)
         self._signer: AssertionSigner | None = None
         self.https = HttpsFrontend(self) if settings.https.enabled else None
+        self.admin = AdminServer(settings.admin, self) if settings.admin.enabled else None
         self._runners: list[web.AppRunner] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = asyncio.Event()
         self.notifier = SystemdNotifier(None)  # `run()` gets the real one from `gatewayd run`
+        self.last_reload_ok = True
 
     # --- the frontends' view (gatewayd.https.context.FrontendContext) -------------------------
 
@@ -238,7 +242,7 @@ class Gateway:
             await self._close_everything()
             raise
         self._started = True
-        self.metrics.config_last_reload_success.set(1)
+        self._set_reload_ok(True)
         self.log.info("gateway started", version=__version__, metrics=self.listeners.metrics_url,
                       https=self.listeners.https_url)
 
@@ -309,7 +313,17 @@ class Gateway:
             self._runners.append(runner)
             metrics_url = f"http://{_url_host(metrics.listen.host)}:{port}/metrics"
         https_url = await self._start_https() if self.https is not None else None
-        self.listeners = Listeners(metrics_url=metrics_url, https_url=https_url)
+        admin_socket = await self._start_admin() if self.admin is not None else None
+        self.listeners = Listeners(metrics_url=metrics_url, https_url=https_url,
+                                   admin_socket=admin_socket)
+
+    async def _start_admin(self) -> str:
+        assert self.admin is not None
+        try:
+            await self.admin.start()
+        except AdminSocketError as exc:
+            raise GatewayError([str(exc)]) from None
+        return str(self.admin.path)
 
     async def _start_https(self) -> str:
         assert self.https is not None
@@ -340,6 +354,9 @@ class Gateway:
                 await close()
 
     async def _close_everything(self) -> None:
+        if self.admin is not None:
+            with contextlib.suppress(Exception):
+                await self.admin.close()
         if self.https is not None:
             with contextlib.suppress(Exception):
                 await self.https.stop_accepting()
@@ -449,7 +466,7 @@ class Gateway:
         self.log = make_logger(settings)
         self.metrics.set_services(policy.services)
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
-        self.metrics.config_last_reload_success.set(1)
+        self._set_reload_ok(True)
         self.log.info("configuration reloaded")
         self._audit_best_effort("config.reload", status="success")
         if self.https is not None:
@@ -459,7 +476,7 @@ class Gateway:
         return True
 
     def _reject_reload(self, errors: list[str]) -> bool:
-        self.metrics.config_last_reload_success.set(0)
+        self._set_reload_ok(False)
         self.log.warning("reload rejected; old configuration stays", errors=errors)
         reason = errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)"
         self._audit_best_effort("config.reload", status="failure", reason=reason)
@@ -518,6 +535,38 @@ class Gateway:
         # must not have counted a success that never happened.
         self.audit.emit(event, **fields)
         self.metrics.auth_attempt(frontend, result)
+
+    def record_admin_kill(self, *, operator: str, selector: tuple[str, str], reason: str,
+                          sessions: list[Session]) -> None:
+        """``admin.session_kill``: one record per killed session, or one saying none matched.
+
+        Written before the sessions end; raises AuditWriteError like `record_auth` (the admin
+        API then refuses the kill rather than act unrecorded).
+        """
+        kind, value = selector
+        if not sessions:
+            self.audit.emit("admin.session_kill", frontend="admin", operator=operator,
+                            reason=reason or None, status="no_match",
+                            **{"session" if kind == "session" else kind: value})
+        for session in sessions:
+            self.audit.emit("admin.session_kill", frontend="admin", operator=operator,
+                            reason=reason or None, user=session.user, session=session.handle,
+                            device=session.device, source_ip=session.source_ip)
+
+    def _set_reload_ok(self, ok: bool) -> None:
+        self.last_reload_ok = ok
+        self.metrics.config_last_reload_success.set(1 if ok else 0)
+
+    def admin_status(self) -> dict[str, object]:
+        """The admin API's ``/v1/status`` (readiness is added by the caller)."""
+        listeners = self.listeners
+        return status_fields(
+            node=self.settings.gateway.node, sessions=self.sessions,
+            seats=self.settings.sessions.max_concurrent,
+            listeners={"https": listeners.https_url, "metrics": listeners.metrics_url,
+                       "admin": listeners.admin_socket},
+            reload_ok=self.last_reload_ok,
+        )
 
     def _emit_audit(self, event: str, /, **fields: object) -> object:
         """`AuditLog.emit` for collaborators that take an emitter (raises like emit)."""

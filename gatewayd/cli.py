@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gatewayd import __version__, certs_cli
+from gatewayd import __version__, admin_cli, certs_cli
 from gatewayd.app import Gateway, GatewayError
 from gatewayd.audit import AuditKeyError, AuditResumeError, AuditWriteError
 from gatewayd.audit import cli as audit_cli
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(sub)
     identity_cli.register(sub)
     certs_cli.register(sub)
+    admin_cli.register(sub)
     return parser
 
 

@@ -504,11 +504,23 @@ class SshSettings(_Section):
                                mode="after")(_resolve_relative)
 
 
+class AdminSettings(_Section):
+    """``[admin]``: the admin API socket (`gatewayd sessions|reload|status`)."""
+
+    enabled: Bool = True
+    socket: Path = Path("/run/gatewayd/admin.sock")
+    group: str = Field(default="gatewayd-admin", max_length=64,
+                       pattern=r"^([A-Za-z_][A-Za-z0-9_.-]*)?$")
+
+    _resolve = field_validator("socket", mode="after")(_resolve_relative)
+
+
 class Settings(_Section):
     """Every setting of one gatewayd node. Frozen: a reload builds a new one."""
 
     gateway: GatewaySettings = GatewaySettings()
     metrics: MetricsSettings = MetricsSettings()
+    admin: AdminSettings = AdminSettings()
     policy: PolicySettings = PolicySettings()
     sessions: SessionSettings = SessionSettings()
     audit: AuditSettings = AuditSettings()

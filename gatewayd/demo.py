@@ -16,8 +16,8 @@ Owns the demo's generated state in ``STATE_DIR`` (default ``./demo-state``):
 It starts the demo upstream apps (`gatewayd.demo_apps`) on loopback, then the gateway, and
 prints the URL, the users, their passwords and a current TOTP code each. Ctrl-C stops the
 gateway (every session gets its ``session.end``, the audit log its final checkpoint), then the
-apps. The SSH listener and admin socket join with their issues; until then ``demo.json`` has
-``null`` for ``ssh_port`` and ``admin_socket``.
+apps. The admin socket is ``STATE_DIR/admin.sock`` (`gatewayd sessions list --socket …`).
+The SSH listener joins with its issue; until then ``demo.json`` has ``null`` for ``ssh_port``.
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def write_demo_config(
         "[gateway]", 'node = "demo"', 'state_dir = "."', 'log_format = "console"',
         'shutdown_grace = "5s"',
         "[metrics]", f'listen = "127.0.0.1:{metrics_port}"',
+        "[admin]", 'socket = "admin.sock"', 'group = ""',
         "[policy]", f"dir = {toml_string(str(policies.resolve()))}",
         "[audit]", 'path = "audit/audit.log"', 'signing_key = "keys/audit-signing.key"',
         'fsync = "interval"',
@@ -200,7 +201,7 @@ def demo_description(
         "https_url": gateway.settings.https.public_url + "/",
         "ssh_port": None,
         "metrics_url": gateway.listeners.metrics_url,
-        "admin_socket": None,
+        "admin_socket": gateway.listeners.admin_socket,
         "ca_cert": str(pki.server_ca.cert),
         "audit_log": str(gateway.settings.audit.path),
         "policies": str(gateway.settings.policy.dir),

@@ -94,6 +94,7 @@ class Session:
     handle: str = field(default_factory=lambda: secrets.token_hex(8))
     bytes_up: int = 0
     bytes_down: int = 0
+    open_tunnels: int = 0  # SSH direct-tcpip channels open now (gatewayd.ssh.tunnel counts)
     ended: str | None = None
     _closers: list[Closer] = field(default_factory=list, repr=False)
 

@@ -33,6 +33,7 @@ def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
     base: dict[str, dict[str, object]] = {
         "gateway": {"node": "test1", "state_dir": "state", "log_level": "warning"},
         "metrics": {"listen": "127.0.0.1:0"},
+        "admin": {"socket": "admin.sock", "group": ""},
         "policy": {"dir": "policies"},
         "audit": {"path": "log/audit.log", "signing_key": "state/audit.key",
                   "checkpoint_interval": "1h"},

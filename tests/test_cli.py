@@ -131,6 +131,7 @@ def test_run_refuses_an_unsafe_audit_setup_without_a_traceback(
         '[audit]\npath = "a/audit.log"\nsigning_key = "k/audit.key"\n'
         '[https]\nenabled = false\n'  # no certificates here; this is about the audit log
         '[gateway]\nstate_dir = "state"\n'
+        '[admin]\nsocket = "admin.sock"\ngroup = ""\n'
     )
     first = subprocess.Popen([sys.executable, "-m", "gatewayd", "run", "--config", str(path)],
                              stderr=subprocess.PIPE, text=True)

@@ -4,15 +4,27 @@ Owns what a person sees of the gateway itself. Pages are small server-rendered H
 stylesheet (``/.gatewayd/assets/gatewayd.css``) and no script at all, so the Content Security
 Policy can be ``default-src 'none'``. Every value that comes from a request, the directory or
 the policy is HTML-escaped here (`_e`); callers pass plain text, never markup.
+
+A refusal (`deny_notice`, `step_up_reason`) tells the person why in words meant for them —
+the deciding rule's ``description``, or a generic sentence — plus a support reference (the
+session handle and the ``access.deny`` record's seq); rule ids and the policy engine's own
+reasons are for the audit log only.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from html import escape
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from gatewayd.policy import Decision, Policy
+
+log = logging.getLogger(__name__)
 
 PORTAL_PATH: Final = "/"
 LOGIN_PATH: Final = "/.gatewayd/login"
@@ -185,6 +197,73 @@ def message_page(*, title: str, message: str, details: Iterable[str] = (),
     nav = " · ".join(f'<a href="{_e(href)}">{_e(text)}</a>' for href, text in links)
     body = f"<h1>{_e(title)}</h1><p>{_e(message)}</p>{extra}<p>{nav}</p>"
     return _layout(title, body)
+
+
+# --- what a refused person is told ------------------------------------------------------------
+
+GENERIC_DENY_REASON: Final = "Your access policy does not allow this."
+GENERIC_STEP_UP_REASON: Final = "This action needs a fresh code from your authenticator app."
+
+
+@dataclass(frozen=True, slots=True)
+class DenyNotice:
+    """What a refused person reads: a reason meant for them and a reference for the help desk.
+
+    Never the rule id or the policy's internal wording (``denied by rule …``, ``path … is not
+    part of service …``): those stay in the ``access.deny`` record the reference points to.
+    """
+
+    reason: str | None  # None when the page's own message says it all (404, 400)
+    reference: str  # "<session handle>-<audit seq>", or "-r<random>" when not audited
+
+    @property
+    def details(self) -> tuple[str, ...]:
+        """The lines under the page's message."""
+        help_line = f"Support reference: {self.reference} (give it to the help desk)"
+        return (self.reason, help_line) if self.reason else (help_line,)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The JSON body's fields besides ``error`` and ``message``."""
+        fields = {"reference": self.reference}
+        if self.reason:
+            fields["reason"] = self.reason
+        return fields
+
+
+def deny_notice(policy: Policy, decision: Decision, status: int, *, session: str,
+                audit_seq: int | None) -> DenyNotice:
+    """The reason and support reference of a refusal (see `DenyNotice`).
+
+    A 403 names the deciding rule's ``description`` when the policy gives one (a deny rule's
+    says why, a read-only allow rule's says what *is* allowed), else a generic sentence.
+    ``audit_seq`` is the seq of the ``access.deny`` record; without one (the audit write
+    failed and ``audit.on_failure = "continue"``) the reference is random and is logged here
+    with the rule and reason, so the help desk still finds them, in the service log.
+    """
+    reason = _rule_description(policy, decision.rule) or GENERIC_DENY_REASON
+    if audit_seq is not None:
+        reference = f"{session}-{audit_seq}"
+    else:
+        reference = f"{session}-r{secrets.token_hex(4)}"
+        log.warning("refusal %s is not in the audit log: rule %s, %s", reference,
+                    decision.rule, decision.reason)
+    return DenyNotice(reason if status == 403 else None, reference)
+
+
+def step_up_reason(policy: Policy, decision: Decision) -> str:
+    """Why a fresh code is asked for, in the rule's own words when it has them."""
+    return _rule_description(policy, decision.rule) or GENERIC_STEP_UP_REASON
+
+
+def _rule_description(policy: Policy, rule_id: str | None) -> str | None:
+    if rule_id is None:
+        return None
+    # A linear scan: only refusals and step-ups get here, and policies have tens of rules.
+    for rule in policy.rules:
+        if rule.id == rule_id:
+            return " ".join(rule.description.split()) if rule.description else None
+    return None
 
 
 def login_url(next_path: str) -> str:
