@@ -117,9 +117,9 @@ def test_own_addresses_from_empty_proc() -> None:
     ("10.0.10.30", 445, "10.0.10.30:445"),
     ("2001:DB8::5", 3389, "[2001:db8::5]:3389"),
     ("[::1]", 22, "[::1]:22"),
-    ("bad\nhost\x1b[2J", 80, "bad\\nhost\\x1b[2J:80"),
+    ("bad\nhost\x1b[2J", 80, "bad?host?[2J:80"),
     ("x" * 300 + "!", 1, "x" * 255 + ":1"),
-    ("ホスト", 7, "\\u30db\\u30b9\\u30c8:7"),
+    ("ホスト", 7, "???:7"),
 ])
 def test_show_dest(host: str, port: int, shown: str) -> None:
     assert show_dest(host, port) == shown

@@ -43,12 +43,13 @@ _RTF_LOCAL: Final = 0x80000000
 def show_dest(host: str, port: int) -> str:
     """host:port for refusal texts and audit records; IPv6 in brackets.
 
-    A host that is not a host name or IP (it came from the client) is shown escaped
-    (``repr``-style, so control characters cannot reach a terminal) and cut to 255 characters.
+    A host that is not a host name or IP (it came from the client) is cut to 255 characters
+    and every character that is not printable ASCII becomes ``?``: the text goes to the
+    client's terminal, and escapes would be escaped once more by the audit log.
     """
     canonical = canonical_host(host)
     if canonical is None:
-        shown = host[:MAX_SHOWN_HOST].encode("unicode_escape").decode("ascii")
+        shown = "".join(c if " " <= c <= "~" else "?" for c in host[:MAX_SHOWN_HOST])
         return f"{shown}:{port}"
     return f"[{canonical}]:{port}" if ":" in canonical else f"{canonical}:{port}"
 

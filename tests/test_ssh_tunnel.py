@@ -1,0 +1,700 @@
+"""Tests for gatewayd.ssh.tunnel: the tunnel broker against a real `Gateway` (audit log,
+policy, sessions, metrics, fake clock), a small asyncssh server of this module calling
+`Tunnels.open` for every direct-tcpip open, an asyncssh client, and real upstream servers on
+127.0.0.1 reached through ``ssh.address_overrides``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+from https_harness import REPO, FakeClock, toml
+
+from gatewayd.app import Gateway
+from gatewayd.config import load_settings
+from gatewayd.identity.principal import Principal
+from gatewayd.sessions import Session
+from gatewayd.ssh.tunnel import (
+    CHANNEL_HIGH_WATER,
+    UPSTREAM_HIGH_WATER,
+    Tunnels,
+    local_addresses,
+)
+
+PROHIBITED = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+CONNECT_FAILED = asyncssh.OPEN_CONNECT_FAILED
+READ_CHUNK = 256 * 1024  # the most one asyncio read hands over
+
+
+def _own_non_loopback() -> str | None:
+    for net in local_addresses().networks:
+        if net.num_addresses == 1 and not net.network_address.is_loopback \
+                and not net.network_address.is_link_local:
+            return str(net.network_address)
+    return None
+
+
+USERS: dict[str, tuple[set[str], dict[str, str]]] = {
+    "alice": ({"telework-staff"}, {"office_pc": "pc-alice.ward.local"}),
+    "bob": ({"telework-managers"}, {"office_pc": "pc-bob.ward.local"}),
+    "mallory": ({"telework-staff"}, {"office_pc": "127.0.0.1"}),  # a self-edited attribute
+    "eve": ({"telework-staff"}, {"office_pc": _own_non_loopback() or "192.0.2.1"}),
+    "carol": ({"security-auditors"}, {}),
+}
+
+
+# --- upstream servers ---------------------------------------------------------------------
+
+
+@dataclass
+class Upstreams:
+    """Plain TCP servers on 127.0.0.1 that the tunnels reach."""
+
+    servers: list[asyncio.Server] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    received: dict[str, list[bytes]] = field(default_factory=dict)
+    firehose_sent: list[int] = field(default_factory=lambda: [0])
+    sinks: list[asyncio.StreamWriter] = field(default_factory=list)
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def serve(self, name: str,
+                    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                      Awaitable[None]]) -> None:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.handlers.add(task)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                self.handlers.discard(task)
+
+        server = await asyncio.start_server(run, "127.0.0.1", 0)
+        self.servers.append(server)
+        self.ports[name] = server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+
+        async def answer_after_eof(reader: asyncio.StreamReader,
+                                   writer: asyncio.StreamWriter) -> None:
+            data = await reader.read()  # until the client's EOF
+            writer.write(b"got " + str(len(data)).encode() + b": " + data[::-1])
+            await writer.drain()
+
+        async def banner_then_listen(reader: asyncio.StreamReader,
+                                     writer: asyncio.StreamWriter) -> None:
+            writer.write(b"banner, then EOF")
+            writer.write_eof()
+            self.received.setdefault("banner", []).append(await reader.read())
+
+        async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            chunk = b"x" * 65536
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+                self.firehose_sent[0] += len(chunk)
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.sinks.append(writer)  # never reads
+            await asyncio.Event().wait()
+
+        for name, handler in (("echo", echo), ("answer", answer_after_eof),
+                              ("banner", banner_then_listen), ("firehose", firehose),
+                              ("sink", sink)):
+            await self.serve(name, handler)
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            self.ports["closed"] = probe.getsockname()[1]
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for task in list(self.handlers):
+            task.cancel()
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=5)
+        for server in self.servers:
+            await server.wait_closed()
+
+
+# --- the gateway and a small SSH server around Tunnels ---------------------------------------
+
+
+def tunnel_policy(ports: dict[str, int]) -> str:
+    echo = ports["echo"]
+    return f"""
+services:
+  echo:
+    kind: tcp
+    destinations: ["echo.ward.local:7", "localhost:{echo}", "127.0.0.1:{echo}"]
+  answer:
+    kind: tcp
+    destinations: answer.ward.local:7
+  banner:
+    kind: tcp
+    destinations: banner.ward.local:7
+  firehose:
+    kind: tcp
+    destinations: firehose.ward.local:19
+  sink:
+    kind: tcp
+    destinations: sink.ward.local:9
+  dead:
+    kind: tcp
+    destinations: dead.ward.local:1
+  forbidden:
+    kind: tcp
+    destinations: forbidden.ward.local:7
+  fresh:
+    kind: tcp
+    destinations: fresh.ward.local:7
+rules:
+  - id: tunnel-tests
+    effect: allow
+    subjects: {{roles: [staff, managers]}}
+    services: [echo, answer, banner, firehose, sink, dead]
+  - id: fresh-mfa
+    effect: allow
+    subjects: {{roles: [staff, managers]}}
+    services: fresh
+    mfa_max_age: 1m
+"""
+
+
+def overrides(ports: dict[str, int]) -> dict[str, str]:
+    local = {"echo.ward.local:7": "echo", "answer.ward.local:7": "answer",
+             "banner.ward.local:7": "banner", "firehose.ward.local:19": "firehose",
+             "sink.ward.local:9": "sink", "dead.ward.local:1": "closed",
+             "forbidden.ward.local:7": "echo", "fresh.ward.local:7": "echo",
+             "pc-alice.ward.local:3389": "echo", "pc-bob.ward.local:3389": "answer"}
+    return {dest: f"127.0.0.1:{ports[name]}" for dest, name in local.items()}
+
+
+class TunnelServer(asyncssh.SSHServer):
+    """What the real server does for tunnels: one session per connection, every
+    direct-tcpip open handed to `Tunnels.open`, the session ended when the client leaves."""
+
+    def __init__(self, env: Env) -> None:
+        self._env = env
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._session: Session | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        groups, attributes = USERS[username]
+        _, self._session = self._env.gateway.sessions.create(
+            Principal(username, frozenset(groups), attributes), frontend="ssh",
+            source_ip="127.0.0.1")
+        self._env.sessions[username] = self._session
+        return False  # the tests are about tunnels, not authentication
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Awaitable[asyncssh.SSHTCPSession[bytes]]:
+        assert self._session is not None and self._conn is not None
+        return self._env.tunnels.open(self._session, self._conn, dest_host=dest_host,
+                                      dest_port=dest_port, orig_host=orig_host,
+                                      orig_port=orig_port)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._session is not None:
+            self._env.gateway.sessions.end(self._session, "logout")
+
+
+@dataclass
+class Env:
+    gateway: Gateway
+    tunnels: Tunnels
+    clock: FakeClock
+    upstreams: Upstreams
+    policy_dir: Path
+    ssh_port: int = 0
+    sessions: dict[str, Session] = field(default_factory=dict)
+    clients: list[asyncssh.SSHClientConnection] = field(default_factory=list)
+
+    async def connect(self, user: str) -> asyncssh.SSHClientConnection:
+        conn = await asyncssh.connect("127.0.0.1", self.ssh_port, username=user,
+                                      known_hosts=None, client_keys=None, agent_path=None)
+        self.clients.append(conn)
+        return conn
+
+    def audit(self, event: str) -> list[dict[str, Any]]:
+        path = self.gateway.settings.audit.path
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [r for r in records if r["event"] == event]
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.gateway.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    upstreams = Upstreams()
+    await upstreams.start()
+    policy_dir = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policy_dir)
+    (policy_dir / "50-tunnel-tests.yaml").write_text(tunnel_policy(upstreams.ports))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "users.toml").write_text("")
+    config = tmp_path / "gatewayd.toml"
+    config.write_text(toml({
+        "gateway": {"node": "ssh-tunnel-test", "state_dir": "state", "log_level": "warning"},
+        "metrics": {"enabled": False},
+        "policy": {"dir": "policies"},
+        "audit": {"path": "log/audit.log", "signing_key": "state/audit.key",
+                  "checkpoint_interval": "1h", "fsync": "interval"},
+        "https": {"enabled": False},
+        "admin": {"enabled": False},
+        "directory": {"file": "users.toml"},
+        "sessions": {"per_user": 3},
+        "ssh": {"listen": "127.0.0.1:0"},
+    }) + "address_overrides = {" + ", ".join(
+        f"{json.dumps(k)} = {json.dumps(v)}" for k, v in overrides(upstreams.ports).items()
+    ) + "}\n")
+    clock = FakeClock()
+    gateway = Gateway(load_settings(config), config_path=config, clock=clock.monotonic,
+                      wall_clock=clock.now)
+    await gateway.start()
+    environment = Env(gateway, Tunnels(gateway=gateway, connect_timeout=3.0), clock,
+                      upstreams, policy_dir)
+    server = await asyncssh.create_server(
+        lambda: TunnelServer(environment), "127.0.0.1", 0,
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")])
+    environment.ssh_port = server.sockets[0].getsockname()[1]
+    try:
+        yield environment
+    finally:
+        for conn in environment.clients:
+            conn.close()
+        for conn in environment.clients:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 5)
+        server.close()
+        await server.wait_closed()
+        await gateway.stop()
+        await upstreams.close()
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    """Wait (at most 5 s: the issue's bound for closing) until ``check()`` holds."""
+    async with asyncio.timeout(5):
+        while not check():  # noqa: ASYNC110 - polling a plain condition, no event to wait on
+            await asyncio.sleep(0.01)
+
+
+async def refused(conn: asyncssh.SSHClientConnection, host: str,
+                  port: int) -> asyncssh.ChannelOpenError:
+    with pytest.raises(asyncssh.ChannelOpenError) as caught:
+        await conn.open_connection(host, port)
+    return caught.value
+
+
+# --- allowed tunnels ------------------------------------------------------------------------
+
+
+async def test_allowed_open_relays_both_ways_counts_and_audits(env: Env) -> None:
+    conn = await env.connect("alice")
+    reader, writer = await conn.open_connection("echo.ward.local", 7)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    writer.write(payload)
+    echoed = await reader.readexactly(len(payload))
+    assert echoed == payload
+    [opened] = env.audit("tunnel.open")
+    session = env.sessions["alice"]
+    assert opened["frontend"] == "ssh"
+    assert opened["user"] == "alice"
+    assert opened["session"] == session.handle
+    assert opened["source_ip"] == "127.0.0.1"
+    assert opened["dest"] == "echo.ward.local:7"
+    assert opened["service"] == "echo"
+    assert opened["rule"] == "tunnel-tests"
+    assert env.metric("gatewayd_tunnels_active", service="echo") == 1
+    assert len(env.tunnels) == 1
+
+    writer.write_eof()
+    assert await reader.read() == b""  # the echo server closes after our EOF
+    await eventually(lambda: len(env.audit("tunnel.close")) == 1)
+    [closed] = env.audit("tunnel.close")
+    assert closed["bytes_up"] == len(payload)
+    assert closed["bytes_down"] == len(payload)
+    assert closed["reason"] == "client_closed"  # the client's EOF came first
+    assert closed["rule"] == "tunnel-tests"
+    assert closed["dest"] == "echo.ward.local:7"
+    assert closed["session"] == session.handle
+    assert closed["duration_ms"] == 0  # the fake clock did not move
+    assert session.bytes_up == len(payload)
+    assert session.bytes_down == len(payload)
+    assert env.metric("gatewayd_tunnel_bytes_total", service="echo", direction="up") == len(payload)
+    assert env.metric("gatewayd_tunnel_bytes_total", service="echo", direction="down") == len(payload)
+    assert env.metric("gatewayd_tunnels_active", service="echo") == 0
+    assert env.metric("gatewayd_policy_decisions_total", frontend="ssh", service="echo",
+                      decision="allow") == 1
+    assert len(env.tunnels) == 0
+
+
+async def test_tunnel_traffic_keeps_the_session_alive(env: Env) -> None:
+    conn = await env.connect("alice")
+    reader, writer = await conn.open_connection("echo.ward.local", 7)
+    session = env.sessions["alice"]
+    env.clock.advance(600)
+    before = session.last_seen
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    assert session.last_seen == env.clock.mono > before
+
+
+async def test_duration_follows_the_gateway_clock(env: Env) -> None:
+    conn = await env.connect("alice")
+    _, writer = await conn.open_connection("echo.ward.local", 7)
+    env.clock.advance(12.5)
+    writer.close()
+    await eventually(lambda: len(env.audit("tunnel.close")) == 1)
+    assert env.audit("tunnel.close")[0]["duration_ms"] == 12_500
+
+
+async def test_literal_ip_named_by_the_service_may_be_loopback(env: Env) -> None:
+    conn = await env.connect("alice")
+    reader, writer = await conn.open_connection("127.0.0.1", env.upstreams.ports["echo"])
+    writer.write(b"named explicitly")
+    assert await reader.readexactly(16) == b"named explicitly"
+
+
+async def test_own_office_pc_is_reachable(env: Env) -> None:
+    alice = await env.connect("alice")
+    reader, writer = await alice.open_connection("PC-Alice.ward.local", 3389)
+    writer.write(b"rdp")
+    assert await reader.readexactly(3) == b"rdp"
+    bob = await env.connect("bob")
+    reader, writer = await bob.open_connection("pc-bob.ward.local", 3389)
+    writer.write(b"rdp")
+    writer.write_eof()
+    assert await reader.read() == b"got 3: pdr"
+    services = {(r["user"], r["service"], r["dest"]) for r in env.audit("tunnel.open")}
+    assert services == {("alice", "office-pc", "pc-alice.ward.local:3389"),
+                        ("bob", "office-pc", "pc-bob.ward.local:3389")}
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+def only_deny(env: Env) -> dict[str, Any]:
+    [record] = env.audit("tunnel.deny")
+    return record
+
+
+async def test_user_cannot_reach_another_users_office_pc(env: Env) -> None:
+    conn = await env.connect("alice")
+    error = await refused(conn, "pc-bob.ward.local", 3389)
+    assert error.code == PROHIBITED
+    assert error.reason == "no service at pc-bob.ward.local:3389"
+    record = only_deny(env)
+    assert record["user"] == "alice"
+    assert record["dest"] == "pc-bob.ward.local:3389"
+    assert record["status"] == "no_service"
+    assert "service" not in record or record["service"] is None
+    assert env.metric("gatewayd_policy_decisions_total", frontend="ssh", service="other",
+                      decision="deny") == 1
+    assert env.audit("tunnel.open") == []
+
+
+@pytest.mark.parametrize(("host", "port", "reason"), [
+    ("nowhere.ward.local", 22, "no service at nowhere.ward.local:22"),
+    ("echo.ward.local", 8, "no service at echo.ward.local:8"),
+    ("bad\x1bhost", 7, "no service at bad?host:7"),
+    ("echo.ward.local", 70000, "no service at echo.ward.local:70000"),
+])
+async def test_unknown_destination_is_refused(env: Env, host: str, port: int,
+                                              reason: str) -> None:
+    conn = await env.connect("alice")
+    error = await refused(conn, host, port)
+    assert (error.code, error.reason) == (PROHIBITED, reason)
+    assert only_deny(env)["reason"] == reason
+
+
+async def test_denied_open_reason_reaches_the_client(env: Env) -> None:
+    conn = await env.connect("alice")
+    error = await refused(conn, "forbidden.ward.local", 7)
+    assert error.code == PROHIBITED
+    assert error.reason == "forbidden.ward.local:7 refused: no rule allows this"
+    record = only_deny(env)
+    assert record["service"] == "forbidden"
+    assert record["status"] == "denied"
+    assert record["session"] == env.sessions["alice"].handle
+    assert record["source_ip"] == "127.0.0.1"
+    assert record["frontend"] == "ssh"
+    assert env.metric("gatewayd_policy_decisions_total", frontend="ssh",
+                      service="forbidden", decision="deny") == 1
+
+
+async def test_auditors_reach_no_tunnel_at_all(env: Env) -> None:
+    conn = await env.connect("carol")
+    error = await refused(conn, "echo.ward.local", 7)
+    assert error.reason == "echo.ward.local:7 refused: no rule allows this"
+
+
+async def test_stale_mfa_is_refused_as_needing_a_fresh_login(env: Env) -> None:
+    conn = await env.connect("alice")
+    _, writer = await conn.open_connection("fresh.ward.local", 7)  # MFA just now
+    writer.close()
+    env.clock.advance(120)
+    error = await refused(conn, "fresh.ward.local", 7)
+    assert error.code == PROHIBITED
+    assert error.reason.startswith("fresh.ward.local:7 needs a fresh MFA login (")
+    record = only_deny(env)
+    assert (record["status"], record["rule"]) == ("step_up", "fresh-mfa")
+    assert env.metric("gatewayd_policy_decisions_total", frontend="ssh", service="fresh",
+                      decision="step_up") == 1
+
+
+async def test_loopback_name_is_refused_without_override(env: Env) -> None:
+    conn = await env.connect("alice")
+    error = await refused(conn, "localhost", env.upstreams.ports["echo"])
+    assert error.code == PROHIBITED
+    assert error.reason == (f"localhost:{env.upstreams.ports['echo']} refused: "
+                            "it resolves to a loopback address")
+    record = only_deny(env)
+    assert (record["status"], record["service"], record["rule"]) == (
+        "unsafe_destination", "echo", "tunnel-tests")
+
+
+async def test_attribute_pointing_at_loopback_is_refused(env: Env) -> None:
+    # The template resolves to a literal IP, but a directory attribute is not the operator
+    # naming an address: refused before any connection attempt (3389 listens nowhere).
+    conn = await env.connect("mallory")
+    error = await refused(conn, "127.0.0.1", 3389)
+    assert error.code == PROHIBITED
+    assert error.reason == "127.0.0.1:3389 refused: it resolves to a loopback address"
+
+
+async def test_attribute_pointing_at_the_gateway_itself_is_refused(env: Env) -> None:
+    own = _own_non_loopback()
+    if own is None:
+        pytest.skip("this machine has no non-loopback address")
+    conn = await env.connect("eve")
+    error = await refused(conn, own, 3389)
+    assert error.reason.endswith("it resolves to an address of the gateway itself")
+    assert only_deny(env)["status"] == "unsafe_destination"
+
+
+async def test_unreachable_destination_fails_with_connect_failed(env: Env) -> None:
+    conn = await env.connect("alice")
+    error = await refused(conn, "dead.ward.local", 1)
+    assert error.code == CONNECT_FAILED
+    assert error.reason == "dead.ward.local:1 is unreachable: connection refused"
+    record = only_deny(env)
+    assert (record["status"], record["error"], record["rule"], record["service"]) == (
+        "unreachable", "connection_refused", "tunnel-tests", "dead")
+    assert env.audit("tunnel.open") == []
+
+
+async def test_unresolvable_name_fails_with_connect_failed(env: Env) -> None:
+    # bob's office PC has no override here: its name must be looked up, and .invalid never
+    # resolves (RFC 6761).
+    env.sessions.clear()
+    groups, _ = USERS["bob"]
+    USERS["nobody"] = (groups, {"office_pc": "pc-9.example.invalid"})
+    try:
+        conn = await env.connect("nobody")
+        error = await refused(conn, "pc-9.example.invalid", 3389)
+    finally:
+        del USERS["nobody"]
+    assert error.code == CONNECT_FAILED
+    assert error.reason == "pc-9.example.invalid:3389 is unreachable: the name does not resolve"
+    assert only_deny(env)["error"] == "dns"
+
+
+async def test_ended_session_opens_nothing(env: Env) -> None:
+    conn = await env.connect("alice")
+    env.gateway.sessions.end(env.sessions["alice"], "admin_kill")
+    error = await refused(conn, "echo.ward.local", 7)
+    assert error.reason == "the session has ended"
+
+
+# --- services_for ---------------------------------------------------------------------------
+
+
+async def test_services_for_lists_what_the_user_may_open(env: Env) -> None:
+    await env.connect("alice")
+    services = env.tunnels.services_for(env.sessions["alice"])
+    echo = env.upstreams.ports["echo"]
+    assert ("echo", "echo.ward.local:7") in services
+    assert ("echo", f"127.0.0.1:{echo}") in services
+    assert ("office-pc", "pc-alice.ward.local:3389") in services
+    assert ("mail", "mail.ward.local:993") in services
+    assert not any(name in {"fileserver", "forbidden"} for name, _ in services)
+    assert ("office-pc", "pc-bob.ward.local:3389") not in services
+    await env.connect("carol")
+    assert env.tunnels.services_for(env.sessions["carol"]) == []
+
+
+# --- ending tunnels -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["admin_kill", "device_revoked", "idle_timeout"])
+async def test_session_end_closes_its_tunnels_with_the_reason(env: Env, reason: str) -> None:
+    conn = await env.connect("alice")
+    streams = [await conn.open_connection("echo.ward.local", 7) for _ in range(2)]
+    firehose_reader, _ = await conn.open_connection("firehose.ward.local", 19)
+    await firehose_reader.readexactly(1)  # a transfer is running
+    other = await env.connect("bob")
+    bob_reader, bob_writer = await other.open_connection("echo.ward.local", 7)
+    assert len(env.tunnels) == 4
+
+    env.gateway.sessions.end(env.sessions["alice"], reason)
+    async with asyncio.timeout(5):
+        for reader, _ in streams:
+            assert await reader.read() == b""
+        while await firehose_reader.read(1 << 20):
+            pass
+    closes = [r for r in env.audit("tunnel.close") if r["user"] == "alice"]
+    assert sorted(r["reason"] for r in closes) == [reason] * 3
+    assert len(env.tunnels) == 1  # bob's tunnel is untouched
+    bob_writer.write(b"still here")
+    assert await bob_reader.readexactly(10) == b"still here"
+    assert env.metric("gatewayd_tunnels_active", service="firehose") == 0
+
+
+async def test_client_disconnect_closes_its_tunnels(env: Env) -> None:
+    conn = await env.connect("alice")
+    await conn.open_connection("echo.ward.local", 7)
+    conn.abort()
+    await eventually(lambda: len(env.audit("tunnel.close")) == 1)
+    assert env.audit("tunnel.close")[0]["reason"] in {"logout", "client_closed", "error"}
+    assert len(env.tunnels) == 0
+
+
+async def test_recheck_closes_what_the_new_policy_denies(env: Env) -> None:
+    conn = await env.connect("alice")
+    echo_reader, _ = await conn.open_connection("echo.ward.local", 7)
+    pc_reader, pc_writer = await conn.open_connection("pc-alice.ward.local", 3389)
+    session = env.sessions["alice"]
+    assert env.tunnels.recheck(session) == 0  # nothing changed
+
+    text = (env.policy_dir / "50-tunnel-tests.yaml").read_text()
+    (env.policy_dir / "50-tunnel-tests.yaml").write_text(
+        text.replace("services: [echo, answer,", "services: [answer,"))
+    assert await env.gateway.reload()
+    assert env.tunnels.recheck(session) == 1
+
+    async with asyncio.timeout(5):
+        assert await echo_reader.read() == b""
+    [closed] = env.audit("tunnel.close")
+    assert (closed["reason"], closed["service"]) == ("policy_changed", "echo")
+    pc_writer.write(b"office pc stays")
+    assert await pc_reader.readexactly(15) == b"office pc stays"
+    assert env.tunnels.recheck_all() == 0
+
+
+async def test_recheck_does_not_close_for_stale_mfa(env: Env) -> None:
+    conn = await env.connect("alice")
+    await conn.open_connection("fresh.ward.local", 7)
+    env.clock.advance(3600)
+    assert env.tunnels.recheck(env.sessions["alice"]) == 0
+    assert len(env.tunnels) == 1
+
+
+# --- half-close ----------------------------------------------------------------------------
+
+
+async def test_client_eof_reaches_upstream_which_still_answers(env: Env) -> None:
+    conn = await env.connect("alice")
+    reader, writer = await conn.open_connection("answer.ward.local", 7)
+    writer.write(b"hello")
+    writer.write_eof()
+    assert await reader.read() == b"got 5: olleh"
+    await eventually(lambda: len(env.audit("tunnel.close")) == 1)
+    [closed] = env.audit("tunnel.close")
+    assert (closed["reason"], closed["bytes_up"], closed["bytes_down"]) == ("client_closed", 5, 12)
+
+
+async def test_upstream_eof_reaches_client_which_still_sends(env: Env) -> None:
+    conn = await env.connect("alice")
+    reader, writer = await conn.open_connection("banner.ward.local", 7)
+    assert await reader.read() == b"banner, then EOF"  # EOF passed through
+    writer.write(b"sent after the upstream's EOF")
+    writer.write_eof()
+    await eventually(lambda: len(env.audit("tunnel.close")) == 1)
+    assert env.upstreams.received["banner"] == [b"sent after the upstream's EOF"]
+    assert env.audit("tunnel.close")[0]["reason"] == "upstream_closed"
+
+
+# --- backpressure ---------------------------------------------------------------------------
+
+
+async def test_slow_client_pauses_the_upstream(env: Env) -> None:
+    conn = await env.connect("alice")
+    reader, _ = await conn.open_connection("firehose.ward.local", 19)
+    [tunnel] = env.tunnels.tunnels_of(env.sessions["alice"])
+    sent = env.upstreams.firehose_sent
+
+    async def plateau() -> int:
+        while True:  # the upstream stops being able to send once every buffer is full
+            before = sent[0]
+            await asyncio.sleep(0.3)
+            if sent[0] == before:
+                return before
+
+    async with asyncio.timeout(10):
+        stalled = await plateau()
+    # Bounded by the client's window and stream buffer, socket buffers and our high-water
+    # mark — not by how much the upstream would like to send.
+    assert stalled < 64 * 1024 * 1024
+    assert tunnel.channel_buffered <= CHANNEL_HIGH_WATER + READ_CHUNK
+    received = 0
+    async with asyncio.timeout(10):
+        while received < stalled + 8 * 1024 * 1024:  # reading again lets it flow again
+            received += len(await reader.read(1 << 20))
+    assert sent[0] > stalled
+
+
+async def test_slow_upstream_pauses_the_client(env: Env) -> None:
+    conn = await env.connect("alice")
+    _, writer = await conn.open_connection("sink.ward.local", 9)
+    [tunnel] = env.tunnels.tunnels_of(env.sessions["alice"])
+    chunk = b"y" * 65536
+    written = 0
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(2):
+            while True:
+                writer.write(chunk)
+                await writer.drain()  # blocks once the gateway stops reading the channel
+                written += len(chunk)
+    assert written < 64 * 1024 * 1024
+    # The gateway holds at most its write-buffer mark plus one SSH packet for the upstream.
+    assert tunnel.upstream_buffered <= UPSTREAM_HIGH_WATER + 256 * 1024
+    assert len(env.upstreams.sinks) == 1
+
+
+# --- audit failure ---------------------------------------------------------------------------
+
+
+async def test_no_new_tunnels_while_the_audit_log_cannot_be_written(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = await env.connect("alice")
+    monkeypatch.setattr(type(env.gateway.audit), "healthy", property(lambda self: False))
+    error = await refused(conn, "echo.ward.local", 7)
+    assert error.reason == "the audit log is unavailable; no new tunnels"
+
+
+def test_ipaddress_of_own_addresses_is_parseable() -> None:
+    # local_addresses() reads the real kernel tables: loopback is always among them.
+    assert ipaddress.ip_address("127.0.0.1") in local_addresses()
