@@ -10,6 +10,7 @@ from gatewayd.https.auth import (
     REQUEST_COOKIES,
     cookie_values,
     looks_like_session_id,
+    remember_cookies,
     request_cookie_values,
     resolve_session,
     session_cookie_header,
@@ -47,6 +48,14 @@ def test_a_requests_cookies_are_parsed_once() -> None:
     assert list(request_cookie_values(request, "__Host-gatewayd_csrf")) == ["c"]
     assert list(request_cookie_values(request, "absent")) == []
     assert request[REQUEST_COOKIES] is parsed  # the later reads used the first parse
+
+
+def test_the_callers_parse_is_the_one_later_readers_use() -> None:
+    request = make_mocked_request("GET", "/", headers=CIMultiDict(
+        [("Cookie", f"{NAME}=s; __Host-gatewayd_csrf=c")]))
+    cookies = remember_cookies(request)
+    assert cookies == {NAME: ["s"], "__Host-gatewayd_csrf": ["c"]}
+    assert request_cookie_values(request, "__Host-gatewayd_csrf") is cookies["__Host-gatewayd_csrf"]
 
 
 @pytest.mark.parametrize(("value", "ok"), [

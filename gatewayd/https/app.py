@@ -45,7 +45,7 @@ from aiohttp import web
 
 from gatewayd.certs import DeviceIdentity
 from gatewayd.https import pages
-from gatewayd.https.auth import request_cookie_values, resolve_session, wants_html
+from gatewayd.https.auth import remember_cookies, resolve_session, wants_html
 from gatewayd.https.context import FrontendContext
 from gatewayd.https.csrf import CsrfTokens
 from gatewayd.https.flow import (
@@ -214,7 +214,7 @@ class HttpsFrontend:
             transport = request.transport
             device = self._devices.device(transport.get_extra_info("ssl_object")
                                           if transport is not None else None)
-        candidates = request_cookie_values(request, SESSION_COOKIE)
+        candidates = remember_cookies(request).get(SESSION_COOKIE)
         session = None
         if candidates:
             session = resolve_session(self._ctx.sessions, candidates,

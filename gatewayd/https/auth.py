@@ -59,15 +59,26 @@ def cookie_values(headers: MultiMapping[str], name: str) -> list[str]:
     return parse_cookies(headers).get(name, [])
 
 
+def remember_cookies(request: web.BaseRequest) -> Mapping[str, Sequence[str]]:
+    """Parse the request's Cookie headers and keep the result on the request.
+
+    Called once per request by the listener's caller step, before anything else reads a
+    cookie; storing unconditionally spares the hot path a failed lookup.
+    """
+    cookies = request[REQUEST_COOKIES] = parse_cookies(request.headers)
+    return cookies
+
+
 def request_cookie_values(request: web.BaseRequest, name: str) -> Sequence[str]:
-    """`cookie_values` of a request, its Cookie headers parsed once per request.
+    """`cookie_values` of a request, from the parse `remember_cookies` kept (made here if
+    nothing has parsed this request's cookies yet).
 
     The session cookie is read for every request and the CSRF cookie on the sign-in path,
-    sometimes twice (the form and its error page): the parse is kept on the request.
+    sometimes twice (the form and its error page): one parse serves them all.
     """
     cookies = request.get(REQUEST_COOKIES)
     if cookies is None:
-        cookies = request[REQUEST_COOKIES] = parse_cookies(request.headers)
+        cookies = remember_cookies(request)
     return cookies.get(name, ())
 
 
