@@ -19,6 +19,7 @@ from gatewayd import __version__, admin_cli, certs_cli
 from gatewayd.app import Gateway, GatewayError
 from gatewayd.audit import AuditKeyError, AuditResumeError, AuditWriteError
 from gatewayd.audit import cli as audit_cli
+from gatewayd.client_config import register as register_client_config
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
 from gatewayd.demo import run_demo
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(sub)
     identity_cli.register(sub)
     certs_cli.register(sub)
+    register_client_config(sub)
     admin_cli.register(sub)
     return parser
 

@@ -53,6 +53,7 @@ class EventName(enum.StrEnum):
     CERT_ISSUE = "cert.issue"
     CERT_REVOKE = "cert.revoke"
     USER_DISABLE = "user.disable"  # `gatewayd users disable`: the account emergency stop
+    SSH_CERT_ISSUE = "ssh_cert.issue"  # the portal issued an SSH user certificate
     AUDIT_READ = "audit.read"
     AUDIT_RETENTION = "audit.retention"
     # Written only by the AuditLog itself (see INTERNAL_EVENTS).
@@ -98,7 +99,9 @@ CONTEXT_FIELDS: Final[Mapping[str, FieldKind]] = MappingProxyType(
         "rule": _T,  # id of the policy rule that decided
         "reason": _T,
         "error": _T,
-        "serial": _T,  # certificate serial (cert.issue / cert.revoke)
+        "serial": _T,  # certificate serial (cert.issue / cert.revoke / ssh_cert.issue)
+        "fingerprint": _T,  # ssh_cert.issue: SHA256 fingerprint of the certified key
+        "valid_before": _T,  # ssh_cert.issue: end of validity, RFC 3339
         "status": _TN,  # HTTP status code (integer), or an outcome word such as "failure"
         "bytes_up": _N,
         "bytes_down": _N,

@@ -24,6 +24,7 @@ path                            methods      what
 ``/.gatewayd/userinfo``         GET          JSON: user, groups, device, timeouts (session)
 ``/.gatewayd/jwks.json``        GET          the assertion JWT's public keys (public)
 ``/.gatewayd/assets/gatewayd.css`` GET       the pages' stylesheet (public)
+``/.gatewayd/ssh/certificate``  POST         an SSH user certificate for a public key (`sshcert`)
 =============================== ============ ====================================================
 
 Dispatch compares the raw path exactly (no decoding, no trailing-slash repair): an encoded
@@ -61,6 +62,7 @@ from gatewayd.https.headers import SESSION_COOKIE
 from gatewayd.https.login import AuthPages, query_value
 from gatewayd.https.portal import portal_entries
 from gatewayd.https.redirects import safe_next
+from gatewayd.https.sshcert import SshCertificates
 from gatewayd.https.tls import ConnectionDevices, DeviceRevokedError
 from gatewayd.sessions import Session
 from gatewayd.tasks import cancel_and_wait
@@ -122,6 +124,7 @@ class HttpsFrontend:
         self.channels = Channels()
         self._flow = RequestFlow(ctx, self.channels)
         self._auth = AuthPages(ctx, self.csrf)
+        self._ssh_certs = SshCertificates(ctx, self.csrf)
         self._runner: GuardedAppRunner | None = None
         self._site: web.TCPSite | None = None
         self._recheck: asyncio.Task[None] | None = None
@@ -135,6 +138,7 @@ class HttpsFrontend:
             USERINFO_PATH: {"GET": self._userinfo},
             JWKS_PATH: {"GET": self._jwks},
             pages.STYLESHEET_PATH: {"GET": self._stylesheet},
+            pages.SSH_CERTIFICATE_PATH: {"POST": self._ssh_certs.handle},
         }
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -291,6 +295,7 @@ class HttpsFrontend:
             user=session.user, display_name=session.principal.attributes.get("display_name"),
             entries=entries, device=caller.device.device_id if caller.device else None,
             logout_token=self.csrf.issue("logout", session.handle),
+            ssh=self._ssh_certs.portal_section(request, session, caller.device),
         )
         return web.Response(text=body, content_type="text/html")
 

@@ -31,6 +31,7 @@ LOGIN_PATH: Final = "/.gatewayd/login"
 LOGOUT_PATH: Final = "/.gatewayd/logout"
 STEPUP_PATH: Final = "/.gatewayd/stepup"
 STYLESHEET_PATH: Final = "/.gatewayd/assets/gatewayd.css"
+SSH_CERTIFICATE_PATH: Final = "/.gatewayd/ssh/certificate"
 
 GENERIC_LOGIN_ERROR: Final = "The user name, password or code is not correct."
 GENERIC_STEPUP_ERROR: Final = "The code is not correct. Wait for the next code and try again."
@@ -60,6 +61,9 @@ ul.services li { border: 1px solid var(--line); border-radius: 6px; padding: .75
 ul.services a { font-weight: 600; font-size: 1.1rem; }
 .tag { font-size: .8rem; border: 1px solid var(--line); border-radius: 3px; padding: 0 .3rem;
        margin-left: .4rem; }
+textarea { width: 100%; padding: .5rem; border: 1px solid var(--line); border-radius: 4px;
+           font: .85rem/1.4 ui-monospace, "Cascadia Mono", Menlo, monospace; }
+code { font: .9em ui-monospace, "Cascadia Mono", Menlo, monospace; overflow-wrap: anywhere; }
 """
 
 
@@ -163,7 +167,7 @@ def logout_page(*, user: str, csrf_token: str) -> str:
 
 
 def portal_page(*, user: str, display_name: str | None, entries: Sequence[PortalEntry],
-                device: str | None, logout_token: str) -> str:
+                device: str | None, logout_token: str, ssh: SshSection | None = None) -> str:
     """The start page: the services this user may use right now."""
     who = _e(display_name or user)
     device_line = (
@@ -176,6 +180,8 @@ def portal_page(*, user: str, display_name: str | None, entries: Sequence[Portal
     else:
         services = "<p>No service is open to you right now.</p>"
     body = f"<h1>Welcome, {who}</h1>{device_line}<h2>Your services</h2>{services}"
+    if ssh is not None:
+        body += ssh_section(ssh)
     return _layout("Portal", body, signed_in_as=user, logout_token=logout_token)
 
 
@@ -273,3 +279,97 @@ def login_url(next_path: str) -> str:
 
 def stepup_url(next_path: str) -> str:
     return f"{STEPUP_PATH}?next={quote(next_path, safe='')}"
+
+
+# --- SSH tunnels (the portal's section and the certificate page) ----------------------------
+
+KEY_NAME: Final = "~/.ssh/gatewayd"  # the key file name the how-to suggests
+
+
+@dataclass(frozen=True, slots=True)
+class SshTunnel:
+    """One TCP destination the user may tunnel to now, and the local port suggested for it."""
+
+    service: str
+    description: str | None
+    destination: str  # host:port ([v6]:port)
+    local_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class SshSection:
+    """What the portal's "SSH tunnels" section shows (None: SSH certificates are off)."""
+
+    user: str
+    host: str  # where the SSH listener is reached (https.public_url's host)
+    port: int
+    tunnels: Sequence[SshTunnel]
+    csrf_token: str
+
+
+def _ssh_command(section: SshSection, tunnel: SshTunnel | None) -> str:
+    port = f"-p {section.port} " if section.port != 22 else ""
+    forward = (f"-L 127.0.0.1:{tunnel.local_port}:{tunnel.destination} "
+               if tunnel is not None else "")
+    return f"ssh -N {port}-i {KEY_NAME} {forward}{section.user}@{section.host}"
+
+
+def ssh_section(section: SshSection) -> str:
+    """The portal's "SSH tunnels" section: open tunnels, the public-key form, a how-to."""
+    if not section.tunnels:
+        return ("<h2>SSH tunnels</h2><p>Your access policy opens no SSH tunnel right now, so "
+                "no SSH certificate can be issued.</p>")
+    items = "".join(
+        f"<li><strong>{_e(t.service)}</strong> <code>{_e(t.destination)}</code> "
+        f'<span class="muted">on your PC: 127.0.0.1:{t.local_port}</span>'
+        + (f'<div class="muted">{_e(t.description)}</div>' if t.description else "")
+        + "</li>"
+        for t in section.tunnels
+    )
+    return (
+        "<h2>SSH tunnels</h2>"
+        "<p>Desktop programs (file server, mail, remote desktop) reach the office through an "
+        "SSH tunnel. Your policy opens these now:</p>"
+        f'<ul class="services">{items}</ul>'
+        f'<form method="post" action="{SSH_CERTIFICATE_PATH}">'
+        '<label for="public_key">Your SSH public key</label>'
+        '<textarea id="public_key" name="public_key" rows="3" required spellcheck="false" '
+        'autocomplete="off" placeholder="ssh-ed25519 AAAA... you@your-pc"></textarea>'
+        f'<input type="hidden" name="csrf_token" value="{_e(section.csrf_token)}">'
+        '<button type="submit">Get an SSH certificate</button></form>'
+        "<ol>"
+        f"<li>Once, on your PC: <code>ssh-keygen -t ed25519 -f {KEY_NAME}</code> and paste "
+        f"the one line of <code>{KEY_NAME}.pub</code> above (never the file without "
+        "<code>.pub</code>: that is your private key).</li>"
+        f"<li>Save the certificate you get as <code>{KEY_NAME}-cert.pub</code>, beside the "
+        "key. It works until this portal session ends; then sign in and get a new one.</li>"
+        "<li>Connect with the configuration block from your administrator "
+        "(<code>ssh -N gateway</code>), or directly: "
+        f"<code>{_e(_ssh_command(section, section.tunnels[0]))}</code>, then point your "
+        f"program at <code>127.0.0.1:{section.tunnels[0].local_port}</code>.</li>"
+        "</ol>"
+        '<p class="muted">Without a certificate, ssh asks for your password and '
+        "authenticator code instead.</p>"
+    )
+
+
+def ssh_certificate_page(*, section: SshSection, certificate: str, valid_until: str,
+                         key_id: str, serial: int, logout_token: str) -> str:
+    """The certificate just issued, with how to save and use it."""
+    first = section.tunnels[0] if section.tunnels else None
+    body = (
+        "<h1>Your SSH certificate</h1>"
+        f"<p>Valid until <strong>{_e(valid_until)}</strong> (when your portal session "
+        "ends). Save the text below as "
+        f"<code>{KEY_NAME}-cert.pub</code> beside your key <code>{KEY_NAME}</code>:</p>"
+        '<textarea readonly rows="8" spellcheck="false" aria-label="SSH certificate">'
+        f"{_e(certificate)}</textarea>"
+        "<p>Then connect with the configuration block from your administrator "
+        f"(<code>ssh -N gateway</code>), or directly: <code>{_e(_ssh_command(section, first))}"
+        "</code>.</p>"
+        f'<p class="muted">Key id {_e(key_id)}, serial {serial}. The certificate only allows '
+        "tunnels your access policy permits; each one is checked when it opens.</p>"
+        f'<p><a href="{PORTAL_PATH}">Back to the portal</a></p>'
+    )
+    return _layout("SSH certificate", body, signed_in_as=section.user,
+                   logout_token=logout_token)
