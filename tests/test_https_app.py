@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -337,3 +338,13 @@ def test_serving_gc_settings() -> None:
     assert gc.get_threshold()[0] >= SERVING_GC_THRESHOLD
     tune_gc_for_serving()  # a second frontend in the same process freezes nothing more
     assert gc.get_freeze_count() <= frozen  # (frozen objects may still be freed)
+
+
+@pytest.mark.parametrize("name", ["app", "auth", "forms", "guard", "login", "pages", "portal",
+                                  "tls"])
+def test_the_frontend_modules_hold_no_mutable_module_state(name: str) -> None:
+    """Tables are read-only views, frozensets or tuples: nothing a request could change."""
+    module = importlib.import_module(f"gatewayd.https.{name}")
+    mutable = [key for key, value in vars(module).items()
+               if not key.startswith("__") and isinstance(value, dict | list | set | bytearray)]
+    assert mutable == []
