@@ -21,6 +21,7 @@ import pytest
 from https_harness import REPO, FakeClock, toml
 
 from gatewayd.app import Gateway
+from gatewayd.audit import AuditWriteError
 from gatewayd.config import load_settings
 from gatewayd.identity.principal import Principal
 from gatewayd.sessions import Session
@@ -682,6 +683,77 @@ async def test_slow_upstream_pauses_the_client(env: Env) -> None:
     # The gateway holds at most its write-buffer mark plus one SSH packet for the upstream.
     assert tunnel.upstream_buffered <= UPSTREAM_HIGH_WATER + 256 * 1024
     assert len(env.upstreams.sinks) == 1
+
+
+# --- limits and opens that never complete ----------------------------------------------------
+
+
+async def test_tunnels_per_session_are_capped(env: Env) -> None:
+    env.tunnels = Tunnels(gateway=env.gateway, max_per_session=2)
+    conn = await env.connect("alice")
+    first = await conn.open_connection("echo.ward.local", 7)
+    await conn.open_connection("echo.ward.local", 7)
+    error = await refused(conn, "echo.ward.local", 7)
+    assert error.code == asyncssh.OPEN_RESOURCE_SHORTAGE
+    assert error.reason == "too many tunnels in this session (at most 2 at once)"
+    assert only_deny(env)["status"] == "limit"
+    other = await env.connect("bob")  # the cap is per session
+    await other.open_connection("echo.ward.local", 7)
+    first[1].close()
+    await eventually(lambda: len(env.tunnels.tunnels_of(env.sessions["alice"])) == 1)
+    await conn.open_connection("echo.ward.local", 7)
+
+
+def direct_session(env: Env) -> Session:
+    groups, attributes = USERS["alice"]
+    _, session = env.gateway.sessions.create(
+        Principal("alice", frozenset(groups), attributes), frontend="ssh",
+        source_ip="127.0.0.1")
+    return session
+
+
+async def test_upstream_of_a_channel_that_never_opens_is_closed(env: Env) -> None:
+    # asyncssh drops a channel whose connection closed while the open was in progress; the
+    # tunnel must not keep its upstream socket forever.
+    tunnels = Tunnels(gateway=env.gateway, confirm_timeout=0.2)
+    tunnel = await tunnels.open(direct_session(env), None, dest_host="echo.ward.local",  # type: ignore[arg-type]
+                                dest_port=7, orig_host="127.0.0.1", orig_port=50000)
+    assert len(env.upstreams.handlers) == 1
+    await eventually(lambda: not env.upstreams.handlers)  # the upstream saw the close
+    [closed] = env.audit("tunnel.close")
+    assert (closed["reason"], closed["error"]) == ("error", "channel_not_opened")
+    assert len(tunnels) == 0
+    assert isinstance(tunnel, asyncssh.SSHTCPSession)
+
+
+async def test_session_end_before_the_channel_opens_closes_the_upstream(env: Env) -> None:
+    session = direct_session(env)
+    await env.tunnels.open(session, None, dest_host="echo.ward.local",  # type: ignore[arg-type]
+                           dest_port=7, orig_host="127.0.0.1", orig_port=50000)
+    assert len(env.upstreams.handlers) == 1
+    env.gateway.sessions.end(session, "user_disabled")
+    await eventually(lambda: not env.upstreams.handlers)
+    [closed] = env.audit("tunnel.close")
+    assert closed["reason"] == "user_disabled"
+    assert env.metric("gatewayd_tunnels_active", service="echo") == 0
+
+
+async def test_open_that_cannot_be_audited_is_refused(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    emit = env.gateway.audit.emit
+
+    def failing_open(event: str, **fields: object) -> object:
+        if event == "tunnel.open":
+            raise AuditWriteError(event, None, OSError(28, "No space left on device"))
+        return emit(event, **fields)
+
+    monkeypatch.setattr(env.gateway.audit, "emit", failing_open)
+    conn = await env.connect("alice")
+    error = await refused(conn, "echo.ward.local", 7)
+    assert error.reason == "the audit log is unavailable; no new tunnels"
+    assert len(env.tunnels) == 0
+    await eventually(lambda: not env.upstreams.handlers)
+    assert env.metric("gatewayd_tunnels_active", service="echo") == 0
 
 
 # --- audit failure ---------------------------------------------------------------------------

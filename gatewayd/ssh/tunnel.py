@@ -25,11 +25,17 @@ found is audited as ``tunnel.deny`` with ``dest``, ``service``, ``rule``, ``reas
   reserved or one of the gateway's own addresses (interface addresses and listeners). Any
   one such address refuses the whole open, unless the service lists that IP literal itself;
   an address override is the operator's explicit choice and is not checked;
+* ``limit`` — the session already has `MAX_TUNNELS_PER_SESSION` tunnels open or opening
+  (code ``OPEN_RESOURCE_SHORTAGE``);
 * ``unreachable`` — allowed, but the name does not resolve or nothing answers: the refusal
-  code is ``OPEN_CONNECT_FAILED`` (all others are ``OPEN_ADMINISTRATIVELY_PROHIBITED``) and
-  the record carries the rule that allowed it and ``error`` (``connection_refused``,
-  ``timeout``, ``no_route``, ``dns``, ...). The allowed decision itself shows in
-  ``gatewayd_policy_decisions_total{decision="allow"}``.
+  code is ``OPEN_CONNECT_FAILED`` and the record carries the rule that allowed it and
+  ``error`` (``connection_refused``, ``timeout``, ``no_route``, ``dns``, ...). The allowed
+  decision itself shows in ``gatewayd_policy_decisions_total{decision="allow"}``;
+* ``error`` — an unexpected failure in the gateway (logged with its traceback): refused with
+  ``OPEN_CONNECT_FAILED`` "internal error", never an allow.
+
+All other refusals use ``OPEN_ADMINISTRATIVELY_PROHIBITED``. Refused without a record: an
+open on a session that has already ended, and opens while the audit log is down.
 
 With ``audit.on_failure = "deny"`` and the audit log down, opens are refused, and an open
 whose ``tunnel.open`` cannot be written is refused too (nothing happens unrecorded).
@@ -95,6 +101,9 @@ INTERNAL_ERROR_DECISION: Final = Decision("deny", None, "internal error while de
 RESOLVE_TIMEOUT: Final = 5.0  # seconds for getaddrinfo
 CONNECT_TIMEOUT: Final = 10.0  # seconds for all connection attempts of one open together
 CONFIRM_TIMEOUT: Final = 30.0  # an upstream whose channel never opened is closed after this
+# Tunnels one session may have open or opening at once. A browser behind ``ssh -D`` opens a
+# few dozen; a client opening thousands would hold as many upstream sockets and buffers.
+MAX_TUNNELS_PER_SESSION: Final = 128
 FLUSH_INTERVAL: Final = 1.0  # seconds between session/metric updates while bytes flow
 # Write-buffer high-water marks (bytes). One asyncio read is at most 256 KiB, so a buffer
 # holds at most about twice this before the other side stops reading.
@@ -177,11 +186,16 @@ class Tunnels:
     """The tunnel broker of one gateway (see module docstring)."""
 
     def __init__(self, *, gateway: TunnelContext, resolve_timeout: float = RESOLVE_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 confirm_timeout: float = CONFIRM_TIMEOUT,
+                 max_per_session: int = MAX_TUNNELS_PER_SESSION) -> None:
         self._gateway = gateway
         self._resolve_timeout = resolve_timeout
         self._connect_timeout = connect_timeout
+        self.confirm_timeout = confirm_timeout
+        self._max_per_session = max_per_session
         self._open: dict[Session, set[Tunnel]] = {}
+        self._opening: dict[Session, int] = {}  # opens still resolving or connecting
 
     def __len__(self) -> int:
         return sum(len(tunnels) for tunnels in self._open.values())
@@ -229,6 +243,14 @@ class Tunnels:
         on its side; they decide nothing. ``conn`` is the SSH connection the channel is on.
         """
         dest = show_dest(dest_host, dest_port)
+        busy = len(self._open.get(session, ())) + self._opening.get(session, 0)
+        if busy >= self._max_per_session:
+            refusal = _Refusal(asyncssh.OPEN_RESOURCE_SHORTAGE,
+                               f"too many tunnels in this session (at most "
+                               f"{self._max_per_session} at once)", "limit")
+            self._audit_deny(session, dest, refusal)
+            raise TunnelRefused(refusal.code, refusal.reason)
+        self._opening[session] = self._opening.get(session, 0) + 1
         try:
             return await self._open_checked(session, dest_host, dest_port, dest)
         except _Refusal as refusal:
@@ -240,6 +262,10 @@ class Tunnels:
             log.exception("tunnel open failed unexpectedly")
             self._audit_deny(session, dest, _Refusal(CONNECT_FAILED, "internal error", "error"))
             raise TunnelRefused(CONNECT_FAILED, "internal error") from None
+        finally:
+            left = self._opening.pop(session) - 1
+            if left:
+                self._opening[session] = left
 
     async def _open_checked(self, session: Session, dest_host: str, dest_port: int,
                             dest: str) -> Tunnel:
@@ -537,7 +563,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         # Resolved once: no label lookup per chunk or per flush.
         self._up_counter = metrics.tunnel_bytes.labels(label, "up")
         self._down_counter = metrics.tunnel_bytes.labels(label, "down")
-        self._watchdog = asyncio.get_running_loop().call_later(CONFIRM_TIMEOUT,
+        self._watchdog = asyncio.get_running_loop().call_later(self._owner.confirm_timeout,
                                                                self._never_opened)
         self._remove_closer = self.session.add_closer(self.abort)
 
