@@ -43,6 +43,7 @@ from aiohttp import web
 from gatewayd import __version__
 from gatewayd.audit import AuditWriteError
 from gatewayd.config import AdminSettings
+from gatewayd.metrics import server_name_only
 from gatewayd.sessions import Session, SessionRegistry
 
 log = structlog.get_logger("gatewayd.admin")
@@ -213,6 +214,7 @@ async def _clear_errors(
 
 def admin_app(target: AdminTarget) -> web.Application:
     app = web.Application(middlewares=[_clear_errors], client_max_size=MAX_REQUEST_BYTES)
+    app.on_response_prepare.append(server_name_only)
     app[TARGET] = target
     app.router.add_get("/v1/status", status_view)
     app.router.add_get("/v1/sessions", sessions_view)

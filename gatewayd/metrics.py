@@ -184,10 +184,17 @@ def metrics_app(metrics: Metrics, readiness: ReadinessCheck) -> web.Application:
         return web.json_response({"ready": ready, "detail": detail}, status=status)
 
     app = web.Application()
+    app.on_response_prepare.append(server_name_only)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
+
+
+async def server_name_only(_: web.Request, response: web.StreamResponse) -> None:
+    """``Server: gatewayd`` instead of aiohttp's ``Python/3.x aiohttp/3.y`` (no stack version
+    for a scanner to match against CVE lists), as the HTTPS listener does."""
+    response.headers["Server"] = "gatewayd"
 
 
 async def serve_metrics(

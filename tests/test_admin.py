@@ -190,6 +190,7 @@ async def test_malformed_and_unknown_requests_get_json_errors(gw: Harness) -> No
     response = (await asyncio.wait_for(reader.read(), 5)).decode()
     writer.close()
     assert response.startswith("HTTP/1.1 400")
+    assert "\r\nServer: gatewayd\r\n" in response  # no stack version
     assert '"error": "expected a JSON object"' in response
     status, answer = await api(gw, "GET", "/v1/nothing")
     assert status == 404 and answer["error"] == "Not Found"

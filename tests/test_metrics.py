@@ -133,6 +133,7 @@ async def test_health_endpoints_over_a_real_socket(listener: tuple[str, list[boo
     async with aiohttp.ClientSession() as client:
         async with client.get(f"{url}/healthz") as resp:
             assert resp.status == 200
+            assert resp.headers["Server"] == "gatewayd"  # no stack version
         async with client.get(f"{url}/readyz") as resp:
             assert resp.status == 200
             assert (await resp.json())["ready"] is True
