@@ -10,7 +10,7 @@ import json
 import re
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -96,12 +96,17 @@ class Upstream:
     url: str
     seen: list[dict[str, Any]] = field(default_factory=list)
     sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    # Called with each request as it arrives, before its body is read (e.g. to look at what
+    # the gateway had already audited when the first byte reached the upstream).
+    on_arrival: list[Callable[[web.Request], None]] = field(default_factory=list)
 
 
 async def start_upstream() -> tuple[web.AppRunner, Upstream]:
     upstream = Upstream(url="")
 
     async def echo(request: web.Request) -> web.StreamResponse:
+        for hook in upstream.on_arrival:
+            hook(request)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             ws = web.WebSocketResponse()
             await ws.prepare(request)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from gatewayd.https.csrf import DEFAULT_MAX_AGE, CsrfTokens, cross_origin_reason
+from gatewayd.https.csrf import DEFAULT_MAX_AGE, CsrfTokens, cross_origin_reason, public_origins
 
 
 class Clock:
@@ -100,3 +100,27 @@ def test_origin_check(headers: dict[str, str], refused: bool) -> None:
 def test_duplicate_origin_headers_are_refused() -> None:
     headers = CIMultiDict([("Origin", "https://gw.example"), ("Origin", "https://evil.example")])
     assert cross_origin_reason(headers, ORIGINS) == "several Origin headers"
+
+
+@pytest.mark.parametrize(("public_url", "origin"), [
+    ("https://gw.example", "https://gw.example"),
+    ("https://GW.Example/", "https://gw.example"),
+    ("https://gw.example:443", "https://gw.example"),  # a browser's Origin never says :443
+    ("https://gw.example:8443", "https://gw.example:8443"),
+    ("https://[2001:db8::1]:443", "https://[2001:db8::1]"),
+])
+def test_public_origins(public_url: str, origin: str) -> None:
+    assert public_origins(public_url) == frozenset({origin})
+
+
+@pytest.mark.parametrize(("headers", "refused"), [
+    ({}, False),
+    ({"Origin": "https://gw.example"}, False),
+    ({"Origin": "https://127.0.0.1:8443"}, True),  # the address typed, not the public URL
+    ({"Origin": "https://files.gw.example"}, True),
+    ({"Sec-Fetch-Site": "same-site"}, True),
+])
+def test_proxied_writes_accept_only_the_public_origin(headers: dict[str, str],
+                                                      refused: bool) -> None:
+    origins = public_origins("https://gw.example:443")
+    assert (cross_origin_reason(CIMultiDict(headers), origins) is not None) == refused

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from https_harness import Harness, csrf_token, running_gateway
 
+from gatewayd.certs import issue_device_cert, new_device_ca, save_pair
 from gatewayd.https.assertion import verify_assertion
 
 JSON = {"Accept": "application/json"}
@@ -88,6 +89,8 @@ SPOOFS = [
     ("X-GATEWAYD-GROUPS", "telework-managers"), ("x-gatewayd-anything", "1"),
     ("X-Gatewayd-Assertion", "eyJ.forged.jwt"), ("X-Forwarded-For", "10.0.0.1"),
     ("X-Real-IP", "10.0.0.1"), ("Forwarded", "for=10.0.0.1"),
+    ("X-Forwarded-Host", "mayor.example"), ("X_Forwarded_Host", "mayor.example"),
+    ("X-Forwarded-Proto", "http"), ("Forwarded", "host=mayor.example;proto=http"),
 ]
 
 
@@ -101,8 +104,25 @@ async def test_spoofed_identity_headers_reach_no_upstream(gw: Harness) -> None:
     assert headers["x-gatewayd-user"] == ["alice"]
     assert headers["x-gatewayd-groups"] == ["telework-staff"]
     assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-host"] == ["gateway.test"]
+    assert headers["x-forwarded-proto"] == ["https"]
     assert "x-gatewayd-anything" not in headers and "x-real-ip" not in headers
     assert not any("mayor" in v or "10.0.0.1" in v for vs in headers.values() for v in vs)
+
+
+async def test_forwarded_host_is_the_public_host_never_the_clients(gw: Harness) -> None:
+    """Upstreams build absolute links (password-reset mails, redirects) from it."""
+    client = await gw.signed_in("alice")
+    async with client.get(gw.base + "/groupware/", headers={
+            **JSON, "Host": "attacker.example"}) as resp:
+        assert resp.status == 200
+        record = await resp.json()
+    headers = upstream_headers(record)
+    assert headers["x-forwarded-host"] == ["gateway.test"]  # https.public_url of the harness
+    assert headers["forwarded"] == ["for=127.0.0.1;host=gateway.test;proto=https"]
+    assert (headers["x-forwarded-proto"], headers["x-forwarded-for"]) == (["https"],
+                                                                          ["127.0.0.1"])
+    assert "attacker" not in json.dumps(headers)
 
 
 async def test_a_denied_request_is_audited_and_never_proxied(gw: Harness) -> None:
@@ -169,16 +189,32 @@ async def test_reads_are_allowed_where_writes_are_not(gw: Harness) -> None:
     assert [r["method"] for r in gw.upstream.seen] == ["GET"]
 
 
-async def test_writes_are_audited_with_status_and_bytes(gw: Harness) -> None:
+async def test_writes_are_audited_before_and_after_the_transfer(gw: Harness) -> None:
+    """access.allow is on record when the upstream sees the first byte; access.end has the
+    outcome."""
+    on_record_at_arrival: list[list[str]] = []
+    gw.upstream.on_arrival.append(lambda request: on_record_at_arrival.append(
+        [r["event"] for r in gw.audit_events() if r["event"].startswith("access.")]))
     client = await gw.signed_in("bob")
     async with client.get(gw.base + "/files/a.txt", headers=JSON) as resp:
         assert resp.status == 200
-    async with client.put(gw.base + "/files/a.txt", data=b"x" * 1000, headers=JSON) as resp:
+    async with client.put(gw.base + "/files/a.txt?lock=token-123", data=b"x" * 1000,
+                          headers=JSON) as resp:
         assert resp.status == 200
-    allows = gw.audit_events("access.allow")
-    assert [(a["method"], a["status"], a["bytes_up"]) for a in allows] == [("PUT", 200, 1000)]
-    assert allows[0]["rule"] == "managers-files-write" and allows[0]["user"] == "bob"
-    assert "duration_ms" in allows[0]
+    assert on_record_at_arrival == [[], ["access.allow"]]  # the GET is not audited
+    (allow,) = gw.audit_events("access.allow")
+    session = gw.audit_events("session.start")[-1]["session"]
+    assert {k: allow.get(k) for k in ("frontend", "rule", "service", "method", "path", "user",
+                                      "session", "source_ip", "status")} == {
+        "frontend": "https", "rule": "managers-files-write", "service": "files",
+        "method": "PUT", "path": "/files/a.txt", "user": "bob", "session": session,
+        "source_ip": "127.0.0.1", "status": None}
+    (end,) = gw.audit_events("access.end")
+    assert end["seq"] > allow["seq"]
+    assert (end["method"], end["path"], end["session"], end["rule"]) == (
+        "PUT", "/files/a.txt", session, "managers-files-write")
+    assert (end["status"], end["bytes_up"], end.get("error")) == (200, 1000, None)
+    assert end["bytes_down"] > 0 and end["duration_ms"] >= 0
 
 
 async def test_every_request_is_audited_when_configured(tmp_path: Path) -> None:
@@ -187,7 +223,45 @@ async def test_every_request_is_audited_when_configured(tmp_path: Path) -> None:
         async with client.get(gw.base + "/groupware/x?secret=1", headers=JSON) as resp:
             assert resp.status == 200
         allow = gw.audit_events("access.allow")[-1]
-        assert (allow["method"], allow["path"], allow["status"]) == ("GET", "/groupware/x", 200)
+        assert (allow["method"], allow["path"]) == ("GET", "/groupware/x")
+        end = gw.audit_events("access.end")[-1]
+        assert (end["method"], end["path"], end["status"]) == ("GET", "/groupware/x", 200)
+
+
+def disk_full(fd: int, data: object) -> int:
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("kind", ["write", "websocket"])
+async def test_an_audited_request_that_cannot_be_recorded_never_reaches_the_upstream(
+    gw: Harness, monkeypatch: pytest.MonkeyPatch, kind: str,
+) -> None:
+    """audit.on_failure = "deny" (the default): no record, no write."""
+    client = await gw.signed_in("bob")
+    monkeypatch.setattr("os.write", disk_full)  # the audit log's disk is full from now on
+    if kind == "write":
+        async with client.put(gw.base + "/files/a.txt", data=b"x", headers=JSON) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"] == "audit_unavailable"
+    else:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(gw.base + "/chat/room")
+        assert refused.value.status == 503
+    monkeypatch.undo()
+    assert gw.upstream.seen == [] and gw.upstream.sockets == []
+
+
+async def test_with_on_failure_continue_writes_go_on_unrecorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async for gw in running_gateway(tmp_path, audit={"on_failure": "continue"}):
+        client = await gw.signed_in("bob")
+        monkeypatch.setattr("os.write", disk_full)
+        async with client.put(gw.base + "/files/a.txt", data=b"x", headers=JSON) as resp:
+            status = resp.status
+        monkeypatch.undo()
+        assert status == 200
+        assert [r["method"] for r in gw.upstream.seen] == ["PUT"]
 
 
 async def test_max_upload_is_enforced(gw: Harness) -> None:
@@ -298,7 +372,10 @@ async def test_websocket_closes_on_logout(gw: Harness) -> None:
     assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
     await asyncio.sleep(0.1)
     allow = gw.audit_events("access.allow")[-1]
-    assert allow["service"] == "chat" and allow["status"] == 101
+    assert (allow["service"], allow["path"]) == ("chat", "/chat/room")
+    end = gw.audit_events("access.end")[-1]
+    assert (end["service"], end["status"], end["error"]) == ("chat", 101, "session_ended")
+    assert end["bytes_up"] == 2 and end["seq"] > allow["seq"]
 
 
 async def test_websocket_closes_on_kill(gw: Harness) -> None:
@@ -329,3 +406,274 @@ async def test_proxied_pages_keep_their_own_security_headers(gw: Harness) -> Non
         assert resp.headers["Cache-Control"] == "no-store"  # but nothing protected is cached
     async with client.get(gw.base + "/") as resp:  # the gateway's own portal page
         assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+
+
+# --- cross-origin writes and WebSockets ------------------------------------------------------
+
+PUBLIC = "https://gateway.test"  # https.public_url of the harness
+HOST_ORIGIN = "{base}"  # the origin the test client connects to: a name, not the public one
+
+REFUSED_ORIGINS = [
+    {"Origin": "https://evil.example"},
+    {"Origin": "https://wiki.gateway.test"},  # a sibling host: same site, another origin
+    {"Origin": "http://gateway.test"},
+    {"Origin": "https://gateway.test:8443"},
+    {"Origin": "null"},
+    {"Origin": HOST_ORIGIN},
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"},  # what SameSite=Lax lets through with the cookie
+    {"Origin": PUBLIC, "Sec-Fetch-Site": "same-site"},
+]
+ACCEPTED_ORIGINS = [
+    {},  # a WebDAV drive or a script: no browser, no ambient cookie to abuse
+    {"Origin": PUBLIC},
+    {"Origin": "HTTPS://GATEWAY.TEST/"},
+    {"Origin": PUBLIC, "Sec-Fetch-Site": "same-origin"},
+    {"Sec-Fetch-Site": "none"},  # typed by the user
+]
+
+
+def with_base(headers: dict[str, str], gw: Harness) -> dict[str, str]:
+    return {name: value.format(base=gw.base) for name, value in headers.items()}
+
+
+@pytest.mark.parametrize("origin", REFUSED_ORIGINS)
+async def test_a_cross_origin_write_is_refused(gw: Harness, origin: dict[str, str]) -> None:
+    client = await gw.signed_in("bob")
+    async with client.put(gw.base + "/files/a.txt", data=b"x",
+                          headers={**JSON, **with_base(origin, gw)}) as resp:
+        assert resp.status == 403
+        body = await resp.json()
+    assert (body["error"], body["reason"]) == ("cross_origin", "cross_origin")
+    assert "another site" in body["message"] and body["detail"]
+    assert gw.upstream.seen == []
+    deny = gw.audit_events("access.deny")[-1]
+    assert {k: deny.get(k) for k in ("reason", "status", "service", "method", "path", "user",
+                                     "source_ip", "rule")} == {
+        "reason": "cross_origin", "status": 403, "service": "files", "method": "PUT",
+        "path": "/files/a.txt", "user": "bob", "source_ip": "127.0.0.1", "rule": None}
+    assert gw.audit_events("access.allow") == []
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/groupware/mail/send"), ("PATCH", "/groupware/schedule/3"),
+    ("DELETE", "/files/a.txt"), ("MKCOL", "/files/new/"), ("PROPPATCH", "/files/a.txt"),
+    ("MOVE", "/files/a.txt"), ("COPY", "/files/a.txt"), ("LOCK", "/files/a.txt"),
+])
+async def test_every_state_changing_method_is_checked(gw: Harness, method: str, path: str
+                                                      ) -> None:
+    client = await gw.signed_in("bob")
+    async with client.request(method, gw.base + path,
+                              headers={**JSON, "Sec-Fetch-Site": "same-site"}) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["reason"] == "cross_origin"
+    assert gw.upstream.seen == []
+
+
+@pytest.mark.parametrize("origin", ACCEPTED_ORIGINS)
+async def test_same_origin_and_non_browser_writes_pass(gw: Harness, origin: dict[str, str]
+                                                       ) -> None:
+    client = await gw.signed_in("bob")
+    async with client.put(gw.base + "/files/a.txt", data=b"x",
+                          headers={**JSON, **origin}) as resp:
+        assert resp.status == 200
+    assert [r["method"] for r in gw.upstream.seen] == ["PUT"]
+
+
+async def test_cross_site_reads_still_open(gw: Harness) -> None:
+    """A link from another site to a page behind the gateway works, as with SameSite=Lax."""
+    client = await gw.signed_in("alice")
+    async with client.get(gw.base + "/groupware/", headers={
+            **NAVIGATE, "Sec-Fetch-Site": "cross-site"}) as resp:
+        assert resp.status == 200
+
+
+async def test_a_cross_origin_form_post_gets_a_page_that_says_why(gw: Harness) -> None:
+    client = await gw.signed_in("bob")
+    async with client.post(gw.base + "/groupware/mail/send", data={"to": "all"}, headers={
+            **NAVIGATE, "Origin": "https://evil.example"}) as resp:
+        assert resp.status == 403
+        assert "sent from another site" in await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "https://chat.gateway.test",
+                                    HOST_ORIGIN, "null"])
+async def test_a_websocket_from_another_origin_is_refused_before_the_upgrade(
+    gw: Harness, origin: str
+) -> None:
+    """Cross-Site WebSocket Hijacking: browsers always send Origin on a WebSocket."""
+    client = await gw.signed_in("alice")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(gw.base + "/chat/room", origin=origin.format(base=gw.base))
+    assert refused.value.status == 403
+    assert gw.upstream.sockets == []
+    deny = gw.audit_events("access.deny")[-1]
+    assert (deny["reason"], deny["service"], deny["path"]) == ("cross_origin", "chat",
+                                                               "/chat/room")
+    ws = await client.ws_connect(gw.base + "/chat/room", origin=PUBLIC)
+    await ws.send_str("hi")
+    assert (await ws.receive(timeout=5)).data == "echo:hi"
+    await ws.close()
+
+
+async def test_a_same_site_websocket_is_refused(gw: Harness) -> None:
+    client = await gw.signed_in("alice")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(gw.base + "/chat/room", headers={"Sec-Fetch-Site": "same-site"})
+    assert refused.value.status == 403
+    assert gw.upstream.sockets == []
+
+
+async def test_a_read_only_rule_allows_no_websocket(gw: Harness) -> None:
+    """staff-files-read is read-only; a WebSocket is a write channel."""
+    alice = await gw.signed_in("alice")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await alice.ws_connect(gw.base + "/files/live", headers=JSON)
+    assert refused.value.status == 403
+    assert gw.upstream.sockets == []
+    deny = gw.audit_events("access.deny")[-1]
+    assert (deny["rule"], deny["path"], deny["status"]) == ("staff-files-read", "/files/live",
+                                                            403)
+    assert "WebSocket" in deny["reason"]
+    bob = await gw.signed_in("bob")  # managers-files-write is not read-only
+    ws = await bob.ws_connect(gw.base + "/files/live")
+    await ws.close()
+    assert len(gw.upstream.sockets) == 1
+
+
+# --- who and from where: the context of access records ------------------------------------------
+
+
+async def test_access_records_name_this_requests_address_not_the_logins(gw: Harness) -> None:
+    client = await gw.signed_in("bob")
+    (session,) = gw.gateway.sessions.sessions()
+    # As if bob had signed in from another network and his laptop had moved since: the
+    # session remembers where it began, each request record says where it came from.
+    session.source_ip = "192.0.2.7"
+    async with client.put(gw.base + "/files/a.txt", data=b"x", headers=JSON) as resp:
+        assert resp.status == 200
+    async with client.post(gw.base + "/groupware/x", headers={**JSON, "Origin": "null"}):
+        pass
+    async with client.delete(gw.base + "/approval/requests/1", headers=JSON) as resp:
+        assert resp.status == 403
+    gw.clock.advance(6 * 60)
+    async with client.post(gw.base + "/approval/requests/1/approve", headers=JSON) as resp:
+        assert resp.status == 401
+    records = [r for r in gw.audit_events() if r["event"].startswith("access.")]
+    assert [r["event"] for r in records] == ["access.allow", "access.end", "access.deny",
+                                             "access.deny", "access.step_up"]
+    assert {r["source_ip"] for r in records} == {"127.0.0.1"}
+
+
+@pytest.fixture
+def bobs_pc(tmp_path: Path) -> tuple[Path, tuple[Path, Path]]:
+    ca = new_device_ca()
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    save_pair(ca, pki, "device-ca")
+    pc = save_pair(issue_device_cert(ca, "pc-0099", "bob"), pki, "pc-0099")
+    return pki / "device-ca.crt", (pc.cert, pc.key)
+
+
+async def test_every_record_of_a_device_session_names_the_device(
+    tmp_path: Path, bobs_pc: tuple[Path, tuple[Path, Path]]
+) -> None:
+    ca_file, cert = bobs_pc
+    https = {"client_cert": "optional", "client_ca_file": str(ca_file)}
+    async for gw in running_gateway(tmp_path / "gw", https=https):
+        client = await gw.signed_in("bob", cert=cert)
+        async with client.put(gw.base + "/files/a.txt", data=b"x", headers=JSON) as resp:
+            assert resp.status == 200
+        async with client.put(gw.base + "/files/a.txt", headers={
+                **JSON, "Origin": "https://evil.example"}) as resp:
+            assert resp.status == 403
+        ws = await client.ws_connect(gw.base + "/chat/room")
+        await ws.close()
+        gw.clock.advance(6 * 60)
+        async with client.post(gw.base + "/approval/requests/1/approve", headers=JSON) as resp:
+            assert resp.status == 401
+        async with client.get(gw.base + "/.gatewayd/logout") as resp:
+            token = csrf_token(await resp.text())
+        async with client.post(gw.base + "/.gatewayd/logout", data={"csrf_token": token},
+                               headers={"Origin": gw.base}, allow_redirects=False):
+            pass
+        await asyncio.sleep(0.1)
+        records = [r for r in gw.audit_events()
+                   if r["event"].startswith(("access.", "session."))]
+        assert sorted({r["event"] for r in records}) == [
+            "access.allow", "access.deny", "access.end", "access.step_up", "session.end",
+            "session.start"]
+        assert [r["event"] for r in records if r.get("device") != "pc-0099"] == []
+
+
+# --- Expect: 100-continue ---------------------------------------------------------------------
+
+
+async def exchange(gw: Harness, method: str, path: str, *, headers: dict[str, str],
+                   length: int = 10) -> tuple[list[int], int]:
+    """Send a request head with ``Expect: 100-continue`` over a raw TLS socket and the body
+    only when invited; returns (interim statuses, final status)."""
+    host, port = gw.host.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=gw.ssl_context())
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {gw.host}", f"Content-Length: {length}",
+             *(f"{name}: {value}" for name, value in headers.items())]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    interim: list[int] = []
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split()[1])
+                if status != 100:
+                    return interim, status
+                interim.append(status)
+                writer.write(b"x" * length)
+    finally:
+        writer.close()
+
+
+def session_cookie(client: aiohttp.ClientSession) -> dict[str, str]:
+    value = next(c.value for c in client.cookie_jar if c.key == "__Host-gatewayd_session")
+    return {"Cookie": f"__Host-gatewayd_session={value}"}
+
+
+CONTINUE = {"Expect": "100-continue"}
+
+
+@pytest.mark.parametrize(("user", "method", "path", "extra", "length", "status"), [
+    (None, "PUT", "/files/a.txt", JSON, 10, 401),                 # signed out: a script
+    (None, "POST", "/groupware/x", NAVIGATE, 10, 303),            # signed out: a browser
+    ("alice", "PUT", "/files/a.txt", JSON, 10, 403),              # read-only rule
+    ("alice", "POST", "/approval/requests/1/approve", JSON, 10, 403),  # no rule
+    ("bob", "PUT", "/files/a.txt", {"Origin": "https://evil.example"}, 10, 403),
+    ("bob", "POST", "/approval/requests/1/approve", JSON, 2 * 1024**2, 413),  # max_upload
+])
+async def test_a_refused_client_is_never_invited_to_send_its_body(
+    gw: Harness, user: str | None, method: str, path: str, extra: dict[str, str], length: int,
+    status: int,
+) -> None:
+    cookie = session_cookie(await gw.signed_in(user)) if user else {}
+    interim, final = await exchange(gw, method, path, headers={**CONTINUE, **extra, **cookie},
+                                    length=length)
+    assert (interim, final) == ([], status)
+    assert gw.upstream.seen == []
+
+
+async def test_an_allowed_upload_is_invited_after_the_decision_and_the_record(gw: Harness
+                                                                             ) -> None:
+    cookie = session_cookie(await gw.signed_in("bob"))
+    interim, final = await exchange(gw, "PUT", "/files/a.txt",
+                                    headers={**CONTINUE, **JSON, **cookie}, length=10)
+    assert (interim, final) == ([100], 200)
+    assert [(r["method"], r["body_bytes"]) for r in gw.upstream.seen] == [("PUT", 10)]
+    assert "expect" not in upstream_headers(gw.upstream.seen[0])  # a hop-by-hop matter
+    assert gw.audit_events("access.end")[-1]["bytes_up"] == 10
+
+
+async def test_an_unknown_expectation_is_417(gw: Harness) -> None:
+    cookie = session_cookie(await gw.signed_in("bob"))
+    interim, final = await exchange(gw, "PUT", "/files/a.txt",
+                                    headers={"Expect": "lunch", **JSON, **cookie})
+    assert (interim, final) == ([], 417)
+    assert gw.upstream.seen == []

@@ -18,6 +18,7 @@ from gatewayd.https.headers import (
     header_safe,
     is_gateway_header,
     is_websocket_upgrade,
+    public_authority,
     strip_session_cookie,
     upstream_request_headers,
     websocket_subprotocols,
@@ -106,6 +107,21 @@ def test_client_address_claims_are_replaced(name: str) -> None:
     assert headers.getall("X-Forwarded-Proto") == ["https"]
     assert headers.getall("X-Forwarded-Host") == ["gw.example.jp"]
     assert headers.getall("Forwarded") == ['for=198.51.100.7;host=gw.example.jp;proto=https']
+
+
+@pytest.mark.parametrize(("public_url", "authority"), [
+    ("https://gateway.example.jp", "gateway.example.jp"),
+    ("https://Gateway.Example.JP/", "gateway.example.jp"),
+    ("https://gateway.example.jp:443", "gateway.example.jp"),  # browsers never write :443
+    ("https://localhost:8443", "localhost:8443"),
+    ("https://[2001:db8::1]", "[2001:db8::1]"),
+    ("https://[2001:db8::1]:443", "[2001:db8::1]"),
+    ("https://[2001:db8::443]", "[2001:db8::443]"),
+])
+def test_public_authority(public_url: str, authority: str) -> None:
+    """X-Forwarded-Host and Forwarded host= name the gateway's public host (https.public_url),
+    as a browser writes it in Host."""
+    assert public_authority(public_url) == authority
 
 
 @pytest.mark.parametrize(

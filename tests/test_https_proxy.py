@@ -225,7 +225,7 @@ def gateway_app(pool: UpstreamPool, gateway: Gateway, *, max_body: int,
         )
 
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
+    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=proxy.defer_continue)
     return app
 
 
@@ -639,6 +639,80 @@ async def test_chunked_body_is_counted_against_the_limit(
         assert outcome.error == "request_too_large" and outcome.bytes_up <= 1000
     else:
         assert (outcome.error, outcome.bytes_up) == (None, size)
+
+
+# --- Expect: 100-continue ----------------------------------------------------------------------
+
+
+async def expect_exchange(gateway_url: str, head: bytes, body: bytes) -> tuple[list[bytes], bytes]:
+    """Send ``head`` (with ``Expect``), then ``body`` only once a 100 came; returns the interim
+    status lines and the final response head."""
+    host, port = gateway_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head)
+    interim: list[bytes] = []
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                response = await reader.readuntil(b"\r\n\r\n")
+                if response.split()[1] != b"100":
+                    return interim, response
+                interim.append(response.split(b"\r\n")[0])
+                writer.write(body)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 11", b"Transfer-Encoding: chunked"])
+async def test_expect_continue_is_answered_when_the_body_is_wanted(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory, framing: bytes,
+) -> None:
+    gateway = await make_gateway(upstream[0])
+    body = b"hello world" if b"Content" in framing else b"b\r\nhello world\r\n0\r\n\r\n"
+    interim, final = await expect_exchange(
+        gateway.url, b"PUT /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        + framing + b"\r\n\r\n", body)
+    assert interim == [b"HTTP/1.1 100 Continue"]
+    assert final.split()[1] == b"200"
+    outcome = await gateway.outcome()
+    assert (outcome.status, outcome.bytes_up, outcome.error) == (200, 11, None)
+
+
+@pytest.mark.parametrize(("target", "length", "status", "error"), [
+    ("/echo", 1001, b"413", "request_too_large"),  # refused by Content-Length
+    ("refused", 10, b"502", "upstream_refused"),    # the upstream cannot take it anyway
+])
+async def test_expect_continue_is_not_sent_for_a_refused_body(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory, target: str,
+    length: int, status: bytes, error: str,
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}" if target == "refused" else upstream[0]
+    gateway = await make_gateway(url, max_body=1000)
+    interim, final = await expect_exchange(
+        gateway.url, b"PUT /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % length, b"x" * length)
+    assert (interim, final.split()[1]) == ([], status)
+    assert (await gateway.outcome()).error == error
+
+
+async def test_http10_and_unknown_expectations(
+    upstream: tuple[str, UpstreamState], make_gateway: GatewayFactory,
+) -> None:
+    """HTTP/1.0 has no 100 Continue (its body follows at once); anything but 100-continue is
+    refused with 417 before the upstream is contacted."""
+    gateway = await make_gateway(upstream[0])
+    interim, final = await expect_exchange(
+        gateway.url, b"PUT /echo HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 2\r\n\r\nok", b"")
+    assert (interim, final.split()[1]) == ([], b"200")
+    assert (await gateway.outcome()).bytes_up == 2
+    gateway.outcomes.clear()
+    interim, final = await expect_exchange(
+        gateway.url, b"PUT /echo HTTP/1.1\r\nHost: x\r\nExpect: tea\r\n"
+        b"Content-Length: 2\r\n\r\n", b"ok")
+    assert (interim, final.split()[1]) == ([], b"417")
+    assert b"connection: close" in final.lower()
+    assert gateway.outcomes == []  # the handler never ran
 
 
 # --- upstream failures -----------------------------------------------------------------------

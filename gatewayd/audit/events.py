@@ -44,6 +44,7 @@ class EventName(enum.StrEnum):
     ACCESS_ALLOW = "access.allow"
     ACCESS_DENY = "access.deny"
     ACCESS_STEP_UP = "access.step_up"
+    ACCESS_END = "access.end"  # how an audited request's transfer ended (after access.allow)
     TUNNEL_OPEN = "tunnel.open"
     TUNNEL_CLOSE = "tunnel.close"
     TUNNEL_DENY = "tunnel.deny"

@@ -61,6 +61,7 @@ from gatewayd.https.guard import GuardedAppRunner, add_security_headers, guarded
 from gatewayd.https.headers import SESSION_COOKIE
 from gatewayd.https.login import AuthPages, query_value
 from gatewayd.https.portal import portal_entries
+from gatewayd.https.proxy import defer_continue
 from gatewayd.https.redirects import safe_next
 from gatewayd.https.sshcert import SshCertificates
 from gatewayd.https.tls import ConnectionDevices, DeviceRevokedError
@@ -149,7 +150,7 @@ class HttpsFrontend:
         app.router.add_route("*", "/{tail:.*}", guarded(
             self._dispatch, max_header_size=self._ctx.settings.https.max_header_size,
             too_large=self._headers_too_large, server_error=self._server_error,
-        ))
+        ), expect_handler=defer_continue)  # 100 Continue only once allowed: see proxy.py
         return app
 
     async def start(self, ssl_context: ssl.SSLContext) -> int:

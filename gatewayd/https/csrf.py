@@ -1,7 +1,8 @@
-"""Cross-site request forgery defences for the gateway's own state-changing endpoints.
+"""Cross-site request forgery defences: the gateway's own forms and every proxied write.
 
 Owns the CSRF tokens of the login, step-up and logout forms and the ``Origin`` /
-``Sec-Fetch-Site`` check. Both must pass (defence in depth, as OWASP recommends):
+``Sec-Fetch-Site`` check (`cross_origin_reason`, the one implementation of it). On the
+gateway's own forms both must pass (defence in depth, as OWASP recommends):
 
 * **Token.** ``v1.<issued>.<mac>`` where mac = HMAC-SHA256(key, purpose | binding | issued),
   base64url. The *binding* ties a token to one browser: for the login form it is a random
@@ -14,11 +15,19 @@ Owns the CSRF tokens of the login, step-up and logout forms and the ``Origin`` /
 * **Origin.** A browser sends ``Origin`` on every POST and ``Sec-Fetch-Site`` on every
   request; when present they must say the request comes from this origin. A request with
   neither (curl, an old client) is judged by the token alone.
+
+Proxied state-changing requests (every method outside ``READ_METHODS``, and every WebSocket
+upgrade: Cross-Site WebSocket Hijacking) carry no gateway token, so for them the origin check
+is the whole defence: `flow` refuses them when `cross_origin_reason` finds anything against
+the gateway's one public origin (`public_origins`). ``SameSite=Lax`` alone would not do: a
+sibling subdomain is *same-site*, so its pages get the session cookie sent along.
+Non-browser clients (WebDAV drives, scripts) send neither header and pass.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -26,6 +35,8 @@ from collections.abc import Callable, Collection
 from typing import Final
 
 from multidict import MultiMapping
+
+from gatewayd.https.headers import public_authority
 
 TOKEN_VERSION: Final = "v1"  # noqa: S105 - a format version, not a secret
 DEFAULT_MAX_AGE: Final = 3600.0
@@ -65,6 +76,16 @@ class CsrfTokens:
         message = "\x00".join((purpose, binding, issued)).encode("utf-8", "surrogatepass")
         digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+@functools.lru_cache(maxsize=8)
+def public_origins(public_url: str) -> frozenset[str]:
+    """The origin browsers name for ``https.public_url``, as `cross_origin_reason` compares it.
+
+    Memoised: asked on every proxied write with the same few URLs (settings are replaced on
+    reload, the URL rarely), so the request path pays one cache lookup, not a parse.
+    """
+    return frozenset({f"https://{public_authority(public_url)}"})
 
 
 def cross_origin_reason(

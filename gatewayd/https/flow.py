@@ -1,9 +1,14 @@
-"""The per-request flow of an authenticated request: route → decide → record → act.
+"""The per-request flow of an authenticated request: route → check origin → decide → record
+→ act.
 
 Owns what happens between "this request belongs to session S" and "the upstream's bytes are
 flowing" (DESIGN.md, data flow of one HTTPS request)::
 
     policy.http_service_for(Host, raw path)            which service (None: no route / ambiguous)
+    csrf.cross_origin_reason                            writes and WebSocket upgrades only: a
+                                                        browser request from another origin
+                                                        (sibling subdomains included) is a 403
+                                                        ``cross_origin`` before decide()
     AccessRequest(user, groups, attributes, device,    everything decide() may look at; the
                   device_user, "https", service, host,  device is the one verified on *this*
                   method, raw path, source, now,        connection, mfa_age comes from the
@@ -12,12 +17,22 @@ flowing" (DESIGN.md, data flow of one HTTPS request)::
     metrics + audit                                     access.deny / access.step_up always,
                                                         access.allow for writes (or all)
     deny page (403/404/400) | step-up | proxy           obligations: read_only → 403 for a
-                                                        write, max_upload → the proxy's 413
+                                                        write or a WebSocket, max_upload →
+                                                        the proxy's 413
 
-``access.allow`` is written when the transfer ends, with status, bytes, duration and the
-proxy's error word if it failed, so one record tells the whole story of a write. Paths are
-audited without their query string (queries carry tokens and personal data; the audit log is
-kept for years and cannot be edited).
+Audited requests (writes and WebSockets; every request with ``audit.http_requests = "all"``)
+are recorded twice. ``access.allow`` is written *before* the first byte goes upstream: if it
+cannot be written and ``audit.on_failure = "deny"``, the request is refused with 503 and never
+proxied, so no write reaches an upstream unrecorded, and a crash mid-transfer still leaves the
+record. ``access.end`` is written when the transfer ends, with status, bytes, duration and the
+proxy's error word if it failed (best effort: the write has happened by then). Every record
+names the address of *this* request's connection (the session may have started elsewhere)
+and the device of the session. Paths are audited without their query string (queries carry
+tokens and personal data; the audit log is kept for years and cannot be edited).
+
+``Expect: 100-continue`` is answered only once the request has been authenticated, decided,
+allowed and recorded (`proxy.defer_continue` on the route, `proxy.proxy_http` when it starts
+reading the body): a client that is signed out or refused never gets invited to send its body.
 
 WebSockets are tied to their session (`Channels`): the session's end (logout, kill, expiry,
 shutdown) closes them through the session's closers, and `Channels.recheck` re-decides every
@@ -33,9 +48,10 @@ import asyncio
 import functools
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
@@ -45,7 +61,12 @@ from gatewayd.audit import AuditWriteError
 from gatewayd.https import pages
 from gatewayd.https.auth import wants_html
 from gatewayd.https.context import FrontendContext
-from gatewayd.https.headers import is_websocket_upgrade, upstream_request_headers
+from gatewayd.https.csrf import cross_origin_reason, public_origins
+from gatewayd.https.headers import (
+    is_websocket_upgrade,
+    public_authority,
+    upstream_request_headers,
+)
 from gatewayd.https.proxy import (
     ProxyOutcome,
     Upstream,
@@ -64,6 +85,7 @@ log = logging.getLogger(__name__)
 
 FRONTEND: Final = "https"
 INTERNAL_ERROR_DECISION: Final = Decision("deny", None, "internal error while deciding")
+CROSS_ORIGIN: Final = "cross_origin"  # the access.deny reason of a refused cross-origin write
 
 
 def audit_refuses(ctx: FrontendContext) -> bool:
@@ -72,22 +94,28 @@ def audit_refuses(ctx: FrontendContext) -> bool:
 
 
 def session_fields(session: Session, device: DeviceIdentity | None) -> dict[str, object]:
-    """The audit context of a session's request: who, from where, on which device."""
+    """The audit context of a session: who, from where it signed in, on which device.
+
+    The device is the one verified on this connection, else the one the session is bound to:
+    every record of a device's session names the device.
+    """
     return {
         "frontend": FRONTEND,
         "user": session.user,
         "source_ip": session.source_ip,
         "session": session.handle,
-        "device": device.device_id if device else None,
+        "device": device.device_id if device is not None else session.device,
     }
 
 
 def audit_fields(request: web.Request, session: Session, device: DeviceIdentity | None,
                  service: str | None) -> dict[str, object]:
-    """The audit context of one request: the session's fields, the service, method and path
-    (without the query: it carries tokens and personal data)."""
-    return {**session_fields(session, device), "service": service,
-            "method": request.method, "path": strip_query(request.raw_path)}
+    """The audit context of one request: the session's fields, but ``source_ip`` of this
+    request's connection (not the address the session signed in from), the service, method
+    and path (without the query: it carries tokens and personal data)."""
+    return {**session_fields(session, device), "source_ip": request.remote,
+            "service": service, "method": request.method,
+            "path": strip_query(request.raw_path)}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -174,6 +202,15 @@ class RequestFlow:
         raw_target = request.raw_path
         host = request.headers.get("Host")
         service = policy.http_service_for(host, raw_target)
+        websocket = is_websocket_upgrade(request.method, request.headers)
+        # A WebSocket is a write channel: both directions carry whatever the page sends.
+        writes = websocket or request.method not in READ_METHODS
+        if writes:
+            cross = cross_origin_reason(request.headers,
+                                        public_origins(ctx.settings.https.public_url))
+            if cross is not None:
+                return self._refuse_cross_origin(request, cross,
+                                                 audit_fields(request, session, device, service))
         access = self._access_request(request, session, device, service, host)
         decision = _decide(policy, access) if access is not None else INTERNAL_ERROR_DECISION
         ctx.metrics.policy_decision(FRONTEND, service, decision.decision)
@@ -183,14 +220,17 @@ class RequestFlow:
         if decision.decision == "step_up":
             return self._step_up(request, decision,
                                  audit_fields(request, session, device, service))
-        if decision.obligations.read_only and request.method not in READ_METHODS:
-            # decide() never allows a write under a read-only rule; this is defence in depth.
-            refused = Decision("deny", decision.rule, "the rule allows reading only")
+        if decision.obligations.read_only and writes:
+            # decide() never allows a write method under a read-only rule (defence in depth
+            # here), but it sees a WebSocket as the GET it starts with.
+            refused = Decision("deny", decision.rule, READ_ONLY_WEBSOCKET if websocket
+                               else READ_ONLY)
             return self._deny(request, refused, audit_fields(request, session, device, service),
                               403)
         assert service is not None and access is not None  # decide() denies service None
         return await self._proxy(request, session=session, device=device, service=service,
-                                 access=access, decision=decision, host=host)
+                                 access=access, decision=decision, websocket=websocket,
+                                 writes=writes)
 
     # --- building the request ------------------------------------------------------------
 
@@ -215,20 +255,30 @@ class RequestFlow:
 
     def _deny(self, request: web.Request, decision: Decision, fields: dict[str, object],
               status: int) -> web.StreamResponse:
+        self._audit_deny(decision, fields, status)
+        title, message, error = DENY_PAGES[status]
+        return respond(request, status, title=title, message=message,
+                       details=(decision.reason,), error=error,
+                       extra={"reason": decision.reason})
+
+    def _audit_deny(self, decision: Decision, fields: dict[str, object], status: int) -> None:
         try:
             self._ctx.audit.emit("access.deny", **fields, rule=decision.rule,
                                  reason=decision.reason, status=status)
         except AuditWriteError:
             log.error("access.deny could not be audited")  # denied anyway
-        titles = {400: "Address refused", 404: "Not found", 403: "Access denied"}
-        messages = {
-            400: "The address could be read in more than one way, so it was refused.",
-            404: "No service is published at this address.",
-            403: "You may not do this here.",
-        }
-        return respond(request, status, title=titles[status], message=messages[status],
-                       details=(decision.reason,), error=_error_word(status),
-                       extra={"reason": decision.reason})
+
+    def _refuse_cross_origin(self, request: web.Request, why: str,
+                             fields: dict[str, object]) -> web.StreamResponse:
+        """403 for a write or WebSocket a browser sent from another origin (see `csrf`)."""
+        log.info("refused a cross-origin %s: %s", request.method, why)
+        self._audit_deny(Decision("deny", None, CROSS_ORIGIN), fields, 403)
+        return respond(
+            request, 403, title="Request refused",
+            message="This request was sent from another site, so it was refused. Open the "
+                    "page through the gateway's own address and try again.",
+            details=(why,), error=CROSS_ORIGIN, extra={"reason": CROSS_ORIGIN, "detail": why},
+        )
 
     def _step_up(self, request: web.Request, decision: Decision,
                  fields: dict[str, object]) -> web.StreamResponse:
@@ -252,7 +302,7 @@ class RequestFlow:
 
     def _proxy(
         self, request: web.Request, *, session: Session, device: DeviceIdentity | None,
-        service: str, access: AccessRequest, decision: Decision, host: str | None,
+        service: str, access: AccessRequest, decision: Decision, websocket: bool, writes: bool,
     ) -> Awaitable[web.StreamResponse]:
         """The transfer to await. Not a coroutine itself: it hands back the proxy's own, so a
         proxied request pays for one await layer less."""
@@ -263,23 +313,25 @@ class RequestFlow:
                                       f"no upstream is configured for service {service!r}")
             return _answered(self._deny_unconfigured(
                 request, not_configured, audit_fields(request, session, device, service)))
+        settings = ctx.settings
+        # An allowed read that is not audited needs no audit context: most requests.
+        fields = (audit_fields(request, session, device, service)
+                  if writes or settings.audit.http_requests == "all" else None)
+        if fields is not None and not self._record_allow(fields, decision):
+            return _answered(unavailable(request))
         headers = upstream_request_headers(
             request.headers, principal=session.principal,
             assertion=ctx.signer.token_for(session=session.id_hash, audience=service,
                                            principal=session.principal,
                                            device=device.device_id if device else None),
-            client_ip=request.remote or "", forwarded_host=_forwarded_host(host, ctx),
+            client_ip=request.remote or "",
+            forwarded_host=public_authority(settings.https.public_url),
         )
-        websocket = is_websocket_upgrade(request.method, request.headers)
-        audited = (websocket or request.method not in READ_METHODS
-                   or ctx.settings.audit.http_requests == "all")
-        # An allowed read that is not audited needs no audit context: most requests.
-        fields = audit_fields(request, session, device, service) if audited else None
         record = self._recorder(session, fields, decision, service)
         if websocket:
             return self._proxy_websocket(request, session=session, access=access,
                                          upstream=upstream, headers=headers, record=record)
-        limit = ctx.settings.https.max_body
+        limit = settings.https.max_body
         if decision.obligations.max_upload is not None:
             limit = min(limit, decision.obligations.max_upload)
         return proxy_http(request, upstream=upstream, headers=headers, max_body=limit,
@@ -317,12 +369,23 @@ class RequestFlow:
             forget()
             remove_closer()
 
+    def _record_allow(self, fields: dict[str, object], decision: Decision) -> bool:
+        """Write ``access.allow`` before anything goes upstream. False when it could not be
+        written and ``audit.on_failure = "deny"``: the request must then not be proxied."""
+        try:
+            self._ctx.audit.emit("access.allow", **fields, rule=decision.rule)
+        except AuditWriteError:
+            log.error("access.allow could not be audited; refused (service %s)",
+                      fields["service"])
+            return False
+        return True
+
     def _recorder(
         self, session: Session, fields: dict[str, object] | None, decision: Decision,
         service: str,
     ) -> Callable[[ProxyOutcome], None]:
         """What ends a proxied request: bytes, the duration metric and, when ``fields`` is
-        given (the request is audited), its ``access.allow`` record."""
+        given (the request is audited), its ``access.end`` record."""
         ctx = self._ctx
 
         def record(outcome: ProxyOutcome) -> None:
@@ -332,12 +395,13 @@ class RequestFlow:
                 return
             try:
                 ctx.audit.emit(
-                    "access.allow", **fields, rule=decision.rule, status=outcome.status,
+                    "access.end", **fields, rule=decision.rule, status=outcome.status,
                     bytes_up=outcome.bytes_up, bytes_down=outcome.bytes_down,
                     duration_ms=round(outcome.duration * 1000), error=outcome.error,
                 )
             except AuditWriteError:
-                log.error("access.allow could not be audited (service %s)", service)
+                # The transfer has happened; its access.allow record is already written.
+                log.error("access.end could not be audited (service %s)", service)
 
         return record
 
@@ -364,10 +428,6 @@ def _deny_status(service: str | None, raw_target: str) -> int:
     return 404
 
 
-def _error_word(status: int) -> str:
-    return {400: "ambiguous_path", 404: "not_found", 403: "forbidden"}.get(status, "error")
-
-
 def _return_path(request: web.Request) -> str:
     """Where the step-up should lead back to: the URL itself for a GET; for a form post (which
     cannot be replayed) the page the form was on, when that page is ours."""
@@ -380,14 +440,19 @@ def _return_path(request: web.Request) -> str:
     return pages.PORTAL_PATH
 
 
-def _forwarded_host(host: str | None, ctx: FrontendContext) -> str:
-    """The routed Host when the request named one, else the public URL's host."""
-    if host and len(host) <= 255 and host.isascii() and host.isprintable():
-        return host
-    return ctx.settings.https.public_url.partition("://")[2]
+READ_ONLY: Final = "the rule allows reading only"
+READ_ONLY_WEBSOCKET: Final = "the rule allows reading only, and a WebSocket is a write channel"
 
+# status → (title, message, JSON error word) of a policy refusal.
+DENY_PAGES: Final[Mapping[int, tuple[str, str, str]]] = MappingProxyType({
+    400: ("Address refused",
+          "The address could be read in more than one way, so it was refused.",
+          "ambiguous_path"),
+    404: ("Not found", "No service is published at this address.", "not_found"),
+    403: ("Access denied", "You may not do this here.", "forbidden"),
+})
 
-ERROR_PAGES: Final = {
+ERROR_PAGES: Final[Mapping[int, tuple[str, str]]] = MappingProxyType({
     400: ("Bad request", "The request could not be read."),
     405: ("Method not allowed", "This kind of request is never forwarded."),
     408: ("Request timeout", "The upload stalled and was stopped."),
@@ -400,7 +465,7 @@ ERROR_PAGES: Final = {
     502: ("Service unavailable", "The service did not answer. Try again in a moment."),
     503: ("Temporarily unavailable", "The gateway cannot serve this request right now."),
     504: ("Service timeout", "The service took too long to answer."),
-}
+})
 
 
 def error_page(request: web.BaseRequest, status: int, error: str) -> web.Response:

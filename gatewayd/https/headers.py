@@ -17,13 +17,17 @@ Request side (`upstream_request_headers`), in this order:
    (``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP`` and the other client-IP headers that
    frameworks trust); request overrides that would let an upstream act on another method or
    path than the one the policy decided on (``X-HTTP-Method-Override``, ``X-Original-URL``…);
-   ``Host`` and ``Expect`` (the gateway's client library sets the upstream's own ``Host`` and
-   the gateway already answered ``100-continue``); the WebSocket handshake headers (each leg
-   of a proxied WebSocket does its own handshake, see `proxy.proxy_websocket`);
+   ``Host`` and ``Expect`` (the gateway's client library sets the upstream's own ``Host``, and
+   the gateway answers ``100-continue`` itself, see `proxy.defer_continue`); the WebSocket
+   handshake headers (each leg of a proxied WebSocket does its own handshake, see
+   `proxy.proxy_websocket`);
 4. the gateway's session cookie is cut out of ``Cookie`` (all ``Cookie`` headers are joined
    into one, as RFC 9113 asks when going from HTTP/2 to HTTP/1.1);
 5. added: ``X-Forwarded-For`` (the peer address only, never a client-supplied chain),
-   ``X-Forwarded-Proto``, ``X-Forwarded-Host``, the equivalent RFC 7239 ``Forwarded``,
+   ``X-Forwarded-Proto`` (``https``), ``X-Forwarded-Host`` (the gateway's own public host,
+   `public_authority` of ``https.public_url``: never the client's ``Host``, which upstreams
+   build absolute links from — password-reset mails, redirects — and which a client can set
+   to anything), the equivalent RFC 7239 ``Forwarded``,
    ``X-Gatewayd-User``, ``X-Gatewayd-Groups`` (sorted, comma-separated) and
    ``X-Gatewayd-Assertion`` (the signed JWT from `assertion.py`).
 
@@ -264,6 +268,16 @@ def _forwarded_value(value: str) -> str:
     return f'"{escaped}"'
 
 
+# One public URL per gateway, asked for on every proxied request.
+@functools.lru_cache(maxsize=8)
+def public_authority(public_url: str) -> str:
+    """``host[:port]`` of ``https.public_url`` as a browser writes it in ``Host`` and
+    ``Origin``: lower case, the default port 443 left out. The configuration has validated
+    the URL as ``https://host[:port]`` (no path, no credentials)."""
+    authority = public_url.strip().rstrip("/").partition("://")[2].lower()
+    return authority.removesuffix(":443")
+
+
 def upstream_request_headers(
     client_headers: MultiMapping[str],
     *,
@@ -277,8 +291,8 @@ def upstream_request_headers(
 
     ``client_headers`` is the client's request headers with duplicates (aiohttp's
     ``request.headers``). ``client_ip`` is the TCP peer address. ``forwarded_host`` is the
-    host the route matched (or the public URL's host): never an unchecked client ``Host``,
-    because upstreams build absolute links (password-reset mails…) from it.
+    gateway's public host (`public_authority`): never the client's ``Host``, because
+    upstreams build absolute links (password-reset mails…) from it.
     ``assertion`` is the signed JWT for this user and service.
     """
     connection_named = _connection_tokens(client_headers)

@@ -61,6 +61,12 @@ upstream is retried once on a fresh connection (aiohttp does this itself, RFC 91
 9.3.1.1; a streamed body already partly sent is never replayed), as nginx does with
 ``proxy_next_upstream error``, so upstream keep-alive races do not show as 502s.
 
+``Expect: 100-continue``: the listener's route takes `defer_continue` as its
+``expect_handler``, so aiohttp no longer answers ``100 Continue`` before the handler runs;
+`proxy_http` sends it when it starts passing the body on — after authentication, decide()
+and the audit record, after the ``Content-Length`` check — so a client that is signed out,
+refused or over the limit gets its final answer without ever being invited to send the body.
+
 Client disconnects: aiohttp does not cancel handlers by default, so a disconnect is noticed at
 the next write to the client. Run the app with ``handler_cancellation=True`` (AppRunner) to
 stop waiting on a slow upstream as soon as the client is gone; both modes end quietly.
@@ -79,7 +85,8 @@ from types import MappingProxyType
 from typing import Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
@@ -506,6 +513,51 @@ def _mid_stream_error(exc: BaseException) -> str:
     return "upstream_bad_response"
 
 
+# --- Expect: 100-continue --------------------------------------------------------------------
+
+CONTINUE_LINE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+EXPECTATION_FAILED_TEXT: Final = "417 Expectation Failed: only 100-continue is understood.\n"
+
+
+def _expects_continue(request: web.BaseRequest) -> bool:
+    return request.headers.get(hdrs.EXPECT, "").strip().lower() == "100-continue"
+
+
+async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+    """The listener route's ``expect_handler``: never answer ``100 Continue`` up front.
+
+    aiohttp's default handler sends it before the request handler runs, which invites a
+    client that is signed out, refused or over a limit to send its whole body. This one sends
+    nothing: `proxy_http` sends the 100 when it starts reading the body (any other handler
+    that reads one calls `send_continue` first), and every other answer (401, 403, 413…) is
+    a final response without it (RFC 9110 section 10.1.1). An
+    expectation other than ``100-continue`` gets 417, as from aiohttp; HTTP/1.0 has none.
+    """
+    if request.version < HttpVersion11 or _expects_continue(request):
+        return None
+    response = web.Response(status=417, text=EXPECTATION_FAILED_TEXT,
+                            headers={"Cache-Control": "no-store"})
+    response.force_close()  # a body may follow that nobody will read
+    return response
+
+
+def send_continue(request: web.BaseRequest) -> None:
+    """Answer a pending ``Expect: 100-continue``: the client may now send its body.
+
+    For a handler that has decided to read the body (see `defer_continue`); call it before
+    the response has started — a 1xx inside a response would corrupt it. Written straight
+    to the transport, synchronously, so nothing can come between the checks and the bytes.
+    Nothing is sent when body bytes have already arrived (curl stops waiting after a second
+    and sends anyway; RFC 9110 section 10.1.1 lets the server leave the 100 out then).
+    """
+    if (not _expects_continue(request) or request.version < HttpVersion11
+            or request.content.total_bytes or request.content.is_eof()):
+        return
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(CONTINUE_LINE)
+
+
 # --- HTTP ------------------------------------------------------------------------------------
 
 
@@ -517,7 +569,11 @@ async def _request_body(
     request: web.BaseRequest, progress: _Progress, *, max_body: int, send_timeout: float
 ) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives, counted against ``max_body``.
-    ``progress.bytes_up`` counts what was passed on: never the chunk that crossed the limit."""
+    ``progress.bytes_up`` counts what was passed on: never the chunk that crossed the limit.
+    Iterated first when the upstream connection is up and the request head sent: the moment
+    to answer the client's ``Expect: 100-continue``."""
+    if not progress.response_started:  # an upstream may answer before it reads a body
+        send_continue(request)
     while True:
         try:
             async with asyncio.timeout(send_timeout):
