@@ -342,7 +342,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         print(f"CRL #{info.number} written to {result.crl_path} ({len(info.revoked)} revoked, "
               f"next update {_day(info.next_update)}).")
         print("A gateway whose https.crl_file is this file refuses the certificate and ends "
-              "the device's open sessions within 2 seconds\n(audit: cert.revoke, session.end "
+              "the sessions made with it within 2 seconds\n(audit: cert.revoke, session.end "
               f"reason device_revoked). A copy elsewhere needs {CRL_FILE} and {INDEX_FILE} "
               "copied together.")
         return EXIT_OK

@@ -12,11 +12,15 @@ picks both up:
 
 1. a changed CRL is verified and loaded into the listener's TLS context (new handshakes with a
    revoked certificate fail, open connections fail their next read: `gatewayd.https.tls`),
-   and every open session of a device with a newly revoked certificate ends
-   (``session.end`` reason ``device_revoked``). The device of a serial comes from the index;
-   a revoked certificate of a device ends all of that device's sessions — also those made with
-   a newer certificate of the same PC (sessions do not record serials), which costs one
-   sign-in when a superseded certificate is revoked and never leaves a stolen one signed in;
+   and the sessions made with a newly revoked certificate end (``session.end`` reason
+   ``device_revoked``). A session that recorded its certificate's serial ends when that serial
+   is revoked — so ``certs revoke SERIAL`` of a superseded certificate leaves the PC's sessions
+   on its new certificate alone, while ``certs revoke DEVICE`` revokes every serial of the PC
+   and so ends all of them. A session without a recorded serial ends when any certificate of
+   its device is revoked (the device of a serial comes from the index): never a stolen PC left
+   signed in. A list older than one this gateway has enforced is refused, across restarts too:
+   the highest CRL number per issuing CA is kept in ``STATE_DIR/device-crl-state.json`` and
+   the gateway will not start on an older list (`CrlRollbackError`);
 2. each pending disable request ends the user's sessions (``user_disabled``), is audited as
    ``user.disable`` (user, operator, reason), and is marked done;
 3. a changed users file runs the directory refresh at once instead of at the next
@@ -44,24 +48,42 @@ explains it, so those sessions end as ``user_disabled`` rather than ``directory_
 Cert audit marks (``STATE_DIR/cert-audit.json``, ``0600``)::
 
     {"format": "gatewayd-cert-audit-v1", "issued": ["3f0c…", …], "revoked": ["3f0c…", …]}
+
+CRL high-water marks (``STATE_DIR/device-crl-state.json``, ``0600``), per issuing CA (its key
+identifier: a new device CA starts its own numbering)::
+
+    {"format": "gatewayd-device-crl-v1", "highest": {"<issuer key id hex>": 7}}
+
+Handshake refusals: the HTTPS listener reports a client certificate that fails verification
+(revoked, expired, another CA, wrong key usage) to `EmergencyStop.tls_refused`, which writes
+``auth.failure`` (``frontend`` https, ``reason`` ``device_cert_revoked`` /
+``device_cert_expired`` / ``device_cert_untrusted`` / ``device_cert_wrong_purpose`` / …,
+``error`` OpenSSL's text). At most `TLS_AUDIT_BURST` such records per `TLS_AUDIT_WINDOW`; a
+flood beyond that is summed up in one ``device_cert_refusals_unrecorded`` record per window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import secrets
 import ssl
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, Protocol
+
+from cryptography import x509
 
 from gatewayd.audit import AuditWriteError
 from gatewayd.ca import INDEX_FILE, CaError, Index, IndexEntry, read_index
@@ -78,7 +100,7 @@ from gatewayd.https.tls import (
     read_device_crl,
 )
 from gatewayd.identity.directory import lookup_key
-from gatewayd.sessions import SessionRegistry
+from gatewayd.sessions import Session, SessionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +112,34 @@ CERT_AUDIT_FORMAT: Final = "gatewayd-cert-audit-v1"
 KEEP_DONE: Final = 500  # finished disable requests kept in the journal for reference
 LOCK_WAIT: Final = 2.0  # seconds the daemon waits for a command holding the journal lock
 EXPIRY_WARNING_EVERY: Final = 86_400.0  # seconds between repeated "CRL expires soon" warnings
+CRL_STATE_FILE: Final = "device-crl-state.json"
+CRL_STATE_FORMAT: Final = "gatewayd-device-crl-v1"
+# Refused device certificates are audited one by one up to this many per window; a client
+# (or scanner) hammering the listener with a bad certificate must not flood the audit log.
+TLS_AUDIT_BURST: Final = 20
+TLS_AUDIT_WINDOW: Final = 60.0  # seconds
+# OpenSSL's X509_V_ERR_* codes (x509_vfy.h) → the reason audited for a refused device.
+TLS_REFUSAL_REASONS: Final[Mapping[int, str]] = MappingProxyType({
+    2: "device_cert_untrusted",  # UNABLE_TO_GET_ISSUER_CERT
+    3: "device_crl_unusable",  # UNABLE_TO_GET_CRL (no list for that CA)
+    7: "device_cert_untrusted",  # CERT_SIGNATURE_FAILURE
+    9: "device_cert_not_yet_valid",
+    10: "device_cert_expired",
+    11: "device_crl_unusable",  # CRL_NOT_YET_VALID
+    12: "device_crl_unusable",  # CRL_HAS_EXPIRED: every device is refused, renew the list
+    18: "device_cert_untrusted",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "device_cert_untrusted",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "device_cert_untrusted",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY: another CA
+    21: "device_cert_untrusted",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    23: "device_cert_revoked",
+    26: "device_cert_wrong_purpose",  # INVALID_PURPOSE: no clientAuth
+})
+TLS_REFUSAL_OTHER: Final = "device_cert_invalid"
+TLS_REFUSALS_UNRECORDED: Final = "device_cert_refusals_unrecorded"
+
+
+class CrlRollbackError(ValueError):
+    """The device CRL is older than one this gateway has enforced: it would un-revoke."""
 
 
 class JournalError(Exception):
@@ -257,6 +307,93 @@ class CertAuditMarks:
                      mode=0o600, overwrite=True)
 
 
+# --- the highest CRL number enforced, per issuing CA ---------------------------------------
+
+
+def crl_issuer_id(pem: bytes) -> str:
+    """Which CA signed a (verified) list: its authority key identifier, hex.
+
+    Numbers are only comparable between lists of one CA: a device CA replaced at the end of
+    its life starts again at 1. A list without the extension is keyed by its issuer name.
+    """
+    crl = x509.load_pem_x509_crl(pem)
+    try:
+        key_id = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        key_id = None
+    if key_id is not None and key_id.key_identifier:
+        return key_id.key_identifier.hex()
+    return "name:" + hashlib.sha256(crl.issuer.public_bytes()).hexdigest()
+
+
+class CrlHighWater:
+    """``STATE_DIR/device-crl-state.json``: the highest CRL number enforced, per issuer."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / CRL_STATE_FILE
+
+    def load(self) -> dict[str, int]:
+        try:
+            data: Any = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise JournalError(f"cannot read {self.path}: {exc}") from None
+        highest = data.get("highest") if isinstance(data, dict) else None
+        if (not isinstance(data, dict) or data.get("format") != CRL_STATE_FORMAT
+                or not isinstance(highest, dict)
+                or not all(isinstance(k, str) and type(v) is int and v >= 0
+                           for k, v in highest.items())):
+            raise JournalError(f"{self.path} is not a {CRL_STATE_FORMAT} file")
+        return dict(highest)
+
+    def save(self, highest: Mapping[str, int]) -> None:
+        data = {"format": CRL_STATE_FORMAT, "highest": dict(sorted(highest.items()))}
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode("ascii"),
+                     mode=0o600, overwrite=True)
+
+
+class RefusalBudget:
+    """How many handshake refusals are audited one by one in the current window."""
+
+    def __init__(self, clock: Callable[[], float], burst: int = TLS_AUDIT_BURST,
+                 window: float = TLS_AUDIT_WINDOW) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._window = window
+        self._started = clock()
+        self._recorded = 0
+        self._unrecorded: collections.Counter[str] = collections.Counter()
+
+    def admit(self, reason: str) -> bool:
+        """True: audit this one; False: it is only counted (the window's budget is spent)."""
+        self._roll()
+        if self._recorded < self._burst:
+            self._recorded += 1
+            return True
+        self._unrecorded[reason] += 1
+        return False
+
+    def unrecorded(self) -> dict[str, int]:
+        """Refusals not audited one by one, once their window is over (then forgotten)."""
+        if self._clock() - self._started < self._window or not self._unrecorded:
+            return {}
+        counts = dict(self._unrecorded)
+        self._unrecorded.clear()
+        return counts
+
+    def _roll(self) -> None:
+        now = self._clock()
+        if now - self._started >= self._window:
+            self._started, self._recorded = now, 0
+
+
+def tls_refusal_reason(verify_code: int) -> str:
+    """The audit reason for an OpenSSL verification error code of a client certificate."""
+    return TLS_REFUSAL_REASONS.get(verify_code, TLS_REFUSAL_OTHER)
+
+
 # --- the watcher ----------------------------------------------------------------------------
 
 
@@ -293,6 +430,7 @@ class EmergencyStop:
     def __init__(
         self, settings: Settings, sessions: SessionRegistry, *, emit: AuditEmit,
         refresh_directory: Callable[[], Awaitable[int]],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._https = settings.https
         self._sessions = sessions
@@ -301,6 +439,12 @@ class EmergencyStop:
         self._users_file = settings.directory.file if settings.directory.backend == "file" else None
         self._journal = DisableJournal(settings.gateway.state_dir)
         self._marks = CertAuditMarks(settings.gateway.state_dir)
+        self._high_water = CrlHighWater(settings.gateway.state_dir)
+        # issuer id -> highest CRL number enforced; read from the state file on first use
+        # (the watcher may look at the CRL before `attach`), guarded: threads and loop share it.
+        self._highest: dict[str, int] | None = None
+        self._highest_lock = threading.Lock()
+        self._refusals = RefusalBudget(clock)
         crl_file = settings.https.crl_file if settings.https.enabled else None
         self._crl_file = crl_file
         self._index_file = crl_file.parent / INDEX_FILE if crl_file is not None else None
@@ -328,13 +472,66 @@ class EmergencyStop:
         """The device CRL in force (None without ``https.crl_file``)."""
         return self._crl_info
 
+    @property
+    def index(self) -> Index | None:
+        """The CA index beside the CRL as last read (None until read, or without a CRL)."""
+        return self._index
+
     def attach(self, context: ServerContext) -> None:
-        """The listener's TLS context: its CRL is the baseline, later lists are applied to it."""
+        """The listener's TLS context: its CRL is the baseline, later lists are applied to it.
+
+        Blocking (reads and writes the small state file): called once, at start. Raises
+        `CrlRollbackError` (the gateway does not start) when the context's list is older than
+        one this gateway has enforced before, and JournalError when that record is unreadable.
+        """
         self._context = context
-        if context.crl is not None:
-            self._crl_signature = context.crl.signature
-            self._crl_info = context.crl.info
-            self._warn_expiry(context.crl.info)
+        # The listener's DeviceConnection reports client certificates refused in the handshake
+        # through this hook (declared by gatewayd.https.tls.ServerContext as ``on_refused``).
+        setattr(context, "on_refused", self.tls_refused)  # noqa: B010
+        if context.crl is None:
+            return
+        try:
+            highest = self._enforced()
+        except JournalError as exc:
+            raise CrlRollbackError(
+                f"{exc}; it records the newest device CRL this gateway has enforced, which an "
+                "older list must not replace. Restore it, or remove it if you know it cannot "
+                "be recovered") from None
+        issuer = crl_issuer_id(context.crl.pem)
+        seen = highest.get(issuer)
+        if seen is not None and context.crl.info.number < seen:
+            raise CrlRollbackError(
+                f"https.crl_file {self._crl_file} is CRL #{context.crl.info.number}, older than "
+                f"#{seen} which this gateway has enforced ({self._high_water.path}): a "
+                "rolled-back list would un-revoke devices. Put the current devices.crl back; "
+                "after restoring the CA directory from a backup, revoke again what was revoked "
+                f"since, then: gatewayd certs crl --renew --min-number {seen + 1}")
+        self._crl_signature = context.crl.signature
+        self._crl_info = context.crl.info
+        self._remember(issuer, context.crl.info.number)
+        self._warn_expiry(context.crl.info)
+
+    def _enforced(self) -> dict[str, int]:
+        """The highest CRL number enforced per issuer (blocking: read once, then kept)."""
+        with self._highest_lock:
+            if self._highest is None:
+                self._highest = self._high_water.load()
+            return dict(self._highest)
+
+    def _remember(self, issuer: str, number: int) -> None:
+        """Record ``number`` as enforced (blocking). A failed write is logged: the list is in
+        force anyway; only the protection across a restart is weaker until the next one."""
+        try:
+            with self._highest_lock:
+                if self._highest is None:
+                    self._highest = self._high_water.load()
+                if number <= self._highest.get(issuer, -1):
+                    return
+                self._highest[issuer] = number
+                self._high_water.save(self._highest)
+        except (OSError, JournalError) as exc:
+            self._report_once(f"high-water:{exc}", f"cannot record device CRL #{number} as "
+                              f"enforced in {self._high_water.path}: {exc}")
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Check every ``interval`` seconds (a named task owned by the Gateway)."""
@@ -371,6 +568,7 @@ class EmergencyStop:
                 outcome.directory_sessions = await self._refresh_directory()
         if self._audit_due:
             outcome.audited = await self._audit_certificates()
+        self._audit_unrecorded_refusals()
         if self._crl_info is not None:
             self._warn_expiry(self._crl_info)  # at most daily while the list is close to lapsing
         if outcome.device_sessions or outcome.user_sessions or outcome.directory_sessions:
@@ -412,9 +610,17 @@ class EmergencyStop:
             self._report_once(f"crl:{signature}", f"new device CRL not loaded: {exc}")
             return None
         previous = self._crl_info
-        if previous is not None and loaded.info.number < previous.number:
+        try:
+            highest = self._enforced()
+        except JournalError as exc:
+            self._report_once("high-water", str(exc))
+            highest = {}  # still refuse lists older than the one in force
+        enforced = highest.get(crl_issuer_id(loaded.pem), -1)
+        if previous is not None:
+            enforced = max(enforced, previous.number)
+        if loaded.info.number < enforced:
             self._report_once(f"crl:{signature}", f"device CRL number {loaded.info.number} is "
-                              f"older than the one in force ({previous.number}); not loaded")
+                              f"older than one already enforced ({enforced}); not loaded")
             return None
         return loaded
 
@@ -449,17 +655,20 @@ class EmergencyStop:
         self._audit_due = True
         self._warn_expiry(loaded.info, again=True)
         log.info("device CRL %d loaded: %d revoked", loaded.info.number, len(loaded.info.revoked))
+        await asyncio.to_thread(self._remember, crl_issuer_id(loaded.pem), loaded.info.number)
+        return self._end_revoked_sessions(set(loaded.info.revoked) - before)
+
+    def _end_revoked_sessions(self, serials: set[int]) -> int:
+        """End the sessions made with any of ``serials`` (see the module docstring, 1.)."""
+        if not serials:
+            return 0
         entries = self._index.by_serial() if self._index is not None else {}
-        devices = sorted({entry.name for serial in set(loaded.info.revoked) - before
-                          if (entry := entries.get(serial)) is not None
-                          and entry.kind == "device"})
-        ended = 0
-        for device in devices:
-            victims = [s for s in self._sessions.sessions() if s.device == device]
-            for session in victims:
-                self._sessions.end(session, "device_revoked")
-            ended += len(victims)
-        return ended
+        devices = {entry.name for serial in serials
+                   if (entry := entries.get(serial)) is not None and entry.kind == "device"}
+        victims = [s for s in self._sessions.sessions() if _made_with(s, serials, devices)]
+        for session in victims:
+            self._sessions.end(session, "device_revoked")
+        return len(victims)
 
     async def _stop_users(self, pending: tuple[DisableRequest, ...]) -> int:
         ended, done = 0, []
@@ -522,6 +731,40 @@ class EmergencyStop:
                 log.error("cannot save %s: %s", CERT_AUDIT_FILE, exc)
         return written
 
+    # --- handshake refusals ----------------------------------------------------------------
+
+    def tls_refused(self, verify_code: int, verify_message: str) -> None:
+        """A client certificate failed verification in a TLS handshake: audit why.
+
+        Called by the HTTPS listener on the event loop, in the middle of asyncio's handshake
+        handling: never raises. The handshake is refused whatever happens here.
+        """
+        reason = tls_refusal_reason(verify_code)
+        try:
+            if self._refusals.admit(reason):
+                self._emit("auth.failure", frontend="https", reason=reason,
+                           error=verify_message, status="failure")
+        except AuditWriteError:
+            log.error("audit write failed; refused device certificate (%s) not recorded",
+                      reason)
+        except Exception:
+            log.exception("cannot audit a refused device certificate")
+
+    def _audit_unrecorded_refusals(self) -> None:
+        counts = self._refusals.unrecorded()
+        if not counts:
+            return
+        summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+        try:
+            self._emit("auth.failure", frontend="https", reason=TLS_REFUSALS_UNRECORDED,
+                       error=f"more device certificates refused in the TLS handshake than "
+                             f"audited one by one ({TLS_AUDIT_BURST} per "
+                             f"{TLS_AUDIT_WINDOW:.0f} s): {summary}",
+                       status="failure")
+        except AuditWriteError:
+            log.error("audit write failed; %s refused device certificates not recorded",
+                      sum(counts.values()))
+
     # --- logging ---------------------------------------------------------------------------
 
     def _report_once(self, key: str, message: str) -> None:
@@ -537,6 +780,16 @@ class EmergencyStop:
         if warning is not None:
             self._next_expiry_warning = now + EXPIRY_WARNING_EVERY
             log.warning("%s", warning)
+
+
+def _made_with(session: Session, serials: set[int], devices: set[str]) -> bool:
+    """Whether ``session`` signed in with one of ``serials`` (of one of ``devices``).
+
+    Without a recorded serial, any revoked certificate of its device counts: fail closed.
+    """
+    if session.device_serial is not None:
+        return session.device_serial in serials
+    return session.device is not None and session.device in devices
 
 
 def _issue_fields(entry: IndexEntry) -> dict[str, object]:
