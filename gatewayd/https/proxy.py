@@ -530,8 +530,8 @@ async def defer_continue(request: web.Request) -> web.StreamResponse | None:
     client that is signed out, refused or over a limit to send its whole body. This one sends
     nothing: `proxy_http` sends the 100 when it starts reading the body (any other handler
     that reads one calls `send_continue` first), and every other answer (401, 403, 413…) is
-    a final response without it (RFC 9110 section 10.1.1). An
-    expectation other than ``100-continue`` gets 417, as from aiohttp; HTTP/1.0 has none.
+    a final response without it (RFC 9110 section 10.1.1). An expectation other than
+    ``100-continue`` gets 417, as from aiohttp; HTTP/1.0 has no expectations.
     """
     if request.version < HttpVersion11 or _expects_continue(request):
         return None
