@@ -157,6 +157,8 @@ def local_ports(destinations: Iterable[tuple[str, str, int]]) -> dict[tuple[str,
     for service, destination, remote in sorted(set(destinations)):
         if (service, destination) in ports:
             continue
+        if len(taken) > LOCAL_PORT_LAST - LOCAL_PORT_BASE:
+            raise ValueError("no free local port left for another destination")
         candidate = LOCAL_PORT_BASE + remote % 10000
         while candidate in taken:
             candidate = candidate + 1 if candidate < LOCAL_PORT_LAST else LOCAL_PORT_BASE
