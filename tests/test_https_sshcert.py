@@ -22,6 +22,7 @@ import pytest
 from https_harness import Harness, csrf_token, running_gateway
 
 from gatewayd.certs import new_ssh_key, ssh_private_key, ssh_public_key
+from gatewayd.cli import main
 
 PATH = "/.gatewayd/ssh/certificate"
 NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
@@ -382,3 +383,28 @@ async def test_portal_section(gw: Harness) -> None:
         assert f"<code>{tunnel}</code>" in page
         assert f"127.0.0.1:{port}" in page
     assert "ssh-keygen -t ed25519 -f ~/.ssh/gatewayd" in page
+
+
+async def test_device_of_the_portal_login_is_in_the_key_id(tmp_path: Path) -> None:
+    """With `gatewayd certs init` material: the mTLS device of the portal login travels in the
+    key id, so `device: registered` rules can apply to the SSH session."""
+    ca = tmp_path / "ca"
+    assert main(["certs", "init", "--dir", str(ca), "--no-server"]) == 0
+    assert main(["certs", "issue-device", "pc-0042", "--user", "alice", "--dir", str(ca)]) == 0
+    https = {"client_cert": "optional", "client_ca_file": str(ca / "device-ca.crt"),
+             "crl_file": str(ca / "devices.crl")}
+    ssh = {"enabled": True, "listen": "127.0.0.1:0",
+           "host_key_file": str(ca / "ssh-host-ed25519.key"),
+           "user_ca_key_file": str(ca / "ssh-user-ca")}
+    device = (ca / "devices" / "pc-0042.crt", ca / "devices" / "pc-0042.key")
+    async for gw in running_gateway(tmp_path / "gw", https=https, ssh=ssh):
+        client = await gw.signed_in("alice", cert=device)
+        handle = await session_handle(gw, client)
+        status, _, text = await post_json(gw, client, {"public_key": public_line()})
+        assert status == 200
+        cert = asyncssh.import_certificate(text)
+        assert cert._key_id == f"alice pc-0042 {handle}"
+        ca_pub = asyncssh.import_public_key((ca / "ssh-user-ca.pub").read_text())
+        assert cert.signing_key.public_data == ca_pub.public_data
+        [record] = gw.audit_events("ssh_cert.issue")
+        assert record["device"] == "pc-0042"
