@@ -231,6 +231,27 @@ async def test_nesting_is_bounded(opened: Opened, slapd: Slapd, mode: str, nesti
     assert principal is not None and set(principal.groups) == expected
 
 
+@pytest.mark.parametrize("nesting", ["auto", "in_chain"])
+async def test_in_chain_is_never_asked_of_openldap(opened: Opened, slapd: Slapd, nesting: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """slapd does not know LDAP_MATCHING_RULE_IN_CHAIN: such a search would find no group.
+
+    Its rootDSE does not claim Active Directory, so the backend walks the nesting itself —
+    also when ``in_chain`` was configured (that is logged as an error)."""
+    directory = opened(slapd, nested_groups=nesting)
+    start = len(slapd.log_text())
+    for uid in ("alice", "carol"):
+        principal = await directory.lookup(uid)
+        assert principal is not None
+        assert set(principal.groups) == (NESTED if uid == "alice"
+                                         else {"security-auditors", "loop-a", "loop-b"})
+    log = server_log_since(slapd, start, results=6)
+    assert re.search(r'SRCH base="" scope=0', log)  # the rootDSE was asked, once
+    assert len(re.findall(r'SRCH base="" scope=0', log)) == 1
+    assert "1.2.840.113556.1.4.1941" not in log
+    assert ("would find no group at all" in caplog.text) is (nesting == "in_chain")
+
+
 async def test_group_of_unique_names(opened: Opened, slapd: Slapd) -> None:
     directory = opened(slapd, group_base=f"ou=unique-groups,{SUFFIX}",
                        group_member_attribute="uniqueMember")

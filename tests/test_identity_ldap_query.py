@@ -6,6 +6,7 @@ The behaviour against a real directory is in tests/test_identity_ldap.py (slapd)
 from __future__ import annotations
 
 import re
+import time
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -280,4 +281,67 @@ async def test_backend_choice() -> None:
         assert isinstance(directory, LdapDirectory)  # built without contacting anyone
     finally:
         assert isinstance(directory, LdapDirectory)
+        await directory.close()
+
+
+# --- which nesting method is used (one function, a scripted connection) -----------------------
+
+
+class ScriptedConnection:
+    """Answers `LdapDirectory._groups`' searches like a server would: the rootDSE with
+    ``capabilities``; any group search with ``groups``. Records every filter it was sent."""
+
+    socket = None
+
+    def __init__(self, capabilities: list[str], groups: list[str]) -> None:
+        self.capabilities = capabilities
+        self.groups = groups
+        self.searches: list[tuple[str, str]] = []
+        self.result: dict[str, object] = {}
+        self.response: list[dict[str, object]] = []
+
+    def search(self, base: str, search_filter: str, **_options: object) -> None:
+        self.searches.append((base, search_filter))
+        if base == "":
+            found = [("", {"supportedCapabilities": self.capabilities})]
+        elif "1.2.840.113556.1.4.1941" in search_filter or "(member=" in search_filter:
+            found = [(f"cn={g},ou=groups,dc=x", {"cn": [g]}) for g in self.groups]
+            self.groups = []  # the next level (recursive walk) finds nothing more
+        else:
+            found = []
+        self.response = [{"type": "searchResEntry", "dn": dn, "raw_attributes": {
+            name: [v.encode() for v in values] for name, values in attributes.items()}}
+            for dn, attributes in found]
+        self.result = {"result": 0}
+
+
+AD = "1.2.840.113556.1.4.800"
+AD_LDS = "1.2.840.113556.1.4.1851"
+ALICE = Entry("uid=alice,ou=people,dc=x")
+
+
+@pytest.mark.parametrize(
+    ("nesting", "capabilities", "in_chain"),
+    [("auto", [AD], True), ("auto", [AD_LDS], True), ("auto", [], False),
+     ("auto", ["1.3.6.1.4.1.4203.1.5.1"], False), ("in_chain", [AD], True),
+     ("in_chain", [], False), ("recursive", [AD], False)],
+)
+async def test_in_chain_only_where_the_server_says_it_is_active_directory(
+        nesting: str, capabilities: list[str], in_chain: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    directory = LdapDirectory.from_settings(ldap_settings(
+        nested_groups=nesting, group_base="ou=groups,dc=x").directory)
+    try:
+        rootdse_reads = []
+        for _ in range(2):  # the rootDSE is read once, then remembered
+            connection = ScriptedConnection(capabilities, ["staff", "all-staff"])
+            groups = directory._groups(connection, ALICE, "alice", time.monotonic() + 5)
+            assert groups == {"staff", "all-staff"}
+            sent = [f for _, f in connection.searches]
+            assert any("1.2.840.113556.1.4.1941" in f for f in sent) is in_chain
+            rootdse_reads.append(sum(1 for base, _ in connection.searches if base == ""))
+        assert rootdse_reads == ([0, 0] if nesting == "recursive" else [1, 0])
+        if nesting == "in_chain" and not in_chain:
+            assert "would find no group at all" in caplog.text
+    finally:
         await directory.close()

@@ -30,8 +30,9 @@
 * **Groups**: the ``group_name_attribute`` of each group found by ``memberOf`` on the entry or
   by a search on ``group_member_attribute``; nesting followed on the server with
   LDAP_MATCHING_RULE_IN_CHAIN (``nested_groups = "auto"`` picks it when the rootDSE says
-  Active Directory) or here, level by level, at most ``nesting_depth`` levels, each group
-  once (cycles end).
+  Active Directory; ``"in_chain"`` against a server that does not say so falls back, with an
+  error in the log, because there the filter would silently find no group) or here, level by
+  level, at most ``nesting_depth`` levels, each group once (cycles end).
 * **Off the event loop, bounded, fail closed.** Every call runs in one of ``pool_size``
   worker threads of this directory's own executor (a hung server cannot starve the loop's
   default executor) and must finish within ``directory.timeout`` overall: each socket
@@ -76,7 +77,7 @@ from gatewayd.identity.ldap_pool import (
 )
 from gatewayd.identity.ldap_query import (
     ACCOUNT_STATE_ATTRIBUTES,
-    AD_CAPABILITY,
+    IN_CHAIN_CAPABILITIES,
     Entry,
     canonical_name,
     disabled_reason,
@@ -411,17 +412,32 @@ class LdapDirectory:
     # --- groups ----------------------------------------------------------------------------
 
     def _nesting(self, connection: Any, deadline: float) -> Nesting:
+        """How nesting is followed, decided once from the server's rootDSE.
+
+        LDAP_MATCHING_RULE_IN_CHAIN is asked for only when the server says it is Active
+        Directory (or AD LDS): elsewhere the matching rule is unknown, the filter evaluates
+        to Undefined and the search finds *no* group — every user would silently lose every
+        group. So ``in_chain`` set explicitly against such a server is logged as an error
+        and replaced by the recursive walk, which gives the same groups.
+        """
         mode = self.settings.nested_groups
-        if mode != "auto":
+        if mode in ("recursive", "off"):
             return mode
         if self._detected is None:
             root = self._search(connection, "", "(objectClass=*)", deadline, scope=BASE,
                                 attributes=["supportedCapabilities"], size_limit=1,
                                 missing_ok=True)
-            ad = bool(root) and AD_CAPABILITY in root[0].values("supportedCapabilities")
+            capabilities = set(root[0].values("supportedCapabilities")) if root else set()
+            ad = not capabilities.isdisjoint(IN_CHAIN_CAPABILITIES)
             self._detected = "in_chain" if ad and self._group_base else "recursive"
-            log.info("nested groups: %s (%s)", self._detected,
-                     "Active Directory" if ad else "not Active Directory")
+            if mode == "in_chain" and self._detected != "in_chain":
+                log.error("nested_groups = \"in_chain\" but the directory does not say it is "
+                          "Active Directory (rootDSE supportedCapabilities): its search would "
+                          "find no group at all; following nesting level by level instead. "
+                          "Set nested_groups = \"recursive\" (or \"auto\") for this server.")
+            else:
+                log.info("nested groups: %s (%s)", self._detected,
+                         "Active Directory" if ad else "not Active Directory")
         return self._detected
 
     def _groups(self, connection: Any, entry: Entry, user: str,

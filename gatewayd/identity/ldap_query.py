@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 IN_CHAIN_RULE: Final = "1.2.840.113556.1.4.1941"
 # LDAP_CAP_ACTIVE_DIRECTORY_OID in the rootDSE's supportedCapabilities: "this is AD".
 AD_CAPABILITY: Final = "1.2.840.113556.1.4.800"
+# LDAP_CAP_ACTIVE_DIRECTORY_ADAM_OID: AD LDS (ADAM), which has the in-chain rule too.
+AD_LDS_CAPABILITY: Final = "1.2.840.113556.1.4.1851"
+IN_CHAIN_CAPABILITIES: Final = frozenset({AD_CAPABILITY, AD_LDS_CAPABILITY})
 # userAccountControl flag ACCOUNTDISABLE (MS-ADTS 2.2.16).
 AD_ACCOUNT_DISABLED: Final = 0x2
 # accountExpires values meaning "never" (0 and the largest FILETIME).
