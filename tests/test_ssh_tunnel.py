@@ -24,11 +24,13 @@ from gatewayd.app import Gateway
 from gatewayd.audit import AuditWriteError
 from gatewayd.config import load_settings
 from gatewayd.identity.principal import Principal
+from gatewayd.policy import load_policy
 from gatewayd.sessions import Session
 from gatewayd.ssh.tunnel import (
     CHANNEL_HIGH_WATER,
     UPSTREAM_HIGH_WATER,
     Tunnels,
+    describe_os_error,
     local_addresses,
 )
 
@@ -756,6 +758,55 @@ async def test_open_that_cannot_be_audited_is_refused(
     assert env.metric("gatewayd_tunnels_active", service="echo") == 0
 
 
+@contextlib.contextmanager
+def stalled_listener() -> Any:
+    """A listener whose backlog is full: a new connect hangs (its SYNs are dropped) until
+    the caller calls the yielded ``release``, which accepts the queued connection."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    filler = socket.create_connection(server.getsockname())
+    accepted: list[socket.socket] = []
+
+    def release() -> None:
+        accepted.append(server.accept()[0])
+
+    try:
+        yield server.getsockname()[1], release
+    finally:
+        for sock in (filler, server, *accepted):
+            sock.close()
+
+
+@pytest.mark.parametrize("change", ["session_end", "policy_reload"])
+async def test_what_changes_during_the_connect_is_honoured(env: Env, change: str) -> None:
+    conn = await env.connect("alice")
+    with stalled_listener() as (port, release):
+        overrides = dict(env.gateway.settings.ssh.address_overrides)
+        overrides["echo.ward.local:7"] = f"127.0.0.1:{port}"
+        ssh = env.gateway.settings.ssh.model_copy(update={"address_overrides": overrides})
+        env.gateway.settings = env.gateway.settings.model_copy(update={"ssh": ssh})
+        opening = asyncio.ensure_future(conn.open_connection("echo.ward.local", 7))
+        await asyncio.sleep(0.3)
+        assert not opening.done()  # connecting
+        if change == "session_end":
+            env.gateway.sessions.end(env.sessions["alice"], "admin_kill")
+            expected = "the session has ended"
+        else:
+            text = (env.policy_dir / "50-tunnel-tests.yaml").read_text()
+            (env.policy_dir / "50-tunnel-tests.yaml").write_text(
+                text.replace("services: [echo, answer,", "services: [answer,"))
+            # What Gateway.reload swaps in (a reload would refuse the override edited above).
+            env.gateway.policy = load_policy(env.policy_dir)
+            expected = "echo.ward.local:7 refused: no rule allows this"
+        release()
+        with pytest.raises(asyncssh.ChannelOpenError) as caught:
+            await asyncio.wait_for(opening, 5)
+    assert caught.value.reason == expected
+    assert env.audit("tunnel.open") == []
+    assert len(env.tunnels) == 0
+
+
 # --- audit failure ---------------------------------------------------------------------------
 
 
@@ -765,6 +816,21 @@ async def test_no_new_tunnels_while_the_audit_log_cannot_be_written(
     monkeypatch.setattr(type(env.gateway.audit), "healthy", property(lambda self: False))
     error = await refused(conn, "echo.ward.local", 7)
     assert error.reason == "the audit log is unavailable; no new tunnels"
+
+
+@pytest.mark.parametrize(("exc", "described"), [
+    (ConnectionRefusedError(111, "Connection refused"), ("connection_refused", "connection refused")),
+    (ConnectionRefusedError("no errno"), ("connection_refused", "connection refused")),
+    (TimeoutError(), ("timeout", "timed out")),
+    (OSError(113, "No route to host"), ("no_route", "no route to host")),
+    (OSError(101, "Network is unreachable"), ("no_route", "network unreachable")),
+    (OSError(99, "Cannot assign requested address"),
+     ("connect_failed", "cannot assign requested address")),
+    (OSError("odd"), ("connect_failed", "connection failed")),
+    (None, ("connect_failed", "connection failed")),
+])
+def test_describe_os_error(exc: BaseException | None, described: tuple[str, str]) -> None:
+    assert describe_os_error(exc) == described
 
 
 def test_ipaddress_of_own_addresses_is_parseable() -> None:

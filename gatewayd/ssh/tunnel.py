@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final, Protocol
 
 import asyncssh
@@ -109,17 +110,16 @@ FLUSH_INTERVAL: Final = 1.0  # seconds between session/metric updates while byte
 # holds at most about twice this before the other side stops reading.
 UPSTREAM_HIGH_WATER: Final = 256 * 1024
 CHANNEL_HIGH_WATER: Final = 256 * 1024
-OWN_ADDRESSES_TTL: Final = 10.0  # seconds; interfaces change rarely (DHCP, failover)
 PROC_FILES: Final = (Path("/proc/net/fib_trie"), Path("/proc/net/if_inet6"),
                      Path("/proc/net/ipv6_route"))
 
-_ERRNO_WORDS: Final = {
+_ERRNO_WORDS: Final = MappingProxyType({
     errno.ECONNREFUSED: ("connection_refused", "connection refused"),
     errno.ETIMEDOUT: ("timeout", "timed out"),
     errno.EHOSTUNREACH: ("no_route", "no route to host"),
     errno.ENETUNREACH: ("no_route", "network unreachable"),
     errno.ECONNRESET: ("connection_reset", "connection reset"),
-}
+})
 
 
 class TunnelContext(Protocol):
@@ -294,8 +294,25 @@ class Tunnels:
             await self._connect(tunnel, target, dest)
         except _Refusal as refusal:
             raise refusal.of(service, decision.rule) from None
+        self._still_allowed(tunnel, policy)
         self._start(tunnel)
         return tunnel
+
+    def _still_allowed(self, tunnel: Tunnel, policy: Policy) -> None:
+        """After the connect (seconds, maybe): the session may have ended, or a reload may
+        have replaced the policy — `recheck` cannot see an open that is not started yet."""
+        session = tunnel.session
+        if session.ended is not None:
+            tunnel.discard()
+            raise TunnelRefused(PROHIBITED, "the session has ended")
+        current = self._gateway.policy
+        if current is policy:
+            return
+        _, decision = self._decide(current, session, tunnel.dest_host, tunnel.dest_port)
+        if decision.decision == "deny":
+            tunnel.discard()
+            raise _Refusal(PROHIBITED, f"{tunnel.dest} refused: {decision.reason}", "denied",
+                           service=tunnel.service, rule=decision.rule)
 
     def _access(self, session: Session, service: str | None, host: str | None,
                 port: int | None) -> AccessRequest | None:
@@ -457,8 +474,9 @@ def _bindable(address: IPAddress) -> bool:
 
 def describe_os_error(exc: BaseException | None) -> tuple[str, str]:
     """(audit word, text for the client) for a failed connection."""
-    if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:
-        return _ERRNO_WORDS[exc.errno]
+    words = _ERRNO_WORDS.get(exc.errno) if isinstance(exc, OSError) and exc.errno else None
+    if words is not None:
+        return words
     if isinstance(exc, ConnectionRefusedError):
         return _ERRNO_WORDS[errno.ECONNREFUSED]
     if isinstance(exc, TimeoutError):
