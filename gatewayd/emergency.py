@@ -25,7 +25,8 @@ picks both up:
    ``user.disable`` (user, operator, reason), and is marked done;
 3. a changed users file runs the directory refresh at once instead of at the next
    ``directory.refresh_interval`` (a hand edit that disables or deletes someone:
-   ``directory_revoked``);
+   ``directory_revoked``; `still_entitled` says whether a refreshed principal still holds
+   any allowed group or name);
 4. certificates issued or revoked without an audit record yet get ``cert.issue`` /
    ``cert.revoke`` (from ``index.json`` beside the CRL, and the CRL itself, which is what the
    gateway enforces). The daemon cannot write into the CA directory, so which serials it has
@@ -100,6 +101,9 @@ from gatewayd.https.tls import (
     read_device_crl,
 )
 from gatewayd.identity.directory import lookup_key
+from gatewayd.identity.principal import Principal
+from gatewayd.policy import Policy
+from gatewayd.policy.conditions import SubjectsCondition
 from gatewayd.sessions import Session, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -780,6 +784,29 @@ class EmergencyStop:
         if warning is not None:
             self._next_expiry_warning = now + EXPIRY_WARNING_EVERY
             log.warning("%s", warning)
+
+
+def still_entitled(policy: Policy, principal: Principal) -> bool:
+    """Whether any allow rule of ``policy`` could still admit ``principal``.
+
+    For the directory refresh (issue 4: "a user removed from all allowed groups … loses their
+    open sessions … ``directory_revoked``"): a person whose groups no longer give any role —
+    moved to another department, left every telework group — is signed out at the next
+    refresh instead of keeping a session that policy would deny request by request. Only the
+    rule's subjects count (users, groups, roles compiled into both, case-insensitively, as
+    `decide` compares them); an allow rule for everyone (``subjects: "*"``) entitles everyone.
+    Time, network, method and destination conditions do not: outside office hours a session
+    stays, it is just denied.
+    """
+    user = principal.user.casefold()
+    groups = frozenset(group.casefold() for group in principal.groups)
+    for rule in policy.rules:
+        if rule.effect != "allow":
+            continue
+        subjects = [c for c in rule.conditions if isinstance(c, SubjectsCondition)]
+        if all(user in c.users or not c.groups.isdisjoint(groups) for c in subjects):
+            return True
+    return False
 
 
 def _made_with(session: Session, serials: set[int], devices: set[str]) -> bool:

@@ -7,7 +7,9 @@ handshakes in memory:
 * the highest CRL number is kept across restarts: an older list stops the start (per issuing
   CA: a new device CA starts at 1), and ``certs crl --renew --min-number`` is the way out;
 * a client certificate refused in the handshake (revoked, expired, another CA, wrong key
-  usage) is audited as ``auth.failure`` with its reason, and a flood is summed up.
+  usage) is audited as ``auth.failure`` with its reason, and a flood is summed up;
+* `still_entitled`: whether a refreshed principal still holds a group or name an allow rule
+  admits (a user removed from every allowed group loses the session).
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ from gatewayd.emergency import (
     TLS_AUDIT_WINDOW,
     CrlRollbackError,
     EmergencyStop,
+    still_entitled,
     tls_refusal_reason,
 )
 from gatewayd.https.tls import ServerContext, server_context
 from gatewayd.identity.principal import Principal
+from gatewayd.policy import load_policy, load_policy_texts
 from gatewayd.sessions import Session, SessionRegistry
 
 Pair = tuple[Path, Path]
@@ -372,3 +376,40 @@ def test_the_hook_never_raises_into_the_handshake(tmp_path: Path, ca: Path,
     stop = EmergencyStop(settings, registry, emit=broken, refresh_directory=no_refresh)
     stop.tls_refused(23, "certificate revoked")  # logged, not raised
     assert "cannot audit a refused device certificate" in caplog.text
+
+
+# --- who is still entitled after a directory refresh -----------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("user", "groups", "entitled"),
+    [("alice", {"telework-staff"}, True),
+     ("alice", {"general-affairs", "telework-staff"}, True),
+     ("bob", {"TELEWORK-MANAGERS"}, True),  # compared case-insensitively, like decide()
+     ("carol", {"security-auditors"}, True),
+     ("alice", set(), False),  # removed from every group
+     ("alice", {"general-affairs", "Sales, East"}, False),  # groups no rule allows
+     ("mallory", {"telework-staffers"}, False)],
+)
+def test_still_entitled_with_the_shipped_policy(user: str, groups: set[str],
+                                               entitled: bool) -> None:
+    policy = load_policy(REPO / "policies")
+    assert still_entitled(policy, Principal(user, frozenset(groups))) is entitled
+
+
+def test_entitled_by_name_by_role_or_by_an_allow_for_everyone() -> None:
+    roles = ("roles:\n  ops: {groups: [it-ops], users: [Dave]}\n"
+             "services:\n  wiki: {kind: http, prefixes: /wiki/}\n")
+    named = load_policy_texts({"a.yaml": roles + (
+        "rules:\n  - {id: ops, effect: allow, subjects: {roles: [ops]}, services: wiki}\n"
+        "  - {id: erin, effect: allow, subjects: {users: [erin]}, services: wiki}\n"
+        "  - {id: no-frank, effect: deny, subjects: {users: [frank]}, services: wiki}\n")})
+    assert still_entitled(named, Principal("dave"))  # a role's user, any case
+    assert still_entitled(named, Principal("x", frozenset({"IT-Ops"})))
+    assert still_entitled(named, Principal("erin"))
+    assert not still_entitled(named, Principal("frank"))  # a deny rule entitles nobody
+    everyone = load_policy_texts({"a.yaml": roles + (
+        "rules:\n  - {id: all, effect: allow, subjects: '*', services: wiki}\n")})
+    assert still_entitled(everyone, Principal("anyone"))
