@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from https_harness import password_hash
+from ldap_server import running_slapd
 
 from gatewayd.certs import new_ssh_key, ssh_private_key, ssh_public_key
 from gatewayd.cli import main
@@ -269,3 +270,30 @@ def test_local_ports_run_out() -> None:
     many = [(f"s{i:05d}", "h:1", 1) for i in range(LOCAL_PORT_LAST - LOCAL_PORT_BASE + 2)]
     with pytest.raises(ValueError, match="no free local port"):
         local_ports(many)
+
+
+def test_ldap_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Groups (nested three deep) and the office_pc attribute come from a real slapd."""
+    config = write_config(tmp_path)
+    with running_slapd(tmp_path / "slapd") as slapd:
+        directory = slapd.directory_settings()
+        ldap = directory.pop("ldap")
+        attributes = ldap.pop("attributes")
+        text = config.read_text().replace('[directory]\nfile = "users.toml"\n', "")
+        text += "[directory]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                          for k, v in directory.items())
+        text += "[directory.ldap]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in ldap.items())
+        text += "attributes = {" + ", ".join(f"{k} = {json.dumps(v)}"
+                                             for k, v in attributes.items()) + "}\n"
+        config.write_text(text)
+        status, out, err = client_config(capsys, config, "--user", "alice")
+        assert (status, err) == (0, "")
+        assert ssh_g(tmp_path, out)["localforward"] == [
+            "[127.0.0.1]:10993 [mail.ward.local]:993", "[127.0.0.1]:10587 [mail.ward.local]:587",
+            "[127.0.0.1]:13389 [pc-0042.ward.local]:3389"]
+        status, out, err = client_config(capsys, config, "--user", "dave")  # locked account
+        assert (status, out) == (1, "")
+        assert "no such user, or the account is disabled" in err
+    status, out, err = client_config(capsys, config, "--user", "alice")  # slapd is gone
+    assert (status, out) == (1, "")
+    assert "the directory is unavailable" in err

@@ -28,8 +28,10 @@ Owns what a certificate the gateway issues looks like — the contract with the 
     in to the portal never buys SSH access beyond the session it was issued from;
   - a random 64-bit serial, for the audit record and the SSH server's log.
 
-Reading the CA key and signing are blocking (a file read) and run in a thread; Ed25519
-signing itself takes about 35 µs (measured), so that is the file read, not the maths.
+Reading the CA key and signing are blocking (a file read) and run in a thread. Measured on
+the development machine: checking a pasted key 8 µs (RSA-3072: 13 µs), reading the CA key
+and signing 78 µs (the Ed25519 signature alone about 35 µs), 181 µs through
+``asyncio.to_thread``: the thread is for the disk, not for the maths.
 
 * **Who may have one** (`allowed_tunnels`): only a user whose policy allows at least one
   TCP service destination now — the same `decide()` the SSH listener makes per tunnel, for
