@@ -5,7 +5,7 @@ policy, listeners) and passes them explicitly to whatever needs them — there i
 module-level state anywhere in the package. Lifecycle order, as in uvicorn:
 
 * ``start()``: open the audit log (resume its chain), audit pending TOTP enrollments, load the
-  assertion key and the upstream pools, then the listeners (metrics, HTTPS); readiness turns
+  assertion key and the upstream pools, then the listeners (metrics, HTTPS, SSH); readiness turns
   true only after all of them (and while the directory answers).
 * ``reload()`` (SIGHUP): re-read the config file and the policy directory; an invalid new
   config or policy is rejected as a whole and the old one stays. Recorded as
@@ -55,7 +55,8 @@ from gatewayd.metrics import Metrics, metrics_app, serve_metrics
 from gatewayd.policy import Policy, PolicyError, load_policy
 from gatewayd.sdnotify import SystemdNotifier
 from gatewayd.sessions import Session, SessionRegistry
-from gatewayd.state import MemoryState
+from gatewayd.ssh.server import SshConfigError, SshFrontend
+from gatewayd.state import StateUnavailable, build_state
 from gatewayd.tasks import cancel_and_wait
 
 AUDIT_FAILURE_REASON = "audit_unavailable"
@@ -164,6 +165,7 @@ class Listeners:
     metrics_url: str | None
     https_url: str | None = None
     admin_socket: str | None = None
+    ssh_port: int | None = None
 
 
 SESSION_SWEEP_INTERVAL = 15.0  # seconds; idle sessions (and their WebSockets) end this late at most
@@ -199,7 +201,7 @@ class Gateway:
         self.listeners = Listeners(metrics_url=None)
         self._clock = clock
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
-        self.state = MemoryState(clock=clock)
+        self.state = build_state(settings, clock)
         self.sessions = build_session_registry(settings, clock, self._on_session_end)
         self.authenticator: Authenticator = build_authenticator(
             settings, state=self.state, audit_emit=self._emit_audit, response_floor=login_pacing
@@ -209,6 +211,7 @@ class Gateway:
                                        refresh_directory=self.refresh_principals)
         self._signer: AssertionSigner | None = None
         self.https = HttpsFrontend(self) if settings.https.enabled else None
+        self.ssh = SshFrontend(self) if settings.ssh.enabled else None
         self.admin = AdminServer(settings.admin, self) if settings.admin.enabled else None
         self._runners: list[web.AppRunner] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -244,23 +247,24 @@ class Gateway:
         self._started = True
         self._set_reload_ok(True)
         self.log.info("gateway started", version=__version__, metrics=self.listeners.metrics_url,
-                      https=self.listeners.https_url)
+                      https=self.listeners.https_url, ssh_port=self.listeners.ssh_port)
 
     async def _start_services(self) -> None:
         """What the listeners depend on: audited TOTP enrollments, keys, upstream pools."""
         settings = self.settings
-        if self.https is None:
+        if self.https is None and self.ssh is None:
             return
         await self.authenticator.totp.flush_enrollments()
-        try:
-            self._signer = await open_signer(
-                settings.gateway.state_dir, issuer=settings.https.public_url,
-                io_timeout=settings.directory.timeout.total_seconds(),
-                clock=lambda: self._wall_clock().timestamp(),
-            )
-            await self.upstreams.reconfigure(settings.upstreams)
-        except (AssertionKeyError, UpstreamConfigError) as exc:
-            raise GatewayError([str(exc)]) from None
+        if self.https is not None:
+            try:
+                self._signer = await open_signer(
+                    settings.gateway.state_dir, issuer=settings.https.public_url,
+                    io_timeout=settings.directory.timeout.total_seconds(),
+                    clock=lambda: self._wall_clock().timestamp(),
+                )
+                await self.upstreams.reconfigure(settings.upstreams)
+            except (AssertionKeyError, UpstreamConfigError) as exc:
+                raise GatewayError([str(exc)]) from None
         self._spawn(self.sessions.sweep_forever(SESSION_SWEEP_INTERVAL), "gatewayd.sessions.sweep")
         self._spawn(self._refresh_principals_forever(
             settings.directory.refresh_interval.total_seconds()), "gatewayd.sessions.refresh")
@@ -313,9 +317,20 @@ class Gateway:
             self._runners.append(runner)
             metrics_url = f"http://{_url_host(metrics.listen.host)}:{port}/metrics"
         https_url = await self._start_https() if self.https is not None else None
+        ssh_port = await self._start_ssh() if self.ssh is not None else None
         admin_socket = await self._start_admin() if self.admin is not None else None
         self.listeners = Listeners(metrics_url=metrics_url, https_url=https_url,
-                                   admin_socket=admin_socket)
+                                   admin_socket=admin_socket, ssh_port=ssh_port)
+
+    async def _start_ssh(self) -> int:
+        assert self.ssh is not None
+        try:
+            return await self.ssh.start()
+        except SshConfigError as exc:
+            raise GatewayError([str(exc)]) from None
+        except OSError as exc:
+            raise GatewayError([f"ssh.listen {self.settings.ssh.listen}: "
+                                f"{exc.strerror or exc}"]) from None
 
     async def _start_admin(self) -> str:
         assert self.admin is not None
@@ -360,13 +375,22 @@ class Gateway:
         if self.https is not None:
             with contextlib.suppress(Exception):
                 await self.https.stop_accepting()
-        self.sessions.end_all("shutdown")  # each writes session.end; WebSockets close now
+        if self.ssh is not None:
+            with contextlib.suppress(Exception):
+                await self.ssh.stop_accepting()
+        # Each writes session.end; WebSockets close and SSH connections disconnect now.
+        self.sessions.end_all("shutdown")
         if self.https is not None:
             with contextlib.suppress(Exception):
                 await self.https.close()
+        if self.ssh is not None:
+            with contextlib.suppress(Exception):
+                await self.ssh.close()
         with contextlib.suppress(Exception):
             await self.upstreams.close()
         await self._close_directory()
+        with contextlib.suppress(Exception):
+            await self.state.close()
         await self._cancel_tasks()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
@@ -473,6 +497,10 @@ class Gateway:
             closed = self.https.policy_changed()  # WebSockets the new policy denies close now
             if closed:
                 self.log.info("closed WebSockets the new policy denies", count=closed)
+        if self.ssh is not None:
+            closed = self.ssh.policy_changed()  # tunnels the new policy denies close now
+            if closed:
+                self.log.info("closed SSH tunnels the new policy denies", count=closed)
         return True
 
     def _reject_reload(self, errors: list[str]) -> bool:
@@ -564,7 +592,8 @@ class Gateway:
             node=self.settings.gateway.node, sessions=self.sessions,
             seats=self.settings.sessions.max_concurrent,
             listeners={"https": listeners.https_url, "metrics": listeners.metrics_url,
-                       "admin": listeners.admin_socket},
+                       "admin": listeners.admin_socket,
+                       "ssh": f"port {listeners.ssh_port}" if listeners.ssh_port else None},
             reload_ok=self.last_reload_ok,
         )
 
@@ -583,11 +612,14 @@ class Gateway:
             reason=reason, duration_ms=round(duration * 1000), bytes_up=session.bytes_up,
             bytes_down=session.bytes_down,
         )
+        if self.ssh is not None:
+            self.ssh.session_ended(session, reason)  # revocations reach SSH certificates too
 
     # --- health ------------------------------------------------------------------------------
 
     async def readiness(self) -> tuple[bool, str]:
-        """Ready: started, audit writable, listeners accepting, directory answering.
+        """Ready: started, audit writable, listeners accepting, state store and directory
+        answering.
 
         The directory gets 3 s: the metrics listener allows the whole check 5 s, and a
         directory that hangs must read as "directory unavailable", not as a failed check.
@@ -596,13 +628,26 @@ class Gateway:
             return False, "starting or stopping"
         if not self.audit.healthy and self.settings.audit.on_failure == "deny":
             return False, "audit log cannot be written"
-        if self.https is not None:
-            if not self.https.listening:
-                return False, "https listener is not accepting"
-            try:
-                reachable = await asyncio.wait_for(self.authenticator.directory.check(), 3.0)
-            except TimeoutError:
-                reachable = False
-            if not reachable:
-                return False, "directory unavailable"
+        if self.https is not None and not self.https.listening:
+            return False, "https listener is not accepting"
+        if self.ssh is not None and not self.ssh.listening:
+            return False, "ssh listener is not accepting"
+        if self.https is not None or self.ssh is not None:
+            problem = await self._login_backends_problem()
+            if problem is not None:
+                return False, problem
         return True, "ready"
+
+    async def _login_backends_problem(self) -> str | None:
+        """Why logins cannot be judged now (shared state store, directory), or None."""
+        try:
+            # Logins are refused while the shared state (Redis) cannot answer. 1.5 s of the
+            # 5 s budget; the store's own timeout is usually shorter.
+            await asyncio.wait_for(self.state.check(), 1.5)
+        except (StateUnavailable, TimeoutError):
+            return "state store unavailable"
+        try:
+            reachable = await asyncio.wait_for(self.authenticator.directory.check(), 3.0)
+        except TimeoutError:
+            reachable = False
+        return None if reachable else "directory unavailable"

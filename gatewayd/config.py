@@ -499,6 +499,8 @@ class SshSettings(_Section):
     preauth_per_source: Int = Field(default=4, ge=1, le=1000)
     connect_rate_per_source: Int = Field(default=20, ge=1, le=100_000)
     address_overrides: dict[HostPort, HostPort] = Field(default_factory=dict)
+    window: Size = Field(default=8 * 1024**2, ge=64 * 1024, le=1024**3)
+    max_packet_size: Size = Field(default=32 * 1024, ge=4 * 1024, le=256 * 1024)
 
     _resolve = field_validator("host_key_file", "user_ca_key_file",
                                mode="after")(_resolve_relative)

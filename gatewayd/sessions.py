@@ -35,7 +35,9 @@ END_REASONS: Final[frozenset[str]] = frozenset(
     {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown",
      "replaced", "directory_revoked",
      # the emergency stop (gatewayd.emergency): `certs revoke` and `users disable`
-     "device_revoked", "user_disabled"}
+     "device_revoked", "user_disabled",
+     # an SSH client closed its connection, or stopped answering keepalives (gatewayd.ssh)
+     "disconnected"}
 )
 Closer = Callable[[str], None]
 """Called once with the end reason when the session ends; must not block."""
@@ -80,6 +82,10 @@ class Session:
         stays the same for the session's whole life, across id rotations.
     created, last_seen, mfa_at: clock seconds of login, last activity, last TOTP check.
     ended: the end reason once the session has ended, else None.
+    seat: the handle of the session whose seat this one shares (an SSH session signed in with
+        a certificate its live portal session issued), or None: it holds a seat of its own.
+        A seat is counted once however many sessions share it (``sessions.max_concurrent``
+        and ``sessions.per_user`` count seats), and stays taken while any of them lives.
     """
 
     id_hash: str
@@ -96,11 +102,20 @@ class Session:
     bytes_down: int = 0
     open_tunnels: int = 0  # SSH direct-tcpip channels open now (gatewayd.ssh.tunnel counts)
     ended: str | None = None
+    seat: str | None = None
+    # Serial of the device certificate the session signed in with (None: none, or not
+    # recorded): revoking that one certificate ends this session (gatewayd.emergency).
+    device_serial: int | None = None
     _closers: list[Closer] = field(default_factory=list, repr=False)
 
     @property
     def user(self) -> str:
         return self.principal.user
+
+    @property
+    def seat_key(self) -> str:
+        """The seat this session occupies: its own handle, or the one it shares."""
+        return self.seat or self.handle
 
     def mfa_age(self, now: float) -> float:
         """Seconds since the last successful TOTP check (for `AccessRequest.mfa_age`)."""
@@ -166,6 +181,7 @@ class SessionRegistry:
         self._on_end = on_end
         self._by_hash: dict[str, Session] = {}
         self._by_user: dict[str, list[Session]] = {}  # limits and end_user without a scan
+        self._seats: dict[str, int] = {}  # seat key -> how many live sessions share it
 
     # --- creating and resolving ------------------------------------------------------------
 
@@ -179,6 +195,8 @@ class SessionRegistry:
         device_user: str | None = None,
         now: float | None = None,
         replace_oldest: bool = False,
+        seat_of: Session | None = None,
+        device_serial: int | None = None,
     ) -> tuple[str, Session]:
         """Start a session after a successful login (password + TOTP, so ``mfa_at = now``).
 
@@ -188,23 +206,37 @@ class SessionRegistry:
         does not get `PerUserLimit`: their oldest sessions end with reason ``"replaced"``
         instead — newest login wins, so someone whose browser crashed (its cookie gone, its
         session still counted) is not locked out until the idle timeout.
+
+        ``seat_of``: a live session of the same user whose seat the new one shares (no limit
+        applies, no one is replaced); ignored when it has ended or belongs to someone else.
         """
         now = self._clock() if now is None else now
         self.sweep(now)
-        if replace_oldest:
-            self._make_room_for(principal.user)
-        if len(self._by_hash) >= self.max_concurrent:
-            raise SeatsFull(self.max_concurrent)
-        if self._count_user(principal.user) >= self.per_user:
-            raise PerUserLimit(self.per_user)
+        shared = self._shared_seat(seat_of, principal.user)
+        if shared is None:
+            if replace_oldest:
+                self._make_room_for(principal.user)
+            if len(self._seats) >= self.max_concurrent:
+                raise SeatsFull(self.max_concurrent)
+            if self._count_user(principal.user) >= self.per_user:
+                raise PerUserLimit(self.per_user)
         raw_id, id_hash = self._new_id()
         session = Session(
             id_hash=id_hash, principal=principal, frontend=frontend, source_ip=source_ip,
             device=device, device_user=device_user, created=now, last_seen=now, mfa_at=now,
+            seat=shared, device_serial=device_serial,
         )
         self._by_hash[id_hash] = session
         self._by_user.setdefault(principal.user, []).append(session)
+        self._seats[session.seat_key] = self._seats.get(session.seat_key, 0) + 1
         return raw_id, session
+
+    def _shared_seat(self, seat_of: Session | None, user: str) -> str | None:
+        if seat_of is None or seat_of.ended is not None or seat_of.user != user:
+            return None
+        if self._by_hash.get(seat_of.id_hash) is not seat_of:
+            return None
+        return seat_of.seat_key
 
     def _make_room_for(self, user: str) -> None:
         while self._count_user(user) >= self.per_user:
@@ -337,11 +369,21 @@ class SessionRegistry:
                 return raw_id, id_hash
 
     def _count_user(self, user: str) -> int:
-        return len(self._by_user.get(user, ()))
+        """Seats ``user`` holds (sessions sharing one seat count once)."""
+        return len({session.seat_key for session in self._by_user.get(user, ())})
+
+    def seats_taken(self) -> int:
+        """Seats in use on this node (what ``sessions.max_concurrent`` limits)."""
+        return len(self._seats)
 
     def _unindex(self, session: Session) -> None:
         if self._by_hash.get(session.id_hash) is session:
             del self._by_hash[session.id_hash]
+            left = self._seats.get(session.seat_key, 0) - 1
+            if left > 0:
+                self._seats[session.seat_key] = left
+            else:
+                self._seats.pop(session.seat_key, None)
         same_user = self._by_user.get(session.principal.user)
         if same_user is not None and session in same_user:
             same_user.remove(session)

@@ -285,7 +285,7 @@ def test_unknown_end_reason_is_a_programming_error() -> None:
 
 
 def test_end_reasons_are_the_contract() -> None:
-    assert {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown", "replaced", "directory_revoked", "device_revoked", "user_disabled"} == END_REASONS
+    assert {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown", "replaced", "directory_revoked", "device_revoked", "user_disabled", "disconnected"} == END_REASONS
 
 
 def test_end_user_and_end_all() -> None:
@@ -423,3 +423,38 @@ def test_ending_frees_the_per_user_slot_and_leaves_no_index_behind() -> None:
     h.clock.now += 900
     h.registry.sweep()
     assert h.registry._by_user == {} and h.registry._by_hash == {}
+
+
+def test_a_session_sharing_a_live_seat_needs_no_seat_of_its_own() -> None:
+    h = Harness(max_concurrent=1, per_user=1)
+    _, portal = h.login()
+    _, tunnel = h.registry.create(ALICE, frontend="ssh", source_ip="192.0.2.7", seat_of=portal)
+    assert tunnel.seat == portal.handle and tunnel.seat_key == portal.seat_key
+    assert h.registry.seats_taken() == 1 and h.registry.active() == 2 and h.ended == []
+    with pytest.raises(SeatsFull):  # the one seat is still taken by the pair
+        h.login(BOB)
+    h.registry.end(portal, "logout")
+    assert h.registry.seats_taken() == 1  # the tunnel keeps the shared seat
+    h.registry.end(tunnel, "disconnected")
+    assert h.registry.seats_taken() == 0
+    h.login(BOB)
+
+
+@pytest.mark.parametrize("case", ["ended", "other_user"])
+def test_a_seat_is_shared_only_with_a_live_session_of_the_same_user(case: str) -> None:
+    h = Harness(max_concurrent=5, per_user=1)
+    _, portal = h.login(BOB if case == "other_user" else ALICE)
+    if case == "ended":
+        h.registry.end(portal, "logout")
+    _, tunnel = h.registry.create(ALICE, frontend="ssh", source_ip="192.0.2.7", seat_of=portal)
+    assert tunnel.seat is None and tunnel.seat_key == tunnel.handle
+
+
+def test_replacing_at_the_per_user_cap_ends_every_session_of_the_shared_seat() -> None:
+    h = Harness(per_user=1)
+    _, portal = h.login()
+    _, tunnel = h.registry.create(ALICE, frontend="ssh", source_ip="192.0.2.7", seat_of=portal)
+    _, newest = h.registry.create(ALICE, frontend="https", source_ip="192.0.2.7",
+                                  replace_oldest=True)
+    assert [(s, r) for s, r in h.ended] == [(portal, "replaced"), (tunnel, "replaced")]
+    assert h.registry.sessions() == [newest]

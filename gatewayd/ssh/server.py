@@ -1,0 +1,735 @@
+"""The SSH listener: accepting, authenticating, and tying each connection to a session.
+
+Owns `SshFrontend` (one per Gateway: the listening socket, the pre-auth caps, the live
+connections) and `GatewayServer` (asyncssh's per-connection server object). One connection::
+
+    accept()                          `Admission` (gatewayd.ssh.admission): over a cap, the
+                                      socket is closed before a single SSH byte is sent
+    asyncssh.run_server(sock)         key exchange with `KEX_ALGS` / `CIPHERS` / `MACS` only,
+                                      strict KEX, ed25519 host key, ``ssh.login_grace_time``
+    keyboard-interactive              password + TOTP code in one round → Authenticator.login
+      or user certificate             the portal's certificate (gatewayd.ssh.auth)
+                                      at most ``ssh.max_auth_tries`` failures, then disconnect
+    session in the registry           frontend "ssh": seats, per-user cap, idle and absolute
+                                      timeouts; auth.success + session.start audited
+    "session" channel                 a banner (user, device, reachable services, expiry) and
+                                      nothing else: no shell, no command, stdin ignored
+    "direct-tcpip" channels           `Tunnels.open` (gatewayd.ssh.tunnel): policy per open
+    anything else                     refused: exec/subsystem get a message on stderr and exit
+                                      status 126; -R, streamlocal, agent, X11, tun/tap refused
+
+**Seats.** A session signed in with a certificate shares the seat of the portal session that
+issued it while that one lives (`SessionRegistry.create(seat_of=…)`): with ``per_user = 1``
+a member of staff keeps the browser session and the tunnel. Keyboard-interactive logins are
+new logins: newest wins at the per-user cap, as on the HTTPS listener (the oldest session of
+that user ends as ``replaced``). A certificate session also ends when the certificate
+expires, whatever ``sessions.absolute_timeout`` says.
+
+**Ending.** Whatever ends a session (logout, admin kill, idle or absolute timeout, disabled
+user, revoked device, directory change, shutdown) runs its closer here: the connection is
+disconnected with the reason at once (the OpenSSH client prints it). A client that closes its
+connection, or stops answering keepalives (``ssh.keepalive_interval`` times ``keepalive_count``),
+ends its session as ``disconnected``. When a portal session ends by a revocation (sign-out,
+admin kill, disable, device revocation, directory change), the SSH sessions signed in with
+its certificates end with the same reason and those certificates are refused from then on.
+
+**Certificates and asyncssh.** asyncssh checks a certificate's CA, principal, validity and
+signatures, but its public API never shows the server the key id, which names the device and
+the portal session. So `GatewayServer.connection_made` wraps the connection's
+``validate_public_key`` (the method asyncssh's public-key auth calls with the raw key blob)
+with a filter that runs `gatewayd.ssh.auth` first and lets asyncssh's own checks decide after.
+This adds a check; it replaces none of asyncssh's.
+
+**RFC 4252 partial success** (certificate, then keyboard-interactive) is not offered: asyncssh
+has no public way for the server to answer "partial success", and the certificate already
+proves a fresh MFA login at the portal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncssh
+from asyncssh.kex import get_kex_algs
+
+from gatewayd.audit import AuditWriteError
+from gatewayd.identity.authenticator import LoginResult
+from gatewayd.identity.directory import DirectoryUnavailable
+from gatewayd.identity.principal import Principal
+from gatewayd.sessions import PerUserLimit, SeatsFull, Session
+from gatewayd.ssh.admission import Admission
+from gatewayd.ssh.auth import (
+    KBDINT_CHALLENGE,
+    REVOKING_END_REASONS,
+    CertificateClaims,
+    CertificateRefused,
+    KbdIntChallenge,
+    RevokedSessions,
+    check_certificate,
+    decode_certificate,
+    device_owner,
+    device_revoked,
+    read_responses,
+    same_key,
+    usable_username,
+)
+from gatewayd.ssh.tunnel import Tunnels
+from gatewayd.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from gatewayd.app import Gateway
+
+log = logging.getLogger(__name__)
+
+FRONTEND: Final = "ssh"
+# Hybrid post-quantum first where asyncssh + cryptography offer it, then X25519.
+PREFERRED_KEX: Final = ("mlkem768x25519-sha256", "sntrup761x25519-sha512",
+                        "sntrup761x25519-sha512@openssh.com", "curve25519-sha256",
+                        "curve25519-sha256@libssh.org")
+# AES-GCM first: AES-NI makes it the fastest on the gateway's x86 hardware.
+CIPHERS: Final = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                  "aes256-gcm@openssh.com")
+MACS: Final = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
+SERVER_VERSION: Final = "gatewayd"
+AUTH_TIMEOUT: Final = 30.0  # seconds; the authenticator bounds itself, this catches a wedge
+MAX_PLAIN_KEYS: Final = 16  # plain public keys offered per connection before a disconnect
+CLOSE_WAIT: Final = 5.0  # seconds `close` waits for connections to finish closing
+REFUSED_COMMAND: Final = (
+    "gatewayd: this gateway runs no commands, shells or subsystems; it carries tunnels only.\n"
+    "  Use: ssh -N -L 4445:fileserver.ward.local:445 gateway   (or ssh -D 1080 gateway)\n")
+EXIT_REFUSED: Final = 126
+
+
+def kex_algorithms() -> list[str]:
+    """`PREFERRED_KEX` that this asyncssh (and cryptography) build implements."""
+    available = {alg.decode("ascii") for alg in get_kex_algs()}
+    return [alg for alg in PREFERRED_KEX if alg in available]
+
+
+class SshConfigError(Exception):
+    """The SSH listener cannot start (host key or CA unusable); the message says why."""
+
+
+def load_host_key(path: Path) -> asyncssh.SSHKey:
+    """The Ed25519 host key (blocking)."""
+    try:
+        key = asyncssh.read_private_key(path)
+    except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+        raise SshConfigError(f"ssh.host_key_file {path}: {exc}") from None
+    if key.get_algorithm() != "ssh-ed25519":
+        raise SshConfigError(f"ssh.host_key_file {path}: an Ed25519 key is required, "
+                             f"not {key.get_algorithm()}")
+    return key
+
+
+def load_user_ca(path: Path) -> asyncssh.SSHKey:
+    """The public half of the SSH user CA key (blocking; the private half is not kept)."""
+    try:
+        return asyncssh.read_private_key(path).convert_to_public()
+    except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+        raise SshConfigError(f"ssh.user_ca_key_file {path}: {exc}") from None
+
+
+def keepalive_count_max(count: int) -> int:
+    """asyncssh's ``keepalive_count_max`` for ``ssh.keepalive_count``.
+
+    asyncssh disconnects when more than ``count_max`` probes in a row went unanswered, i.e.
+    at the probe after; so ``count - 1`` frees a dead client within interval * count. At
+    least 1: with 0, the first timer would disconnect a quiet client before any probe.
+    """
+    return max(1, count - 1)
+
+
+class SshFrontend:
+    """The SSH listener of one gateway. `start` / `stop_accepting` / `close`."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        ssh = gateway.settings.ssh
+        self.admission = Admission(
+            total=ssh.preauth_total, per_source=ssh.preauth_per_source,
+            rate_per_minute=ssh.connect_rate_per_source, registry=gateway.metrics.registry)
+        self.tunnels = Tunnels(gateway=gateway)
+        self.revoked = RevokedSessions(clock=gateway.clock)
+        self.user_ca: asyncssh.SSHKey | None = None
+        self.servers: set[GatewayServer] = set()
+        self._options: asyncssh.SSHServerConnectionOptions | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._serving: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Load the keys, listen on ``ssh.listen``; returns the bound port (for port 0)."""
+        ssh = self.gateway.settings.ssh
+        host_key = await asyncio.to_thread(load_host_key, ssh.host_key_file)
+        if ssh.user_ca_key_file is not None:
+            self.user_ca = await asyncio.to_thread(load_user_ca, ssh.user_ca_key_file)
+        self._options = await self._build_options(host_key)
+        family = socket.AF_INET6 if ":" in ssh.listen.host else socket.AF_INET
+        sock = socket.create_server((ssh.listen.host, ssh.listen.port), family=family,
+                                    backlog=512)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = asyncio.get_running_loop().create_task(
+            self._accept_forever(sock), name="gatewayd.ssh.accept")
+        return int(sock.getsockname()[1])
+
+    async def _build_options(self, host_key: asyncssh.SSHKey
+                             ) -> asyncssh.SSHServerConnectionOptions:
+        ssh = self.gateway.settings.ssh
+        grace = ssh.login_grace_time.total_seconds()
+        options: asyncssh.SSHServerConnectionOptions
+        options = await asyncssh.SSHServerConnectionOptions.construct(
+            server_factory=lambda: GatewayServer(self),
+            server_host_keys=[host_key], server_version=SERVER_VERSION,
+            kex_algs=kex_algorithms(), encryption_algs=list(CIPHERS), mac_algs=list(MACS),
+            compression_algs=["none"],
+            public_key_auth=self.user_ca is not None, kbdint_auth=True, password_auth=False,
+            host_based_auth=False, gss_auth=False, gss_kex=False, gss_host=None,
+            agent_forwarding=False, x11_forwarding=False, allow_pty=True, rdns_lookup=False,
+            login_timeout=grace, connect_timeout=grace + 5,
+            keepalive_interval=ssh.keepalive_interval.total_seconds(),
+            keepalive_count_max=keepalive_count_max(ssh.keepalive_count),
+            window=ssh.window, max_pktsize=ssh.max_packet_size,
+        )
+        return options
+
+    @property
+    def listening(self) -> bool:
+        return self._sock is not None
+
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; open connections stay (see `close`)."""
+        task, self._accepting = self._accepting, None
+        if task is not None:
+            await cancel_and_wait([task])
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    async def close(self) -> None:
+        """Close every connection (sessions have ended by now) and forget them."""
+        await self.stop_accepting()
+        for server in list(self.servers):
+            server.close_connection()
+        pending = [server.closed for server in self.servers]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending), CLOSE_WAIT)
+        tasks, self._serving = self._serving, set()
+        await cancel_and_wait(tasks)
+
+    # --- accepting -----------------------------------------------------------------------
+
+    async def _accept_forever(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("ssh accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            source = str(peer[0])
+            if self.admission.admit(source) is not None:
+                conn.close()  # before any SSH byte: no key exchange for a flood
+                continue
+            task = loop.create_task(self._serve(conn, source), name="gatewayd.ssh.handshake")
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, conn: socket.socket, source: str) -> None:
+        """Handshake and authentication of one admitted connection (its pre-auth phase)."""
+        assert self._options is not None
+        try:
+            await asyncssh.run_server(conn, options=self._options)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            log.debug("ssh connection from %s ended before authentication: %s", source, exc)
+        except Exception:
+            log.exception("ssh handshake failed unexpectedly")
+        finally:
+            self.admission.release(source)
+
+    # --- the gateway's hooks ---------------------------------------------------------------
+
+    def policy_changed(self) -> int:
+        """Re-decide every open tunnel against the current policy; returns how many closed."""
+        closed = 0
+        for server in list(self.servers):
+            if server.session is not None and server.session.ended is None:
+                closed += self.tunnels.recheck(server.session)
+        return closed
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        """A session ended: a revocation also kills the portal session's certificates."""
+        if reason not in REVOKING_END_REASONS:
+            return
+        lifetime = self.gateway.sessions.absolute_timeout
+        handles = {session.handle}
+        handles.update(server.claims.portal_session for server in self.servers
+                       if server.session is session and server.claims is not None)
+        for handle in handles:
+            self.revoked.revoke(handle, lifetime)
+        for server in list(self.servers):
+            claims = server.claims
+            if claims is not None and claims.portal_session in handles \
+                    and server.session is not None and server.session is not session:
+                self.gateway.sessions.end(server.session, reason)
+
+
+class GatewayServer(asyncssh.SSHServer):
+    """asyncssh's server object for one connection: authentication, session, channels."""
+
+    def __init__(self, frontend: SshFrontend) -> None:
+        self._frontend = frontend
+        self._gateway = frontend.gateway
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self.source_ip = ""
+        self.session: Session | None = None
+        self.claims: CertificateClaims | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._failures = 0
+        self._plain_keys = 0
+        self._verdicts: dict[bytes, tuple[CertificateClaims, Principal] | None] = {}
+        self._remove_closer: Callable[[], None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.banners: set[BannerSession] = set()
+
+    # --- connection ------------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self.source_ip = str(peer[0]) if peer else ""
+        self._frontend.servers.add(self)
+        _filter_certificates(conn, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._frontend.servers.discard(self)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._remove_closer is not None:
+            self._remove_closer()
+        session = self.session
+        if session is not None and session.ended is None:
+            self._gateway.sessions.end(session, "disconnected")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def _disconnect(self, message: str, code: int = asyncssh.DISC_BY_APPLICATION) -> None:
+        conn = self._conn
+        if conn is not None:
+            # After the current packet (an auth failure) is answered, not in its middle.
+            asyncio.get_running_loop().call_soon(conn.disconnect, code, message)
+
+    # --- authentication: shared -------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # every user must authenticate; unknown names fail like wrong passwords
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def _failed(self) -> bool:
+        """Count a failed attempt; the last one allowed disconnects. Always False."""
+        self._failures += 1
+        if self._failures >= self._gateway.settings.ssh.max_auth_tries:
+            self._disconnect("Too many authentication failures",
+                             asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE)
+        return False
+
+    def _record(self, **fields: Any) -> bool:
+        """`Gateway.record_auth` for this connection; False when it could not be recorded."""
+        try:
+            self._gateway.record_auth(frontend=FRONTEND, source_ip=self.source_ip, **fields)
+        except AuditWriteError:
+            self._disconnect("gatewayd cannot record sign-ins right now; try again later")
+            return False
+        return True
+
+    def _audit_refuses(self) -> bool:
+        gateway = self._gateway
+        return gateway.settings.audit.on_failure == "deny" and not gateway.audit.healthy
+
+    # --- keyboard-interactive: password + TOTP code -------------------------------------------
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> KbdIntChallenge:
+        return KBDINT_CHALLENGE
+
+    async def validate_kbdint_response(self, username: str, responses: Any) -> bool:
+        answer = read_responses(responses if isinstance(responses, (list, tuple)) else ())
+        if answer is None or not usable_username(username):
+            self._record(user=None, ok=False, reason="malformed_response")
+            return self._failed()
+        if self._audit_refuses():
+            self._disconnect("gatewayd cannot record sign-ins right now; try again later")
+            return False
+        result = await self._login(username, answer.password, answer.code)
+        if not result.ok or result.principal is None:
+            self._record(user=result.user or None, ok=False,
+                         reason=result.detail or result.reason,
+                         locked=result.reason == "locked" or result.lockout_started)
+            if result.reason == "directory_unavailable":
+                self._disconnect("Sign-in is temporarily unavailable; try again in a few "
+                                 "minutes")
+                return False
+            return self._failed()
+        return self._start_session(result.principal, device=None, device_user=None)
+
+    async def _login(self, username: str, password: str, code: str) -> LoginResult:
+        gateway = self._gateway
+        try:
+            return await asyncio.wait_for(gateway.authenticator.login(
+                username, password, code, self.source_ip, gateway.wall_clock().timestamp(),
+            ), AUTH_TIMEOUT)
+        except TimeoutError:
+            return LoginResult(ok=False, principal=None, reason="directory_unavailable")
+        except Exception:  # fail closed; the authenticator is not supposed to raise
+            log.exception("authenticator failed")
+            return LoginResult(ok=False, principal=None, reason="directory_unavailable")
+
+    # --- certificates ----------------------------------------------------------------------
+
+    def public_key_auth_supported(self) -> bool:
+        return self._frontend.user_ca is not None
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        ca = self._frontend.user_ca
+        return ca is not None and same_key(key, ca)
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False  # a plain key is one factor (the filter refuses these before here)
+
+    async def certificate_verdict(self, username: str, key_data: bytes
+                                  ) -> tuple[CertificateClaims, Principal] | None:
+        """Our checks of an offered key (once per key per connection): accepted or None."""
+        if key_data in self._verdicts:
+            return self._verdicts[key_data]
+        verdict = await self._check_certificate(username, key_data)
+        if len(self._verdicts) < MAX_PLAIN_KEYS:
+            self._verdicts[key_data] = verdict
+        return verdict
+
+    async def _check_certificate(self, username: str, key_data: bytes
+                                 ) -> tuple[CertificateClaims, Principal] | None:
+        ca = self._frontend.user_ca
+        parsed = decode_certificate(key_data)
+        if parsed is None or ca is None:
+            self._plain_keys += 1
+            if self._plain_keys > MAX_PLAIN_KEYS:
+                self._disconnect("Too many keys offered",
+                                 asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE)
+            return None  # not counted: an agent offering its keys is not an attack
+        user: str | None = None
+        try:
+            claims = check_certificate(parsed, username=username, ca=ca,
+                                       now=self._gateway.wall_clock())
+            principal = await self._lookup(username)
+            if principal is None:
+                raise CertificateRefused("certificate_user_unknown_or_disabled")
+            user = principal.user
+            self._check_revocations(claims)
+        except CertificateRefused as exc:
+            self._record(user=user, ok=False, reason=exc.detail)
+            self._failed()
+            return None
+        return claims, principal
+
+    async def _lookup(self, username: str) -> Principal | None:
+        directory = self._gateway.authenticator.directory
+        timeout = self._gateway.settings.directory.timeout.total_seconds()
+        try:
+            return await asyncio.wait_for(directory.lookup(username), timeout + 1)
+        except (DirectoryUnavailable, TimeoutError):
+            raise CertificateRefused("directory_unavailable") from None
+
+    def _check_revocations(self, claims: CertificateClaims) -> None:
+        if claims.portal_session in self._frontend.revoked:
+            raise CertificateRefused("certificate_revoked")
+        emergency = self._gateway.emergency
+        if claims.device is not None and device_revoked(
+                emergency.crl, emergency.index, claims.device, claims.valid_after):
+            raise CertificateRefused("certificate_device_revoked")
+
+    def certificate_accepted(self, claims: CertificateClaims, principal: Principal) -> bool:
+        """asyncssh verified the signatures too: sign in (False if no session can start)."""
+        emergency = self._gateway.emergency
+        owner = device_owner(emergency.index, claims.device) if claims.device else None
+        portal = self._gateway.sessions.by_handle(claims.portal_session)
+        if portal is not None and portal.handle != claims.portal_session:
+            portal = None
+        self.claims = claims
+        started = self._start_session(principal, device=claims.device, device_user=owner,
+                                      seat_of=portal, certificate=claims)
+        if started:
+            self._end_with_certificate(claims.valid_before)
+        return started
+
+    def _end_with_certificate(self, valid_before: datetime) -> None:
+        left = (valid_before - self._gateway.wall_clock()).total_seconds()
+        session = self.session
+        if session is None:
+            return
+
+        def expire() -> None:
+            self._gateway.sessions.end(session, "expired")
+
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, left), expire)
+
+    # --- the session ------------------------------------------------------------------------
+
+    def _start_session(self, principal: Principal, *, device: str | None,
+                       device_user: str | None, seat_of: Session | None = None,
+                       certificate: CertificateClaims | None = None) -> bool:
+        gateway = self._gateway
+        try:
+            _, session = gateway.sessions.create(
+                principal, frontend=FRONTEND, source_ip=self.source_ip, device=device,
+                device_user=device_user, replace_oldest=True, seat_of=seat_of)
+        except (SeatsFull, PerUserLimit) as exc:
+            reason = "seats_full" if isinstance(exc, SeatsFull) else "per_user_limit"
+            self._record(user=principal.user, ok=False, reason=reason, device=device)
+            self._disconnect(f"gatewayd: {exc}; try again later")
+            return False
+        how = None if certificate is None else f"certificate serial {certificate.serial}"
+        try:
+            gateway.record_auth(frontend=FRONTEND, user=principal.user, source_ip=self.source_ip,
+                                ok=True, device=device, session=session.handle, reason=how)
+            gateway.audit.emit("session.start", frontend=FRONTEND, user=session.user,
+                               source_ip=self.source_ip, session=session.handle, device=device,
+                               reason=None if certificate is None
+                               else f"portal session {certificate.portal_session}")
+        except AuditWriteError:
+            gateway.sessions.end(session, "logout")  # never usable: it could not be recorded
+            self._disconnect("gatewayd cannot record sign-ins right now; try again later")
+            return False
+        gateway.metrics.sessions_active.labels(FRONTEND).set(gateway.sessions.active(FRONTEND))
+        self.session = session
+        self._remove_closer = session.add_closer(self._session_closed)
+        return True
+
+    def _session_closed(self, reason: str) -> None:
+        """The session's closer: disconnect now, telling the client why.
+
+        An open session channel gets the reason on stderr first: asyncssh closes channels
+        before it sends the disconnect message, and a client whose last channel closed exits
+        without reading on (``ssh -N`` has none and prints the disconnect message).
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        message = end_message(reason)
+        for banner in list(self.banners):
+            banner.end(message)
+        with contextlib.suppress(Exception):
+            conn.disconnect(asyncssh.DISC_BY_APPLICATION, message)
+
+    # --- channels --------------------------------------------------------------------------
+
+    def session_requested(self) -> asyncssh.SSHServerSession[str]:
+        return BannerSession(self)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Awaitable[asyncssh.SSHTCPSession[bytes]]:
+        session, conn = self.session, self._conn
+        if session is None or session.ended is not None or conn is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "gatewayd: the session has ended")
+        return self._open_tunnel(session, conn, (dest_host, dest_port), (orig_host, orig_port))
+
+    async def _open_tunnel(self, session: Session, conn: asyncssh.SSHServerConnection,
+                           dest: tuple[str, int], orig: tuple[str, int],
+                           ) -> asyncssh.SSHTCPSession[bytes]:
+        try:
+            return await self._frontend.tunnels.open(
+                session, conn, dest_host=dest[0], dest_port=dest[1],
+                orig_host=orig[0], orig_port=orig[1])
+        except asyncssh.ChannelOpenError:
+            raise
+        except Exception:
+            log.exception("tunnel open failed unexpectedly")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                            "gatewayd: internal error") from None
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        log.info("ssh: refused remote forwarding (-R) for %s from %s",
+                 self.session.user if self.session else "?", self.source_ip)
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> asyncssh.SSHUNIXSession[bytes]:
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+            "gatewayd carries TCP tunnels only (no UNIX socket forwarding)")
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return False
+
+    def tun_requested(self, unit: int | None) -> asyncssh.SSHTunTapSession:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                        "gatewayd carries TCP tunnels only (no tun/tap)")
+
+    def tap_requested(self, unit: int | None) -> asyncssh.SSHTunTapSession:
+        return self.tun_requested(unit)
+
+    # --- what the banner shows -----------------------------------------------------------------
+
+    def banner(self) -> str:
+        session = self.session
+        if session is None:
+            return ""
+        gateway = self._gateway
+        registry = gateway.sessions
+        now = gateway.clock()
+        left = registry.absolute_timeout - (now - session.created)
+        if self.claims is not None:
+            left = min(left, (self.claims.valid_before - gateway.wall_clock()).total_seconds())
+        expires = gateway.wall_clock() + timedelta(seconds=max(0.0, left))
+        try:
+            services = self._frontend.tunnels.services_for(session)
+        except Exception:
+            log.exception("listing reachable services failed")
+            services = []
+        return render_banner(user=session.user, device=session.device, services=services,
+                             expires=expires,
+                             idle_minutes=round(registry.idle_timeout / 60))
+
+
+def end_message(reason: str) -> str:
+    """What the client is told when its session ends."""
+    texts = {
+        "idle_timeout": "no tunnel traffic for too long (idle timeout)",
+        "expired": "the session reached its maximum lifetime; sign in again",
+        "admin_kill": "ended by an administrator",
+        "replaced": "you signed in again elsewhere",
+        "shutdown": "the gateway is shutting down",
+        "device_revoked": "this device's certificate was revoked",
+        "user_disabled": "your account was disabled",
+        "directory_revoked": "your account is no longer enabled",
+        "logout": "you signed out of the portal",
+    }
+    return f"gatewayd: session ended: {texts.get(reason, reason)}"
+
+
+def render_banner(*, user: str, device: str | None, services: list[tuple[str, str]],
+                  expires: datetime, idle_minutes: int) -> str:
+    """The text a session channel shows (plain lines, ``\\n`` endings)."""
+    lines = [f"gatewayd: signed in as {user}"
+             + (f" on device {device}" if device else " (no registered device)") + ".",
+             f"Session ends at {expires:%Y-%m-%d %H:%M %Z} at the latest, or after "
+             f"{idle_minutes} minutes without tunnel traffic."]
+    if services:
+        lines.append("You may open tunnels to:")
+        width = max(len(name) for name, _ in services)
+        lines += [f"  {name.ljust(width)}  {dest}" for name, dest in services]
+        lines.append("Example: ssh -N -L 4445:" + services[0][1] + " <this gateway>")
+    else:
+        lines.append("Your access policy allows no tunnels right now.")
+    lines.append("No shell or commands here. Disconnect with ~. (Enter, tilde, dot).")
+    return "\n".join(lines) + "\n"
+
+
+class BannerSession(asyncssh.SSHServerSession[str]):
+    """A "session" channel: the banner, then nothing until the session ends.
+
+    A shell request gets the banner and the channel stays open (stdin is read and dropped);
+    exec and subsystem requests are accepted only to say why nothing runs, then exit 126.
+    """
+
+    def __init__(self, server: GatewayServer) -> None:
+        self._server = server
+        self._chan: asyncssh.SSHServerChannel[str] | None = None
+        self._pty = False
+        self._refuse = False
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[str]) -> None:
+        self._chan = chan
+        self._server.banners.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.banners.discard(self)
+
+    def end(self, message: str) -> None:
+        """The session ended: say why on stderr and close with exit status 255."""
+        chan, self._chan = self._chan, None
+        self._server.banners.discard(self)
+        if chan is None:
+            return
+        newline = "\r\n" if self._pty else "\n"
+        with contextlib.suppress(Exception):
+            chan.write_stderr(newline + message + newline)
+            chan.exit(255)
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: Mapping[int, int]) -> bool:
+        self._pty = True
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._refuse = True
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self._refuse = True
+        return True
+
+    def session_started(self) -> None:
+        chan = self._chan
+        if chan is None:
+            return
+        newline = "\r\n" if self._pty else "\n"
+        if self._refuse:
+            chan.write_stderr(REFUSED_COMMAND.replace("\n", newline))
+            chan.exit(EXIT_REFUSED)
+            return
+        chan.write(self._server.banner().replace("\n", newline))
+
+    def data_received(self, data: str, datatype: int | None) -> None:
+        return None  # stdin is ignored: nothing here reads commands
+
+    def eof_received(self) -> bool:
+        return True  # keep our side open: the channel lives as long as the session
+
+    def break_received(self, msec: int) -> bool:
+        return False
+
+
+def _filter_certificates(conn: asyncssh.SSHServerConnection, server: GatewayServer) -> None:
+    """Run the gateway's certificate checks before asyncssh's own (see the module docstring).
+
+    asyncssh's public-key auth calls ``conn.validate_public_key(username, key_data, msg,
+    signature)`` for each offered key (``msg`` empty for a query, set for the signed
+    attempt). The filter refuses what `GatewayServer.certificate_verdict` refuses, lets
+    asyncssh verify the rest, and signs the user in once asyncssh verified a signed attempt.
+    """
+    original = conn.validate_public_key
+
+    async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        verdict = await server.certificate_verdict(username, key_data)
+        if verdict is None:
+            return False
+        if not await original(username, key_data, msg, signature):
+            if msg:
+                server._failed()  # our checks passed, a signature did not
+            return False
+        return server.certificate_accepted(*verdict) if msg else True
+
+    setattr(conn, "validate_public_key", validate)  # noqa: B010 - an instance attribute
