@@ -19,6 +19,7 @@ TEST_PACKAGES=(
   "chromium:chromium"
   "slapd:/usr/sbin/slapd"
   "ldap-utils:ldapmodify"
+  "openssh-client:/usr/bin/ssh"
 )
 
 missing_packages() {
