@@ -570,6 +570,9 @@ async def test_session_end_closes_its_tunnels_with_the_reason(env: Env, reason: 
             pass
     closes = [r for r in env.audit("tunnel.close") if r["user"] == "alice"]
     assert sorted(r["reason"] for r in closes) == [reason] * 3
+    # The tunnels closed (and handed over their last bytes) before the session's record.
+    [ended] = [r for r in env.audit("session.end") if r["user"] == "alice"]
+    assert ended["bytes_down"] == sum(r["bytes_down"] for r in closes) > 0
     assert len(env.tunnels) == 1  # bob's tunnel is untouched
     bob_writer.write(b"still here")
     assert await bob_reader.readexactly(10) == b"still here"
