@@ -55,6 +55,7 @@ from bench_http import (
     make_workspace,
     say,
     start_nginx,
+    wait_for_port,
     wrk,
 )
 from ssh_gatewayd import (
@@ -80,6 +81,7 @@ CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 SMALL = "1KiB"
 OPENSSH = "OpenSSH"
 GATEWAYD = "gatewayd"
+BARE = "bare asyncssh"
 TARGET_RATIO = 0.6
 
 
@@ -168,14 +170,15 @@ def bulk(url: str, size: int) -> float:
 
 def profiled_bulk(server: Server, url: str, args: argparse.Namespace, label: str) -> float:
     """The bulk transfer, with gatewayd recorded by py-spy when ``--py-spy DIR`` asks."""
-    if args.py_spy is None or server.name != GATEWAYD:
+    if args.py_spy is None or server.name not in args.py_spy_targets:
         return bulk(url, args.bulk_mib * 1024**2)
-    recording = Recording(server.pid, args.py_spy / f"{label}.txt")
+    name = "gatewayd" if server.name == GATEWAYD else "bare"
+    recording = Recording(server.pid, args.py_spy / f"{name}-{label}.txt")
     try:
         return bulk(url, args.bulk_mib * 1024**2)
     finally:
         recording.stop()
-        args.recordings.append(recording.output)
+        args.recordings.setdefault(server.name, []).append(recording.output)
 
 
 def measure_once(server: Server, cipher: str, ws: Workspace, processes: Processes,
@@ -227,15 +230,34 @@ def add_bulk_file(ws: Workspace, mib: int) -> None:
     path.chmod(0o644)
 
 
+def start_bare(processes: Processes, ws: Workspace, client: KeyPair, nginx_port: int,
+               args: argparse.Namespace) -> Server:
+    """bench/ssh_bare.py: asyncssh with its own forwarding and nothing of gatewayd's."""
+    root = ws.root / "bare"
+    root.mkdir()
+    host = write_key(root / "host_ed25519", "bench-bare")
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("ssh_bare.py")), str(port),
+            str(host.private), str(client.public), str(args.bare_window),
+            str(args.bare_max_pktsize)]
+    process = processes.start(BARE, argv, root / "bare.out")
+    wait_for_port(port, process, BARE)
+    return Server(BARE, process.pid, port, current_user(), client, host, "127.0.0.1",
+                  nginx_port)
+
+
 def start_servers(processes: Processes, ws: Workspace, nginx_port: int,
-                  ) -> tuple[list[Server], GatewaydSsh | None, str]:
+                  args: argparse.Namespace) -> tuple[list[Server], GatewaydSsh | None, str]:
     client = write_key(ws.root / "id_client", "bench-client")
     sshd_port = free_port()
     sshd, sshd_host = start_sshd(processes, ws.root / "sshd", sshd_port, client)
     servers = [Server(OPENSSH, sshd.pid, sshd_port, current_user(), client, sshd_host,
                       "127.0.0.1", nginx_port)]
+    if args.bare:
+        servers.append(start_bare(processes, ws, client, nginx_port, args))
     try:
-        gateway = start_gatewayd_ssh(processes, ws.root / "gatewayd", nginx_port)
+        gateway = start_gatewayd_ssh(processes, ws.root / "gatewayd", nginx_port,
+                                     loop=args.gatewayd_loop)
     except NotAvailable as exc:
         say(str(exc))
         return servers, None, str(exc)
@@ -278,7 +300,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], float | None]:
             nginx_port = free_port()
             start_nginx(processes, ws, "upstream", nginx_port,
                         NGINX_STATIC.format(port=nginx_port, www=ws.www))
-            servers, gateway, missing = start_servers(processes, ws, nginx_port)
+            servers, gateway, missing = start_servers(processes, ws, nginx_port, args)
             results = measure(servers, ws, processes, args, script)
             if missing:
                 results += [Result(c, GATEWAYD, note=NOT_AVAILABLE) for c in args.ciphers]
@@ -296,8 +318,8 @@ def find(results: list[Result], cipher: str, target: str) -> Result | None:
                  and r.samples), None)
 
 
-def ratio(results: list[Result], cipher: str, name: str) -> str:
-    gw, ref = find(results, cipher, GATEWAYD), find(results, cipher, OPENSSH)
+def ratio(results: list[Result], cipher: str, name: str, target: str = GATEWAYD) -> str:
+    gw, ref = find(results, cipher, target), find(results, cipher, OPENSSH)
     return f"{gw.median(name) / ref.median(name):.2f}x" if gw and ref else "—"
 
 
@@ -323,9 +345,11 @@ def table(results: list[Result]) -> str:
 def verdicts(results: list[Result], ciphers: list[str]) -> list[str]:
     lines = []
     for cipher in ciphers:
-        lines.append(f"gatewayd / OpenSSH with {cipher}: 1 KiB req/s "
-                     f"{ratio(results, cipher, 'requests_per_s')}, bulk MiB/s "
-                     f"{ratio(results, cipher, 'mib_per_s')}")
+        for target in (GATEWAYD, BARE):
+            if find(results, cipher, target):
+                lines.append(f"{target} / OpenSSH with {cipher}: 1 KiB req/s "
+                             f"{ratio(results, cipher, 'requests_per_s', target)}, bulk MiB/s "
+                             f"{ratio(results, cipher, 'mib_per_s', target)}")
     gw, ref = (find(results, CIPHERS[0], name) for name in (GATEWAYD, OPENSSH))
     if gw and ref:
         value = gw.median("mib_per_s") / ref.median("mib_per_s")
@@ -347,11 +371,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 round, 2 s of wrk, 64 MiB bulk")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--gatewayd-loop", choices=("default", "asyncio"), default="default",
+                        help="asyncio: run gatewayd without uvloop (default: as installed)")
+    parser.add_argument("--bare", action="store_true",
+                        help="also measure a bare asyncssh forwarder (bench/ssh_bare.py)")
+    parser.add_argument("--bare-window", type=int, default=2 * 1024 * 1024,
+                        help="asyncssh window of the bare forwarder (bytes)")
+    parser.add_argument("--bare-max-pktsize", type=int, default=32768,
+                        help="asyncssh max_pktsize of the bare forwarder (bytes)")
     parser.add_argument("--py-spy", type=Path, metavar="DIR",
                         help="record gatewayd with py-spy during its bulk transfers into DIR "
                              "and print where the time goes (bench/ssh_profile.py)")
     args = parser.parse_args()
-    args.recordings = []
+    args.recordings = {}
+    # py-spy follows the Python servers: gatewayd, and the bare forwarder when it runs.
+    args.py_spy_targets = {GATEWAYD, BARE}
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
         ensure_py_spy()
@@ -372,9 +406,9 @@ def main() -> None:
         print(line)
     if rss is not None:
         print(f"gatewayd peak RSS: {rss:.0f} MiB")
-    if args.recordings:
+    for name, recordings in args.recordings.items():
         print()
-        print(summarise(args.recordings))
+        print(f"{name}: {summarise(recordings)}")
     if args.json:
         args.json.write_text(json.dumps(
             {"results": [asdict(r) for r in results], "gatewayd_peak_rss_mib": rss},

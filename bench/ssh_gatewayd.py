@@ -97,6 +97,8 @@ def write_config(root: Path, ssh_port: int, metrics_port: int, dest_port: int,
         'node = "bench"\nstate_dir = "state"\nlog_level = "warning"\n'
         "[metrics]\n"
         f'listen = "127.0.0.1:{metrics_port}"\n'
+        "[admin]\n"
+        'socket = "admin.sock"\ngroup = ""\n'
         "[policy]\n"
         'dir = "policies"\n'
         "[audit]\n"
@@ -115,7 +117,22 @@ def write_config(root: Path, ssh_port: int, metrics_port: int, dest_port: int,
     return config
 
 
-def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int) -> GatewaydSsh:
+# `gatewayd run` with uvloop hidden: the standard asyncio loop, as without the speed extra.
+WITHOUT_UVLOOP = ("import sys; sys.modules['uvloop'] = None; "
+                  "from gatewayd.cli import main; sys.exit(main())")
+
+
+def gatewayd_argv(config: Path, loop: str) -> list[str]:
+    """``gatewayd run`` as installed (uvloop when the speed extra is there), or forced onto
+    the standard asyncio loop with ``loop="asyncio"``."""
+    if loop == "asyncio":
+        return [sys.executable, "-c", WITHOUT_UVLOOP, "run", "--config", str(config)]
+    gatewayd = shutil.which("gatewayd", path=str(Path(sys.executable).parent)) or "gatewayd"
+    return [gatewayd, "run", "--config", str(config)]
+
+
+def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int,
+                       loop: str = "default") -> GatewaydSsh:
     """``gatewayd run`` with the SSH listener up and a signed user certificate; raise
     NotAvailable when this checkout has no SSH frontend (or it does not serve)."""
     if importlib.util.find_spec("gatewayd.ssh") is None:
@@ -129,9 +146,8 @@ def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int) -> Gate
     certificate = sign_user_certificate(user_ca, identity, BENCH_USER)
     ssh_port, metrics_port = free_port(), free_port()
     config = write_config(root, ssh_port, metrics_port, dest_port, host_key, user_ca)
-    gatewayd = shutil.which("gatewayd", path=str(Path(sys.executable).parent)) or "gatewayd"
     log = root / "gatewayd.out"
-    process = processes.start("gatewayd", [gatewayd, "run", "--config", str(config)], log)
+    process = processes.start("gatewayd", gatewayd_argv(config, loop), log)
     try:
         wait_for_port(metrics_port, process, "gatewayd", timeout=30)
         wait_for_port(ssh_port, process, "gatewayd SSH listener", timeout=10)
