@@ -14,6 +14,7 @@ import pytest
 from https_harness import Harness, csrf_token, running_gateway
 
 from gatewayd.certs import issue_device_cert, new_device_ca, save_pair
+from gatewayd.https import pages
 from gatewayd.https.assertion import verify_assertion
 
 JSON = {"Accept": "application/json"}
@@ -130,7 +131,7 @@ async def test_a_denied_request_is_audited_and_never_proxied(gw: Harness) -> Non
     async with client.post(gw.base + "/approval/requests/42/approve", headers=NAVIGATE) as resp:
         assert resp.status == 403
         page = await resp.text()
-        assert "Access denied" in page and "no rule allows this" in page
+        assert "Access denied" in page and pages.GENERIC_DENY_REASON in page
         assert resp.headers["Cache-Control"] == "no-store"
         assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
     async with client.post(gw.base + "/approval/requests/42/approve", headers=JSON) as resp:

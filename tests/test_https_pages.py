@@ -153,10 +153,7 @@ def test_step_up_reason(policy: Policy, mfa_rule_description: bool, expected: st
     assert reason == expected and "no-such-rule" not in reason
 
 
-# End to end over real TLS. RequestFlow (flow.py) must pass deny_notice / step_up_reason into
-# its answers (the change is with flow.py's owner); strict, so this fails once it is done.
-PENDING_FLOW = pytest.mark.xfail(
-    strict=True, reason="flow.py still shows decision.reason; see pages.deny_notice")
+# End to end over real TLS: RequestFlow (flow.py) answers with deny_notice / step_up_reason.
 
 
 @pytest.fixture
@@ -165,7 +162,6 @@ async def gw(tmp_path: Path) -> AsyncIterator[Harness]:
         yield harness
 
 
-@PENDING_FLOW
 @pytest.mark.parametrize("html", [False, True])
 async def test_a_deny_page_helps_without_showing_the_policy(gw: Harness, html: bool) -> None:
     gw.clock.advance(13 * 3600)  # 23:00 on a weekday: the approval system is closed
@@ -186,12 +182,11 @@ async def test_a_deny_page_helps_without_showing_the_policy(gw: Harness, html: b
         assert payload["reason"] == CLOSED and payload["reference"] == reference
 
 
-@PENDING_FLOW
 async def test_a_step_up_answer_names_no_rule(gw: Harness) -> None:
     bob = await gw.signed_in("bob")
     gw.clock.advance(600)  # the sign-in's MFA is older than approving allows
     async with bob.post(gw.base + "/approval/requests/1/approve", headers={
-            "Accept": "application/json", "Origin": gw.base}) as resp:
+            "Accept": "application/json", "Origin": "https://gateway.test"}) as resp:
         assert resp.status == 401
         payload = await resp.json()
     [record] = gw.audit_events("access.step_up")

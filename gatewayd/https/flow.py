@@ -255,18 +255,24 @@ class RequestFlow:
 
     def _deny(self, request: web.Request, decision: Decision, fields: dict[str, object],
               status: int) -> web.StreamResponse:
-        self._audit_deny(decision, fields, status)
+        seq = self._audit_deny(decision, fields, status)
         title, message, error = DENY_PAGES[status]
+        # The person gets the rule's description and a support reference, never the rule id.
+        notice = pages.deny_notice(self._ctx.policy, decision, status,
+                                   session=str(fields["session"]), audit_seq=seq)
         return respond(request, status, title=title, message=message,
-                       details=(decision.reason,), error=error,
-                       extra={"reason": decision.reason})
+                       details=notice.details, error=error, extra=notice.fields)
 
-    def _audit_deny(self, decision: Decision, fields: dict[str, object], status: int) -> None:
+    def _audit_deny(self, decision: Decision, fields: dict[str, object],
+                    status: int) -> int | None:
+        """Record the refusal; its seq (the help desk's reference), None if not written."""
         try:
-            self._ctx.audit.emit("access.deny", **fields, rule=decision.rule,
-                                 reason=decision.reason, status=status)
+            record = self._ctx.audit.emit("access.deny", **fields, rule=decision.rule,
+                                          reason=decision.reason, status=status)
         except AuditWriteError:
             log.error("access.deny could not be audited")  # denied anyway
+            return None
+        return record.seq if record is not None else None
 
     def _refuse_cross_origin(self, request: web.Request, why: str,
                              fields: dict[str, object]) -> web.StreamResponse:
@@ -294,7 +300,8 @@ class RequestFlow:
             return web.Response(status=status, headers={"Location": target})
         response = web.json_response(
             {"error": "step_up_required", "message": "A fresh authenticator code is needed.",
-             "reason": decision.reason, "step_up_url": target}, status=401)
+             "reason": pages.step_up_reason(self._ctx.policy, decision),
+             "step_up_url": target}, status=401)
         response.headers["WWW-Authenticate"] = f'Gatewayd realm="gatewayd", step_up="{target}"'
         return response
 
