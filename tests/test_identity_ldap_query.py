@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from ldap3.protocol.convert import prepare_filter_for_sending
+from ldap3.utils.dn import parse_dn
 
 from gatewayd.config import ConfigError, Settings, settings_from_mapping
 from gatewayd.identity.authenticator import configured_directory
@@ -98,13 +99,27 @@ def test_filters_are_composed_as_documented() -> None:
         ("alice", "uid=alice,ou=people,dc=x"),
         ("alice,ou=admins", "uid=alice\\,ou\\=admins,ou=people,dc=x"),
         ("a+cn=root", "uid=a\\+cn\\=root,ou=people,dc=x"),
-        (" #lead", "uid=\\ #lead,ou=people,dc=x"),
+        (" #lead", "uid=\\ \\#lead,ou=people,dc=x"),
+        ("#lead", "uid=\\#lead,ou=people,dc=x"),
         ('q"<>;\\', 'uid=q\\"\\<\\>\\;\\\\,ou=people,dc=x'),
         ("山田", "uid=山田,ou=people,dc=x"),
+        ("a\x00b", "uid=a\\00b,ou=people,dc=x"),  # RFC 4514: NUL only as a hex pair
+        ("trailing ", "uid=trailing\\ ,ou=people,dc=x"),
+        (" ", "uid=\\ ,ou=people,dc=x"),
+        ("x\\ ", "uid=x\\\\\\ ,ou=people,dc=x"),  # an escaped backslash, then a blank
     ],
 )
 def test_dn_template_escapes_the_name_as_one_rdn_value(name: str, dn: str) -> None:
     assert template_dn("uid={user},ou=people,dc=x", name) == dn
+    # Parsed, it is still one uid RDN above the template's own two: nothing moved the entry.
+    parsed = parse_dn(dn)
+    assert [(attribute, separator) for attribute, _, separator in parsed] == [
+        ("uid", ","), ("ou", ","), ("dc", "")]
+
+
+def test_an_empty_rdn_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        template_dn("uid={user},ou=people,dc=x", "")
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,6 @@ from typing import Any, Final, Literal, TypeVar
 
 from ldap3 import BASE, SUBTREE
 from ldap3.core.exceptions import LDAPException
-from ldap3.utils.dn import escape_rdn
 
 from gatewayd.config import DirectorySettings, LdapSettings
 from gatewayd.identity.directory import DirectoryUnavailable, normalize_password
@@ -82,6 +81,7 @@ from gatewayd.identity.ldap_query import (
     canonical_name,
     disabled_reason,
     entry_filter,
+    escape_dn_value,
     group_names,
     in_chain_filter,
     member_filter,
@@ -158,7 +158,7 @@ class LdapDirectory:
         if settings.user_dn_template:
             self._dummy_dn = template_dn(settings.user_dn_template, self._dummy_name)
         else:
-            self._dummy_dn = (f"{settings.user_id_attribute}={escape_rdn(self._dummy_name)},"
+            self._dummy_dn = (f"{settings.user_id_attribute}={escape_dn_value(self._dummy_name)},"
                               f"{settings.user_base}")
         self._finalizer = weakref.finalize(self, _shut_down, self._searchers, self._binders,
                                            self._executor)

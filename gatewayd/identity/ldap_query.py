@@ -21,7 +21,6 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from ldap3.utils.conv import escape_filter_chars
-from ldap3.utils.dn import escape_rdn
 
 from gatewayd.identity.directory import lookup_key
 from gatewayd.identity.filedir import MAX_ATTRIBUTE_CHARS, MAX_GROUP_CHARS
@@ -44,6 +43,9 @@ AD_EPOCH: Final = datetime(1601, 1, 1, tzinfo=UTC)
 # (draft-behera-ldap-password-policy; OpenLDAP ppolicy). Other values are temporary lockouts
 # after failed binds, which the server enforces itself and which must not end a session.
 PPOLICY_ADMIN_LOCK: Final = "000001010000Z"
+# Characters escaped with a backslash anywhere in an attribute value: RFC 4514 section 2.4's
+# list, plus "#" (required first, allowed anywhere; some parsers, ldap3's too, want it always).
+RDN_SPECIALS: Final = frozenset('\\,+"<>;=#')
 # Attributes read with every user entry to judge whether the account is usable. Asking for an
 # attribute the server does not know is harmless (it is just not returned), so the same list
 # works for Active Directory and OpenLDAP.
@@ -86,13 +88,29 @@ def entry_filter(base_filter: str, disabled_filter: str) -> str:
     return f"(&{base_filter}(!{disabled_filter}))" if disabled_filter else base_filter
 
 
+def escape_dn_value(value: str) -> str:
+    """``value`` as one RFC 4514 attribute value: specials backslash-escaped, NUL as ``\\00``.
+
+    ldap3's ``escape_rdn`` writes NUL as a backslash followed by a raw NUL (not valid RFC 4514)
+    and fails on an empty value; names reaching here are printable and non-empty anyway
+    (`search_name`), but a DN builder must not depend on its callers for that.
+    """
+    if not value:
+        raise ValueError("an RDN value cannot be empty")
+    last = len(value) - 1
+    return "".join(
+        "\\" + ch if ch in RDN_SPECIALS or (ch == " " and i in (0, last))
+        else "\\00" if ch == "\x00" else ch
+        for i, ch in enumerate(value))
+
+
 def template_dn(template: str, name: str) -> str:
     """The user's DN from ``template``, the name escaped as an RDN value (RFC 4514).
 
     ``alice,ou=admins`` becomes ``alice\\,ou\\=admins``: one (absent) RDN value, never
     another place in the tree.
     """
-    return template.replace("{user}", str(escape_rdn(name)))
+    return template.replace("{user}", escape_dn_value(name))
 
 
 def member_filter(group_filter: str, member_attribute: str, values: Sequence[str]) -> str:
