@@ -332,6 +332,7 @@ async def test_allowed_open_relays_both_ways_counts_and_audits(env: Env) -> None
     assert opened["rule"] == "tunnel-tests"
     assert env.metric("gatewayd_tunnels_active", service="echo") == 1
     assert len(env.tunnels) == 1
+    assert session.open_tunnels == 1
 
     writer.write_eof()
     assert await reader.read() == b""  # the echo server closes after our EOF
@@ -352,6 +353,7 @@ async def test_allowed_open_relays_both_ways_counts_and_audits(env: Env) -> None
     assert env.metric("gatewayd_policy_decisions_total", frontend="ssh", service="echo",
                       decision="allow") == 1
     assert len(env.tunnels) == 0
+    assert session.open_tunnels == 0
 
 
 async def test_tunnel_traffic_keeps_the_session_alive(env: Env) -> None:
@@ -574,6 +576,7 @@ async def test_session_end_closes_its_tunnels_with_the_reason(env: Env, reason: 
     [ended] = [r for r in env.audit("session.end") if r["user"] == "alice"]
     assert ended["bytes_down"] == sum(r["bytes_down"] for r in closes) > 0
     assert len(env.tunnels) == 1  # bob's tunnel is untouched
+    assert (env.sessions["alice"].open_tunnels, env.sessions["bob"].open_tunnels) == (0, 1)
     bob_writer.write(b"still here")
     assert await bob_reader.readexactly(10) == b"still here"
     assert env.metric("gatewayd_tunnels_active", service="firehose") == 0
@@ -688,6 +691,40 @@ async def test_slow_upstream_pauses_the_client(env: Env) -> None:
     # The gateway holds at most its write-buffer mark plus one SSH packet for the upstream.
     assert tunnel.upstream_buffered <= UPSTREAM_HIGH_WATER + 256 * 1024
     assert len(env.upstreams.sinks) == 1
+
+
+# --- the real OpenSSH client ------------------------------------------------------------------
+
+
+async def openssh_stdio(env: Env, tmp_path: Path, dest: str,
+                        data: bytes) -> tuple[int, bytes, bytes]:
+    """``ssh -W dest`` (a direct-tcpip channel on stdin/stdout) as alice; data then EOF."""
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        pytest.skip("OpenSSH client not installed")
+    process = await asyncio.create_subprocess_exec(
+        ssh, "-F", "none", "-p", str(env.ssh_port), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path / 'known'}",
+        "-o", "LogLevel=INFO", "-W", dest, "alice@127.0.0.1",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(data), 20)
+    assert process.returncode is not None
+    return process.returncode, out, err
+
+
+async def test_openssh_client_through_a_tunnel(env: Env, tmp_path: Path) -> None:
+    status, out, err = await openssh_stdio(env, tmp_path, "answer.ward.local:7", b"abc")
+    assert (status, out) == (0, b"got 3: cba"), err  # stdin's EOF reached the upstream
+    await eventually(lambda: len(env.audit("tunnel.close")) == 1)
+    [closed] = env.audit("tunnel.close")
+    assert (closed["bytes_up"], closed["bytes_down"]) == (3, 10)
+
+
+async def test_openssh_client_shows_the_refusal(env: Env, tmp_path: Path) -> None:
+    status, out, err = await openssh_stdio(env, tmp_path, "pc-bob.ward.local:3389", b"")
+    assert status != 0 and out == b""
+    assert b"administratively prohibited: no service at pc-bob.ward.local:3389" in err
 
 
 # --- limits and opens that never complete ----------------------------------------------------

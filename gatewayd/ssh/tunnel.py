@@ -578,6 +578,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         active = metrics.tunnels_active.labels(label)
         active.inc()
         self._active = active.dec
+        self.session.open_tunnels += 1  # for `gatewayd sessions list`
         # Resolved once: no label lookup per chunk or per flush.
         self._up_counter = metrics.tunnel_bytes.labels(label, "up")
         self._down_counter = metrics.tunnel_bytes.labels(label, "down")
@@ -622,9 +623,10 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._active is not None:
+        if self._active is not None:  # started: counted in the gauge and the session
             self._active(1)
             self._active = None
+            self.session.open_tunnels -= 1
         self._remove_closer()
         self._remove_closer = _nothing
         self._owner.forget(self)
