@@ -168,11 +168,19 @@ services:
   fresh:
     kind: tcp
     destinations: fresh.ward.local:7
+  daytime:
+    kind: tcp
+    destinations: daytime.ward.local:7
 rules:
   - id: tunnel-tests
     effect: allow
     subjects: {{roles: [staff, managers]}}
-    services: [echo, answer, banner, firehose, sink, dead]
+    services: [echo, answer, banner, firehose, sink, dead, daytime]
+  - id: daytime-only
+    effect: deny
+    subjects: "*"
+    services: daytime
+    when: {{hours: "22:00-07:00"}}
   - id: fresh-mfa
     effect: allow
     subjects: {{roles: [staff, managers]}}
@@ -186,6 +194,7 @@ def overrides(ports: dict[str, int]) -> dict[str, str]:
              "banner.ward.local:7": "banner", "firehose.ward.local:19": "firehose",
              "sink.ward.local:9": "sink", "dead.ward.local:1": "closed",
              "forbidden.ward.local:7": "echo", "fresh.ward.local:7": "echo",
+             "daytime.ward.local:7": "echo",
              "pc-alice.ward.local:3389": "echo", "pc-bob.ward.local:3389": "answer"}
     return {dest: f"127.0.0.1:{ports[name]}" for dest, name in local.items()}
 
@@ -611,6 +620,27 @@ async def test_recheck_closes_what_the_new_policy_denies(env: Env) -> None:
     pc_writer.write(b"office pc stays")
     assert await pc_reader.readexactly(15) == b"office pc stays"
     assert env.tunnels.recheck_all() == 0
+
+
+async def test_periodic_recheck_closes_tunnels_when_a_deny_rule_starts(env: Env) -> None:
+    conn = await env.connect("alice")
+    reader, _ = await conn.open_connection("daytime.ward.local", 7)  # Tuesday 10:00 Tokyo
+    echo_reader, echo_writer = await conn.open_connection("echo.ward.local", 7)
+    task = asyncio.create_task(env.tunnels.recheck_forever(0.05), name="test.tunnel.recheck")
+    try:
+        await asyncio.sleep(0.2)
+        assert len(env.tunnels) == 2  # daytime: nothing to close
+        env.clock.advance(13 * 3600)  # 23:00: the approval-style night rule applies
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    [closed] = env.audit("tunnel.close")
+    assert (closed["reason"], closed["service"]) == ("policy_changed", "daytime")
+    echo_writer.write(b"night shift")
+    assert await echo_reader.readexactly(11) == b"night shift"
 
 
 async def test_recheck_does_not_close_for_stale_mfa(env: Env) -> None:

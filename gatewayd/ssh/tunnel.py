@@ -55,7 +55,8 @@ session's idle timer (`SessionRegistry.touch`) are updated at most once a second
 ended first: closed the channel or socket, or sent EOF first), ``error`` (with ``error``), the
 session's end reason (every tunnel registers a session closer: logout, kill, expiry, revoke,
 shutdown abort its channel at once), or ``policy_changed`` (`Tunnels.recheck`: the current
-policy now denies it — only a *deny* closes; MFA freshness is judged at open, as for HTTPS).
+policy now denies it — after a reload, and every 10 s from `Tunnels.recheck_forever` for rules
+with hours and weekdays; only a *deny* closes: MFA freshness is judged at open, as for HTTPS).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ CONFIRM_TIMEOUT: Final = 30.0  # an upstream whose channel never opened is close
 # Tunnels one session may have open or opening at once. A browser behind ``ssh -D`` opens a
 # few dozen; a client opening thousands would hold as many upstream sockets and buffers.
 MAX_TUNNELS_PER_SESSION: Final = 128
+RECHECK_INTERVAL: Final = 10.0  # seconds between re-decisions of open tunnels (hours rules)
 FLUSH_INTERVAL: Final = 1.0  # seconds between session/metric updates while bytes flow
 # Write-buffer high-water marks (bytes). One asyncio read is at most 256 KiB, so a buffer
 # holds at most about twice this before the other side stops reading.
@@ -231,6 +233,20 @@ class Tunnels:
         """`recheck` every session with open tunnels (after a reload, and periodically for
         rules with hours and weekdays)."""
         return sum(self.recheck(session) for session in list(self._open))
+
+    async def recheck_forever(self, interval: float = RECHECK_INTERVAL) -> None:
+        """`recheck_all` every ``interval`` seconds (run as a named task of the SSH frontend):
+        a deny rule with ``hours`` or ``weekdays`` closes open tunnels when its time comes,
+        as it closes WebSockets."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                closed = self.recheck_all()
+            except Exception:  # keep rechecking; one bad round must not end the task
+                log.exception("tunnel policy recheck failed")
+            else:
+                if closed:
+                    log.info("closed %d tunnel(s) the policy now denies", closed)
 
     # --- opening -------------------------------------------------------------------------
 
