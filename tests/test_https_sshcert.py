@@ -408,3 +408,48 @@ async def test_device_of_the_portal_login_is_in_the_key_id(tmp_path: Path) -> No
         assert cert.signing_key.public_data == ca_pub.public_data
         [record] = gw.audit_events("ssh_cert.issue")
         assert record["device"] == "pc-0042"
+
+
+async def test_openssh_signs_in_with_the_issued_certificate(gw: Harness, tmp_path: Path) -> None:
+    """The contract with the SSH listener, end to end: the stock OpenSSH client, the key pair
+    and the certificate exactly as the portal returned it."""
+    # asyncssh checks a certificate's validity by the real clock as well as the gateway by
+    # its own: the two agree in production, so they must here.
+    gw.clock.wall = datetime.now(UTC).replace(microsecond=0)
+    client = await gw.signed_in("alice")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key_path = tmp_path / "gatewayd"
+    key.write_private_key(key_path)
+    key_path.chmod(0o600)
+    public = key.export_public_key().decode().strip()
+    status, _, text = await post_json(gw, client, {"public_key": public})
+    assert status == 200
+    Path(f"{key_path}-cert.pub").write_text(text)
+    port = gw.gateway.listeners.ssh_port
+    assert port is not None
+    known_hosts = tmp_path / "known_hosts"
+    host_key = (tmp_path / "ssh-host-ed25519.pub").read_text().split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{port} {' '.join(host_key)}\n")
+    process = await asyncio.create_subprocess_exec(
+        "ssh", "-N", "-F", "/dev/null", "-p", str(port), "-l", "alice", "-i", str(key_path),
+        "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none", "-o", "PreferredAuthentications=publickey",
+        "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "127.0.0.1",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(200):  # up to 10 s
+            ssh = [s for s in gw.gateway.sessions.sessions() if s.frontend == "ssh"]
+            if ssh or process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert [s.user for s in ssh] == ["alice"], (await process.stderr.read(4096),
+                                                    gw.audit_events("auth.failure"))
+        [issued] = gw.audit_events("ssh_cert.issue")
+        [signed_in] = [e for e in gw.audit_events("auth.success") if e["frontend"] == "ssh"]
+        assert signed_in["reason"] == f"certificate serial {issued['serial']}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
