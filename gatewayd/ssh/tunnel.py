@@ -34,11 +34,12 @@ found is audited as ``tunnel.deny`` with ``dest``, ``service``, ``rule``, ``reas
 * ``error`` — an unexpected failure in the gateway (logged with its traceback): refused with
   ``OPEN_CONNECT_FAILED`` "internal error", never an allow.
 
-All other refusals use ``OPEN_ADMINISTRATIVELY_PROHIBITED``. Refused without a record: an
-open on a session that has already ended, and opens while the audit log is down.
-
-With ``audit.on_failure = "deny"`` and the audit log down, opens are refused, and an open
-whose ``tunnel.open`` cannot be written is refused too (nothing happens unrecorded).
+All other refusals use ``OPEN_ADMINISTRATIVELY_PROHIBITED``. A connect can take seconds: if
+the session ends meanwhile the open is refused, and if a reload replaced the policy the open
+is decided once more (``denied`` when the new policy says no) — `recheck` only sees tunnels
+that have started. Refused without a record: opens on a session that has ended, and, with
+``audit.on_failure = "deny"``, opens while the audit log is down or whose ``tunnel.open``
+cannot be written (nothing happens unrecorded).
 
 **The relay** (`Tunnel`) is two callback objects and no task: the channel's session object
 writes client bytes straight to the upstream transport, the upstream protocol writes to the
@@ -48,7 +49,8 @@ channel send buffer (the client does not read) pauses reading the upstream socke
 memory per tunnel stays within the channel window plus the two high-water marks. EOF passes
 through each way (half-close); when both sides have sent it the tunnel closes. Bytes are
 counted per chunk as one integer addition; the session's counters, the byte metrics and the
-session's idle timer (`SessionRegistry.touch`) are updated at most once a second and at close.
+session's idle timer (`SessionRegistry.touch`) are updated at most once a second and at close
+(metric children are resolved once per tunnel). ``Session.open_tunnels`` counts open tunnels.
 
 **Closing**: ``tunnel.close`` with ``bytes_up`` (client → upstream), ``bytes_down``,
 ``duration_ms``, ``rule`` and ``reason``: ``client_closed`` / ``upstream_closed`` (whoever
