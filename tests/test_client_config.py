@@ -4,9 +4,11 @@ known_hosts line), which destinations are listed, the local ports, and the exit 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -14,6 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from https_harness import password_hash
 from ldap_server import running_slapd
+from ssh_harness import running_ssh_gateway
 
 from gatewayd.certs import new_ssh_key, ssh_private_key, ssh_public_key
 from gatewayd.cli import main
@@ -297,3 +300,44 @@ def test_ldap_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     status, out, err = client_config(capsys, config, "--user", "alice")  # slapd is gone
     assert (status, out) == (1, "")
     assert "the directory is unavailable" in err
+
+
+async def test_the_printed_block_reaches_the_file_server(tmp_path: Path) -> None:
+    """Done when (issue 5): bob copies the block, runs `ssh -N gateway`, answers password and
+    code, and reaches the file server port through 127.0.0.1:10445."""
+    async for gw in running_ssh_gateway(tmp_path):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gatewayd", "client-config", "--user", "bob", "--config",
+            str(tmp_path / "gatewayd.toml"), "--hostname", "127.0.0.1", "--port", str(gw.port),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        assert process.returncode == 0, err
+        block = out.decode()
+        (tmp_path / "ssh_config").write_text(block)
+        [known] = [line[2:] for line in block.splitlines() if line.startswith("# gatewayd-")]
+        (tmp_path / "my_known_hosts").write_text(known + "\n")
+        ssh = await asyncio.create_subprocess_exec(
+            "ssh", "-N", "-F", str(tmp_path / "ssh_config"),
+            "-o", f"UserKnownHostsFile={tmp_path / 'my_known_hosts'}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IdentityAgent=none", "gateway",
+            env=gw.askpass_env(gw.password("bob"), gw.code("bob")),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        gw.processes.append(ssh)  # the harness ends it
+        session = await gw.wait_for_session("bob")
+        assert session.frontend == "ssh"
+        reply = b""
+        for _ in range(100):  # the forwards listen right after authentication
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", 10445)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.write(b"smb hello")
+            reply = await asyncio.wait_for(reader.readexactly(9), 5)
+            writer.close()
+            break
+        assert reply == b"smb hello"
+        [opened] = gw.audit_events("tunnel.open")
+        assert opened["dest"] == "fileserver.ward.local:445"
+        assert opened["user"] == "bob"
