@@ -23,6 +23,7 @@ from https_harness import Harness, csrf_token, running_gateway
 
 from gatewayd.certs import new_ssh_key, ssh_private_key, ssh_public_key
 from gatewayd.cli import main
+from gatewayd.https import sshcert
 
 PATH = "/.gatewayd/ssh/certificate"
 NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
@@ -453,3 +454,22 @@ async def test_openssh_signs_in_with_the_issued_certificate(gw: Harness, tmp_pat
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+async def test_no_certificate_when_the_session_ends_while_signing(
+        gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = await gw.signed_in("alice")
+    [session] = gw.gateway.sessions.sessions()
+    loop = asyncio.get_running_loop()
+    sign = sshcert.issue_user_certificate
+
+    def sign_during_a_kill(*args: Any, **kwargs: Any) -> Any:
+        # The admin's kill lands on the loop before the signing thread's result does.
+        loop.call_soon_threadsafe(gw.gateway.sessions.end, session, "admin_kill")
+        return sign(*args, **kwargs)
+
+    monkeypatch.setattr(sshcert, "issue_user_certificate", sign_during_a_kill)
+    status, _, text = await post_json(gw, client, {"public_key": public_line()})
+    assert status == 403
+    assert '"session_ended"' in text
+    assert gw.audit_events("ssh_cert.issue") == []

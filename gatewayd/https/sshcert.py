@@ -184,9 +184,13 @@ class SshCertificates:
             raise Refused(403, "unusable_user_name", "Your user name cannot be written into "
                           "an SSH certificate; ask the help desk.") from None
         issued = await self._sign(ca_key_file, user_key, session, device_id, lifetime_left)
+        if session.ended is not None:  # signed out (or killed) while the key was signed
+            raise Refused(403, "session_ended", "Your portal session has ended. Sign in again, "
+                          "then ask for a certificate.")
         self._ctx.audit.emit(
             "ssh_cert.issue", frontend="https", user=session.user,
-            source_ip=session.source_ip, device=device_id, session=session.handle,
+            source_ip=request.remote or session.source_ip, device=device_id,
+            session=session.handle,
             serial=str(issued.serial), fingerprint=issued.key_fingerprint,
             valid_before=issued.valid_before_text,
         )
