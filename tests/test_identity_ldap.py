@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trustme
+from https_harness import toml
 from ldap_server import (
     ADMIN_LOCK,
     PEOPLE,
@@ -29,10 +30,12 @@ from ldap_server import (
     running_slapd,
 )
 
+from gatewayd.cli import main
 from gatewayd.config import settings_from_mapping
 from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.identity.ldap import LdapDirectory
 from gatewayd.identity.principal import Principal
+from gatewayd.identity.totp import SecretStore
 
 NESTED = {"general-affairs-section-1", "general-affairs", "telework-staff"}
 
@@ -453,3 +456,31 @@ async def test_closed_directory_is_unavailable(opened: Opened, slapd: Slapd) -> 
     with pytest.raises(DirectoryUnavailable):
         await directory.lookup("bob")
     assert await directory.check() is False
+
+
+# --- gatewayd mfa enroll with the ldap backend --------------------------------------------------
+
+
+def enroll_config(slapd: Slapd, tmp_path: Path) -> Path:
+    directory = slapd.directory_settings()
+    del directory["ldap"]["attributes"]  # (the renderer writes flat tables only)
+    config = tmp_path / "gatewayd.toml"
+    config.write_text(toml({"gateway": {"state_dir": str(tmp_path / "state")},
+                            "directory": directory}))
+    return config
+
+
+def test_mfa_enroll_finds_the_account_in_the_directory(
+        own_slapd: Slapd, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without this, no LDAP user could ever get a second factor, so none could sign in."""
+    config = enroll_config(own_slapd, tmp_path)
+    assert main(["mfa", "enroll", "ALICE", "--no-qr", "--config", str(config)]) == 0
+    assert "TOTP secret created for alice." in capsys.readouterr().out  # the directory's name
+    assert SecretStore(tmp_path / "state").record("alice") is not None
+    for unusable in ("nobody", "dave", "*"):  # unknown, locked, a filter metacharacter
+        assert main(["mfa", "enroll", unusable, "--no-qr", "--config", str(config)]) == 1
+        assert "in the directory (or the account is disabled)" in capsys.readouterr().err
+        assert SecretStore(tmp_path / "state").record(unusable) is None
+    own_slapd.kill()
+    assert main(["mfa", "enroll", "bob", "--no-qr", "--config", str(config)]) == 1
+    assert "directory unavailable" in capsys.readouterr().err

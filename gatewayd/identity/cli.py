@@ -1,7 +1,8 @@
 """The ``gatewayd mfa`` and ``gatewayd users`` commands (registered by the root CLI).
 
 ``gatewayd mfa enroll USER [--config FILE] [--replace] [--no-qr]``
-    Gives USER (who must exist in the configured directory) a new TOTP secret, stored
+    Gives USER (who must exist, enabled, in the configured directory: the users file, or the
+    LDAP / Active Directory server, whose spelling of the name is used) a new TOTP secret, stored
     encrypted in ``gateway.state_dir``, and prints the ``otpauth://`` URI, a terminal QR code
     and the secret for manual entry — for the admin to show to that person only. An existing
     enrollment is kept unless ``--replace`` (the old secret stops working at once).
@@ -42,9 +43,15 @@ import segno
 
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK, EXIT_USAGE
-from gatewayd.identity.directory import MAX_PASSWORD_CHARS, lookup_key, normalize_password
+from gatewayd.identity.directory import (
+    MAX_PASSWORD_CHARS,
+    DirectoryUnavailable,
+    lookup_key,
+    normalize_password,
+)
 from gatewayd.identity.disable import disable_user
 from gatewayd.identity.filedir import UserEntry, UsersFileError, hash_password, load_users_file
+from gatewayd.identity.ldap import lookup_once
 from gatewayd.identity.totp import PERIOD, AlreadyEnrolled, SecretStore, TotpStoreError
 
 MIN_PASSWORD_CHARS: Final = 8
@@ -142,7 +149,12 @@ def _settings(path: Path) -> Settings | None:
 
 
 def find_user(settings: Settings, name: str) -> UserEntry | None:
-    """The directory entry for ``name`` (any spelling), from the configured users file."""
+    """The directory entry for ``name`` (any spelling): from the users file, or for the LDAP
+    backend the enabled account as the directory spells it (DirectoryUnavailable if down)."""
+    if settings.directory.backend == "ldap":
+        principal = lookup_once(settings.directory, name)
+        return None if principal is None else UserEntry(
+            principal.user, "", principal.groups, principal.attributes)
     key = lookup_key(name)
     users = load_users_file(settings.directory.file)
     return users.get(key) if key is not None else None
@@ -158,16 +170,28 @@ def operator_name() -> str:
     return f"{invoking} (sudo as {effective})" if invoking and invoking != effective else effective
 
 
+def _enrollee(settings: Settings, name: str) -> UserEntry | str:
+    """The account to enroll, or why there is none."""
+    try:
+        entry = find_user(settings, name)
+    except UsersFileError as exc:
+        return exc.errors[0]
+    except DirectoryUnavailable as exc:
+        return f"directory unavailable: {exc}"
+    if entry is None:
+        where = (str(settings.directory.file) if settings.directory.backend == "file"
+                 else "the directory (or the account is disabled)")
+        return f"no user {name!r} in {where}"
+    return entry
+
+
 def run_enroll(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     if settings is None:
         return EXIT_NEGATIVE
-    try:
-        entry = find_user(settings, args.user)
-    except UsersFileError as exc:
-        return _fail(exc.errors[0])
-    if entry is None:
-        return _fail(f"no user {args.user!r} in {settings.directory.file}")
+    entry = _enrollee(settings, args.user)
+    if isinstance(entry, str):
+        return _fail(entry)
     store = SecretStore(settings.gateway.state_dir, issuer=settings.mfa.issuer)
     try:
         secret, uri = store.enroll(entry.name, operator=operator_name(), replace=args.replace)

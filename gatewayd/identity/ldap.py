@@ -509,6 +509,20 @@ class LdapDirectory:
         return frozenset(names)
 
 
+def lookup_once(directory: DirectorySettings, username: str) -> Principal | None:
+    """One `LdapDirectory.lookup` for a command (``gatewayd mfa enroll``): blocking, on its
+    own event loop, connections closed afterwards. Raises `DirectoryUnavailable`."""
+
+    async def look() -> Principal | None:
+        ldap = LdapDirectory.from_settings(directory)
+        try:
+            return await ldap.lookup(username)
+        finally:
+            await ldap.close()
+
+    return asyncio.run(look())
+
+
 def _shut_down(searchers: ConnectionPool, binders: ConnectionPool,
                executor: ThreadPoolExecutor) -> None:
     """Close pooled connections and let the worker threads end (also the finaliser)."""
