@@ -107,6 +107,10 @@ class Metrics:
             for service in (*self._services, OTHER):
                 for decision in (*DECISIONS, OTHER):
                     self.policy_decisions.labels(frontend, service, decision)
+        for service in (*self._services, OTHER):
+            self.tunnels_active.labels(service)
+            for direction in DIRECTIONS:
+                self.tunnel_bytes.labels(service, direction)
         for event in (*self._events, OTHER):
             self.audit_events.labels(event)
 

@@ -151,3 +151,12 @@ async def test_health_endpoints_over_a_real_socket(listener: tuple[str, list[boo
             assert "gatewayd_seats_limit" in await resp.text()
         async with client.get(f"{url}/other") as resp:
             assert resp.status == 404
+
+
+def test_tunnel_series_exist_at_zero_before_the_first_tunnel() -> None:
+    text = Metrics(services={"fileserver", "mail"}).render().decode()
+    for service in ("fileserver", "mail", "other"):
+        assert f'gatewayd_tunnels_active{{service="{service}"}} 0.0' in text
+        for direction in ("up", "down"):
+            assert (f'gatewayd_tunnel_bytes_total{{direction="{direction}",'
+                    f'service="{service}"}} 0.0') in text
