@@ -23,6 +23,7 @@ from ldap_server import (
     ADMIN_LOCK,
     PEOPLE,
     PEOPLE_BASE,
+    SERVICE_DN,
     SUFFIX,
     Slapd,
     free_port,
@@ -358,6 +359,29 @@ async def test_connections_are_pooled_and_bounded(opened: Opened, slapd: Slapd) 
     await directory.authenticate("bob", password("bob"))
     log = server_log_since(slapd, start, results=2)
     assert "ACCEPT" not in log  # reused, no new connection
+
+
+async def test_a_connection_bound_as_a_person_never_searches(opened: Opened,
+                                                              slapd: Slapd) -> None:
+    """Searches run as the service account only: a pooled connection that carried someone's
+    password bind is never handed to a search (it would search with that person's rights)."""
+    directory = opened(slapd, pool_size=1)  # one connection of each kind: maximal reuse
+    start = len(slapd.log_text())
+    for uid in ("alice", "bob", "alice", "carol"):
+        assert await directory.authenticate(uid, password(uid)) is not None
+        assert await directory.lookup("bob") is not None
+    assert await directory.authenticate("alice", "wrong") is None
+    log = server_log_since(slapd, start, results=4 * 6 + 2)
+    bound: dict[str, str] = {}  # slapd connection -> DN of its last bind
+    searched_as = []
+    for conn, operation, detail in re.findall(r"(conn=\d+) op=\d+ (BIND|SRCH) (\S+)", log):
+        if operation == "BIND" and detail.startswith("dn="):
+            bound[conn] = detail
+        elif operation == "SRCH":
+            searched_as.append(bound.get(conn))
+    assert searched_as and set(searched_as) == {f'dn="{SERVICE_DN}"'}
+    people = {conn for conn, dn in bound.items() if dn != f'dn="{SERVICE_DN}"'}
+    assert people  # the password binds happened, on connections of their own
 
 
 # --- the directory changes, fails and comes back ----------------------------------------------
