@@ -517,6 +517,98 @@ class AdminSettings(_Section):
     _resolve = field_validator("socket", mode="after")(_resolve_relative)
 
 
+_REDIS_URL = re.compile(
+    r"(?P<scheme>rediss?)://(?P<host>[A-Za-z0-9][A-Za-z0-9.\-]{0,252}|\[[0-9a-fA-F:.]+\])"
+    r"(?::(?P<port>\d{1,5}))?(?:/(?P<db>\d{1,5})?)?")
+
+
+def parse_redis_url(text: str) -> str:
+    """``redis://host[:port][/db]`` or ``rediss://…`` (TLS); no credentials, query or path.
+
+    Raises ValueError; a URL with ``user:password@`` gets its own message that names where
+    credentials go instead, and never repeats the URL (it carries a password).
+    """
+    if "@" in text:
+        raise ValueError("credentials")
+    match = _REDIS_URL.fullmatch(text)
+    if match is None or (match.group("port") is not None
+                         and not 0 < int(match.group("port")) <= 65535):
+        raise ValueError(text)
+    if match.group("host").startswith("["):
+        ipaddress.IPv6Address(match.group("host")[1:-1])  # raises ValueError
+    return text
+
+
+def _redis_url(value: object) -> object:
+    if not isinstance(value, str) or value == "":
+        return value  # "" = not configured; non-strings get pydantic's own message
+    try:
+        return parse_redis_url(value)
+    except ValueError as exc:
+        if str(exc) == "credentials":
+            raise PydanticCustomError(
+                "credentials", "credentials do not belong in the URL (it appears in logs and "
+                "status output): put the password in a file named by state.password_file, and "
+                "an ACL user name in state.username", {}) from None
+        raise PydanticCustomError(
+            "URL", 'expected a URL like "redis://10.0.10.40:6379/0" or '
+            '"rediss://redis.ward.local:6380/0", got {got}', {"got": _show(value)}) from None
+
+
+RedisUrl = Annotated[str, BeforeValidator(_redis_url)]
+
+
+class StateSettings(_Section):
+    """``[state]``: where brute-force counters and the TOTP replay cache live.
+
+    ``memory`` keeps them in this process (one node); ``redis`` shares them between nodes.
+    """
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: RedisUrl = ""
+    username: str = Field(default="", max_length=128, pattern=r"^([A-Za-z0-9._-]+)?$")
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    key_prefix: str = "gatewayd:"
+    timeout: Interval = timedelta(seconds=1)
+
+    _resolve = field_validator("password_file", "ca_file", mode="after")(_resolve_relative)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", value) is None:
+            raise PydanticCustomError(
+                "key_prefix", "expected 1-64 letters, digits, '.', '_', ':' or '-' like "
+                '"gatewayd:", got {got}', {"got": _show(value)})
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _fail_fast(cls, value: timedelta) -> timedelta:
+        # Every login waits for the store: a long timeout turns an outage into hung logins,
+        # and /readyz must still answer within its own budget.
+        if value > timedelta(seconds=5):
+            raise PydanticCustomError(
+                "timeout", 'expected a duration of at most "5s", got {got}',
+                {"got": _show(f"{value.total_seconds():g}s")})
+        return value
+
+    @model_validator(mode="after")
+    def _redis_is_complete(self) -> StateSettings:
+        if self.backend == "redis" and not self.url:
+            raise PydanticCustomError(
+                "url", 'backend = "redis" needs url, e.g. "rediss://redis.ward.local:6380/0"', {})
+        if self.ca_file is not None and self.url.startswith("redis://"):
+            # A CA nobody checks would look like protection and be none.
+            raise PydanticCustomError(
+                "ca_file", "ca_file is only used with a rediss:// (TLS) url", {})
+        if self.username and self.password_file is None:
+            raise PydanticCustomError(
+                "username", "username (an ACL user) needs password_file", {})
+        return self
+
+
 class Settings(_Section):
     """Every setting of one gatewayd node. Frozen: a reload builds a new one."""
 
@@ -531,6 +623,7 @@ class Settings(_Section):
     directory: DirectorySettings = DirectorySettings()
     mfa: MfaSettings = MfaSettings()
     login: LoginSettings = LoginSettings()
+    state: StateSettings = StateSettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
 
 

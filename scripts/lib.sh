@@ -19,6 +19,7 @@ TEST_PACKAGES=(
   "chromium:chromium"
   "slapd:/usr/sbin/slapd"
   "ldap-utils:ldapmodify"
+  "redis-server:/usr/bin/redis-server" # tests/redis_server.py runs its own redis-server
   "openssh-client:/usr/bin/ssh"
 )
 

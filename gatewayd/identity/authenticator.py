@@ -19,7 +19,12 @@ frontends turn into pages and audit records. Rules:
   (``locked`` / ``throttled`` with ``retry_after``); those reasons depend only on the typed
   name and the source, never on whether the account exists.
 * **Fail closed**: a directory or TOTP store that cannot answer is ``directory_unavailable``
-  and does not count as a failed attempt.
+  and does not count as a failed attempt. So is a shared state store (Redis) that cannot
+  answer at any point of the attempt — regulation, the replay claim, settling the counters —
+  with ``detail="state_unavailable"``: without the counters and the replay cache the attempt
+  cannot be judged safely, so it is refused even when every factor was right. The frontends
+  show it like a directory outage ("temporarily unavailable, try again"); the audit record's
+  reason is ``state_unavailable``. What was already counted stays counted (errs strict).
 
 The result never contains the password or the code; nor do log lines or exceptions.
 """
@@ -27,6 +32,7 @@ The result never contains the password or the code; nor do log lines or exceptio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -36,12 +42,14 @@ from gatewayd.audit import AuditWriteError
 from gatewayd.identity.directory import Directory, DirectoryUnavailable
 from gatewayd.identity.principal import Principal
 from gatewayd.identity.regulation import (
+    Attempt,
     Refusal,
     RegulationPolicy,
     Regulator,
     ResponsePacer,
 )
 from gatewayd.identity.totp import AuditEmit, SecretStore, TotpStoreError, TotpVerifier
+from gatewayd.state.store import StateUnavailable
 
 if TYPE_CHECKING:
     from gatewayd.config import Settings
@@ -67,7 +75,7 @@ class LoginResult:
     detail: finer cause for audit and operators, never for the person signing in:
         unknown_or_disabled_user, bad_password, bad_code, not_enrolled, replayed_code,
         account_gone, directory_unavailable, totp_store_unavailable, audit_unavailable,
-        locked, throttled.
+        state_unavailable, locked, throttled.
     lockout_started: this failure locked the account (write ``auth.locked`` once).
     """
 
@@ -141,15 +149,30 @@ class Authenticator:
         ``check`` returns the result and True (success), False (failure) or None (could not
         judge: the attempt is abandoned).
         """
-        attempt = await self.regulator.begin(username, source_ip)
+        try:
+            attempt = await self.regulator.begin(username, source_ip)
+        except StateUnavailable:
+            return await self._state_unavailable(username)
         if isinstance(attempt, Refusal):
             return _refused(attempt, await self._account_name(username))
         try:
             result, outcome = await check()
+        except StateUnavailable:
+            # Not abandoned: the store that just failed would be asked again, and a count
+            # that stays is the strict side.
+            return await self._state_unavailable(username)
         except BaseException:
             # Cancelled, or an unexpected error: nothing was judged.
-            await asyncio.shield(self.regulator.abandon(attempt))
+            with contextlib.suppress(StateUnavailable):
+                await asyncio.shield(self.regulator.abandon(attempt))
             raise
+        try:
+            return await self._settle(attempt, result, outcome)
+        except StateUnavailable:
+            return await self._state_unavailable(username)
+
+    async def _settle(self, attempt: Attempt, result: LoginResult,
+                      outcome: bool | None) -> LoginResult:
         if outcome is None:
             await self.regulator.abandon(attempt)
         elif outcome:
@@ -158,6 +181,9 @@ class Authenticator:
             result = LoginResult(False, None, result.reason, user=result.user,
                                  detail=result.detail, lockout_started=True)
         return result
+
+    async def _state_unavailable(self, username: str) -> LoginResult:
+        return _unavailable(await self._account_name(username), "state_unavailable")
 
     async def _check_login(self, username: str, password: str, code: str,
                            now: float) -> tuple[LoginResult, bool | None]:

@@ -23,6 +23,9 @@ Race-free by construction: an attempt is counted *before* the password is checke
 attempts through, not one per connection. Attempts refused while throttled or locked are
 not counted (they cost the attacker nothing, but they extend nothing either).
 
+Every method passes `StateUnavailable` from the store through (a shared store that cannot
+answer): the `Authenticator` refuses the attempt, as it must not guess the counters.
+
 `ResponsePacer` makes every login answer take at least the same time, so early refusals
 (locked, throttled, malformed input) are not distinguishable by timing from full checks.
 """

@@ -467,6 +467,8 @@ class TotpVerifier:
         """Claim ``step`` for ``user`` once, cluster-wide; False if it was already used.
 
         After a successful claim the earlier steps of the drift window are burned as well.
+        Raises `StateUnavailable` when the shared store cannot answer (at any of the claims):
+        the caller refuses the login, since a replay could not be ruled out.
         """
         if not await self.state.add_once(_replay_key(user, step), REPLAY_TTL):
             return False

@@ -13,21 +13,17 @@ which is what makes every operation atomic.
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from gatewayd.state.store import check_ttl
 
 
 @dataclass(slots=True)
 class _Entry:
     value: int
     expires: float
-
-
-def _check_ttl(ttl: float) -> None:
-    if not (ttl > 0 and math.isfinite(ttl)):
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
 
 
 class MemoryState:
@@ -44,7 +40,7 @@ class MemoryState:
         return len(self._entries)
 
     async def add_once(self, key: str, ttl: float) -> bool:
-        _check_ttl(ttl)
+        check_ttl(ttl)
         now = self._clock()
         self._purge(now)
         if key in self._entries:
@@ -53,7 +49,7 @@ class MemoryState:
         return True
 
     async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
-        _check_ttl(ttl)
+        check_ttl(ttl)
         now = self._clock()
         self._purge(now)
         entry = self._entries.get(key)
@@ -74,6 +70,12 @@ class MemoryState:
         self._purge(self._clock())
         for key in keys:
             self._entries.pop(key, None)
+
+    async def check(self) -> None:
+        """Always answers: the state lives in this process."""
+
+    async def close(self) -> None:
+        """Nothing to release (the keys go with the object)."""
 
     # --- internals -------------------------------------------------------------------------
 

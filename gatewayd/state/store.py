@@ -7,11 +7,34 @@ in seconds), and each backend measures it on its own clock.
 
 Key names are chosen by callers and namespaced by them (``totp:used:…``, ``login:fail:…``);
 they must not contain secrets in the clear (hash user-supplied material first).
+
+**Failure.** A backend that cannot answer (Redis down, hung, refusing our credentials) raises
+`StateUnavailable` from every operation, promptly (within its configured timeout), and answers
+again by itself once the store is back. Callers fail closed on it: a login whose regulation
+or replay check cannot be made is refused. `MemoryState` never raises it.
+
+`StateBackend` adds what the composition root needs on top of `StateStore`: a health check
+for ``/readyz`` and ``close()``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
+
+
+class StateUnavailable(Exception):  # noqa: N818 - reads as a condition, like TimeoutError
+    """The shared state store cannot answer now; the operation may or may not have happened.
+
+    The message says why (timeout, connection refused, authentication refused …) and never
+    contains a credential, so it may be logged as is.
+    """
+
+
+def check_ttl(ttl: float) -> None:
+    """Refuse a TTL that is not a positive, finite number of seconds (ValueError)."""
+    if not (ttl > 0 and math.isfinite(ttl)):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
 
 
 @runtime_checkable
@@ -44,4 +67,17 @@ class StateStore(Protocol):
 
     async def delete(self, *keys: str) -> None:
         """Remove the keys (absent keys are ignored)."""
+        ...
+
+
+@runtime_checkable
+class StateBackend(StateStore, Protocol):
+    """A `StateStore` as the Gateway holds it: with a health check and a close."""
+
+    async def check(self) -> None:
+        """Return when the store answers; raise `StateUnavailable` (within the timeout) if not."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
         ...
