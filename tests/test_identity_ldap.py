@@ -24,6 +24,7 @@ from ldap_server import (
     PEOPLE,
     PEOPLE_BASE,
     SERVICE_DN,
+    SERVICE_PASSWORD,
     SUFFIX,
     Slapd,
     free_port,
@@ -404,6 +405,42 @@ async def test_lookup_follows_changes(own_slapd: Slapd, opened: Opened) -> None:
     # Deleted: gone too.
     own_slapd.delete(PEOPLE["frank"].dn)
     assert await directory.lookup("frank") is None
+
+
+async def test_referrals_are_not_followed(own_slapd: Slapd, opened: Opened) -> None:
+    """A referral in the user base (RFC 3296) names another server; the backend never
+    contacts it (it could be anyone's, and would get the service account's bind)."""
+    contacted = []
+
+    async def note(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        contacted.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    elsewhere = await asyncio.start_server(note, "127.0.0.1", 0)
+    elsewhere_port = elsewhere.sockets[0].getsockname()[1]
+    try:
+        target = f"ldap://127.0.0.1:{elsewhere_port}"
+        own_slapd.ldap("ldapadd", f"""dn: ou=branch,{PEOPLE_BASE}
+objectClass: referral
+objectClass: extensibleObject
+ou: branch
+ref: {target}/ou=branch,{PEOPLE_BASE}
+""")
+        directory = opened(own_slapd)
+        assert await directory.authenticate("bob", password("bob")) is not None
+        assert await directory.authenticate("nobody", "x") is None
+        assert await directory.lookup("alice") is not None
+        # slapd answered the subtree searches with a continuation reference to the branch:
+        search = await asyncio.to_thread(
+            subprocess.run, ["ldapsearch", "-x", "-LLL", "-H", own_slapd.ldap_url, "-D",
+                             SERVICE_DN, "-w", SERVICE_PASSWORD, "-b", PEOPLE_BASE, "(uid=bob)",
+                             "1.1"], capture_output=True, check=False, text=True)
+        assert f"{target}/ou=branch" in search.stdout, search
+        await asyncio.sleep(0.1)
+        assert contacted == []
+    finally:
+        elsewhere.close()
+        await elsewhere.wait_closed()
 
 
 async def test_two_accounts_with_one_name_are_refused(own_slapd: Slapd,
