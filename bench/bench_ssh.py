@@ -239,7 +239,7 @@ def start_bare(processes: Processes, ws: Workspace, client: KeyPair, nginx_port:
     port = free_port()
     argv = [sys.executable, str(Path(__file__).with_name("ssh_bare.py")), str(port),
             str(host.private), str(client.public), str(args.bare_window),
-            str(args.bare_max_pktsize)]
+            str(args.bare_max_pktsize), args.gatewayd_loop]
     process = processes.start(BARE, argv, root / "bare.out")
     wait_for_port(port, process, BARE)
     return Server(BARE, process.pid, port, current_user(), client, host, "127.0.0.1",
@@ -372,11 +372,13 @@ def parse_args() -> argparse.Namespace:
                         help="smoke run: 1 round, 2 s of wrk, 64 MiB bulk")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--gatewayd-loop", choices=("default", "asyncio"), default="default",
-                        help="asyncio: run gatewayd without uvloop (default: as installed)")
+                        help="asyncio: run gatewayd (and the bare forwarder) without uvloop "
+                             "(default: uvloop when installed, as `gatewayd run` does)")
     parser.add_argument("--bare", action="store_true",
                         help="also measure a bare asyncssh forwarder (bench/ssh_bare.py)")
-    parser.add_argument("--bare-window", type=int, default=2 * 1024 * 1024,
-                        help="asyncssh window of the bare forwarder (bytes)")
+    parser.add_argument("--bare-window", type=int, default=8 * 1024 * 1024,
+                        help="asyncssh window of the bare forwarder (bytes; gatewayd's "
+                             "ssh.window default)")
     parser.add_argument("--bare-max-pktsize", type=int, default=32768,
                         help="asyncssh max_pktsize of the bare forwarder (bytes)")
     parser.add_argument("--py-spy", type=Path, metavar="DIR",

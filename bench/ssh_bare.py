@@ -1,14 +1,17 @@
 """A bare asyncssh tunnel server: the floor any asyncssh-based gateway is measured against.
 
-One process, uvloop when installed, the same algorithms as gatewayd (curve25519 key
-exchange, the AEAD ciphers, no compression), public-key login from one authorized key, and
-asyncssh's own ``direct-tcpip`` forwarding (``connection_requested`` returns True: asyncssh
-connects and relays with its own forwarder). No policy, sessions, audit, metrics or byte
-accounting. ``bench_ssh.py --bare`` adds it as a third server; the difference between its
-row and gatewayd's is what gatewayd's own work costs, and the difference between it and
-OpenSSH is what asyncssh (pure Python framing over OpenSSL's AEAD) costs.
+One process on the same event loop as the gatewayd it is compared with, the algorithms the
+OpenSSH client negotiates with gatewayd (curve25519 key exchange, the AEAD ciphers, no
+compression), gatewayd's default window and packet size, public-key login from one
+authorized key, and asyncssh's own ``direct-tcpip`` forwarding (``connection_requested``
+returns True: asyncssh connects and relays with its own forwarder). No policy, sessions,
+audit, metrics or byte accounting. ``bench_ssh.py --bare`` adds it as a third server; the
+difference between its row and gatewayd's is what gatewayd's own work costs, and the
+difference between it and OpenSSH is what asyncssh (pure-Python framing over OpenSSL's
+AEAD) costs.
 
-Run as ``python bench/ssh_bare.py PORT HOST_KEY AUTHORIZED_KEYS [WINDOW [MAX_PKTSIZE]]``.
+Run as ``python bench/ssh_bare.py PORT HOST_KEY AUTHORIZED_KEYS WINDOW MAX_PKTSIZE LOOP``
+(LOOP ``asyncio`` or ``default``: uvloop when installed, like ``gatewayd run``).
 """
 
 from __future__ import annotations
@@ -44,12 +47,12 @@ async def serve(port: int, host_key: str, authorized_keys: str, window: int,
 
 def main() -> None:
     port, host_key, authorized_keys = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    window = int(sys.argv[4]) if len(sys.argv) > 4 else 2 * 1024 * 1024
-    max_pktsize = int(sys.argv[5]) if len(sys.argv) > 5 else 32768
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: PLC0415 - optional speed-up, as in gatewayd
+    window, max_pktsize, loop = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+    if loop != "asyncio":
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: PLC0415 - optional speed-up, as in gatewayd
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(port, host_key, authorized_keys, window, max_pktsize))
 
