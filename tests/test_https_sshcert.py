@@ -257,7 +257,7 @@ async def test_json_without_origin_needs_no_token(gw: Harness) -> None:
     ("text/plain", public_line()),  # a cross-site form can send text/plain: never accepted
     ("multipart/form-data; boundary=x", "--x--"),
     ("application/x-json", "{}"),
-])
+], ids=["text-plain", "multipart", "x-json"])  # stable ids: pytest-xdist workers must agree
 async def test_other_media_types_are_refused(gw: Harness, content_type: str,
                                              body: str) -> None:
     client = await gw.signed_in("alice")
