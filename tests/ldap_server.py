@@ -8,8 +8,10 @@ ports — ``ldap://`` (plain or StartTLS) and ``ldaps://`` — and adds the grou
 Everything lives in ``workdir``; each test module (and each xdist worker) gets its own
 server, so nothing is shared.
 
-The directory: ``dc=ward,dc=example`` with people (`PEOPLE`), a service account that may
-read everything, and groups — ``telework-staff`` ⊃ ``general-affairs`` ⊃
+The directory: ``dc=ward,dc=example`` with people (`PEOPLE`: locked, disabled by Active
+Directory's ``userAccountControl`` or ``accountExpires`` — AD's attribute types are declared
+in ``ad-account.schema`` — expired by ``shadowExpire``, odd characters), a service account that
+may read everything, and groups — ``telework-staff`` ⊃ ``general-affairs`` ⊃
 ``general-affairs-section-1`` ∋ alice (group in group in group), a cycle (``loop-a`` ⇄
 ``loop-b``), a group whose name has a comma, and the same kind of membership as
 ``groupOfUniqueNames`` (``ou=unique-groups``) and NIS ``posixGroup`` (``ou=posix-groups``).
@@ -90,7 +92,24 @@ PEOPLE: Mapping[str, Person] = {p.uid: p for p in [
     Person("山田", "yamada-password-8", "山田 太郎"),
     Person("yamada.taro", "yamada-taro-password-9", "Yamada, Taro", rdn="cn=Yamada\\, Taro"),
     Person("pa(re)n*\\x", "paren-password-10", "Paren Star"),  # every RFC 4515 special
+    # Active Directory's account state, through the AD attribute types (ad-account.schema):
+    Person("grace", "grace-password-11", "Grace Example",
+           extra={"userAccountControl": "514"}),  # NORMAL_ACCOUNT | ACCOUNTDISABLE
+    Person("heidi", "heidi-password-12", "Heidi Example",
+           extra={"accountExpires": "132539328000000000"}),  # 2021-01-01: expired
+    Person("ivan", "ivan-password-13", "Ivan Example",  # enabled, never expires
+           extra={"userAccountControl": "512", "accountExpires": "9223372036854775807"}),
+    Person("judy", "judy-password-14", "Judy Example",
+           extra={"shadowExpire": "18628"}),  # 2021-01-01 (days since 1970): expired
 ]}
+# The two Active Directory attribute types gatewayd reads for account state, with AD's OIDs,
+# so the same entries a domain controller returns can be served by slapd.
+AD_ACCOUNT_SCHEMA = """\
+attributetype ( 1.2.840.113556.1.4.8 NAME 'userAccountControl'
+    EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+attributetype ( 1.2.840.113556.1.4.159 NAME 'accountExpires'
+    EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+"""
 
 
 def group_dn(cn: str, base: str = GROUPS_BASE) -> str:
@@ -169,6 +188,7 @@ def groups_ldif() -> str:
 def slapd_conf(workdir: Path) -> str:
     schemas = "\n".join(f"include {SCHEMA_DIR / name}.schema"
                         for name in ("core", "cosine", "inetorgperson", "nis"))
+    schemas += f"\ninclude {workdir}/ad-account.schema"
     return f"""{schemas}
 modulepath {MODULE_DIR}
 moduleload back_mdb
@@ -246,6 +266,7 @@ class Slapd:
         server = ca.issue_cert("127.0.0.1")
         server.cert_chain_pems[0].write_to_path(str(workdir / "server.pem"))
         server.private_key_pem.write_to_path(str(workdir / "server.key"))
+        (workdir / "ad-account.schema").write_text(AD_ACCOUNT_SCHEMA)
         (workdir / "slapd.conf").write_text(slapd_conf(workdir))
         (workdir / "people.ldif").write_text(people_ldif())
         run([program("slapadd"), "-q", "-f", str(workdir / "slapd.conf"),

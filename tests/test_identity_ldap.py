@@ -121,6 +121,7 @@ def server_log_since(slapd: Slapd, start: int, results: int = 0) -> str:
         ("山田", {"telework-staff"}),
         ("yamada.taro", {"telework-staff"}),  # DN cn=Yamada\, Taro (comma in the RDN)
         ("pa(re)n*\\x", {"security-auditors"}),  # every filter special in a real name
+        ("ivan", set()),  # userAccountControl 512 (enabled), accountExpires "never"
     ],
 )
 async def test_people_sign_in_with_their_groups(directory: LdapDirectory, uid: str,
@@ -158,7 +159,10 @@ async def test_wrong_credentials(directory: LdapDirectory, uid: str,
 @pytest.mark.parametrize(
     ("uid", "why"),
     [("dave", "pwdAccountLockedTime: 000001010000Z (administrative lock)"),
-     ("erin", "matches disabled_filter (employeeType=retired)")],
+     ("erin", "matches disabled_filter (employeeType=retired)"),
+     ("grace", "userAccountControl 514: ACCOUNTDISABLE (bit 2) set"),
+     ("heidi", "accountExpires 2021-01-01"),
+     ("judy", "shadowExpire 2021-01-01")],
 )
 async def test_disabled_accounts_are_refused_though_the_server_accepts_the_bind(
         directory: LdapDirectory, slapd: Slapd, uid: str, why: str) -> None:
