@@ -128,7 +128,8 @@ class Sample:
     errors: int
     mib_per_s: float
     cpu_us_per_request: float
-    cpu_s_per_gib: float
+    cpu_s_per_gib: float  # the server's CPU time per GiB of bulk transfer
+    client_cpu_s_per_gib: float  # the ssh client's: it decrypts what every server sends
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,12 @@ class Server:
 def fetch(url: str, expect_bytes: int) -> None:
     """Refuse to measure a tunnel that does not deliver the file (a refused channel would
     otherwise be a very fast 'success')."""
-    done = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
-                           url], capture_output=True, text=True, check=False, timeout=60)
+    done = subprocess.run(["curl", "-sS", "-m", "10", "-o", "/dev/null", "-w",
+                           "%{http_code} %{size_download}", url],
+                          capture_output=True, text=True, check=False, timeout=60)
     if done.stdout.split() != ["200", str(expect_bytes)]:
-        raise RuntimeError(f"{url}: {done.stdout} {done.stderr.strip()}")
+        raise RuntimeError(f"no file through the tunnel: {url}: {done.stdout} "
+                           f"{done.stderr.strip()} (see the server's log in the workspace)")
 
 
 def bulk(url: str, size: int) -> float:
@@ -183,16 +186,18 @@ def profiled_bulk(server: Server, url: str, args: argparse.Namespace, label: str
 
 def measure_once(server: Server, cipher: str, ws: Workspace, processes: Processes,
                  args: argparse.Namespace, script: Path, label: str) -> Sample:
-    with open_tunnel(processes, ws.root, server.tunnel(cipher), server.name) as local_port:
+    tunnel = open_tunnel(processes, ws.root, server.tunnel(cipher), server.name)
+    with tunnel as (local_port, client_pid):
         base = f"http://127.0.0.1:{local_port}/bench"
         fetch(f"{base}/{SMALL}.bin", 1024)
         before = cpu_seconds(server.pid)
         result = wrk(f"{base}/{SMALL}.bin", duration=args.duration,
                      connections=args.connections, threads=1, headers={}, script=script)
         wrk_cpu = cpu_seconds(server.pid) - before
-        before = cpu_seconds(server.pid)
+        before, client_before = cpu_seconds(server.pid), cpu_seconds(client_pid)
         mib_per_s = profiled_bulk(server, f"{base}/bulk.bin", args, label)
         bulk_cpu = cpu_seconds(server.pid) - before
+        client_cpu = cpu_seconds(client_pid) - client_before
     seconds = result["duration_us"] / 1e6
     return Sample(
         requests_per_s=result["requests"] / seconds,
@@ -201,6 +206,7 @@ def measure_once(server: Server, cipher: str, ws: Workspace, processes: Processe
         mib_per_s=mib_per_s,
         cpu_us_per_request=wrk_cpu * 1e6 / max(1, result["requests"]),
         cpu_s_per_gib=bulk_cpu / (args.bulk_mib / 1024),
+        client_cpu_s_per_gib=client_cpu / (args.bulk_mib / 1024),
     )
 
 
@@ -326,19 +332,19 @@ def ratio(results: list[Result], cipher: str, name: str, target: str = GATEWAYD)
 def table(results: list[Result]) -> str:
     lines = [
         "| cipher | server | 1 KiB req/s | (min-max) | p99 ms | errors | CPU µs/req "
-        "| bulk MiB/s | (min-max) | CPU s/GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bulk MiB/s | (min-max) | CPU s/GiB | ssh client CPU s/GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if not r.samples:
-            lines.append(f"| {r.cipher} | {r.target} | {r.note} | | | | | | | |")
+            lines.append(f"| {r.cipher} | {r.target} | {r.note} | | | | | | | | |")
             continue
         lines.append(
             f"| {r.cipher} | {r.target} | {r.median('requests_per_s'):,.0f} | "
             f"{r.spread('requests_per_s')} | {r.median('p99_ms'):.2f} | "
             f"{sum(s.errors for s in r.samples)} | {r.median('cpu_us_per_request'):,.0f} | "
             f"{r.median('mib_per_s'):,.1f} | {r.spread('mib_per_s')} | "
-            f"{r.median('cpu_s_per_gib'):.2f} |")
+            f"{r.median('cpu_s_per_gib'):.2f} | {r.median('client_cpu_s_per_gib'):.2f} |")
     return "\n".join(lines)
 
 

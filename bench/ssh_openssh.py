@@ -164,8 +164,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def open_tunnel(processes: Processes, root: Path, tunnel: Tunnel, name: str) -> Iterator[int]:
-    """Run ``ssh -N -L`` for the duration of the block; yields the local port."""
+def open_tunnel(processes: Processes, root: Path, tunnel: Tunnel, name: str
+                ) -> Iterator[tuple[int, int]]:
+    """Run ``ssh -N -L`` for the duration of the block; yields the local port and the ssh
+    client's pid."""
     local_port = free_port()
     log = root / f"ssh-{name}.out"
     process = processes.start(f"ssh {name}", tunnel.argv(root, local_port), log)
@@ -174,7 +176,7 @@ def open_tunnel(processes: Processes, root: Path, tunnel: Tunnel, name: str) -> 
             wait_for_port(local_port, process, f"ssh -L through {name}", timeout=30)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}: {log.read_text(errors='replace').strip()}") from None
-        yield local_port
+        yield local_port, process.pid
     finally:
         processes.stop(process)
 
