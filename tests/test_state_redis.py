@@ -207,6 +207,20 @@ async def test_killed_server_raises_quickly_and_the_same_object_recovers(
         await store.close()
 
 
+async def test_after_a_restart_no_operation_fails_on_a_stale_pooled_connection(
+        outage_server: RedisServer) -> None:
+    store = RedisState(outage_server.url)
+    try:
+        await asyncio.gather(*(store.incr("c", 60) for _ in range(10)))  # several connections
+        outage_server.kill()
+        await asyncio.sleep(0.05)  # the outage: the event loop sees the connections close
+        outage_server.start()  # nothing used the pool in between
+        results = await asyncio.gather(*(store.incr("c", 60) for _ in range(10)))
+        assert sorted(results) == list(range(1, 11))  # every one succeeded, counted once
+    finally:
+        await store.close()
+
+
 async def test_hung_server_raises_within_the_timeout_and_recovers(
         outage_server: RedisServer) -> None:
     store = RedisState(outage_server.url, timeout=0.3)

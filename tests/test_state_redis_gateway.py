@@ -1,6 +1,7 @@
 """The whole gateway on ``state.backend = "redis"`` against a real redis-server: sign-in, two
 gateways sharing the TOTP replay cache and the brute-force counters, and fail-closed logins
-plus ``/readyz`` while Redis is down — and recovery without a restart when it returns.
+(HTTPS and SSH) plus ``/readyz`` while Redis is down — and recovery without a restart when it
+returns.
 
 Each test starts its own redis-server (tests/redis_server.py) and gateways
 (tests/https_harness.py, overrides per config section). Two gateways are two nodes of one
@@ -21,6 +22,7 @@ import pytest
 from https_harness import Harness, running_gateway
 from redis.asyncio import Redis
 from redis_server import RedisServer, running_redis
+from ssh_harness import running_ssh_gateway
 
 from gatewayd.https.login import UNAVAILABLE_MESSAGE
 from gatewayd.identity.totp import KEY_FILE, SECRETS_FILE
@@ -160,3 +162,21 @@ async def test_hung_redis_refuses_logins_within_the_timeout(
         assert failure_reasons(gw) == ["state_unavailable"]
         status, _, _ = await gw.login(gw.client(), "carol")
         assert status == 303
+
+
+async def test_ssh_sign_in_fails_closed_while_redis_is_down(
+        tmp_path: Path, redis: RedisServer) -> None:
+    async for gw in running_ssh_gateway(tmp_path, state=state_section(redis)):
+        assert isinstance(gw.gateway.state, RedisState)
+        redis.kill()
+        run = await gw.run("alice")
+        assert run.returncode == 255 and "Permission denied" in run.stderr
+        (failure,) = gw.audit_events("auth.failure")
+        assert failure["frontend"] == "ssh" and failure["reason"] == "state_unavailable"
+        assert gw.sessions() == []
+        redis.start()
+        process = await gw.spawn("alice", "-T")
+        session = await gw.wait_for_session("alice")
+        assert session.frontend == "ssh"
+        process.terminate()
+        await process.wait()
