@@ -13,11 +13,11 @@ import pytest
 from gatewayd.policy import AccessRequest, TcpService, load_policy, load_policy_texts
 from gatewayd.ssh.destinations import (
     OwnAddresses,
+    allowed_destinations,
     explicitly_named,
     override_table,
     own_addresses_from_proc,
     parse_host_port,
-    reachable_services,
     show_dest,
     unsafe_kind,
 )
@@ -195,14 +195,15 @@ def _request(user: str, groups: set[str], attributes: dict[str, str]) -> AccessR
     ("carol", {"security-auditors"}, {"office_pc": "pc-0001.ward.local"}, []),
     ("mallory", set(), {}, []),
 ])
-def test_reachable_services_with_the_shipped_policy(
+def test_allowed_destinations_with_the_shipped_policy(
         user: str, groups: set[str], attributes: dict[str, str],
         expected: list[tuple[str, str]]) -> None:
     policy = load_policy(REPO / "policies")
-    assert reachable_services(policy, _request(user, groups, attributes)) == expected
+    found = allowed_destinations(policy, _request(user, groups, attributes))
+    assert [(tunnel.service, tunnel.destination) for tunnel in found] == expected
 
 
-def test_reachable_services_leaves_out_a_destination_another_service_owns() -> None:
+def test_allowed_destinations_leaves_out_a_destination_another_service_owns() -> None:
     texts = {
         "00-ward.yaml": "timezone: Asia/Tokyo\nroles:\n  staff: {groups: telework-staff}\n",
         "10-services.yaml": """
@@ -223,6 +224,7 @@ rules:
     # The user's attribute names the kiosk: opening it would be judged as service kiosk
     # (literal destinations win), which the user may not use — so it is not offered.
     request = _request("alice", {"telework-staff"}, {"office_pc": "kiosk.ward.local"})
-    assert reachable_services(policy, request) == []
+    assert allowed_destinations(policy, request) == []
     request = _request("alice", {"telework-staff"}, {"office_pc": "pc-1.ward.local"})
-    assert reachable_services(policy, request) == [("own-pc", "pc-1.ward.local:3389")]
+    [tunnel] = allowed_destinations(policy, request)
+    assert (tunnel.service, tunnel.destination) == ("own-pc", "pc-1.ward.local:3389")

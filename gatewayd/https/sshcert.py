@@ -59,7 +59,6 @@ from gatewayd.https.login import allowed_origins
 from gatewayd.ssh.certificate import (
     MAX_KEY_LINE,
     MIN_LIFETIME,
-    AllowedTunnel,
     CaKeyError,
     IssuedCertificate,
     PublicKeyError,
@@ -69,6 +68,7 @@ from gatewayd.ssh.certificate import (
     key_id,
     parse_public_key,
 )
+from gatewayd.ssh.destinations import AllowedTunnel
 
 if TYPE_CHECKING:
     from pathlib import Path

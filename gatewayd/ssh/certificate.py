@@ -55,10 +55,10 @@ import asyncssh
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gatewayd.files import exposure
-from gatewayd.policy import AccessRequest, Policy, TcpService, decide
+from gatewayd.policy import AccessRequest, Policy
+from gatewayd.ssh.destinations import AllowedTunnel, allowed_destinations
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
 
     from gatewayd.identity.principal import Principal
 
@@ -110,22 +110,6 @@ class IssuedCertificate:
     @property
     def valid_before_text(self) -> str:
         return datetime.fromtimestamp(self.valid_before, UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass(frozen=True, slots=True)
-class AllowedTunnel:
-    """One TCP destination the policy allows this user now (for the portal and the 403)."""
-
-    service: str
-    description: str | None
-    host: str  # canonical host (IPv6 without brackets)
-    port: int
-    rule: str | None
-
-    @property
-    def destination(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 # --- the user's public key -------------------------------------------------------------------
@@ -279,35 +263,9 @@ def allowed_tunnels(
     policy: Policy, *, principal: Principal, device: str | None, device_user: str | None,
     source: ipaddress.IPv4Address | ipaddress.IPv6Address, now: datetime, mfa_age: float,
 ) -> list[AllowedTunnel]:
-    """Every TCP destination `decide()` allows this user now, in the policy's order.
-
-    Templated destinations (``{user.office_pc}:3389``) are resolved with the user's
-    attributes; one that does not resolve for this user is not a destination of theirs.
-    """
-    allowed = []
-    for service in policy.services.values():
-        if not isinstance(service, TcpService):
-            continue
-        for host, port in _destinations(service, principal.attributes):
-            if policy.tcp_service_for(host, port, principal.attributes) != service.name:
-                continue  # another service owns this destination: a tunnel would go there
-            decision = decide(policy, AccessRequest(
-                user=principal.user, groups=principal.groups,
-                attributes=principal.attributes, device=device, device_user=device_user,
-                frontend="ssh", service=service.name, dest_host=host, dest_port=port,
-                source=source, now=now, mfa_age=mfa_age,
-            ))
-            if decision.allowed:
-                allowed.append(AllowedTunnel(service.name, service.description, host, port,
-                                             decision.rule))
-    return allowed
-
-
-def _destinations(service: TcpService,
-                  attributes: Mapping[str, str]) -> list[tuple[str, int]]:
-    resolved = []
-    for destination in service.destinations:
-        host = destination.resolve_host(attributes)
-        if host is not None and (host, destination.port) not in resolved:
-            resolved.append((host, destination.port))
-    return resolved
+    """Every TCP destination `decide()` allows this user now (see `allowed_destinations`)."""
+    return allowed_destinations(policy, AccessRequest(
+        user=principal.user, groups=principal.groups, attributes=principal.attributes,
+        device=device, device_user=device_user, frontend="ssh", service="", source=source,
+        now=now, mfa_age=mfa_age,
+    ))

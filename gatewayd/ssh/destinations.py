@@ -14,8 +14,8 @@ decided from values alone lives here, so it is tested by tables:
 * `OwnAddresses` and `own_addresses_from_proc` — the gateway's own addresses from Linux's
   ``/proc/net/fib_trie`` (local IPv4 routes, e.g. 127.0.0.0/8 and every interface address),
   ``/proc/net/if_inet6`` and the local routes of ``/proc/net/ipv6_route``.
-* `reachable_services` — the (service, "host:port") pairs a user may open now (banner and
-  ``gatewayd client-config``).
+* `allowed_destinations` — the destinations a user may open now (the SSH banner, the portal's
+  SSH section and certificate check, ``gatewayd client-config``).
 """
 
 from __future__ import annotations
@@ -160,23 +160,43 @@ def _hex6(text: str) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(int(text, 16))
 
 
-def reachable_services(policy: Policy, request: AccessRequest) -> list[tuple[str, str]]:
-    """(service, "host:port") for every TCP destination ``request``'s user may open now.
+@dataclass(frozen=True, slots=True)
+class AllowedTunnel:
+    """One TCP destination the policy allows a user now (banner, portal, client-config)."""
+
+    service: str
+    description: str | None
+    host: str  # canonical host (IPv6 without brackets)
+    port: int
+    rule: str | None
+
+    @property
+    def destination(self) -> str:
+        return show_dest(self.host, self.port)
+
+
+def allowed_destinations(policy: Policy, request: AccessRequest) -> list[AllowedTunnel]:
+    """Every TCP destination ``request``'s user may open now, in the policy's order.
 
     ``request`` carries the user, groups, attributes, device, source, time and MFA age; its
     service and destination are filled in per destination. A ``{user.ATTR}`` destination is
-    listed resolved for this user, or not at all when the attribute is missing.
+    listed resolved for this user, or not at all when the attribute is missing; one that
+    another service owns is skipped (a tunnel to it would be judged as that service).
     """
-    found: list[tuple[str, str]] = []
+    found: list[AllowedTunnel] = []
+    seen: set[tuple[str, int]] = set()
     for name, service in policy.services.items():
         if not isinstance(service, TcpService):
             continue
         for destination in service.destinations:
             host = destination.resolve_host(request.attributes)
-            if host is None or policy.tcp_service_for(
+            if host is None or (host, destination.port) in seen or policy.tcp_service_for(
                     host, destination.port, request.attributes) != name:
-                continue  # another service owns this destination; opening it would go there
+                continue
+            seen.add((host, destination.port))
             access = replace(request, service=name, dest_host=host, dest_port=destination.port)
-            if decide(policy, access).allowed:
-                found.append((name, show_dest(host, destination.port)))
+            decision = decide(policy, access)
+            if decision.allowed:
+                found.append(AllowedTunnel(name, service.description, host, destination.port,
+                                           decision.rule))
     return found

@@ -87,10 +87,10 @@ from gatewayd.sessions import Session, SessionRegistry
 from gatewayd.ssh.destinations import (
     IPAddress,
     OwnAddresses,
+    allowed_destinations,
     explicitly_named,
     override_table,
     own_addresses_from_proc,
-    reachable_services,
     show_dest,
     unsafe_kind,
 )
@@ -215,7 +215,8 @@ class Tunnels:
         template = self._access(session, None, None, None)
         if template is None:
             return []
-        return reachable_services(self._gateway.policy, template)
+        return [(allowed.service, allowed.destination)
+                for allowed in allowed_destinations(self._gateway.policy, template)]
 
     # --- re-deciding open tunnels --------------------------------------------------------
 
