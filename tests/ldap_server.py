@@ -427,6 +427,7 @@ if __name__ == "__main__":  # manual trials: python tests/ldap_server.py /tmp/sl
             text = ("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
                     if isinstance(value, dict) else json.dumps(value))
             print(f"{key} = {text}")
-        print("# users:", ", ".join(f"{p.uid} / {p.password}" for p in PEOPLE.values()))
+        print("# users:", ", ".join(f"{p.uid} / {p.password}" for p in PEOPLE.values()),
+              flush=True)  # then it waits: the section must reach a redirected stdout now
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
