@@ -463,5 +463,8 @@ async def test_build_state_picks_the_backend(tmp_path: Path) -> None:
         assert kwargs["ssl_cert_reqs"] == "required" and kwargs["ssl_check_hostname"] is True
         assert kwargs["credential_provider"].path == tmp_path / "pw"
         assert kwargs["credential_provider"].username == "gw"
+        # No retry inside an operation: an INCRBY whose answer was lost is not sent twice.
+        connection = store._pool.make_connection()  # type: ignore[no-untyped-call]
+        assert connection.retry.get_retries() == 0
     finally:
         await store.close()
