@@ -16,6 +16,8 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from gatewayd.https.proxy import send_continue
+
 FORM_TYPE: Final = "application/x-www-form-urlencoded"
 MAX_FIELDS: Final = 16
 
@@ -34,7 +36,9 @@ async def read_form(
 ) -> dict[str, str]:
     """The fields named in ``limits`` (name -> max characters); absent fields are ''."""
     _check_media_type(request)
-    body = await _read_bounded(request, max_bytes)
+    body = await read_body(request, max_bytes)
+    if body is None:
+        raise FormError(413, "The form is too large.")
     try:
         text = body.decode("ascii")
         pairs = parse_qsl(
@@ -61,21 +65,27 @@ def _check_media_type(request: web.BaseRequest) -> None:
             raise FormError(415, "The form must be sent as UTF-8.")
 
 
-async def _read_bounded(request: web.BaseRequest, max_bytes: int) -> bytes:
+async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes | None:
+    """The whole request body, or None when it is (declared or turns out) over ``max_bytes``.
+
+    A pending ``Expect: 100-continue`` is answered first: the gateway's routes never send the
+    100 up front (`proxy.defer_continue`), so a handler that decides to read a body says so.
+    A body declared too large is refused before the 100, so it is never invited.
+    """
     declared = request.content_length
     if declared is not None and declared > max_bytes:
-        raise FormError(413, "The form is too large.")
+        return None
+    send_continue(request)
     chunks: list[bytes] = []
     size = 0
     while True:
         chunk = await request.content.read(max_bytes + 1 - size)
         if not chunk:
-            break
+            return b"".join(chunks)
         chunks.append(chunk)
         size += len(chunk)
         if size > max_bytes:
-            raise FormError(413, "The form is too large.")
-    return b"".join(chunks)
+            return None
 
 
 def _select_fields(pairs: list[tuple[str, str]], limits: Mapping[str, int]) -> dict[str, str]:

@@ -54,7 +54,7 @@ from gatewayd.https import pages
 from gatewayd.https.auth import wants_html
 from gatewayd.https.csrf import CsrfTokens, cross_origin_reason
 from gatewayd.https.flow import audit_refuses, peer_address, respond, unavailable
-from gatewayd.https.forms import FormError, read_form
+from gatewayd.https.forms import FormError, read_body, read_form
 from gatewayd.https.login import allowed_origins
 from gatewayd.ssh.certificate import (
     MAX_KEY_LINE,
@@ -207,7 +207,10 @@ class SshCertificates:
     async def _read_key(self, request: web.Request, session: Session) -> UserKey:
         media_type = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
         if media_type == JSON_TYPE:
-            text = _json_key(await _read_bounded(request))
+            body = await read_body(request, MAX_BODY)
+            if body is None:
+                raise Refused(413, "too_large", "The request is too large (16 KiB at most).")
+            text = _json_key(body)
         else:
             try:
                 form = await read_form(request, max_bytes=MAX_BODY, limits=FORM_FIELDS)
@@ -306,21 +309,6 @@ def _login_required(request: web.BaseRequest) -> web.Response:
         status=401)
     response.headers["WWW-Authenticate"] = f'Gatewayd realm="gatewayd", login="{target}"'
     return response
-
-
-async def _read_bounded(request: web.BaseRequest) -> bytes:
-    declared = request.content_length
-    if declared is not None and declared > MAX_BODY:
-        raise Refused(413, "too_large", "The request is too large (16 KiB at most).")
-    body = await request.content.read(MAX_BODY + 1)
-    while len(body) <= MAX_BODY:
-        chunk = await request.content.read(MAX_BODY + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
-    if len(body) > MAX_BODY:
-        raise Refused(413, "too_large", "The request is too large (16 KiB at most).")
-    return body
 
 
 def _json_key(body: bytes) -> str:
