@@ -18,9 +18,10 @@ picks both up:
    on its new certificate alone, while ``certs revoke DEVICE`` revokes every serial of the PC
    and so ends all of them. A session without a recorded serial ends when any certificate of
    its device is revoked (the device of a serial comes from the index): never a stolen PC left
-   signed in. A list older than one this gateway has enforced is refused, across restarts too:
-   the highest CRL number per issuing CA is kept in ``STATE_DIR/device-crl-state.json`` and
-   the gateway will not start on an older list (`CrlRollbackError`);
+   signed in. A list older than one this gateway has enforced (or another list under the same
+   number) is refused, across restarts too: the newest list per issuing CA is recorded in
+   ``STATE_DIR/device-crl-state.json`` and the gateway will not start on an older one
+   (`CrlRollbackError`);
 2. each pending disable request ends the user's sessions (``user_disabled``), is audited as
    ``user.disable`` (user, operator, reason), and is marked done;
 3. a changed users file runs the directory refresh at once instead of at the next
@@ -53,7 +54,12 @@ Cert audit marks (``STATE_DIR/cert-audit.json``, ``0600``)::
 CRL high-water marks (``STATE_DIR/device-crl-state.json``, ``0600``), per issuing CA (its key
 identifier: a new device CA starts its own numbering)::
 
-    {"format": "gatewayd-device-crl-v1", "highest": {"<issuer key id hex>": 7}}
+    {"format": "gatewayd-device-crl-v1",
+     "highest": {"<issuer key id hex>": {"number": 7, "sha256": "<of the list's DER>"}}}
+
+A list is refused when its number is lower than the one recorded for its CA, or equal with
+other contents: a CA directory restored from a backup numbers its next list like one already
+published, and that list may lack revocations made since.
 
 Handshake refusals: the HTTPS listener reports a client certificate that fails verification
 (revoked, expired, another CA, wrong key usage) to `EmergencyStop.tls_refused`, which writes
@@ -85,6 +91,7 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gatewayd.audit import AuditWriteError
 from gatewayd.ca import INDEX_FILE, CaError, Index, IndexEntry, read_index
@@ -314,6 +321,19 @@ class CertAuditMarks:
 # --- the highest CRL number enforced, per issuing CA ---------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class CrlMark:
+    """What is remembered of an enforced list: its number and a digest of its contents."""
+
+    number: int
+    sha256: str
+
+    @classmethod
+    def of(cls, loaded: LoadedCrl) -> CrlMark:
+        der = x509.load_pem_x509_crl(loaded.pem).public_bytes(serialization.Encoding.DER)
+        return cls(loaded.info.number, hashlib.sha256(der).hexdigest())
+
+
 def crl_issuer_id(pem: bytes) -> str:
     """Which CA signed a (verified) list: its authority key identifier, hex.
 
@@ -330,29 +350,48 @@ def crl_issuer_id(pem: bytes) -> str:
     return "name:" + hashlib.sha256(crl.issuer.public_bytes()).hexdigest()
 
 
+def rollback_problem(mark: CrlMark, seen: CrlMark | None) -> str | None:
+    """Why a list must not replace the one enforced before (``seen``), or None."""
+    if seen is None or mark.number > seen.number:
+        return None
+    if mark.number < seen.number:
+        return f"CRL #{mark.number} is older than #{seen.number}"
+    if mark.sha256 != seen.sha256:
+        return (f"CRL #{mark.number} is not the list #{seen.number} already enforced (two "
+                "lists with one number: a CA directory restored from a backup?)")
+    return None
+
+
 class CrlHighWater:
     """``STATE_DIR/device-crl-state.json``: the highest CRL number enforced, per issuer."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / CRL_STATE_FILE
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, CrlMark]:
         try:
             data: Any = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise JournalError(f"cannot read {self.path}: {exc}") from None
-        highest = data.get("highest") if isinstance(data, dict) else None
-        if (not isinstance(data, dict) or data.get("format") != CRL_STATE_FORMAT
-                or not isinstance(highest, dict)
-                or not all(isinstance(k, str) and type(v) is int and v >= 0
-                           for k, v in highest.items())):
+        try:
+            if data["format"] != CRL_STATE_FORMAT:
+                raise ValueError(data["format"])
+            marks = {issuer: CrlMark(item["number"], item["sha256"])
+                     for issuer, item in data["highest"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            marks = None
+        if marks is None or not all(
+                isinstance(k, str) and type(m.number) is int and m.number >= 0
+                and isinstance(m.sha256, str) for k, m in marks.items()):
             raise JournalError(f"{self.path} is not a {CRL_STATE_FORMAT} file")
-        return dict(highest)
+        return marks
 
-    def save(self, highest: Mapping[str, int]) -> None:
-        data = {"format": CRL_STATE_FORMAT, "highest": dict(sorted(highest.items()))}
+    def save(self, highest: Mapping[str, CrlMark]) -> None:
+        data = {"format": CRL_STATE_FORMAT,
+                "highest": {issuer: {"number": mark.number, "sha256": mark.sha256}
+                            for issuer, mark in sorted(highest.items())}}
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode("ascii"),
                      mode=0o600, overwrite=True)
@@ -446,7 +485,7 @@ class EmergencyStop:
         self._high_water = CrlHighWater(settings.gateway.state_dir)
         # issuer id -> highest CRL number enforced; read from the state file on first use
         # (the watcher may look at the CRL before `attach`), guarded: threads and loop share it.
-        self._highest: dict[str, int] | None = None
+        self._highest: dict[str, CrlMark] | None = None
         self._highest_lock = threading.Lock()
         self._refusals = RefusalBudget(clock)
         crl_file = settings.https.crl_file if settings.https.enabled else None
@@ -501,41 +540,43 @@ class EmergencyStop:
                 f"{exc}; it records the newest device CRL this gateway has enforced, which an "
                 "older list must not replace. Restore it, or remove it if you know it cannot "
                 "be recovered") from None
-        issuer = crl_issuer_id(context.crl.pem)
+        issuer, mark = crl_issuer_id(context.crl.pem), CrlMark.of(context.crl)
         seen = highest.get(issuer)
-        if seen is not None and context.crl.info.number < seen:
+        problem = rollback_problem(mark, seen)
+        if problem is not None and seen is not None:
             raise CrlRollbackError(
-                f"https.crl_file {self._crl_file} is CRL #{context.crl.info.number}, older than "
-                f"#{seen} which this gateway has enforced ({self._high_water.path}): a "
-                "rolled-back list would un-revoke devices. Put the current devices.crl back; "
-                "after restoring the CA directory from a backup, revoke again what was revoked "
-                f"since, then: gatewayd certs crl --renew --min-number {seen + 1}")
+                f"https.crl_file {self._crl_file}: {problem}, which this gateway has enforced "
+                f"({self._high_water.path}); a rolled-back list would un-revoke devices. Put "
+                "the current devices.crl back; after restoring the CA directory from a "
+                "backup, revoke again what was revoked since, then: gatewayd certs crl "
+                f"--renew --min-number {seen.number + 1}")
         self._crl_signature = context.crl.signature
         self._crl_info = context.crl.info
-        self._remember(issuer, context.crl.info.number)
+        self._remember(issuer, mark)
         self._warn_expiry(context.crl.info)
 
-    def _enforced(self) -> dict[str, int]:
-        """The highest CRL number enforced per issuer (blocking: read once, then kept)."""
+    def _enforced(self) -> dict[str, CrlMark]:
+        """The newest list enforced per issuer (blocking: read once, then kept)."""
         with self._highest_lock:
             if self._highest is None:
                 self._highest = self._high_water.load()
             return dict(self._highest)
 
-    def _remember(self, issuer: str, number: int) -> None:
-        """Record ``number`` as enforced (blocking). A failed write is logged: the list is in
+    def _remember(self, issuer: str, mark: CrlMark) -> None:
+        """Record ``mark`` as enforced (blocking). A failed write is logged: the list is in
         force anyway; only the protection across a restart is weaker until the next one."""
         try:
             with self._highest_lock:
                 if self._highest is None:
                     self._highest = self._high_water.load()
-                if number <= self._highest.get(issuer, -1):
+                seen = self._highest.get(issuer)
+                if seen is not None and mark.number <= seen.number:
                     return
-                self._highest[issuer] = number
+                self._highest[issuer] = mark
                 self._high_water.save(self._highest)
         except (OSError, JournalError) as exc:
-            self._report_once(f"high-water:{exc}", f"cannot record device CRL #{number} as "
-                              f"enforced in {self._high_water.path}: {exc}")
+            self._report_once(f"high-water:{exc}", f"cannot record device CRL #{mark.number} "
+                              f"as enforced in {self._high_water.path}: {exc}")
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Check every ``interval`` seconds (a named task owned by the Gateway)."""
@@ -613,18 +654,18 @@ class EmergencyStop:
             # The list in force stays: a broken new file must not un-revoke anything.
             self._report_once(f"crl:{signature}", f"new device CRL not loaded: {exc}")
             return None
-        previous = self._crl_info
         try:
             highest = self._enforced()
         except JournalError as exc:
             self._report_once("high-water", str(exc))
-            highest = {}  # still refuse lists older than the one in force
-        enforced = highest.get(crl_issuer_id(loaded.pem), -1)
-        if previous is not None:
-            enforced = max(enforced, previous.number)
-        if loaded.info.number < enforced:
-            self._report_once(f"crl:{signature}", f"device CRL number {loaded.info.number} is "
-                              f"older than one already enforced ({enforced}); not loaded")
+            highest = {}
+        problem = rollback_problem(CrlMark.of(loaded), highest.get(crl_issuer_id(loaded.pem)))
+        previous = self._crl_info
+        if problem is None and previous is not None and loaded.info.number < previous.number:
+            problem = f"CRL #{loaded.info.number} is older than #{previous.number}"
+        if problem is not None:
+            self._report_once(f"crl:{signature}", f"new device CRL not loaded: {problem}, "
+                              "which is in force")
             return None
         return loaded
 
@@ -659,7 +700,7 @@ class EmergencyStop:
         self._audit_due = True
         self._warn_expiry(loaded.info, again=True)
         log.info("device CRL %d loaded: %d revoked", loaded.info.number, len(loaded.info.revoked))
-        await asyncio.to_thread(self._remember, crl_issuer_id(loaded.pem), loaded.info.number)
+        await asyncio.to_thread(self._remember, crl_issuer_id(loaded.pem), CrlMark.of(loaded))
         return self._end_revoked_sessions(set(loaded.info.revoked) - before)
 
     def _end_revoked_sessions(self, serials: set[int]) -> int:

@@ -193,15 +193,37 @@ def test_the_highest_crl_number_survives_a_restart(tmp_path: Path, ca: Path) -> 
     certs("revoke", "pc-0042", "--dir", str(ca))  # CRL #2
     attached(settings)
     state = json.loads(state_file(settings).read_text())
-    assert list(state["highest"].values()) == [2]
+    assert [mark["number"] for mark in state["highest"].values()] == [2]
     assert state_file(settings).stat().st_mode & 0o777 == 0o600
 
     (ca / "devices.crl").write_bytes(before)  # rolled back while the gateway was down
-    with pytest.raises(CrlRollbackError, match=r"CRL #1, older than #2.*--min-number 3"):
+    with pytest.raises(CrlRollbackError, match=r"CRL #1 is older than #2.*--min-number 3"):
         attached(settings)
     certs("crl", "--renew", "--min-number", "3", "--dir", str(ca))  # the documented way out
     stop = attached(settings)
     assert stop.stop.crl is not None and stop.stop.crl.number == 3
+
+
+async def test_a_restored_ca_directory_cannot_reuse_a_number(tmp_path: Path, ca: Path) -> None:
+    """The CA directory is restored from last week's backup (CRL #1): its next list is #2 again,
+    but without the revocation the gateway already enforces under #2."""
+    settings = gateway_settings(tmp_path, ca)
+    backup = tmp_path / "backup"
+    shutil.copytree(ca, backup)
+    certs("revoke", "pc-0042", "--reason", "key-compromise", "--dir", str(ca))  # #2
+    running = attached(settings)
+    shutil.rmtree(ca)
+    shutil.copytree(backup, ca)
+    certs("crl", "--renew", "--dir", str(ca))  # #2 again: pc-0042 not in it
+    await running.stop.check()
+    assert running.stop.crl is not None and running.stop.crl.number == 2
+    assert handshake(running.context, client_context(ca, device_files(ca, "pc-0042"))) is not None
+    with pytest.raises(CrlRollbackError, match=r"is not the list #2 already enforced"):
+        attached(settings)  # nor after a restart
+    certs("revoke", "pc-0042", "--reason", "key-compromise", "--dir", str(ca))  # #3: accepted
+    await running.stop.check()
+    assert running.stop.crl.number == 3
+    assert attached(settings).stop.crl is not None
 
 
 def test_an_unreadable_record_stops_the_start_with_its_name(tmp_path: Path, ca: Path) -> None:
@@ -223,7 +245,8 @@ async def test_a_new_device_ca_starts_its_own_numbering(tmp_path: Path, ca: Path
         "crl_file": replacement / "devices.crl"})})
     stop = attached(moved)
     assert stop.stop.crl is not None and stop.stop.crl.number == 1
-    assert sorted(json.loads(state_file(settings).read_text())["highest"].values()) == [1, 4]
+    marks = json.loads(state_file(settings).read_text())["highest"].values()
+    assert sorted(mark["number"] for mark in marks) == [1, 4]
 
 
 async def test_a_rolled_back_list_stops_the_gateway_start(tmp_path: Path, ca: Path) -> None:
