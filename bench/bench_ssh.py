@@ -26,7 +26,7 @@ Usage (from the repository root; installs nginx, wrk and openssh-server when roo
     .venv/bin/python bench/bench_ssh.py --quick     # 1 round, 2 s wrk, 64 MiB bulk
     .venv/bin/python bench/bench_ssh.py --json ssh.json
     .venv/bin/python bench/bench_ssh.py --quick --py-spy /tmp/gw-profile
-        # + where gatewayd spends its time during the bulk transfers (bench/ssh_profile.py)
+        # + where gatewayd spends its time in the bulk transfers (bench/ssh_profile.py)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,7 @@ from ssh_openssh import (
     write_key,
 )
 from ssh_profile import Recording, ensure_py_spy, summarise
+from ssh_sink import upload
 
 CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 SMALL = "1KiB"
@@ -130,6 +131,8 @@ class Sample:
     cpu_us_per_request: float
     cpu_s_per_gib: float  # the server's CPU time per GiB of bulk transfer
     client_cpu_s_per_gib: float  # the ssh client's: it decrypts what every server sends
+    upload_mib_per_s: float  # the same size the other way: client → server → sink
+    upload_cpu_s_per_gib: float  # the server's CPU time per GiB uploaded
 
 
 @dataclass(frozen=True)
@@ -140,13 +143,13 @@ class Server:
     user: str
     identity: KeyPair
     host_key: KeyPair
-    dest_host: str
-    dest_port: int
+    dest: tuple[str, int]  # nginx, as this server is asked to reach it
+    sink: tuple[str, int]  # the upload sink, likewise
     certificate: Path | None = None
 
     def tunnel(self, cipher: str) -> Tunnel:
         return Tunnel(self.port, self.user, self.identity, self.host_key, cipher,
-                      self.dest_host, self.dest_port, self.certificate)
+                      self.dest, self.sink, self.certificate)
 
 
 def fetch(url: str, expect_bytes: int) -> None:
@@ -171,33 +174,41 @@ def bulk(url: str, size: int) -> float:
     return size / elapsed / 1024**2
 
 
-def profiled_bulk(server: Server, url: str, args: argparse.Namespace, label: str) -> float:
-    """The bulk transfer, with gatewayd recorded by py-spy when ``--py-spy DIR`` asks."""
+def profiled(server: Server, args: argparse.Namespace, label: str, direction: str,
+             transfer: Callable[[], float]) -> float:
+    """One bulk transfer, with the Python servers recorded by py-spy when ``--py-spy DIR``
+    asks (one recording per server, direction, cipher and round)."""
     if args.py_spy is None or server.name not in args.py_spy_targets:
-        return bulk(url, args.bulk_mib * 1024**2)
+        return transfer()
     name = "gatewayd" if server.name == GATEWAYD else "bare"
-    recording = Recording(server.pid, args.py_spy / f"{name}-{label}.txt")
+    recording = Recording(server.pid, args.py_spy / f"{name}-{direction}-{label}.txt")
     try:
-        return bulk(url, args.bulk_mib * 1024**2)
+        return transfer()
     finally:
         recording.stop()
-        args.recordings.setdefault(server.name, []).append(recording.output)
+        args.recordings.setdefault(f"{server.name}, {direction}", []).append(recording.output)
 
 
 def measure_once(server: Server, cipher: str, ws: Workspace, processes: Processes,
                  args: argparse.Namespace, script: Path, label: str) -> Sample:
-    tunnel = open_tunnel(processes, ws.root, server.tunnel(cipher), server.name)
-    with tunnel as (local_port, client_pid):
-        base = f"http://127.0.0.1:{local_port}/bench"
+    with open_tunnel(processes, ws.root, server.tunnel(cipher), server.name) as tunnel:
+        base = f"http://127.0.0.1:{tunnel.web_port}/bench"
+        client_pid = tunnel.client_pid
         fetch(f"{base}/{SMALL}.bin", 1024)
         before = cpu_seconds(server.pid)
         result = wrk(f"{base}/{SMALL}.bin", duration=args.duration,
                      connections=args.connections, threads=1, headers={}, script=script)
         wrk_cpu = cpu_seconds(server.pid) - before
         before, client_before = cpu_seconds(server.pid), cpu_seconds(client_pid)
-        mib_per_s = profiled_bulk(server, f"{base}/bulk.bin", args, label)
+        size = args.bulk_mib * 1024**2
+        mib_per_s = profiled(server, args, label, "download",
+                             lambda: bulk(f"{base}/bulk.bin", size))
         bulk_cpu = cpu_seconds(server.pid) - before
         client_cpu = cpu_seconds(client_pid) - client_before
+        before = cpu_seconds(server.pid)
+        upload_mib_per_s = profiled(server, args, label, "upload",
+                                    lambda: upload(tunnel.sink_port, size))
+        upload_cpu = cpu_seconds(server.pid) - before
     seconds = result["duration_us"] / 1e6
     return Sample(
         requests_per_s=result["requests"] / seconds,
@@ -207,6 +218,8 @@ def measure_once(server: Server, cipher: str, ws: Workspace, processes: Processe
         cpu_us_per_request=wrk_cpu * 1e6 / max(1, result["requests"]),
         cpu_s_per_gib=bulk_cpu / (args.bulk_mib / 1024),
         client_cpu_s_per_gib=client_cpu / (args.bulk_mib / 1024),
+        upload_mib_per_s=upload_mib_per_s,
+        upload_cpu_s_per_gib=upload_cpu / (args.bulk_mib / 1024),
     )
 
 
@@ -237,7 +250,7 @@ def add_bulk_file(ws: Workspace, mib: int) -> None:
 
 
 def start_bare(processes: Processes, ws: Workspace, client: KeyPair, nginx_port: int,
-               args: argparse.Namespace) -> Server:
+               sink_port: int, args: argparse.Namespace) -> Server:
     """bench/ssh_bare.py: asyncssh with its own forwarding and nothing of gatewayd's."""
     root = ws.root / "bare"
     root.mkdir()
@@ -248,28 +261,36 @@ def start_bare(processes: Processes, ws: Workspace, client: KeyPair, nginx_port:
             str(args.bare_max_pktsize), args.gatewayd_loop]
     process = processes.start(BARE, argv, root / "bare.out")
     wait_for_port(port, process, BARE)
-    return Server(BARE, process.pid, port, current_user(), client, host, "127.0.0.1",
-                  nginx_port)
+    return Server(BARE, process.pid, port, current_user(), client, host,
+                  ("127.0.0.1", nginx_port), ("127.0.0.1", sink_port))
 
 
-def start_servers(processes: Processes, ws: Workspace, nginx_port: int,
+def start_sink(processes: Processes, ws: Workspace) -> int:
+    """bench/ssh_sink.py on a free loopback port: where uploads go."""
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("ssh_sink.py")), str(port)]
+    wait_for_port(port, processes.start("sink", argv, ws.root / "sink.out"), "upload sink")
+    return port
+
+
+def start_servers(processes: Processes, ws: Workspace, nginx_port: int, sink_port: int,
                   args: argparse.Namespace) -> tuple[list[Server], GatewaydSsh | None, str]:
     client = write_key(ws.root / "id_client", "bench-client")
     sshd_port = free_port()
     sshd, sshd_host = start_sshd(processes, ws.root / "sshd", sshd_port, client)
     servers = [Server(OPENSSH, sshd.pid, sshd_port, current_user(), client, sshd_host,
-                      "127.0.0.1", nginx_port)]
+                      ("127.0.0.1", nginx_port), ("127.0.0.1", sink_port))]
     if args.bare:
-        servers.append(start_bare(processes, ws, client, nginx_port, args))
+        servers.append(start_bare(processes, ws, client, nginx_port, sink_port, args))
     try:
-        gateway = start_gatewayd_ssh(processes, ws.root / "gatewayd", nginx_port,
+        gateway = start_gatewayd_ssh(processes, ws.root / "gatewayd", nginx_port, sink_port,
                                      loop=args.gatewayd_loop)
     except NotAvailable as exc:
         say(str(exc))
         return servers, None, str(exc)
     servers.append(Server(GATEWAYD, gateway.process.pid, gateway.port, BENCH_USER,
-                          gateway.identity, gateway.host_key, gateway.dest_host,
-                          gateway.dest_port, gateway.certificate))
+                          gateway.identity, gateway.host_key, gateway.dest, gateway.sink,
+                          gateway.certificate))
     return servers, gateway, ""
 
 
@@ -306,7 +327,9 @@ def run(args: argparse.Namespace) -> tuple[list[Result], float | None]:
             nginx_port = free_port()
             start_nginx(processes, ws, "upstream", nginx_port,
                         NGINX_STATIC.format(port=nginx_port, www=ws.www))
-            servers, gateway, missing = start_servers(processes, ws, nginx_port, args)
+            sink_port = start_sink(processes, ws)
+            servers, gateway, missing = start_servers(processes, ws, nginx_port, sink_port,
+                                                      args)
             results = measure(servers, ws, processes, args, script)
             if missing:
                 results += [Result(c, GATEWAYD, note=NOT_AVAILABLE) for c in args.ciphers]
@@ -332,19 +355,21 @@ def ratio(results: list[Result], cipher: str, name: str, target: str = GATEWAYD)
 def table(results: list[Result]) -> str:
     lines = [
         "| cipher | server | 1 KiB req/s | (min-max) | p99 ms | errors | CPU µs/req "
-        "| bulk MiB/s | (min-max) | CPU s/GiB | ssh client CPU s/GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bulk MiB/s | (min-max) | CPU s/GiB | ssh client CPU s/GiB | upload MiB/s "
+        "| upload CPU s/GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if not r.samples:
-            lines.append(f"| {r.cipher} | {r.target} | {r.note} | | | | | | | | |")
+            lines.append(f"| {r.cipher} | {r.target} | {r.note} | | | | | | | | | | |")
             continue
         lines.append(
             f"| {r.cipher} | {r.target} | {r.median('requests_per_s'):,.0f} | "
             f"{r.spread('requests_per_s')} | {r.median('p99_ms'):.2f} | "
             f"{sum(s.errors for s in r.samples)} | {r.median('cpu_us_per_request'):,.0f} | "
             f"{r.median('mib_per_s'):,.1f} | {r.spread('mib_per_s')} | "
-            f"{r.median('cpu_s_per_gib'):.2f} | {r.median('client_cpu_s_per_gib'):.2f} |")
+            f"{r.median('cpu_s_per_gib'):.2f} | {r.median('client_cpu_s_per_gib'):.2f} | "
+            f"{r.median('upload_mib_per_s'):,.1f} | {r.median('upload_cpu_s_per_gib'):.2f} |")
     return "\n".join(lines)
 
 
@@ -355,7 +380,8 @@ def verdicts(results: list[Result], ciphers: list[str]) -> list[str]:
             if find(results, cipher, target):
                 lines.append(f"{target} / OpenSSH with {cipher}: 1 KiB req/s "
                              f"{ratio(results, cipher, 'requests_per_s', target)}, bulk MiB/s "
-                             f"{ratio(results, cipher, 'mib_per_s', target)}")
+                             f"{ratio(results, cipher, 'mib_per_s', target)}, upload MiB/s "
+                             f"{ratio(results, cipher, 'upload_mib_per_s', target)}")
     gw, ref = (find(results, CIPHERS[0], name) for name in (GATEWAYD, OPENSSH))
     if gw and ref:
         value = gw.median("mib_per_s") / ref.median("mib_per_s")

@@ -31,6 +31,7 @@ from ssh_openssh import KeyPair, free_port, write_key
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-password-not-secret"  # a throw-away account on loopback
 DEST_HOST = "web.bench.internal"
+SINK_HOST = "sink.bench.internal"
 NOT_AVAILABLE = "gatewayd SSH frontend not available yet"
 
 BENCH_POLICY = """\
@@ -40,8 +41,8 @@ roles:
 services:
   bench-web:
     kind: tcp
-    description: the benchmark's nginx, reached through ssh -L
-    destinations: {dest}
+    description: the benchmark's nginx and upload sink, reached through ssh -L
+    destinations: [{dest}, {sink}]
 rules:
   - id: bench-tunnel
     effect: allow
@@ -60,8 +61,8 @@ class GatewaydSsh:
     host_key: KeyPair
     identity: KeyPair
     certificate: Path
-    dest_host: str
-    dest_port: int
+    dest: tuple[str, int]
+    sink: tuple[str, int]
     process: subprocess.Popen[bytes]
     root: Path
 
@@ -80,12 +81,12 @@ def sign_user_certificate(ca: KeyPair, identity: KeyPair, user: str) -> Path:
 
 
 def write_config(root: Path, ssh_port: int, metrics_port: int, dest_port: int,
-                 host_key: KeyPair, user_ca: KeyPair) -> Path:
+                 sink_port: int, host_key: KeyPair, user_ca: KeyPair) -> Path:
     from gatewayd.identity.filedir import hash_password  # noqa: PLC0415
 
-    dest = f"{DEST_HOST}:{dest_port}"
+    dest, sink = f"{DEST_HOST}:{dest_port}", f"{SINK_HOST}:{sink_port}"
     (root / "policies").mkdir(parents=True)
-    (root / "policies" / "bench.yaml").write_text(BENCH_POLICY.format(dest=dest))
+    (root / "policies" / "bench.yaml").write_text(BENCH_POLICY.format(dest=dest, sink=sink))
     (root / "users.toml").write_text(
         f"[users.{BENCH_USER}]\n"
         f"password_hash = {json.dumps(hash_password(BENCH_PASSWORD))}\n"
@@ -110,7 +111,8 @@ def write_config(root: Path, ssh_port: int, metrics_port: int, dest_port: int,
         f'listen = "127.0.0.1:{ssh_port}"\n'
         f"host_key_file = {json.dumps(str(host_key.private))}\n"
         f"user_ca_key_file = {json.dumps(str(user_ca.private))}\n"
-        f'address_overrides = {{ "{dest}" = "127.0.0.1:{dest_port}" }}\n'
+        f'address_overrides = {{ "{dest}" = "127.0.0.1:{dest_port}", '
+        f'"{sink}" = "127.0.0.1:{sink_port}" }}\n'
         "[directory]\n"
         'backend = "file"\nfile = "users.toml"\n'
     )
@@ -131,7 +133,7 @@ def gatewayd_argv(config: Path, loop: str) -> list[str]:
     return [gatewayd, "run", "--config", str(config)]
 
 
-def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int,
+def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int, sink_port: int,
                        loop: str = "default") -> GatewaydSsh:
     """``gatewayd run`` with the SSH listener up and a signed user certificate; raise
     NotAvailable when this checkout has no SSH frontend (or it does not serve)."""
@@ -145,7 +147,8 @@ def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int,
     identity = write_key(keys / "id_bench", BENCH_USER)
     certificate = sign_user_certificate(user_ca, identity, BENCH_USER)
     ssh_port, metrics_port = free_port(), free_port()
-    config = write_config(root, ssh_port, metrics_port, dest_port, host_key, user_ca)
+    config = write_config(root, ssh_port, metrics_port, dest_port, sink_port, host_key,
+                          user_ca)
     log = root / "gatewayd.out"
     process = processes.start("gatewayd", gatewayd_argv(config, loop), log)
     try:
@@ -155,5 +158,5 @@ def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int,
         processes.stop(process)
         tail = log.read_text(errors="replace")[-600:]
         raise NotAvailable(f"{NOT_AVAILABLE} ({exc}; log: {tail.strip()!r})") from None
-    return GatewaydSsh(ssh_port, host_key, identity, certificate, DEST_HOST, dest_port,
-                       process, root)
+    return GatewaydSsh(ssh_port, host_key, identity, certificate, (DEST_HOST, dest_port),
+                       (SINK_HOST, sink_port), process, root)

@@ -118,18 +118,19 @@ def start_sshd(processes: Processes, root: Path, port: int,
 
 @dataclass(frozen=True)
 class Tunnel:
-    """``ssh -N -L local_port:dest_host:dest_port`` through one server with one cipher."""
+    """``ssh -N -L WEB:dest_host:dest_port -L SINK:sink_host:sink_port`` through one server
+    with one cipher."""
 
     server_port: int
     user: str
     identity: KeyPair
     host_key: KeyPair
     cipher: str
-    dest_host: str
-    dest_port: int
+    dest: tuple[str, int]
+    sink: tuple[str, int]
     certificate: Path | None = None
 
-    def argv(self, root: Path, local_port: int) -> list[str]:
+    def argv(self, root: Path, web_port: int, sink_port: int) -> list[str]:
         known_hosts = root / f"known_hosts-{self.server_port}"
         known_hosts.write_text(f"[127.0.0.1]:{self.server_port} {self.host_key.public_line}\n")
         options = {
@@ -151,7 +152,8 @@ class Tunnel:
         if self.certificate is not None:
             options["CertificateFile"] = str(self.certificate)
         argv = ["ssh", "-F", "/dev/null", "-N", "-p", str(self.server_port),
-                "-L", f"127.0.0.1:{local_port}:{self.dest_host}:{self.dest_port}"]
+                "-L", f"127.0.0.1:{web_port}:{self.dest[0]}:{self.dest[1]}",
+                "-L", f"127.0.0.1:{sink_port}:{self.sink[0]}:{self.sink[1]}"]
         for name, value in options.items():
             argv += ["-o", f"{name}={value}"]
         return [*argv, f"{self.user}@127.0.0.1"]
@@ -163,20 +165,27 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class OpenTunnel:
+    web_port: int  # local end of the forward to nginx
+    sink_port: int  # local end of the forward to the upload sink
+    client_pid: int  # the ssh client
+
+
 @contextlib.contextmanager
 def open_tunnel(processes: Processes, root: Path, tunnel: Tunnel, name: str
-                ) -> Iterator[tuple[int, int]]:
-    """Run ``ssh -N -L`` for the duration of the block; yields the local port and the ssh
-    client's pid."""
-    local_port = free_port()
+                ) -> Iterator[OpenTunnel]:
+    """Run ``ssh -N -L … -L …`` for the duration of the block."""
+    web_port, sink_port = free_port(), free_port()
     log = root / f"ssh-{name}.out"
-    process = processes.start(f"ssh {name}", tunnel.argv(root, local_port), log)
+    process = processes.start(f"ssh {name}", tunnel.argv(root, web_port, sink_port), log)
     try:
         try:
-            wait_for_port(local_port, process, f"ssh -L through {name}", timeout=30)
+            for port in (web_port, sink_port):
+                wait_for_port(port, process, f"ssh -L through {name}", timeout=30)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}: {log.read_text(errors='replace').strip()}") from None
-        yield local_port, process.pid
+        yield OpenTunnel(web_port, sink_port, process.pid)
     finally:
         processes.stop(process)
 

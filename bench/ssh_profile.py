@@ -80,7 +80,7 @@ def summarise(paths: list[Path], top: int = 25) -> str:
                 total_counts[name] += count
     if not samples:
         return "py-spy: no samples"
-    lines = [f"py-spy, {samples} samples during the bulk transfers",
+    lines = [f"py-spy, {samples} samples",
              "  self%  total%  function"]
     for name, count in self_counts.most_common(top):
         lines.append(f"  {100 * count / samples:5.1f}  {100 * total_counts[name] / samples:6.1f}"
