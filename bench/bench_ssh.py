@@ -60,7 +60,6 @@ from bench_http import (
 )
 from ssh_gatewayd import (
     BENCH_USER,
-    NOT_AVAILABLE,
     GatewaydSsh,
     NotAvailable,
     start_gatewayd_ssh,
@@ -282,6 +281,8 @@ def start_servers(processes: Processes, ws: Workspace, nginx_port: int, sink_por
                       ("127.0.0.1", nginx_port), ("127.0.0.1", sink_port))]
     if args.bare:
         servers.append(start_bare(processes, ws, client, nginx_port, sink_port, args))
+    if args.no_gatewayd:
+        return servers, None, ""
     try:
         gateway = start_gatewayd_ssh(processes, ws.root / "gatewayd", nginx_port, sink_port,
                                      loop=args.gatewayd_loop)
@@ -332,7 +333,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], float | None]:
                                                       args)
             results = measure(servers, ws, processes, args, script)
             if missing:
-                results += [Result(c, GATEWAYD, note=NOT_AVAILABLE) for c in args.ciphers]
+                results += [Result(c, GATEWAYD, note=missing) for c in args.ciphers]
             rss = peak_rss_mib(gateway.process.pid) if gateway else None
             return results, rss
         finally:
@@ -413,6 +414,8 @@ def parse_args() -> argparse.Namespace:
                              "ssh.window default)")
     parser.add_argument("--bare-max-pktsize", type=int, default=32768,
                         help="asyncssh max_pktsize of the bare forwarder (bytes)")
+    parser.add_argument("--no-gatewayd", action="store_true",
+                        help="leave gatewayd out (OpenSSH and, with --bare, the bare forwarder)")
     parser.add_argument("--py-spy", type=Path, metavar="DIR",
                         help="record gatewayd with py-spy during its bulk transfers into DIR "
                              "and print where the time goes (bench/ssh_profile.py)")
