@@ -40,7 +40,7 @@ from gatewayd import __version__
 from gatewayd.admin import AdminServer, AdminSocketError, status_fields
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
 from gatewayd.config import ConfigError, Settings, load_settings
-from gatewayd.emergency import WATCH_INTERVAL, EmergencyStop
+from gatewayd.emergency import WATCH_INTERVAL, EmergencyStop, still_entitled
 from gatewayd.https.app import HttpsFrontend
 from gatewayd.https.assertion import AssertionKeyError, AssertionSigner, open_signer
 from gatewayd.https.proxy import UpstreamConfigError, UpstreamPool
@@ -288,7 +288,7 @@ class Gateway:
             except DirectoryUnavailable:
                 self.log.warning("directory unavailable; sessions not refreshed")
                 return ended
-            if principal is None:
+            if principal is None or not still_entitled(self.policy, principal):
                 ended += self.sessions.end_user(user, "directory_revoked")
                 continue
             for session in self.sessions.sessions():

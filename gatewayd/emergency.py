@@ -530,7 +530,7 @@ class EmergencyStop:
         self._context = context
         # The listener's DeviceConnection reports client certificates refused in the handshake
         # through this hook (declared by gatewayd.https.tls.ServerContext as ``on_refused``).
-        setattr(context, "on_refused", self.tls_refused)  # noqa: B010
+        context.on_refused = self.tls_refused
         if context.crl is None:
             return
         try:

@@ -110,14 +110,16 @@ async def test_disabled_user_loses_the_open_session_at_the_next_refresh(
     assert ends == [("alice", "directory_revoked")]
 
 
-async def test_user_removed_from_groups_keeps_the_session_but_is_denied(
+async def test_user_removed_from_all_allowed_groups_loses_the_open_session(
         gw: Harness, slapd: Slapd) -> None:
-    alice = await gw.signed_in("alice")
+    alice, bob = await gw.signed_in("alice"), await gw.signed_in("bob")
     slapd.modify(group_dn("general-affairs-section-1"),
                  ("delete", "member", [PEOPLE["alice"].dn]))
-    assert await gw.gateway.refresh_principals() == 0
-    assert (await fetch(alice, gw.base + "/groupware/"))[0] == 403
-    assert gw.audit_events("access.deny")[-1]["user"] == "alice"
+    assert await gw.gateway.refresh_principals() == 1
+    assert (await fetch(alice, gw.base + "/groupware/"))[0] == 401
+    assert (await fetch(bob, gw.base + "/groupware/"))[0] == 200
+    ends = [(e["user"], e["reason"]) for e in gw.audit_events("session.end")]
+    assert ends == [("alice", "directory_revoked")]
 
 
 async def test_refresh_with_the_directory_down_changes_nothing(gw: Harness,

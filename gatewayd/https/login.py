@@ -204,7 +204,8 @@ class AuthPages:
         try:
             raw_id, session = ctx.sessions.create(
                 principal, frontend=FRONTEND, source_ip=source_ip, device=device_id,
-                device_user=device.user if device else None, replace_oldest=True,
+                device_user=device.user if device else None,
+                device_serial=device.serial if device else None, replace_oldest=True,
             )
         except (SeatsFull, PerUserLimit) as exc:
             return self._limit_reached(request, exc, principal.user, source_ip, device_id)

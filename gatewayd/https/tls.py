@@ -49,6 +49,7 @@ import ssl
 import sys
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -173,6 +174,9 @@ class DeviceConnection(ssl.SSLObject):
             # asyncio drops this error without a trace (and without sending OpenSSL's alert):
             # the help desk needs "certificate has expired" / "certificate revoked" somewhere.
             log.warning("TLS client certificate refused: %s", exc.verify_message)
+            context = self.context
+            if isinstance(context, ServerContext) and context.on_refused is not None:
+                context.on_refused(exc.verify_code, exc.verify_message)  # audited there
             raise
 
     def read(self, len: int = 1024, buffer: Any = None) -> bytes:
@@ -198,6 +202,9 @@ class ServerContext(ssl.SSLContext):
     crl: LoadedCrl | None = None
     revoked: frozenset[int] = frozenset()
     generation = 0  # bumped by every apply_crl: connections re-check their peer then
+    # Told (verify code, OpenSSL's text) of each refused device certificate, for the audit
+    # log (EmergencyStop.tls_refused); it never raises into the handshake.
+    on_refused: Callable[[int, str], None] | None = None
 
     def apply_crl(self, crl: LoadedCrl) -> None:
         """Give OpenSSL a verified list (blocking: a temporary file) and enforce it."""
