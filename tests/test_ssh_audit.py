@@ -113,21 +113,37 @@ def rate_test_readings(output: str) -> list[tuple[float, int]]:
                 plain)]
 
 
+async def read_until_readings(stream: asyncio.StreamReader, count: int) -> bytes:
+    """The rate test's output until it has shown ``count`` progress readings (or ended)."""
+    output = b""
+    while len(rate_test_readings(output.decode(errors="replace"))) < count:
+        chunk = await stream.read(4096)
+        if not chunk:
+            break
+        output += chunk
+    return output
+
+
 async def test_connection_rate_test_sees_the_listener_throttled(gw: SshHarness) -> None:
     assert SSH_AUDIT is not None
-    # --conn-rate-test runs until interrupted; it prints a progress line every second.
+    # --conn-rate-test runs until interrupted; it prints a progress reading every second.
+    # Three readings: the rate over three seconds, not the first second's burst.
     process = await asyncio.create_subprocess_exec(
         SSH_AUDIT, "--conn-rate-test", "4", "-p", str(gw.port), "127.0.0.1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "NO_COLOR": "1", "SHELL": "/bin/sh"},
     )
-    await asyncio.sleep(3.6)
-    process.send_signal(signal.SIGINT)
-    output_bytes, _ = await asyncio.wait_for(process.communicate(), 30)
-    output = output_bytes.decode(errors="replace")
+    assert process.stdout is not None
+    try:
+        head = await asyncio.wait_for(read_until_readings(process.stdout, 3), 30)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+    tail, _ = await asyncio.wait_for(process.communicate(), 30)
+    output = (head + tail).decode(errors="replace")
     readings = rate_test_readings(output)
     assert len(readings) >= 3, output
-    rate, total = readings[-1]
+    rate, total = readings[2]
     assert total >= 1, output  # it does serve: refusals come from the caps, not a dead port
     assert rate < MAX_SAFE_RATE, output
     # Within a minute one source gets connect_rate_per_source banners, and no more.
