@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         _run_loop(run_demo(args.state_dir, args.policies, https_port=args.https_port,
-                           metrics_port=args.metrics_port))
+                           metrics_port=args.metrics_port, ssh_port=args.ssh_port))
     except START_ERRORS as exc:
         return _report_start_error("gatewayd demo", exc)
     return EXIT_OK
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="policy directory (default ./policies, the shipped ward example)")
     demo.add_argument("--https-port", type=_port, default=0,
                       help="HTTPS port on 127.0.0.1 (default 0 = pick a free one)")
+    demo.add_argument("--ssh-port", type=_port, default=0,
+                      help="SSH port on 127.0.0.1 (default 0 = pick a free one)")
     demo.add_argument("--metrics-port", type=_port, default=0,
                       help="metrics/health port on 127.0.0.1 (default 0 = pick a free one)")
     demo.set_defaults(func=cmd_demo)

@@ -9,6 +9,11 @@ Owns the demo's generated state in ``STATE_DIR`` (default ``./demo-state``):
   (``telework-managers``) and carol (``security-auditors``), argon2id hashes; their passwords
   are kept in ``demo-secrets.json`` (``0600``) so they survive restarts;
 * ``totp.key`` / ``totp-secrets.json`` — their TOTP secrets, encrypted as in production;
+* ``pki/devices.crl`` and ``pki/index.json`` — the device CA's (empty) revocation list and its
+  index, so ``gatewayd certs revoke``-style revocations work in the demo as in production;
+* ``ssh/host-ed25519.key`` (the SSH host key), ``ssh/user-ca`` (the SSH user CA that signs the
+  portal's short-lived certificates) and ``ssh/known_hosts`` (the line an OpenSSH client
+  needs to trust the host key), kept across restarts;
 * ``policies/`` — a fresh copy of the shipped ward policy at every start;
 * ``gatewayd.toml`` — the node's config; ``audit/`` — the audit log;
 * ``demo.json`` — how other programs find the demo (keys as in DESIGN.md).
@@ -17,7 +22,9 @@ It starts the demo upstream apps (`gatewayd.demo_apps`) on loopback, then the ga
 prints the URL, the users, their passwords and a current TOTP code each. Ctrl-C stops the
 gateway (every session gets its ``session.end``, the audit log its final checkpoint), then the
 apps. The admin socket is ``STATE_DIR/admin.sock`` (`gatewayd sessions list --socket …`).
-The SSH listener joins with its issue; until then ``demo.json`` has ``null`` for ``ssh_port``.
+The SSH listener (``ssh_port`` in ``demo.json``) reaches the shipped policy's TCP services —
+file server, mail, the users' office PCs — as small demo TCP services
+(`gatewayd.demo_apps.DEMO_TCP_DESTINATIONS`) through ``ssh.address_overrides``.
 """
 
 from __future__ import annotations
@@ -32,15 +39,30 @@ import shutil
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
 import pyotp
+from cryptography.hazmat.primitives import serialization
 
 from gatewayd.app import Gateway
-from gatewayd.certs import DemoPki, ensure_demo_pki
+from gatewayd.ca import CRL_FILE, INDEX_FILE, CaError, Index, entry_for, read_index
+from gatewayd.certs import (
+    DEFAULT_CRL_LIFETIME,
+    CertError,
+    DemoPki,
+    crl_pem,
+    ensure_demo_pki,
+    load_ca,
+    load_certificate,
+    new_crl,
+    new_ssh_key,
+    next_crl_time,
+    read_crl,
+    ssh_private_key,
+)
 from gatewayd.config import load_settings, toml_string
 from gatewayd.demo_apps import DemoApps, start_demo_apps
 from gatewayd.files import atomic_write
@@ -59,6 +81,7 @@ DEMO_ATTRIBUTES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({
     "carol": MappingProxyType({"display_name": "Carol"}),
 })
 ALICE_DEVICE: Final = "ward-pc-0042"
+CRL_RENEW_BEFORE: Final = timedelta(days=60)  # gatewayd warns at 30 days before the lapse
 SECRETS_FILE: Final = "demo-secrets.json"
 
 
@@ -163,9 +186,63 @@ def copy_policies(source: Path, target: Path) -> Path:
     return target
 
 
+def ensure_ssh_keys(folder: Path) -> tuple[Path, Path]:
+    """The demo's SSH host key and user CA key (made once, kept across restarts)."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    paths = (folder / "host-ed25519.key", folder / "user-ca")
+    for path in paths:
+        if not path.exists():
+            write_private(path, ssh_private_key(new_ssh_key()).decode("ascii"))
+    return paths
+
+
+def write_known_hosts(folder: Path, port: int, host_key: Path) -> Path:
+    """``ssh/known_hosts``: the line that makes OpenSSH trust the demo's host key."""
+    public = serialization.load_ssh_private_key(host_key.read_bytes(), None).public_key()
+    line = public.public_bytes(serialization.Encoding.OpenSSH,
+                               serialization.PublicFormat.OpenSSH).decode("ascii")
+    path = folder / "known_hosts"
+    write_private(path, f"[127.0.0.1]:{port} {line}\n")
+    return path
+
+
+def ensure_demo_crl(pki: DemoPki, now: datetime | None = None) -> Path:
+    """``pki/devices.crl`` and ``pki/index.json`` for the demo device CA (kept while valid).
+
+    Made anew (with the next CRL number) when missing, unreadable, within
+    `CRL_RENEW_BEFORE` of its next update, or when the index lacks alice's current device
+    certificate (the demo re-issues it when it is outdated).
+    """
+    now = now or datetime.now(UTC)
+    folder = pki.device_ca.cert.parent
+    crl_path, index_path = folder / CRL_FILE, folder / INDEX_FILE
+    ca = load_ca(pki.device_ca.cert, pki.device_ca.key)
+    device = load_certificate(pki.device.cert)
+    number = 1
+    try:
+        info = read_crl(crl_path.read_bytes(), [ca.cert], source=str(crl_path))
+        index = read_index(index_path)
+        number = info.number + 1
+        fresh = info.next_update is not None and info.next_update - now > CRL_RENEW_BEFORE
+        if fresh and device.serial_number in index.by_serial():
+            return crl_path
+    except (OSError, CertError, CaError):
+        pass  # first start, or damaged: make both anew
+    this_update = next_crl_time(None, now)
+    index = Index(certificates=(entry_for(device, "device", operator="gatewayd demo", now=now),),
+                  crl_number=number, crl_this_update=this_update,
+                  crl_next_update=this_update + DEFAULT_CRL_LIFETIME)
+    text = json.dumps(index.to_json(), indent=2) + "\n"
+    atomic_write(index_path, text.encode("utf-8"), mode=0o644, overwrite=True)
+    crl = new_crl(ca, [], number=number, this_update=this_update)
+    atomic_write(crl_path, crl_pem(crl), mode=0o644, overwrite=True)
+    return crl_path
+
+
 def write_demo_config(
     state_dir: Path, *, policies: Path, https_port: int, metrics_port: int,
-    pki: DemoPki, upstreams: Mapping[str, str],
+    pki: DemoPki, upstreams: Mapping[str, str], ssh_port: int,
+    tcp_services: Mapping[str, str],
 ) -> Path:
     """Write the demo node's config into ``state_dir`` and return its path."""
     lines = [
@@ -182,6 +259,12 @@ def write_demo_config(
         f"cert_file = {toml_string(str(pki.server.cert))}",
         f"key_file = {toml_string(str(pki.server.key))}",
         'client_cert = "optional"', f"client_ca_file = {toml_string(str(pki.device_ca.cert))}",
+        f"crl_file = {toml_string(str(pki.device_ca.cert.parent / CRL_FILE))}",
+        "[ssh]", "enabled = true", f'listen = "127.0.0.1:{ssh_port}"',
+        'host_key_file = "ssh/host-ed25519.key"', 'user_ca_key_file = "ssh/user-ca"',
+        "[ssh.address_overrides]",
+        *(f"{toml_string(dest)} = {toml_string(target)}"
+          for dest, target in tcp_services.items()),
         "[directory]", 'file = "users.toml"',
         "[mfa]", 'issuer = "gatewayd demo"',
     ]
@@ -199,7 +282,7 @@ def demo_description(
     """The ``demo.json`` object: how other programs find the running demo."""
     return {
         "https_url": gateway.settings.https.public_url + "/",
-        "ssh_port": None,
+        "ssh_port": gateway.listeners.ssh_port,
         "metrics_url": gateway.listeners.metrics_url,
         "admin_socket": gateway.listeners.admin_socket,
         "ca_cert": str(pki.server_ca.cert),
@@ -260,6 +343,7 @@ def welcome_lines(gateway: Gateway, state_dir: Path, description: Mapping[str, o
     lines += [
         "",
         f"  Next code: gatewayd mfa code USER --state-dir {state_dir}   (demo only)",
+        *ssh_lines(state_dir, description),
         f"  Metrics:   {gateway.listeners.metrics_url}",
         f"  Audit log: {gateway.settings.audit.path}",
         f"             gatewayd audit verify {gateway.settings.audit.path}",
@@ -271,6 +355,19 @@ def welcome_lines(gateway: Gateway, state_dir: Path, description: Mapping[str, o
     return lines
 
 
+def ssh_lines(state_dir: Path, description: Mapping[str, object]) -> list[str]:
+    """How to open a tunnel to the demo (empty without an SSH listener)."""
+    port = description.get("ssh_port")
+    if not isinstance(port, int):
+        return []
+    known = state_dir / "ssh" / "known_hosts"
+    return [
+        f"  SSH:       ssh -o UserKnownHostsFile={known} -p {port} \\",
+        "               -N -L 9993:mail.ward.local:993 alice@127.0.0.1",
+        "             (password, then code), then: curl http://127.0.0.1:9993/",
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedState:
     state_dir: Path
@@ -279,9 +376,11 @@ class PreparedState:
     totp_secrets: Mapping[str, str]
     policies: Path
     https_port: int
+    ssh_port: int
 
 
-def prepare_state(state_dir: Path, policies: Path, https_port: int) -> PreparedState:
+def prepare_state(state_dir: Path, policies: Path, https_port: int,
+                  ssh_port: int = 0) -> PreparedState:
     """Everything the demo writes before it starts (blocking: argon2, key generation)."""
     if not state_dir.exists():
         state_dir.mkdir(mode=0o700, parents=True)  # keys, secrets and the audit log live here
@@ -290,24 +389,29 @@ def prepare_state(state_dir: Path, policies: Path, https_port: int) -> PreparedS
     secrets_ = load_or_create_secrets(state_dir)
     pki = ensure_demo_pki(state_dir / "pki", device_id=ALICE_DEVICE, user="alice",
                           p12_password=secrets_.p12_password)
+    ensure_demo_crl(pki)
     write_users_file(state_dir / "users.toml", secrets_.passwords)
+    ssh_port = ssh_port or free_loopback_port()
+    host_key, _ = ensure_ssh_keys(state_dir / "ssh")
+    write_known_hosts(state_dir / "ssh", ssh_port, host_key)
     return PreparedState(
         state_dir=state_dir, secrets=secrets_, pki=pki,
         totp_secrets=enroll_totp(SecretStore(state_dir, issuer="gatewayd demo")),
-        policies=copied, https_port=https_port or free_loopback_port(),
+        policies=copied, https_port=https_port or free_loopback_port(), ssh_port=ssh_port,
     )
 
 
 async def run_demo(
     state_dir: Path, policies: Path, *, https_port: int = 0, metrics_port: int = 0,
-    echo: Callable[[str], None] = print,
+    ssh_port: int = 0, echo: Callable[[str], None] = print,
 ) -> None:
-    prepared = await asyncio.to_thread(prepare_state, state_dir, policies, https_port)
+    prepared = await asyncio.to_thread(prepare_state, state_dir, policies, https_port, ssh_port)
     apps: DemoApps = await start_demo_apps()
     try:
         config = write_demo_config(
             prepared.state_dir, policies=prepared.policies, https_port=prepared.https_port,
             metrics_port=metrics_port, pki=prepared.pki, upstreams=apps.urls,
+            ssh_port=prepared.ssh_port, tcp_services=apps.tcp,
         )
         gateway = Gateway(load_settings(config), config_path=config)
 

@@ -13,6 +13,13 @@ unchanged):
 * **chat** ``/chat/`` — one WebSocket room at ``/chat/ws``; each message is broadcast as JSON
   ``{"type": "message", "from": <X-Gatewayd-User>, "text": …, "ts": …}``.
 
+Beside them, one small TCP service per TCP destination of the shipped policy
+(`DEMO_TCP_DESTINATIONS`: the SMB file server, IMAPS and SMTP submission, alice's and bob's
+office PCs), which the demo's SSH listener reaches through ``ssh.address_overrides``
+(`DemoApps.tcp`). Each answers an HTTP request with a one-line page naming itself (so
+``curl http://127.0.0.1:8445/`` through ``ssh -L 8445:fileserver.ward.local:445`` shows
+where the tunnel went) and otherwise greets and echoes every byte (``nc``).
+
 Every app answers ``GET <prefix>whoami`` with JSON: the ``X-Gatewayd-*`` request headers it
 received (any spelling that the gateway's rule would catch: lower-cased with ``_`` read as
 ``-``, starting with ``x-gatewayd-``), the ``X-Forwarded-*`` headers, the cookie names (so one
@@ -43,6 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import formatdate
+from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -845,16 +853,64 @@ async def close_chat_members(app: web.Application) -> None:
 # --- running them -------------------------------------------------------------------------
 
 
+# The shipped policy's TCP destinations (policies/10-services.yaml), alice's and bob's office
+# PCs by their demo ``office_pc`` attributes.
+DEMO_TCP_DESTINATIONS: Final[Mapping[str, str]] = MappingProxyType({
+    "fileserver.ward.local:445": "SMB file server",
+    "mail.ward.local:993": "IMAPS mail server",
+    "mail.ward.local:587": "SMTP submission server",
+    "pc-0042.ward.local:3389": "alice's office PC (remote desktop)",
+    "pc-0107.ward.local:3389": "bob's office PC (remote desktop)",
+})
+TCP_FIRST_BYTES_WAIT: Final = 0.5  # seconds to wait for an HTTP request before greeting
+_HTTP_METHODS: Final = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"OPTIONS ")
+
+
+def tcp_service(name: str, destination: str
+                ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A connection handler: a one-line HTTP page for an HTTP client, else greet and echo."""
+    text = f"gatewayd demo: {name} ({destination}), reached through an SSH tunnel.\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                first = await asyncio.wait_for(reader.read(65536), TCP_FIRST_BYTES_WAIT)
+            except TimeoutError:
+                first = b""
+            if first.startswith(_HTTP_METHODS):
+                body = text.encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                             b"Content-Length: " + str(len(body)).encode() +
+                             b"\r\nConnection: close\r\n\r\n" + body)
+            else:
+                writer.write(text.replace("\n", " What you type comes back.\r\n").encode() + first)
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the client went away
+        finally:
+            writer.close()
+
+    return handle
+
+
 class DemoApps:
     """The running demo upstreams: ``urls[service]`` is the origin to put in
-    ``upstreams.<service>.url``; ``url(service)`` adds the path prefix."""
+    ``upstreams.<service>.url``; ``url(service)`` adds the path prefix; ``tcp[destination]``
+    is the ``host:port`` to put in ``ssh.address_overrides``."""
 
     def __init__(self, runners: dict[str, web.AppRunner], urls: dict[str, str],
-                 apps: dict[str, web.Application], trust: AssertionTrust) -> None:
+                 apps: dict[str, web.Application], trust: AssertionTrust, *,
+                 tcp_servers: list[asyncio.Server] | None = None,
+                 tcp: Mapping[str, str] | None = None) -> None:
         self._runners = runners
         self.urls: Mapping[str, str] = urls
         self.apps: Mapping[str, web.Application] = apps
         self._trust = trust
+        self._tcp_servers = tcp_servers or []
+        self.tcp: Mapping[str, str] = MappingProxyType(dict(tcp or {}))
 
     def url(self, service: str) -> str:
         return f"{self.urls[service]}/{service}/"
@@ -866,6 +922,8 @@ class DemoApps:
     async def close(self) -> None:
         """Stop every app (chat members get 1001 going away) and the JWKS client."""
         try:
+            for server in self._tcp_servers:
+                server.close()
             for runner in self._runners.values():
                 await runner.cleanup()
         finally:
@@ -918,6 +976,8 @@ async def start_demo_apps(
     }
     runners: dict[str, web.AppRunner] = {}
     urls: dict[str, str] = {}
+    servers: list[asyncio.Server] = []
+    tcp: dict[str, str] = {}
     try:
         for service, app in apps.items():
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
@@ -926,10 +986,14 @@ async def start_demo_apps(
             site = web.TCPSite(runner, host, 0)
             await site.start()
             urls[service] = _origin(runner)
+        for destination, name in DEMO_TCP_DESTINATIONS.items():
+            server = await asyncio.start_server(tcp_service(name, destination), host, 0)
+            servers.append(server)
+            tcp[destination] = f"{host}:{server.sockets[0].getsockname()[1]}"
     except BaseException:
-        await DemoApps(runners, urls, apps, trust).close()
+        await DemoApps(runners, urls, apps, trust, tcp_servers=servers, tcp=tcp).close()
         raise
-    return DemoApps(runners, urls, apps, trust)
+    return DemoApps(runners, urls, apps, trust, tcp_servers=servers, tcp=tcp)
 
 
 def _origin(runner: web.AppRunner) -> str:

@@ -16,7 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from multidict import CIMultiDict
 from yarl import URL
 
-from gatewayd.demo_apps import JWKS_REFRESH_INTERVAL, SERVICES, DemoApps, start_demo_apps
+from gatewayd.demo_apps import (
+    DEMO_TCP_DESTINATIONS,
+    JWKS_REFRESH_INTERVAL,
+    SERVICES,
+    DemoApps,
+    start_demo_apps,
+)
 from gatewayd.https.assertion import AssertionSigner, b64url_encode
 from gatewayd.identity.principal import Principal
 
@@ -117,6 +123,45 @@ async def test_close_stops_listening(http: aiohttp.ClientSession) -> None:
     with pytest.raises(aiohttp.ClientConnectionError):
         async with http.get(origin + "/groupware/"):
             pass
+
+
+# --- the TCP services behind the SSH tunnels ------------------------------------------------
+
+
+async def tcp_exchange(target: str, send: bytes) -> bytes:
+    host, _, port = target.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(send)
+    if send.startswith(b"GET"):
+        await writer.drain()
+    else:
+        await asyncio.sleep(0.7)  # past the wait for an HTTP request: greeted, then echoed
+        writer.write(b"more")
+        writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return answer
+
+
+async def test_every_tcp_destination_of_the_policy_has_a_loopback_service(apps: DemoApps) -> None:
+    assert set(apps.tcp) == set(DEMO_TCP_DESTINATIONS)
+    assert "fileserver.ward.local:445" in apps.tcp and "pc-0042.ward.local:3389" in apps.tcp
+    assert len(set(apps.tcp.values())) == len(apps.tcp)
+    assert all(target.startswith("127.0.0.1:") for target in apps.tcp.values())
+
+
+async def test_a_tcp_service_answers_http_with_its_name(apps: DemoApps) -> None:
+    answer = await tcp_exchange(apps.tcp["fileserver.ward.local:445"], b"GET / HTTP/1.0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert body == (b"gatewayd demo: SMB file server (fileserver.ward.local:445), reached through "
+                    b"an SSH tunnel.\n")
+
+
+async def test_a_tcp_service_greets_and_echoes_anything_else(apps: DemoApps) -> None:
+    answer = await tcp_exchange(apps.tcp["mail.ward.local:993"], b"a001 LOGIN ")
+    assert answer.startswith(b"gatewayd demo: IMAPS mail server (mail.ward.local:993)")
+    assert answer.endswith(b"What you type comes back.\r\na001 LOGIN more")
 
 
 # --- whoami and the assertion -------------------------------------------------------------

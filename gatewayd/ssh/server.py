@@ -599,7 +599,8 @@ class GatewayServer(asyncssh.SSHServer):
         left = registry.absolute_timeout - (now - session.created)
         if self.claims is not None:
             left = min(left, (self.claims.valid_before - gateway.wall_clock()).total_seconds())
-        expires = gateway.wall_clock() + timedelta(seconds=max(0.0, left))
+        expires = (gateway.wall_clock() + timedelta(seconds=max(0.0, left))).astimezone(
+            gateway.policy.timezone)  # the ward's time, as its policy rules are written
         try:
             services = self._frontend.tunnels.services_for(session)
         except Exception:
