@@ -215,6 +215,31 @@ async def test_a_local_forward_reaches_an_allowed_service(gw: SshHarness) -> Non
     assert process.returncode is None
 
 
+async def test_a_reload_that_now_denies_closes_the_open_tunnel(gw: SshHarness) -> None:
+    process, port = await open_forward(gw, "alice", "mail.ward.local:993")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    staff = gw.dir / "policies" / "20-staff.yaml"
+    text = staff.read_text()
+    start = text.index("  - id: staff-mail-clients")
+    end = text.index("  - id: staff-own-office-pc")
+    staff.write_text(text[:start] + text[end:])
+    assert await gw.gateway.reload()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the tunnel was closed
+    writer.close()
+    assert process.returncode is None  # the session itself goes on
+    (session,) = gw.sessions()
+    assert session.ended is None
+
+
+async def test_readiness_needs_the_ssh_listener(gw: SshHarness) -> None:
+    assert await gw.gateway.readiness() == (True, "ready")
+    assert gw.gateway.ssh is not None
+    await gw.gateway.ssh.stop_accepting()
+    assert await gw.gateway.readiness() == (False, "ssh listener is not accepting")
+
+
 # --- ending sessions -------------------------------------------------------------------------
 
 

@@ -40,6 +40,14 @@ the portal session. So `GatewayServer.connection_made` wraps the connection's
 with a filter that runs `gatewayd.ssh.auth` first and lets asyncssh's own checks decide after.
 This adds a check; it replaces none of asyncssh's.
 
+**The contract with `gatewayd.ssh.tunnel`.** asyncssh 2.24 calls ``connection_requested``
+synchronously, but accepts a coroutine as its result and awaits it before it confirms the
+channel; so `GatewayServer.connection_requested` returns ``Tunnels.open(...)``'s coroutine. A
+``ChannelOpenError`` (``TunnelRefused``) raised there is the open failure the client sees;
+anything else is logged here and refused as "internal error". ``gatewayd run`` and ``gatewayd
+demo`` run on uvloop when it is installed: its transports are not ``asyncio.Transport``
+instances (check capabilities, not classes).
+
 **RFC 4252 partial success** (certificate, then keyboard-interactive) is not offered: asyncssh
 has no public way for the server to answer "partial success", and the certificate already
 proves a fresh MFA login at the portal.
