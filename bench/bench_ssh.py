@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -83,6 +84,7 @@ OPENSSH = "OpenSSH"
 GATEWAYD = "gatewayd"
 BARE = "bare asyncssh"
 TARGET_RATIO = 0.6
+T = TypeVar("T")
 
 
 # --- processes and their resources ----------------------------------------------------------
@@ -173,19 +175,20 @@ def bulk(url: str, size: int) -> float:
     return size / elapsed / 1024**2
 
 
-def profiled(server: Server, args: argparse.Namespace, label: str, direction: str,
-             transfer: Callable[[], float]) -> float:
-    """One bulk transfer, with the Python servers recorded by py-spy when ``--py-spy DIR``
-    asks (one recording per server, direction, cipher and round)."""
+def profiled(server: Server, args: argparse.Namespace, label: str, phase: str,
+             work: Callable[[], T]) -> T:
+    """One phase (requests, download, upload), with the Python servers recorded by py-spy
+    when ``--py-spy DIR`` asks (one recording per server, phase, cipher and round)."""
     if args.py_spy is None or server.name not in args.py_spy_targets:
-        return transfer()
+        return work()
     name = "gatewayd" if server.name == GATEWAYD else "bare"
-    recording = Recording(server.pid, args.py_spy / f"{name}-{direction}-{label}.txt")
+    slug = phase.replace(" ", "-").lower()
+    recording = Recording(server.pid, args.py_spy / f"{name}-{slug}-{label}.txt")
     try:
-        return transfer()
+        return work()
     finally:
         recording.stop()
-        args.recordings.setdefault(f"{server.name}, {direction}", []).append(recording.output)
+        args.recordings.setdefault(f"{server.name}, {phase}", []).append(recording.output)
 
 
 def measure_once(server: Server, cipher: str, ws: Workspace, processes: Processes,
@@ -195,8 +198,9 @@ def measure_once(server: Server, cipher: str, ws: Workspace, processes: Processe
         client_pid = tunnel.client_pid
         fetch(f"{base}/{SMALL}.bin", 1024)
         before = cpu_seconds(server.pid)
-        result = wrk(f"{base}/{SMALL}.bin", duration=args.duration,
-                     connections=args.connections, threads=1, headers={}, script=script)
+        result = profiled(server, args, label, "1 KiB requests", lambda: wrk(
+            f"{base}/{SMALL}.bin", duration=args.duration, connections=args.connections,
+            threads=1, headers={}, script=script))
         wrk_cpu = cpu_seconds(server.pid) - before
         before, client_before = cpu_seconds(server.pid), cpu_seconds(client_pid)
         size = args.bulk_mib * 1024**2
