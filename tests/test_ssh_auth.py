@@ -136,7 +136,7 @@ def test_certificates_the_gateway_did_not_issue_for_this_login_are_refused(
     make_cert()[:-10],  # truncated
     make_cert()[:40] + b"\x00" * 8 + make_cert()[48:],  # signature no longer matches
     b"\x00" * (MAX_CERT_BYTES + 1),
-])
+], ids=["plain_key", "empty", "not_a_cert", "truncated", "bad_signature", "oversized"])
 def test_decode_certificate_refuses_anything_but_a_valid_certificate(blob: bytes) -> None:
     assert decode_certificate(blob) is None
 
@@ -250,7 +250,7 @@ async def test_a_plain_public_key_is_refused(gw: SshHarness) -> None:
     ({"extensions": {"permit_pty": True}}, "alice", "certificate_options"),
     ({"ca": asyncssh.generate_private_key("ssh-ed25519")}, "alice", "certificate_unknown_ca"),
     ({}, "dave", "certificate_user_unknown_or_disabled"),  # disabled in the directory
-])
+], ids=["expired", "principal", "key_id", "options", "unknown_ca", "disabled_user"])
 async def test_certificates_are_refused_with_an_audited_reason(
         gw: SshHarness, cert: dict[str, Any], login: str, detail: str | None) -> None:
     key = gw.certificate(login, **cert)

@@ -301,7 +301,7 @@ async def test_a_dead_client_is_freed_within_interval_times_count(gw: SshHarness
     session.add_closer(lambda _: ended.set())
     await asyncio.wait_for(ended.wait(), 5)
     assert session.ended == "disconnected"
-    assert time.monotonic() - started <= 0.6 + 0.5  # interval x count, plus scheduling slack
+    assert time.monotonic() - started <= 0.6 + 1.0  # interval x count, plus scheduling slack
 
 
 @pytest.mark.parametrize(("count", "expected"), [(1, 1), (2, 1), (3, 2), (10, 9)])
@@ -342,7 +342,12 @@ async def test_unauthenticated_connections_per_source_are_capped(gw: SshHarness)
     assert 'gatewayd_ssh_preauth_refused_total{reason="preauth_per_source"} 1.0' in metrics
     for _, writer in held:
         writer.close()
-    await asyncio.sleep(0.2)  # the slots are released when the server sees the close
+    assert gw.gateway.ssh is not None
+    admission = gw.gateway.ssh.admission
+    deadline = time.monotonic() + 5
+    while admission.pending and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
+        await asyncio.sleep(0.02)  # the slots are released when the server sees the close
+    assert admission.pending == 0
     run = await gw.run("alice", command=["true"])
     assert run.returncode == 126  # signed in (and refused the command): admitted again
 
@@ -370,7 +375,7 @@ async def still_serves(gw: SshHarness) -> None:
     b"SSH-2.0-junk\r\n" + struct.pack(">I", 1000) + b"\x04\x14",  # truncated, then EOF
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     b"\x00" * 300,
-])
+], ids=["random_after_banner", "huge_length", "truncated_packet", "http", "zeros"])
 async def test_garbage_and_truncated_packets_close_only_that_connection(
         gw: SshHarness, junk: bytes) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
