@@ -240,9 +240,15 @@ async def running_ssh_gateway(tmp_path: Path, **overrides: Mapping[str, Any]
     ssh.update(overrides.pop("ssh", {}))
     config = write_gateway_config(tmp_path, upstream.url, trustme.CA(), ssh=ssh, **overrides)
     clock = FakeClock(wall=datetime.now(TOKYO).replace(microsecond=0))
-    gateway = Gateway(load_settings(config), config_path=config, clock=clock.monotonic,
-                      wall_clock=clock.now, login_pacing=0.0)
-    await gateway.start()
+    try:
+        gateway = Gateway(load_settings(config), config_path=config, clock=clock.monotonic,
+                          wall_clock=clock.now, login_pacing=0.0)
+        await gateway.start()
+    except BaseException:
+        echo.close()
+        await echo.wait_closed()
+        await runner.cleanup()
+        raise
     port = gateway.listeners.ssh_port
     assert port is not None
     known_hosts = tmp_path / "known_hosts"

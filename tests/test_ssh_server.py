@@ -17,6 +17,7 @@ import asyncssh
 import pytest
 from ssh_harness import SshHarness, running_ssh_gateway
 
+from gatewayd.app import GatewayError
 from gatewayd.ssh.server import (
     CIPHERS,
     MACS,
@@ -470,3 +471,32 @@ async def test_weaker_algorithms_are_not_negotiated(gw: SshHarness,
                         asyncssh.DisconnectError)):
         await asyncssh.connect("127.0.0.1", gw.port, username="alice", known_hosts=None,
                                client_keys=None, agent_path=None, config=None, **option)
+
+
+# --- start-up errors ---------------------------------------------------------------------------
+
+
+def rsa_host_key(tmp_path: Path) -> str:
+    path = tmp_path / "rsa_host_key"
+    asyncssh.generate_private_key("ssh-rsa", key_size=2048).write_private_key(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("ssh", "message"), [
+    ({"host_key_file": "ssh/missing"}, "ssh.host_key_file"),
+    ({"host_key_file": "RSA"}, "an Ed25519 key is required"),
+    ({"user_ca_key_file": "ssh/missing"}, "ssh.user_ca_key_file"),
+    ({"listen": "IN_USE"}, "ssh.listen 127.0.0.1:"),
+], ids=["missing_host_key", "rsa_host_key", "missing_user_ca", "port_in_use"])
+async def test_an_unusable_ssh_setting_stops_the_start_with_a_clear_error(
+        tmp_path: Path, ssh: dict[str, str], message: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {key: {"RSA": rsa_host_key(tmp_path),
+                        "IN_USE": f"127.0.0.1:{busy.getsockname()[1]}"}.get(value, value)
+                  for key, value in ssh.items()}
+        with pytest.raises(GatewayError) as error:
+            async for _ in running_ssh_gateway(tmp_path, ssh=values):
+                pytest.fail("the gateway started")
+    assert any(message in line for line in error.value.errors), error.value.errors
