@@ -479,6 +479,14 @@ async def test_weaker_algorithms_are_not_negotiated(gw: SshHarness,
 def rsa_host_key(tmp_path: Path) -> str:
     path = tmp_path / "rsa_host_key"
     asyncssh.generate_private_key("ssh-rsa", key_size=2048).write_private_key(path)
+    path.chmod(0o600)
+    return str(path)
+
+
+def readable_host_key(tmp_path: Path) -> str:
+    path = tmp_path / "readable_host_key"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(path)
+    path.chmod(0o644)
     return str(path)
 
 
@@ -486,15 +494,19 @@ def rsa_host_key(tmp_path: Path) -> str:
     ({"host_key_file": "ssh/missing"}, "ssh.host_key_file"),
     ({"host_key_file": "RSA"}, "an Ed25519 key is required"),
     ({"user_ca_key_file": "ssh/missing"}, "ssh.user_ca_key_file"),
+    ({"host_key_file": "READABLE"}, "is accessible by group/others (mode 0644)"),
     ({"listen": "IN_USE"}, "ssh.listen 127.0.0.1:"),
-], ids=["missing_host_key", "rsa_host_key", "missing_user_ca", "port_in_use"])
+], ids=["missing_host_key", "rsa_host_key", "missing_user_ca", "readable_host_key",
+        "port_in_use"])
 async def test_an_unusable_ssh_setting_stops_the_start_with_a_clear_error(
         tmp_path: Path, ssh: dict[str, str], message: str) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        values = {key: {"RSA": rsa_host_key(tmp_path),
-                        "IN_USE": f"127.0.0.1:{busy.getsockname()[1]}"}.get(value, value)
+        special = {"RSA": lambda: rsa_host_key(tmp_path),
+                   "READABLE": lambda: readable_host_key(tmp_path),
+                   "IN_USE": lambda: f"127.0.0.1:{busy.getsockname()[1]}"}
+        values = {key: special[value]() if value in special else value
                   for key, value in ssh.items()}
         with pytest.raises(GatewayError) as error:
             async for _ in running_ssh_gateway(tmp_path, ssh=values):

@@ -68,6 +68,7 @@ import asyncssh
 from asyncssh.kex import get_kex_algs
 
 from gatewayd.audit import AuditWriteError
+from gatewayd.files import exposure
 from gatewayd.identity.authenticator import LoginResult
 from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.identity.principal import Principal
@@ -125,8 +126,19 @@ class SshConfigError(Exception):
     """The SSH listener cannot start (host key or CA unusable); the message says why."""
 
 
+def _private_file(path: Path, setting: str) -> None:
+    """Refuse a key others can read, as OpenSSH does (it may have leaked already)."""
+    try:
+        problem = exposure(path, setting)
+    except OSError as exc:
+        raise SshConfigError(f"{setting} {path}: {exc.strerror or exc}") from None
+    if problem is not None:
+        raise SshConfigError(problem)
+
+
 def load_host_key(path: Path) -> asyncssh.SSHKey:
     """The Ed25519 host key (blocking)."""
+    _private_file(path, "ssh.host_key_file")
     try:
         key = asyncssh.read_private_key(path)
     except (OSError, asyncssh.KeyImportError, ValueError) as exc:
@@ -139,6 +151,7 @@ def load_host_key(path: Path) -> asyncssh.SSHKey:
 
 def load_user_ca(path: Path) -> asyncssh.SSHKey:
     """The public half of the SSH user CA key (blocking; the private half is not kept)."""
+    _private_file(path, "ssh.user_ca_key_file")
     try:
         return asyncssh.read_private_key(path).convert_to_public()
     except (OSError, asyncssh.KeyImportError, ValueError) as exc:
