@@ -184,6 +184,7 @@ class SshFrontend:
         self._options: asyncssh.SSHServerConnectionOptions | None = None
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -200,8 +201,11 @@ class SshFrontend:
                                     backlog=512)
         sock.setblocking(False)
         self._sock = sock
-        self._accepting = asyncio.get_running_loop().create_task(
-            self._accept_forever(sock), name="gatewayd.ssh.accept")
+        loop = asyncio.get_running_loop()
+        self._accepting = loop.create_task(self._accept_forever(sock), name="gatewayd.ssh.accept")
+        # Deny rules with hours or weekdays close open tunnels when their time comes.
+        self._recheck = loop.create_task(self.tunnels.recheck_forever(),
+                                         name="gatewayd.ssh.tunnel-recheck")
         return int(sock.getsockname()[1])
 
     async def _build_options(self, host_key: asyncssh.SSHKey
@@ -247,6 +251,9 @@ class SshFrontend:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*pending), CLOSE_WAIT)
         tasks, self._serving = self._serving, set()
+        if self._recheck is not None:
+            tasks.add(self._recheck)
+            self._recheck = None
         await cancel_and_wait(tasks)
 
     # --- accepting -----------------------------------------------------------------------
@@ -284,11 +291,7 @@ class SshFrontend:
 
     def policy_changed(self) -> int:
         """Re-decide every open tunnel against the current policy; returns how many closed."""
-        closed = 0
-        for server in list(self.servers):
-            if server.session is not None and server.session.ended is None:
-                closed += self.tunnels.recheck(server.session)
-        return closed
+        return self.tunnels.recheck_all()
 
     def session_ended(self, session: Session, reason: str) -> None:
         """A session ended: a revocation also kills the portal session's certificates."""
