@@ -216,6 +216,48 @@ async def test_a_local_forward_reaches_an_allowed_service(gw: SshHarness) -> Non
     assert process.returncode is None
 
 
+async def socks5_connect(port: int, host: str, dest_port: int
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A SOCKS5 CONNECT through ``ssh -D``: the stream, or None when the client closed it (what
+    OpenSSH does when the gateway refuses the channel)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\x05\x01\x00")
+    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x05\x00"
+    writer.write(b"\x05\x01\x00\x03" + bytes([len(host)]) + host.encode()
+                 + dest_port.to_bytes(2, "big"))
+    try:
+        reply = await asyncio.wait_for(reader.readexactly(10), 5)
+    except asyncio.IncompleteReadError:
+        writer.close()
+        return None
+    assert reply[:2] == b"\x05\x00"
+    return reader, writer
+
+
+async def test_a_dynamic_forward_reaches_allowed_services_only(gw: SshHarness) -> None:
+    port = free_port()
+    process = await gw.spawn("alice", "-N", "-D", str(port),
+                             options={"ExitOnForwardFailure": "yes"})
+    await gw.wait_for_session("alice")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            opened = await socks5_connect(port, "mail.ward.local", 587)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the SOCKS listener never answered"
+            await asyncio.sleep(0.05)
+    assert opened is not None
+    reader, writer = opened
+    writer.write(b"EHLO through socks")
+    assert await asyncio.wait_for(reader.readexactly(18), 5) == b"EHLO through socks"
+    writer.close()
+    assert await socks5_connect(port, "fileserver.ward.local", 445) is None  # managers only
+    assert process.returncode is None
+    (deny,) = gw.audit_events("tunnel.deny")
+    assert deny["user"] == "alice" and deny["dest"] == "fileserver.ward.local:445"
+
+
 async def test_a_reload_that_now_denies_closes_the_open_tunnel(gw: SshHarness) -> None:
     process, port = await open_forward(gw, "alice", "mail.ward.local:993")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
