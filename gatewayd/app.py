@@ -451,6 +451,8 @@ class Gateway:
     def _status_line(self) -> str:
         """One line for ``systemctl status``: where the gateway listens and how full it is."""
         urls = [url for url in (self.listeners.https_url, self.listeners.metrics_url) if url]
+        if self.listeners.ssh_port is not None:
+            urls.append(f"ssh port {self.listeners.ssh_port}")
         return (f"serving {' '.join(urls) or 'nothing'}; {self.sessions.active()} of "
                 f"{self.settings.sessions.max_concurrent} seats in use")
 
