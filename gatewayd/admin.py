@@ -309,6 +309,6 @@ def status_fields(*, node: str, sessions: SessionRegistry, seats: int,
         "node": node,
         "listeners": listeners,
         "sessions": {frontend: sessions.active(frontend) for frontend in FRONTENDS},
-        "seats": {"in_use": sessions.active(), "limit": seats},
+        "seats": {"in_use": sessions.seats_taken(), "limit": seats},  # shared seats once
         "config_last_reload_success": reload_ok,
     }

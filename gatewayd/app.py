@@ -453,7 +453,7 @@ class Gateway:
         urls = [url for url in (self.listeners.https_url, self.listeners.metrics_url) if url]
         if self.listeners.ssh_port is not None:
             urls.append(f"ssh port {self.listeners.ssh_port}")
-        return (f"serving {' '.join(urls) or 'nothing'}; {self.sessions.active()} of "
+        return (f"serving {' '.join(urls) or 'nothing'}; {self.sessions.seats_taken()} of "
                 f"{self.settings.sessions.max_concurrent} seats in use")
 
     # --- reload ------------------------------------------------------------------------------
