@@ -26,7 +26,14 @@ from typing import Any
 
 import asyncssh
 import trustme
-from https_harness import TOKYO, USERS, FakeClock, start_upstream, write_gateway_config
+from https_harness import (
+    TOKYO,
+    USERS,
+    FakeClock,
+    Harness,
+    start_upstream,
+    write_gateway_config,
+)
 
 from gatewayd.app import Gateway
 from gatewayd.config import load_settings
@@ -83,6 +90,7 @@ class SshHarness:
     known_hosts: Path
     user_ca: asyncssh.SSHKey
     echo_port: int
+    https: Harness  # the same gateway's HTTPS listener (portal sign-in, certificates)
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
     _runs: int = 0
 
@@ -238,7 +246,8 @@ async def running_ssh_gateway(tmp_path: Path, **overrides: Mapping[str, Any]
     ssh = {**TEST_SSH_SETTINGS, "address_overrides": {
         f'"{dest}"': f"127.0.0.1:{echo_port}" for dest in ECHO_DESTINATIONS}}
     ssh.update(overrides.pop("ssh", {}))
-    config = write_gateway_config(tmp_path, upstream.url, trustme.CA(), ssh=ssh, **overrides)
+    ca = trustme.CA()
+    config = write_gateway_config(tmp_path, upstream.url, ca, ssh=ssh, **overrides)
     clock = FakeClock(wall=datetime.now(TOKYO).replace(microsecond=0))
     try:
         gateway = Gateway(load_settings(config), config_path=config, clock=clock.monotonic,
@@ -254,10 +263,13 @@ async def running_ssh_gateway(tmp_path: Path, **overrides: Mapping[str, Any]
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} "
                            f"{host_key.export_public_key('openssh').decode().strip()}\n")
-    harness = SshHarness(gateway, port, clock, tmp_path, known_hosts, user_ca, echo_port)
+    assert gateway.listeners.https_url is not None
+    https = Harness(gateway, gateway.listeners.https_url, ca, clock, upstream, config)
+    harness = SshHarness(gateway, port, clock, tmp_path, known_hosts, user_ca, echo_port, https)
     try:
         yield harness
     finally:
+        await https.close()
         await harness.close()
         await gateway.stop()
         echo.close()

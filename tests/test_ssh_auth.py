@@ -315,3 +315,23 @@ async def test_a_certificate_naming_a_revoked_device_is_refused(gw: SshHarness) 
     assert run.returncode == 255
     (failure,) = gw.audit_events("auth.failure")
     assert failure["reason"] == "certificate_device_revoked" and failure["user"] == "alice"
+
+
+async def test_a_certificate_from_the_portal_signs_in_and_shares_the_portal_seat(
+        gw: SshHarness) -> None:
+    client = await gw.https.signed_in("alice")
+    (portal,) = gw.sessions("https")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path = gw.dir / "portal-key"
+    key.write_private_key(path)
+    path.chmod(0o600)
+    public = key.export_public_key("openssh").decode().strip()
+    async with client.post(gw.https.base + "/.gatewayd/ssh/certificate",
+                           json={"public_key": public},
+                           headers={"Origin": "https://gateway.test"}) as resp:
+        assert resp.status == 200, await resp.text()
+        Path(f"{path}-cert.pub").write_text(await resp.text())
+    await signed_in_with(gw, path)
+    (session,) = gw.sessions()
+    assert session.seat == portal.handle
+    assert gw.audit_events("session.start")[-1]["reason"] == f"portal session {portal.handle}"

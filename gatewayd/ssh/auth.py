@@ -56,7 +56,7 @@ CERT_TYPE_USER: Final = 1
 MAX_TIME: Final = 253402300799  # 9999-12-31T23:59:59Z; OpenSSH writes 2**64-1 for "forever"
 # A device id as `gatewayd certs issue-device` names devices, and a portal session handle
 # (`Session.handle`: 16 hex digits; up to 64 accepted).
-_DEVICE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DEVICE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 _HANDLE: Final = re.compile(r"[0-9a-f]{8,64}")
 # A certificate issued before a revocation of its device was issued on trust that no longer
 # holds. The slack covers the issuer's backdating of ``valid_after`` (clock skew).
