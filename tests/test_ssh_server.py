@@ -130,6 +130,28 @@ async def test_too_many_failures_close_the_connection(gw: SshHarness) -> None:
     assert len(gw.audit_events("auth.failure")) == 2
 
 
+@settings(login={"failures_before_backoff": 1, "backoff_initial": "10m"})
+async def test_a_throttled_name_is_told_to_wait(gw: SshHarness) -> None:
+    first = await gw.run("alice", password="wrong")
+    assert "Permission denied" in first.stderr
+    second = await gw.run("alice", code=gw.fresh_code("alice"))  # right this time: too soon
+    assert second.returncode == 255
+    assert "Too many failed attempts. Wait a while" in second.stderr
+    assert gw.sessions() == []
+    assert [f["reason"] for f in gw.audit_events("auth.failure")] == ["bad_password", "throttled"]
+
+
+@settings(sessions={"max_concurrent": 1})
+async def test_a_full_gateway_says_so_and_keeps_the_seat_holder(gw: SshHarness) -> None:
+    holder = await gw.spawn("alice", "-T")
+    await read_until(holder.stdout, b"Disconnect with")
+    run = await gw.run("bob")
+    assert run.returncode == 255 and "all 1 seats are in use" in run.stderr
+    (failure,) = gw.audit_events("auth.failure")
+    assert failure["reason"] == "seats_full" and failure["user"] == "bob"
+    assert [s.user for s in gw.sessions()] == ["alice"] and holder.returncode is None
+
+
 @settings(ssh={"login_grace_time": "1s"})
 async def test_an_idle_unauthenticated_connection_is_closed_after_the_grace_time(
         gw: SshHarness) -> None:

@@ -354,10 +354,16 @@ class GatewayServer(asyncssh.SSHServer):
             self._conn.close()
 
     def _disconnect(self, message: str, code: int = asyncssh.DISC_BY_APPLICATION) -> None:
+        """Disconnect now, telling the client why.
+
+        Called from inside an auth callback, this goes out *before* the auth failure: a
+        client that has no method left quits at the failure without reading on, so a message
+        sent after it would never be shown. (asyncssh sends nothing once it disconnected.)
+        """
         conn = self._conn
         if conn is not None:
-            # After the current packet (an auth failure) is answered, not in its middle.
-            asyncio.get_running_loop().call_soon(conn.disconnect, code, message)
+            with contextlib.suppress(Exception):
+                conn.disconnect(code, message)
 
     # --- authentication: shared -------------------------------------------------------------
 
@@ -412,6 +418,10 @@ class GatewayServer(asyncssh.SSHServer):
             if result.reason == "directory_unavailable":
                 self._disconnect("Sign-in is temporarily unavailable; try again in a few "
                                  "minutes")
+                return False
+            if result.reason in ("throttled", "locked"):
+                # Same words as the sign-in page: no hint whether the account exists.
+                self._disconnect("Too many failed attempts. Wait a while before you try again.")
                 return False
             return self._failed()
         return self._start_session(result.principal, device=None, device_user=None)
