@@ -288,8 +288,11 @@ def start_servers(processes: Processes, ws: Workspace, nginx_port: int, sink_por
     if args.no_gatewayd:
         return servers, None, ""
     try:
+        extra = {key: value for key, value in (("window", args.gatewayd_window),
+                                               ("max_packet_size", args.gatewayd_max_packet))
+                 if value}
         gateway = start_gatewayd_ssh(processes, ws.root / "gatewayd", nginx_port, sink_port,
-                                     loop=args.gatewayd_loop)
+                                     loop=args.gatewayd_loop, ssh_extra=extra)
     except NotAvailable as exc:
         say(str(exc))
         return servers, None, str(exc)
@@ -411,6 +414,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gatewayd-loop", choices=("default", "asyncio"), default="default",
                         help="asyncio: run gatewayd (and the bare forwarder) without uvloop "
                              "(default: uvloop when installed, as `gatewayd run` does)")
+    parser.add_argument("--gatewayd-window", metavar="SIZE",
+                        help='ssh.window for gatewayd, e.g. "2MiB" (default: its default)')
+    parser.add_argument("--gatewayd-max-packet", metavar="SIZE",
+                        help='ssh.max_packet_size for gatewayd, e.g. "64KiB"')
     parser.add_argument("--bare", action="store_true",
                         help="also measure a bare asyncssh forwarder (bench/ssh_bare.py)")
     parser.add_argument("--bare-window", type=int, default=8 * 1024 * 1024,

@@ -81,7 +81,8 @@ def sign_user_certificate(ca: KeyPair, identity: KeyPair, user: str) -> Path:
 
 
 def write_config(root: Path, ssh_port: int, metrics_port: int, dest_port: int,
-                 sink_port: int, host_key: KeyPair, user_ca: KeyPair) -> Path:
+                 sink_port: int, host_key: KeyPair, user_ca: KeyPair,
+                 ssh_extra: dict[str, str]) -> Path:
     from gatewayd.identity.filedir import hash_password  # noqa: PLC0415
 
     dest, sink = f"{DEST_HOST}:{dest_port}", f"{SINK_HOST}:{sink_port}"
@@ -113,6 +114,7 @@ def write_config(root: Path, ssh_port: int, metrics_port: int, dest_port: int,
         f"user_ca_key_file = {json.dumps(str(user_ca.private))}\n"
         f'address_overrides = {{ "{dest}" = "127.0.0.1:{dest_port}", '
         f'"{sink}" = "127.0.0.1:{sink_port}" }}\n'
+        + "".join(f"{key} = {json.dumps(value)}\n" for key, value in ssh_extra.items()) +
         "[directory]\n"
         'backend = "file"\nfile = "users.toml"\n'
     )
@@ -134,7 +136,9 @@ def gatewayd_argv(config: Path, loop: str) -> list[str]:
 
 
 def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int, sink_port: int,
-                       loop: str = "default") -> GatewaydSsh:
+                       loop: str = "default", ssh_extra: dict[str, str] | None = None,
+                       ) -> GatewaydSsh:
+    """``ssh_extra``: more ``[ssh]`` keys (e.g. ``window``), as TOML strings."""
     """``gatewayd run`` with the SSH listener up and a signed user certificate; raise
     NotAvailable when this checkout has no SSH frontend (or it does not serve)."""
     if importlib.util.find_spec("gatewayd.ssh") is None:
@@ -148,7 +152,7 @@ def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int, sink_po
     certificate = sign_user_certificate(user_ca, identity, BENCH_USER)
     ssh_port, metrics_port = free_port(), free_port()
     config = write_config(root, ssh_port, metrics_port, dest_port, sink_port, host_key,
-                          user_ca)
+                          user_ca, ssh_extra or {})
     log = root / "gatewayd.out"
     process = processes.start("gatewayd", gatewayd_argv(config, loop), log)
     try:
