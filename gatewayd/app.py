@@ -57,7 +57,7 @@ from gatewayd.sdnotify import SystemdNotifier
 from gatewayd.sessions import Session, SessionRegistry
 from gatewayd.ssh.server import SshConfigError, SshFrontend
 from gatewayd.state import StateUnavailable, build_state
-from gatewayd.tasks import cancel_and_wait
+from gatewayd.tasks import cancel_and_wait, within
 
 AUDIT_FAILURE_REASON = "audit_unavailable"
 
@@ -645,11 +645,11 @@ class Gateway:
         try:
             # Logins are refused while the shared state (Redis) cannot answer. 1.5 s of the
             # 5 s budget; the store's own timeout is usually shorter.
-            await asyncio.wait_for(self.state.check(), 1.5)
+            await within(self.state.check(), 1.5)
         except (StateUnavailable, TimeoutError):
             return "state store unavailable"
         try:
-            reachable = await asyncio.wait_for(self.authenticator.directory.check(), 3.0)
+            reachable = await within(self.authenticator.directory.check(), 3.0)
         except TimeoutError:
             reachable = False
         return None if reachable else "directory unavailable"

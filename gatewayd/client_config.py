@@ -55,6 +55,7 @@ from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.policy import AccessRequest, Policy, PolicyError, Rule, TcpService, load_policy
 from gatewayd.policy.conditions import Facts
 from gatewayd.policy.values import canonical_host
+from gatewayd.tasks import within
 
 if TYPE_CHECKING:
     from gatewayd.identity.principal import Principal
@@ -293,7 +294,7 @@ async def lookup_principal(settings: Settings, user: str) -> Principal:
     """The user as the configured directory knows them now (off the loop, bounded)."""
     directory = configured_directory(settings)
     try:
-        principal = await asyncio.wait_for(
+        principal = await within(
             directory.lookup(user), settings.directory.timeout.total_seconds() + 1.0)
     except (DirectoryUnavailable, TimeoutError):
         raise ClientConfigError("the directory is unavailable; try again later") from None

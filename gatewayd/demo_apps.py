@@ -58,6 +58,7 @@ import aiohttp
 from aiohttp import web
 
 from gatewayd.https.assertion import InvalidAssertionError, verify_assertion
+from gatewayd.tasks import within
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class AssertionTrust:
             if isinstance(source, str):
                 return await self._fetch(source)
             assert source is not None
-            return await asyncio.wait_for(source(), JWKS_TIMEOUT)
+            return await within(source(), JWKS_TIMEOUT)
         except InvalidAssertionError:
             raise
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
@@ -874,7 +875,7 @@ def tcp_service(name: str, destination: str
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                first = await asyncio.wait_for(reader.read(65536), TCP_FIRST_BYTES_WAIT)
+                first = await within(reader.read(65536), TCP_FIRST_BYTES_WAIT)
             except TimeoutError:
                 first = b""
             if first.startswith(_HTTP_METHODS):

@@ -9,7 +9,6 @@ anything else is folded into ``"other"`` — a user name or a path can never bec
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Collection
 
@@ -18,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gatewayd import __version__
+from gatewayd.tasks import within
 
 FRONTENDS = frozenset({"https", "ssh", "admin"})
 AUTH_RESULTS = frozenset({"success", "failure", "locked", "step_up"})
@@ -181,7 +181,7 @@ def metrics_app(metrics: Metrics, readiness: ReadinessCheck) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         try:
-            ready, detail = await asyncio.wait_for(readiness(), timeout=5)
+            ready, detail = await within(readiness(), 5)
         except Exception as exc:  # a slow or broken check means "not ready", never a 500
             ready, detail = False, f"readiness check failed: {type(exc).__name__}"
         status = 200 if ready else 503

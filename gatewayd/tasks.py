@@ -1,20 +1,34 @@
-"""Stopping background tasks: cancel, wait until they have really finished, lose nothing.
+"""Waiting with a deadline, and stopping background tasks: cancel, wait, lose nothing.
 
-Owns the one shutdown idiom every long-lived object uses for its named tasks. ``await task``
-inside ``suppress(CancelledError)`` would also swallow a cancellation aimed at the *caller*
-(a stop that is itself being cancelled would carry on as if nothing happened); waiting with
-`asyncio.wait` never raises the tasks' outcomes, so the caller's own cancellation still
-propagates, and a task that had failed is logged rather than silently dropped.
+`within` is the one way gatewayd bounds an await: ``asyncio.wait_for`` on Python 3.11 loses a
+cancellation that arrives as the awaited work completes (it returns the result instead; fixed
+in 3.12, gh-86296), and a named task whose cancellation is lost runs forever — a shutdown that
+never ends. ``asyncio.timeout`` counts cancellations properly.
+
+`cancel_and_wait` owns the one shutdown idiom every long-lived object uses for its named
+tasks. ``await task`` inside ``suppress(CancelledError)`` would also swallow a cancellation
+aimed at the *caller* (a stop that is itself being cancelled would carry on as if nothing
+happened); waiting with `asyncio.wait` never raises the tasks' outcomes, so the caller's own
+cancellation still propagates, and a task that had failed is logged rather than silently
+dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """``await awaitable``, or TimeoutError after ``seconds`` (``asyncio.wait_for`` done right)."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:

@@ -213,8 +213,6 @@ def test_the_demo_config_checks_the_device_crl(demo: tuple[dict[str, Any], Path]
         "pc-0042.ward.local:3389", "pc-0107.ward.local:3389"}
 
 
-@pytest.mark.xfail(strict=True, reason="gatewayd.ssh.tunnel asserts the upstream transport is an "
-                   "asyncio.Transport; the demo runs on uvloop, whose TCP transport is not one")
 def test_a_demo_tunnel_reaches_the_demo_mail_server(demo: tuple[dict[str, Any], Path]) -> None:
     description, state = demo
     with socket.socket() as probe:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gatewayd.tasks import cancel_and_wait
+from gatewayd.tasks import cancel_and_wait, within
 
 
 async def test_every_task_has_finished_when_it_returns() -> None:
@@ -55,3 +55,27 @@ async def test_the_callers_own_cancellation_is_not_swallowed() -> None:
 
 async def test_nothing_to_do() -> None:
     await cancel_and_wait([])
+
+
+@pytest.mark.parametrize("bounded", ["within", "bare"])
+async def test_within_never_loses_a_cancellation_that_meets_the_result(bounded: str) -> None:
+    """Python 3.11's wait_for returns the result here and the cancellation is gone (gh-86296):
+    a named task cancelled at shutdown would then run on forever."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[int] = loop.create_future()
+
+    async def waiter() -> int:
+        return await (within(result, 10) if bounded == "within" else result)
+
+    task = loop.create_task(waiter(), name="waiter")
+    await asyncio.sleep(0)  # the task now waits for the result
+    result.set_result(1)
+    task.cancel()  # in the same loop iteration as the result
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_within_times_out() -> None:
+    with pytest.raises(TimeoutError):
+        await within(asyncio.sleep(10), 0.01)
+    assert await within(asyncio.sleep(0, "done"), 1) == "done"

@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from gatewayd.identity.principal import Principal
+from gatewayd.tasks import within
 
 ALGORITHM: Final = "ES256"
 KEY_FILE_NAME: Final = "assertion-es256.pem"
@@ -343,7 +344,7 @@ async def open_signer(
     signer. Raises `AssertionKeyError` (also when the file system does not answer in time)."""
     path = state_dir / KEY_FILE_NAME
     try:
-        key = await asyncio.wait_for(asyncio.to_thread(load_or_create_key, path), io_timeout)
+        key = await within(asyncio.to_thread(load_or_create_key, path), io_timeout)
     except TimeoutError as exc:
         raise AssertionKeyError(
             f"assertion signing key {path}: no answer in {io_timeout}s"

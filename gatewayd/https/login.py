@@ -28,7 +28,6 @@ through `forms.read_form`: garbage gets a 4xx page, never a 500.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import secrets
@@ -61,6 +60,7 @@ from gatewayd.https.redirects import safe_next
 from gatewayd.identity.authenticator import LoginResult
 from gatewayd.identity.directory import MAX_PASSWORD_CHARS, MAX_USERNAME_CHARS
 from gatewayd.sessions import PerUserLimit, SeatsFull, Session
+from gatewayd.tasks import within
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class AuthPages:
 
     async def _authenticate(self, form: Mapping[str, str], source_ip: str) -> LoginResult:
         try:
-            return await asyncio.wait_for(
+            return await within(
                 self._ctx.authenticator.login(
                     form["username"], form["password"], form["code"], source_ip,
                     self._ctx.wall_clock().timestamp(),
@@ -302,7 +302,7 @@ class AuthPages:
 
     async def _step_up(self, session: Session, code: str) -> LoginResult:
         try:
-            return await asyncio.wait_for(
+            return await within(
                 self._ctx.authenticator.step_up(
                     session.principal, code, session.source_ip,
                     self._ctx.wall_clock().timestamp(),

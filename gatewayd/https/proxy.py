@@ -98,6 +98,7 @@ from gatewayd.https.headers import (
     downstream_response_headers,
     websocket_subprotocols,
 )
+from gatewayd.tasks import within
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ class UpstreamPool:
         contexts: dict[str, ssl.SSLContext | bool] = {}
         for name, settings in upstreams.items():
             try:
-                contexts[name] = await asyncio.wait_for(
+                contexts[name] = await within(
                     asyncio.to_thread(_ssl_context, settings), self._tls_timeout
                 )
             except TimeoutError as exc:

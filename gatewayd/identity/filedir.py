@@ -47,6 +47,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from gatewayd.config import toml_string
 from gatewayd.identity.directory import DirectoryUnavailable, lookup_key, normalize_password
 from gatewayd.identity.principal import Principal
+from gatewayd.tasks import within
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -374,7 +375,7 @@ class FileDirectory:
 
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.timeout)
+            return await within(asyncio.to_thread(fn, *args), self.timeout)
         except TimeoutError:
             raise DirectoryUnavailable(f"users file not read within {self.timeout}s") from None
 

@@ -64,6 +64,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gatewayd.files import exposure, fsync_directory
 from gatewayd.identity.directory import lookup_key
 from gatewayd.state.store import StateStore
+from gatewayd.tasks import within
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -516,6 +517,6 @@ class TotpVerifier:
 
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.timeout)
+            return await within(asyncio.to_thread(fn, *args), self.timeout)
         except TimeoutError:
             raise TotpStoreError(f"TOTP store not read within {self.timeout}s") from None

@@ -90,7 +90,7 @@ from gatewayd.ssh.auth import (
     usable_username,
 )
 from gatewayd.ssh.tunnel import Tunnels
-from gatewayd.tasks import cancel_and_wait
+from gatewayd.tasks import cancel_and_wait, within
 
 if TYPE_CHECKING:
     from gatewayd.app import Gateway
@@ -249,7 +249,7 @@ class SshFrontend:
         pending = [server.closed for server in self.servers]
         if pending:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*pending), CLOSE_WAIT)
+                await within(asyncio.gather(*pending), CLOSE_WAIT)
         tasks, self._serving = self._serving, set()
         if self._recheck is not None:
             tasks.add(self._recheck)
@@ -429,7 +429,7 @@ class GatewayServer(asyncssh.SSHServer):
     async def _login(self, username: str, password: str, code: str) -> LoginResult:
         gateway = self._gateway
         try:
-            return await asyncio.wait_for(gateway.authenticator.login(
+            return await within(gateway.authenticator.login(
                 username, password, code, self.source_ip, gateway.wall_clock().timestamp(),
             ), AUTH_TIMEOUT)
         except TimeoutError:
@@ -489,7 +489,7 @@ class GatewayServer(asyncssh.SSHServer):
         directory = self._gateway.authenticator.directory
         timeout = self._gateway.settings.directory.timeout.total_seconds()
         try:
-            return await asyncio.wait_for(directory.lookup(username), timeout + 1)
+            return await within(directory.lookup(username), timeout + 1)
         except (DirectoryUnavailable, TimeoutError):
             raise CertificateRefused("directory_unavailable") from None
 

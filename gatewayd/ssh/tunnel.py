@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 import asyncssh
 from prometheus_client import Counter
@@ -518,8 +518,9 @@ class _Upstream(asyncio.Protocol):
         self._tunnel = tunnel
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._tunnel.upstream_connected(transport)
+        # create_connection always hands a stream transport; uvloop's implements the
+        # asyncio.Transport interface without subclassing it, so no isinstance check here.
+        self._tunnel.upstream_connected(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self._tunnel.from_upstream(data)
