@@ -51,10 +51,11 @@ from gatewayd.identity.authenticator import (
     build_authenticator,
 )
 from gatewayd.identity.directory import DirectoryUnavailable
+from gatewayd.identity.principal import Principal
 from gatewayd.metrics import Metrics, metrics_app, serve_metrics
 from gatewayd.policy import Policy, PolicyError, load_policy
 from gatewayd.sdnotify import SystemdNotifier
-from gatewayd.sessions import Session, SessionRegistry
+from gatewayd.sessions import Session, SessionRegistry, per_user_cap
 from gatewayd.ssh.server import SshConfigError, SshFrontend
 from gatewayd.state import StateUnavailable, build_state
 from gatewayd.tasks import cancel_and_wait, within
@@ -96,22 +97,41 @@ def make_logger(settings: Settings) -> Any:
 
 
 def build_session_registry(
-    settings: Settings, clock: Callable[[], float], on_end: Callable[[Session, str], None]
+    settings: Settings, clock: Callable[[], float], on_end: Callable[[Session, str], None],
+    cap_for: Callable[[Principal], int] | None = None,
 ) -> SessionRegistry:
     sessions = settings.sessions
     return SessionRegistry(
         idle_timeout=sessions.idle_timeout.total_seconds(),
         absolute_timeout=sessions.absolute_timeout.total_seconds(),
         max_concurrent=sessions.max_concurrent, per_user=sessions.per_user,
-        clock=clock, on_end=on_end,
+        clock=clock, on_end=on_end, cap_for=cap_for,
     )
+
+
+def check_per_role(settings: Settings, policy: Policy) -> None:
+    """``sessions.per_role`` may only name roles the policy defines (raises GatewayError)."""
+    unknown = sorted(set(settings.sessions.per_role) - set(policy.roles))
+    if unknown:
+        raise GatewayError([f"sessions.per_role: {name!r} is not a role of the policy "
+                            f"(roles: {', '.join(sorted(policy.roles))})" for name in unknown])
+
+
+def roles_of(policy: Policy, principal: Principal) -> list[str]:
+    """The policy roles ``principal`` holds (by group or by user name, case-insensitively)."""
+    user = principal.user.casefold()
+    groups = {group.casefold() for group in principal.groups}
+    return [role.name for role in policy.roles.values()
+            if user in role.users or not role.groups.isdisjoint(groups)]
 
 
 def load_policy_or_raise(settings: Settings) -> Policy:
     try:
-        return load_policy(settings.policy.dir)
+        policy = load_policy(settings.policy.dir)
     except PolicyError as exc:
         raise GatewayError([str(issue) for issue in exc.errors]) from None
+    check_per_role(settings, policy)
+    return policy
 
 
 def build_audit_log(settings: Settings, metrics: Metrics, logger: Any) -> AuditLog:
@@ -137,7 +157,8 @@ def build_audit_log(settings: Settings, metrics: Metrics, logger: Any) -> AuditL
 # the directory, upstreams, ...) is bound at start: a reload that changes it is refused as a
 # whole rather than half-applied, so the operator never believes a setting is in force when it
 # is not. New sections are therefore restart-only until someone makes them live on purpose.
-LIVE_KEYS = frozenset({"policy.dir", "gateway.log_level", "gateway.log_format"})
+LIVE_KEYS = frozenset({"policy.dir", "gateway.log_level", "gateway.log_format",
+                       "sessions.max_concurrent", "sessions.per_user", "sessions.per_role"})
 
 
 def _flatten(settings: Settings) -> dict[str, object]:
@@ -202,7 +223,8 @@ class Gateway:
         self._clock = clock
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
         self.state = build_state(settings, clock)
-        self.sessions = build_session_registry(settings, clock, self._on_session_end)
+        self.sessions = build_session_registry(settings, clock, self._on_session_end,
+                                               cap_for=self.user_cap)
         self.authenticator: Authenticator = build_authenticator(
             settings, state=self.state, audit_emit=self._emit_audit, response_floor=login_pacing
         )
@@ -233,6 +255,14 @@ class Gateway:
         if self._signer is None:
             raise RuntimeError("the assertion signer is loaded by Gateway.start()")
         return self._signer
+
+    def user_cap(self, principal: Principal) -> int:
+        """``sessions.per_user``, or the largest ``sessions.per_role`` of principal's roles."""
+        sessions = self.settings.sessions
+        if not sessions.per_role:
+            return sessions.per_user
+        return per_user_cap(sessions.per_user, sessions.per_role,
+                            roles_of(self.policy, principal))
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -492,6 +522,9 @@ class Gateway:
         self.log = make_logger(settings)
         self.metrics.set_services(policy.services)
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
+        # Lower limits apply to new sign-ins only: nobody signed in is pushed out by them.
+        self.sessions.max_concurrent = settings.sessions.max_concurrent
+        self.sessions.per_user = settings.sessions.per_user
         self._set_reload_ok(True)
         self.log.info("configuration reloaded")
         self._audit_best_effort("config.reload", status="success")
@@ -503,7 +536,21 @@ class Gateway:
             closed = self.ssh.policy_changed()  # tunnels the new policy denies close now
             if closed:
                 self.log.info("closed SSH tunnels the new policy denies", count=closed)
+        ended = self.end_unentitled_sessions()
+        if ended:
+            self.log.info("ended sessions the new policy no longer allows", count=ended)
         return True
+
+    def end_unentitled_sessions(self) -> int:
+        """End (``policy_changed``) the sessions of users no allow rule of the current policy
+        admits any more; returns how many ended. Time and place conditions do not count (see
+        `still_entitled`): a rule that only denies at night ends nobody's session."""
+        ended = 0
+        for session in self.sessions.sessions():
+            if session.ended is None and not still_entitled(self.policy, session.principal):
+                self.sessions.end(session, "policy_changed")
+                ended += 1
+        return ended
 
     def _reject_reload(self, errors: list[str]) -> bool:
         self._set_reload_ok(False)

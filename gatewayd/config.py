@@ -32,6 +32,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -216,11 +217,19 @@ class PolicySettings(_Section):
     _resolve = field_validator("dir", mode="after")(_resolve_relative)
 
 
+RoleName = Annotated[str, StringConstraints(min_length=1, max_length=64,
+                                            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+RoleCap = Annotated[int, Strict(), Field(ge=1, le=1000)]
+
+
 class SessionSettings(_Section):
     idle_timeout: Interval = timedelta(minutes=15)
     absolute_timeout: Interval = timedelta(hours=10)
     max_concurrent: Int = Field(default=140, ge=1, le=1_000_000)
     per_user: Int = Field(default=1, ge=1, le=1000)
+    # Role name (as in the policy's `roles:`) -> its members' cap; the gateway refuses a
+    # name the policy does not define (a typo would silently leave the default in force).
+    per_role: dict[RoleName, RoleCap] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _idle_within_absolute(self) -> SessionSettings:
@@ -279,6 +288,10 @@ class HttpsSettings(_Section):
     crl_file: Path | None = None
     max_header_size: Size = 16 * 1024
     max_body: Size = 1024**3
+    # TLS connections open at once (gatewayd.https.app: refused at accept, before the
+    # handshake); the SSH listener's preauth_* caps play the same part.
+    max_connections: Int = Field(default=4096, ge=1, le=1_000_000)
+    max_connections_per_source: Int = Field(default=64, ge=1, le=100_000)
 
     _resolve = field_validator("cert_file", "key_file", "client_ca_file", "crl_file",
                                mode="after")(_resolve_relative)

@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -55,10 +55,14 @@ class SessionLimitError(Exception):
 
 
 class SeatsFull(SessionLimitError):  # noqa: N818 - the contract name
-    """Every licensed seat (``sessions.max_concurrent``) is taken on this node."""
+    """Every licensed seat (``sessions.max_concurrent``) is taken on this node.
+
+    ``str()`` is the sentence both frontends show as it is (sign-in page, JSON, SSH
+    disconnect): one wording, so the help desk recognises it whichever way it is reported.
+    """
 
     def __str__(self) -> str:
-        return f"all {self.limit} seats are in use"
+        return seats_full_message(self.limit)
 
 
 class PerUserLimit(SessionLimitError):  # noqa: N818 - the contract name
@@ -66,6 +70,19 @@ class PerUserLimit(SessionLimitError):  # noqa: N818 - the contract name
 
     def __str__(self) -> str:
         return f"the user already has {self.limit} session(s)"
+
+
+def seats_full_message(limit: int) -> str:
+    """What a person who cannot sign in because every seat is taken is told."""
+    return f"All {limit} seats are in use; try again later."
+
+
+def per_user_cap(default: int, per_role: Mapping[str, int], roles: Iterable[str]) -> int:
+    """The seats one person may hold: the largest ``per_role`` value among ``roles``, else
+    ``default`` (``sessions.per_user``). Larger wins so that adding someone to a role never
+    takes seats away from them."""
+    caps = [per_role[role] for role in roles if role in per_role]
+    return max(caps) if caps else default
 
 
 def hash_session_id(raw_id: str) -> str:
@@ -168,7 +185,10 @@ class SessionRegistry:
         per_user: int,
         clock: Callable[[], float],
         on_end: Callable[[Session, str], None],
+        cap_for: Callable[[Principal], int] | None = None,
     ) -> None:
+        """``cap_for(principal)``: that person's per-user cap (per-role caps, see
+        `per_user_cap`); None: ``per_user`` for everyone."""
         if idle_timeout <= 0 or absolute_timeout <= 0:
             raise ValueError("session timeouts must be positive")
         if max_concurrent < 1 or per_user < 1:
@@ -179,6 +199,7 @@ class SessionRegistry:
         self.per_user = per_user
         self._clock = clock
         self._on_end = on_end
+        self.cap_for = cap_for
         self._by_hash: dict[str, Session] = {}
         self._by_user: dict[str, list[Session]] = {}  # limits and end_user without a scan
         self._seats: dict[str, int] = {}  # seat key -> how many live sessions share it
@@ -214,12 +235,13 @@ class SessionRegistry:
         self.sweep(now)
         shared = self._shared_seat(seat_of, principal.user)
         if shared is None:
+            cap = self.user_cap(principal)
             if replace_oldest:
-                self._make_room_for(principal.user)
+                self._make_room_for(principal.user, cap)
             if len(self._seats) >= self.max_concurrent:
                 raise SeatsFull(self.max_concurrent)
-            if self._count_user(principal.user) >= self.per_user:
-                raise PerUserLimit(self.per_user)
+            if self._count_user(principal.user) >= cap:
+                raise PerUserLimit(cap)
         raw_id, id_hash = self._new_id()
         session = Session(
             id_hash=id_hash, principal=principal, frontend=frontend, source_ip=source_ip,
@@ -238,8 +260,19 @@ class SessionRegistry:
             return None
         return seat_of.seat_key
 
-    def _make_room_for(self, user: str) -> None:
-        while self._count_user(user) >= self.per_user:
+    def user_cap(self, principal: Principal) -> int:
+        """How many seats ``principal`` may hold (``per_user``, or its roles' cap)."""
+        if self.cap_for is None:
+            return self.per_user
+        try:
+            return max(1, self.cap_for(principal))
+        except Exception:
+            # A broken lookup must not lock everybody out: the default cap still holds.
+            log.exception("per-user cap lookup failed; using sessions.per_user")
+            return self.per_user
+
+    def _make_room_for(self, user: str, cap: int) -> None:
+        while self._count_user(user) >= cap:
             oldest = min(self._by_user[user], key=lambda session: session.created)
             self.end(oldest, "replaced")
 

@@ -232,7 +232,7 @@ async def test_the_seat_limit_is_a_clear_refusal(tmp_path: Path) -> None:
     async for gw in running_gateway(tmp_path, sessions={"max_concurrent": 1}):
         await gw.signed_in("alice")
         status, body, _ = await gw.login(gw.client(), "bob")
-        assert status == 503 and "All 1 remote-access seats are in use" in body
+        assert status == 503 and "All 1 seats are in use; try again later." in body
         assert gw.audit_events("auth.failure")[-1]["reason"] == "seats_full"
 
 

@@ -146,7 +146,7 @@ async def test_a_full_gateway_says_so_and_keeps_the_seat_holder(gw: SshHarness) 
     holder = await gw.spawn("alice", "-T")
     await read_until(holder.stdout, b"Disconnect with")
     run = await gw.run("bob")
-    assert run.returncode == 255 and "all 1 seats are in use" in run.stderr
+    assert run.returncode == 255 and "All 1 seats are in use; try again later." in run.stderr
     (failure,) = gw.audit_events("auth.failure")
     assert failure["reason"] == "seats_full" and failure["user"] == "bob"
     assert [s.user for s in gw.sessions()] == ["alice"] and holder.returncode is None

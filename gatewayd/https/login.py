@@ -232,8 +232,7 @@ class AuthPages:
         except AuditWriteError:
             return unavailable(request)
         if seats:
-            message = (f"All {exc.limit} remote-access seats are in use. "
-                       "Try again later, or ask the help desk.")
+            message = str(exc)  # the same sentence the SSH listener sends
         else:
             message = (f"You already have {exc.limit} active session(s). Sign out there "
                        "first; an abandoned session ends by itself after the idle timeout.")

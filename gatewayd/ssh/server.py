@@ -539,7 +539,9 @@ class GatewayServer(asyncssh.SSHServer):
         except (SeatsFull, PerUserLimit) as exc:
             reason = "seats_full" if isinstance(exc, SeatsFull) else "per_user_limit"
             self._record(user=principal.user, ok=False, reason=reason, device=device)
-            self._disconnect(f"gatewayd: {exc}; try again later")
+            # Seats full: the very sentence of the sign-in page (`SeatsFull.__str__`).
+            self._disconnect(str(exc) if isinstance(exc, SeatsFull)
+                             else f"gatewayd: {exc}; try again later")
             return False
         how = None if certificate is None else f"certificate serial {certificate.serial}"
         try:
