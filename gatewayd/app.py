@@ -189,6 +189,7 @@ class Listeners:
     ssh_port: int | None = None
 
 
+DRAIN_POLL_INTERVAL = 0.05  # seconds between looks at what the drain still waits for
 SESSION_SWEEP_INTERVAL = 15.0  # seconds; idle sessions (and their WebSockets) end this late at most
 ENROLLMENT_WATCH_INTERVAL = 5.0  # seconds between looks for CLI enrollments to audit
 
@@ -386,10 +387,42 @@ class Gateway:
         return f"https://{_url_host(https.listen.host)}:{port}"
 
     async def stop(self) -> None:
-        """Stop accepting, end sessions, drain, close upstreams, close the audit log last."""
+        """Stop accepting, drain, end sessions, close upstreams, close the audit log last."""
         self._started = False
+        await self._drain()
         await self._close_everything()
         self.log.info("gateway stopped")
+
+    async def _drain(self) -> None:
+        """Stop accepting everywhere, then give what is in flight ``gateway.shutdown_grace``.
+
+        HTTP requests in flight run to their end (new ones get 503, see HttpsFrontend);
+        open SSH tunnels keep relaying (new ones are refused). The wait ends early once no
+        request and no tunnel is left. Sessions end after this, in `_close_everything`.
+        """
+        if self.admin is not None:
+            with contextlib.suppress(Exception):
+                await self.admin.close()
+        if self.https is not None:
+            with contextlib.suppress(Exception):
+                await self.https.begin_drain()
+        if self.ssh is not None:
+            with contextlib.suppress(Exception):
+                await self.ssh.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.gateway.shutdown_grace.total_seconds()
+        while loop.time() < deadline:
+            if not self._in_flight():
+                break
+            await asyncio.sleep(DRAIN_POLL_INTERVAL)  # nothing signals "the last one ended"
+        left = self._in_flight()
+        if left:
+            self.log.warning("shutdown grace over; closing what is still open", open=left)
+
+    def _in_flight(self) -> int:
+        """HTTP requests being handled plus SSH tunnels open (what the drain waits for)."""
+        https = self.https.in_flight if self.https is not None else 0
+        return https + (self.ssh.open_tunnels if self.ssh is not None else 0)
 
     async def _close_directory(self) -> None:
         """Release the directory's connections (LDAP pools); the file backend has none."""

@@ -27,6 +27,17 @@ path                            methods      what
 ``/.gatewayd/ssh/certificate``  POST         an SSH user certificate for a public key (`sshcert`)
 =============================== ============ ====================================================
 
+**Connections.** The listener accepts on its own socket (not aiohttp's ``TCPSite``) so that
+``https.max_connections`` and ``max_connections_per_source`` are checked at accept, before
+the TLS handshake (`gatewayd.ssh.admission.Admission`, the SSH listener's code): a flood
+costs an ``accept()`` and a ``close()``. An admitted connection holds its slot until it
+closes (or its handshake fails).
+
+**Drain** (`begin_drain`, SIGTERM): the socket closes; open WebSockets close with 1001
+"going away" (a browser reconnects, to another node behind the balancer); requests in flight
+run on (`in_flight` counts them, the Gateway waits up to ``gateway.shutdown_grace``); a new
+request on a kept-alive connection gets 503 with ``Retry-After`` and ``Connection: close``.
+
 Dispatch compares the raw path exactly (no decoding, no trailing-slash repair): an encoded
 spelling of a gateway endpoint is not that endpoint, it is a path for the policy to judge.
 """
@@ -37,6 +48,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,6 +78,7 @@ from gatewayd.https.redirects import safe_next
 from gatewayd.https.sshcert import SshCertificates
 from gatewayd.https.tls import ConnectionDevices, DeviceRevokedError
 from gatewayd.sessions import Session
+from gatewayd.ssh.admission import Admission
 from gatewayd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -80,6 +93,10 @@ MAX_HEADERS: Final = 100
 # Allocations between two young-generation collections while serving (CPython's default is
 # 700); see `tune_gc_for_serving`.
 SERVING_GC_THRESHOLD: Final = 7000
+HANDSHAKE_TIMEOUT: Final = 10.0  # seconds a TLS handshake may take before the socket closes
+CLOSE_WAIT: Final = 2.0  # seconds `close` gives requests still running (after the drain)
+DRAIN_RETRY_AFTER: Final = 10  # seconds a browser is told to wait during a drain
+LISTEN_BACKLOG: Final = 512
 
 
 def tune_gc_for_serving() -> None:
@@ -116,6 +133,38 @@ class Caller:
 Endpoint = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
 
+class _Counted(asyncio.Protocol):
+    """aiohttp's per-connection protocol, plus a call of ``release`` when the connection is
+    gone (its `Admission` slot). Only delegates: aiohttp does all the work."""
+
+    __slots__ = ("_inner", "_release")
+
+    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release = release
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._release()
+
+
 class HttpsFrontend:
     """The HTTPS listener of one gateway. `start` / `stop_accepting` / `close`."""
 
@@ -127,7 +176,15 @@ class HttpsFrontend:
         self._auth = AuthPages(ctx, self.csrf)
         self._ssh_certs = SshCertificates(ctx, self.csrf)
         self._runner: GuardedAppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        https = ctx.settings.https
+        self.admission = Admission.for_https(
+            total=https.max_connections, per_source=https.max_connections_per_source,
+            registry=ctx.metrics.registry)
+        self.in_flight = 0  # requests being handled now (the drain waits for them)
+        self.draining = False
         self._recheck: asyncio.Task[None] | None = None
         self._device_certs = True  # until start() knows whether the TLS context asks
         self._devices = ConnectionDevices()  # each connection's certificate, read once
@@ -148,7 +205,7 @@ class HttpsFrontend:
         app = web.Application()
         app.on_response_prepare.append(add_security_headers)
         app.router.add_route("*", "/{tail:.*}", guarded(
-            self._dispatch, max_header_size=self._ctx.settings.https.max_header_size,
+            self._counted_dispatch, max_header_size=self._ctx.settings.https.max_header_size,
             too_large=self._headers_too_large, server_error=self._server_error,
         ), expect_handler=defer_continue)  # 100 Continue only once allowed: see proxy.py
         return app
@@ -156,47 +213,116 @@ class HttpsFrontend:
     async def start(self, ssl_context: ssl.SSLContext) -> int:
         """Listen on ``https.listen``; returns the bound port (for port 0)."""
         settings = self._ctx.settings
+        # The drain has waited for requests already; `close` gives stragglers CLOSE_WAIT.
         runner = GuardedAppRunner(
-            self.build_app(), access_log=None,
-            shutdown_timeout=settings.gateway.shutdown_grace.total_seconds(),
+            self.build_app(), access_log=None, shutdown_timeout=CLOSE_WAIT,
             max_line_size=MAX_REQUEST_LINE, max_headers=MAX_HEADERS,
             max_field_size=settings.https.max_header_size,
         )
         await runner.setup()
-        site = web.TCPSite(runner, settings.https.listen.host, settings.https.listen.port,
-                           ssl_context=ssl_context, reuse_address=True)
+        listen = settings.https.listen
         try:
-            await site.start()
+            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+            sock = socket.create_server((listen.host, listen.port), family=family,
+                                        backlog=LISTEN_BACKLOG)
         except BaseException:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
             raise
-        self._runner, self._site = runner, site
+        sock.setblocking(False)
+        self._runner, self._sock = runner, sock
         # The connection's certificate is only worth reading when the handshake asked for one.
         self._device_certs = ssl_context.verify_mode != ssl.CERT_NONE
-        self._recheck = asyncio.create_task(self._recheck_forever(),
-                                            name="gatewayd.https.websocket-recheck")
+        loop = asyncio.get_running_loop()
+        self._accepting = loop.create_task(self._accept_forever(sock, ssl_context),
+                                           name="gatewayd.https.accept")
+        self._recheck = loop.create_task(self._recheck_forever(),
+                                         name="gatewayd.https.websocket-recheck")
         tune_gc_for_serving()  # the HTTPS listener is the last thing a node starts
-        return int(runner.addresses[0][1])
+        return int(sock.getsockname()[1])
+
+    async def _accept_forever(self, sock: socket.socket, ssl_context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("https accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            source = str(peer[0])
+            if self.admission.admit(source) is not None:
+                conn.close()  # before the handshake: no certificate work for a flood
+                continue
+            task = loop.create_task(self._serve(conn, source, ssl_context),
+                                    name="gatewayd.https.handshake")
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _serve(self, conn: socket.socket, source: str, ssl_context: ssl.SSLContext
+                     ) -> None:
+        """TLS handshake of one admitted connection, then aiohttp serves it; the admission
+        slot is released when the connection closes, or here if the handshake fails."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.admission.release(source)
+
+        runner = self._runner
+        if runner is None or runner.server is None:
+            conn.close()
+            release()
+            return
+        server = runner.server
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Counted(server(), release), sock=conn, ssl=ssl_context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except asyncio.CancelledError:
+            conn.close()
+            release()
+            raise
+        except Exception as exc:  # a failed handshake closes the socket; nothing to serve
+            log.debug("https connection from %s failed its handshake: %s", source, exc)
+            conn.close()
+            release()
 
     async def stop_accepting(self) -> None:
         """Close the listening socket; requests in flight continue (see `close`)."""
-        if self._site is not None:
-            site, self._site = self._site, None
-            await site.stop()
-
-    async def close(self) -> None:
-        """Wait for requests in flight (up to ``gateway.shutdown_grace``), then release all."""
-        task, self._recheck = self._recheck, None
+        task, self._accepting = self._accepting, None
         if task is not None:
             await cancel_and_wait([task])
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    async def begin_drain(self) -> None:
+        """SIGTERM: stop accepting, close WebSockets (1001), answer new requests 503."""
+        self.draining = True
+        await self.stop_accepting()
+        closed = self.channels.close_all("shutdown")
+        if closed:
+            log.info("closed %d WebSocket(s) for the shutdown", closed)
+
+    async def close(self) -> None:
+        """Release everything: handshakes, the recheck, connections (CLOSE_WAIT for requests
+        still running — the Gateway's drain has waited ``gateway.shutdown_grace`` already)."""
+        await self.stop_accepting()
+        tasks, self._handshakes = self._handshakes, set()
+        task, self._recheck = self._recheck, None
+        if task is not None:
+            tasks.add(task)
+        await cancel_and_wait(tasks)
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
 
     @property
     def listening(self) -> bool:
-        return self._site is not None
+        return self._sock is not None
 
     def policy_changed(self) -> int:
         """Re-decide every open WebSocket now (after a reload); returns how many closed."""
@@ -227,6 +353,25 @@ class HttpsFrontend:
             if session is not None:
                 self._ctx.sessions.touch(session)
         return Caller(session, device)
+
+    async def _counted_dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return self._shutting_down(request)
+        self.in_flight += 1
+        try:
+            return await self._dispatch(request)
+        finally:
+            self.in_flight -= 1
+
+    def _shutting_down(self, request: web.Request) -> web.StreamResponse:
+        """A request that arrived during the drain: come back soon (to another node, or to
+        this one once it has restarted); this connection closes after the answer."""
+        response = respond(request, 503, title="The gateway is restarting",
+                           message="The gateway is shutting down; try again in a moment.",
+                           error="shutting_down")
+        response.headers["Retry-After"] = str(DRAIN_RETRY_AFTER)
+        response.force_close()
+        return response
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -167,6 +167,13 @@ class Channels:
         self._open.add(channel)
         return lambda: self._open.discard(channel)
 
+    def close_all(self, reason: str) -> int:
+        """Close every open socket with ``reason`` (the drain: ``shutdown`` → 1001)."""
+        channels, self._open = self._open, set()
+        for channel in channels:
+            channel.close(reason)
+        return len(channels)
+
     def recheck(self, policy: Policy, now: datetime, clock: float) -> int:
         """Close every socket the policy now denies; returns how many were closed."""
         closed = 0

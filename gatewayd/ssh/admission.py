@@ -1,4 +1,10 @@
-"""Pre-authentication admission: which accepted TCP connections may start an SSH handshake.
+"""Pre-authentication admission: which accepted TCP connections may start a handshake.
+
+Shared by both listeners: the SSH listener (below) and the HTTPS listener, whose
+``https.max_connections`` / ``max_connections_per_source`` are the same total and per-source
+caps on TLS connections, checked at accept before the TLS handshake (`Admission.for_https`:
+no rate cap, its own metric ``gatewayd_https_connections_refused_total{reason}`` with reasons
+``total`` / ``per_source``).
 
 Owns the three caps of ``[ssh]`` that are enforced before the gateway sends a single SSH byte
 (no version string, no key exchange — so a flood of connections costs the gateway an
@@ -23,7 +29,7 @@ import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter
@@ -35,6 +41,13 @@ REFUSALS: Final[tuple[Refusal, ...]] = ("preauth_total", "preauth_per_source", "
 RATE_WINDOW: Final = 60.0  # seconds: connect_rate_per_source is per minute
 LOG_EVERY: Final = 10.0  # seconds between two log lines about refusals of one kind
 PRUNE_ABOVE: Final = 10_000  # sources remembered before stale ones are dropped
+SSH_METRIC: Final = ("gatewayd_ssh_preauth_refused_total",
+                     "SSH connections closed before the handshake by a pre-authentication cap.")
+HTTPS_METRIC: Final = ("gatewayd_https_connections_refused_total",
+                       "TLS connections closed at accept by https.max_connections"
+                       "[_per_source].")
+HTTPS_REASONS: Final[Mapping[Refusal, str]] = {"preauth_total": "total",
+                                               "preauth_per_source": "per_source"}
 
 
 def source_key(address: str) -> str:
@@ -54,26 +67,38 @@ class Admission:
     """The pre-auth caps of one SSH listener (single event loop: no locking needed)."""
 
     def __init__(
-        self, *, total: int, per_source: int, rate_per_minute: int,
+        self, *, total: int, per_source: int, rate_per_minute: int | None,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        listener: str = "ssh", metric: tuple[str, str] = SSH_METRIC,
+        reasons: Mapping[Refusal, str] | None = None,
     ) -> None:
+        """``rate_per_minute``: None for no rate cap. ``listener`` names the listener in log
+        lines; ``metric`` is the refusal counter's (name, help); ``reasons`` renames the
+        refusals in the metric label and the log (default: the `Refusal` names)."""
         self.total = total
         self.per_source = per_source
         self.rate_per_minute = rate_per_minute
+        self._listener = listener
+        self._reasons: Mapping[Refusal, str] = reasons or {r: r for r in REFUSALS}
         self._clock = clock
         self._open: dict[str, int] = {}
         self._open_total = 0
         self._recent: dict[str, deque[float]] = {}
         self._refused_since_log: dict[str, int] = {}
         self._next_log: dict[str, float] = {}
-        self.refused = Counter(
-            "gatewayd_ssh_preauth_refused_total",
-            "SSH connections closed before the handshake by a pre-authentication cap.",
-            ["reason"], registry=registry,
-        )
-        for reason in REFUSALS:
-            self.refused.labels(reason)
+        self.refused = Counter(metric[0], metric[1], ["reason"], registry=registry)
+        for label in self._reasons.values():
+            self.refused.labels(label)
+
+    @classmethod
+    def for_https(cls, *, total: int, per_source: int,
+                  registry: CollectorRegistry | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> Admission:
+        """The HTTPS listener's connection caps (``https.max_connections[_per_source]``)."""
+        return cls(total=total, per_source=per_source, rate_per_minute=None,
+                   registry=registry, clock=clock, listener="https", metric=HTTPS_METRIC,
+                   reasons=HTTPS_REASONS)
 
     @property
     def pending(self) -> int:
@@ -105,6 +130,16 @@ class Admission:
             del self._open[key]
 
     def _check(self, key: str, now: float) -> Refusal | None:
+        if self.rate_per_minute is not None and self._rate_exceeded(key, now):
+            return "connect_rate"
+        if self._open_total >= self.total:
+            return "preauth_total"
+        if self._open.get(key, 0) >= self.per_source:
+            return "preauth_per_source"
+        return None
+
+    def _rate_exceeded(self, key: str, now: float) -> bool:
+        assert self.rate_per_minute is not None
         recent = self._recent.get(key)
         if recent is None:
             if len(self._recent) >= PRUNE_ABOVE:
@@ -116,13 +151,7 @@ class Admission:
         # stays refused until it slows down.
         full = len(recent) >= self.rate_per_minute
         recent.append(now)
-        if full:
-            return "connect_rate"
-        if self._open_total >= self.total:
-            return "preauth_total"
-        if self._open.get(key, 0) >= self.per_source:
-            return "preauth_per_source"
-        return None
+        return full
 
     def _prune(self, now: float) -> None:
         stale = [key for key, recent in self._recent.items()
@@ -130,7 +159,8 @@ class Admission:
         for key in stale:
             del self._recent[key]
 
-    def _refuse(self, reason: Refusal, now: float) -> None:
+    def _refuse(self, refusal: Refusal, now: float) -> None:
+        reason = self._reasons.get(refusal, refusal)
         self.refused.labels(reason).inc()
         count = self._refused_since_log.get(reason, 0) + 1
         if now < self._next_log.get(reason, 0.0):
@@ -138,4 +168,5 @@ class Admission:
             return
         self._refused_since_log[reason] = 0
         self._next_log[reason] = now + LOG_EVERY
-        log.warning("ssh: closed %d connection(s) before the handshake: %s", count, reason)
+        log.warning("%s: closed %d connection(s) before the handshake: %s", self._listener,
+                    count, reason)

@@ -186,6 +186,7 @@ class SshFrontend:
         self._accepting: asyncio.Task[None] | None = None
         self._recheck: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()
+        self.draining = False  # shutting down: no new tunnels (see `begin_drain`)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -240,6 +241,21 @@ class SshFrontend:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+    async def begin_drain(self) -> None:
+        """SIGTERM: stop accepting and refuse new tunnels; open tunnels keep relaying.
+
+        "Finishing" a tunnel is up to its client: the gateway cannot tell a transfer's end from
+        a pause, so an open tunnel is relayed as usual until it closes or the Gateway's
+        ``gateway.shutdown_grace`` runs out; then the sessions end (``shutdown``) and each
+        client is disconnected with "the gateway is shutting down".
+        """
+        self.draining = True
+        await self.stop_accepting()
+
+    @property
+    def open_tunnels(self) -> int:
+        return len(self.tunnels)
 
     async def close(self) -> None:
         """Close every connection (sessions have ended by now) and forget them."""
@@ -587,6 +603,9 @@ class GatewayServer(asyncssh.SSHServer):
         if session is None or session.ended is not None or conn is None:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "gatewayd: the session has ended")
+        if self._frontend.draining:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "gatewayd: the gateway is shutting down")
         return self._open_tunnel(session, conn, (dest_host, dest_port), (orig_host, orig_port))
 
     async def _open_tunnel(self, session: Session, conn: asyncssh.SSHServerConnection,
