@@ -219,6 +219,8 @@ class Gateway:
         self.policy = load_policy_or_raise(settings)
         self.metrics = Metrics(services=self.policy.services, events=EVENT_NAMES)
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
+        for frontend in ("https", "ssh"):  # exported from the start: 0 of N seats is news too
+            self.metrics.sessions_active.labels(frontend).set(0)
         self.audit = build_audit_log(settings, self.metrics, self.log)
         self.listeners = Listeners(metrics_url=None)
         self._clock = clock
