@@ -66,7 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         _run_loop(run_demo(args.state_dir, args.policies, https_port=args.https_port,
-                           metrics_port=args.metrics_port, ssh_port=args.ssh_port))
+                           metrics_port=args.metrics_port, ssh_port=args.ssh_port,
+                           ldap=args.ldap))
     except START_ERRORS as exc:
         return _report_start_error("gatewayd demo", exc)
     return EXIT_OK
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SSH port on 127.0.0.1 (default 0 = pick a free one)")
     demo.add_argument("--metrics-port", type=_port, default=0,
                       help="metrics/health port on 127.0.0.1 (default 0 = pick a free one)")
+    demo.add_argument("--ldap", action="store_true",
+                      help="keep the users in a throw-away OpenLDAP slapd (Debian's slapd and "
+                           "ldap-utils) instead of the file directory")
     demo.set_defaults(func=cmd_demo)
 
     config = sub.add_parser("config", help="configuration tools")

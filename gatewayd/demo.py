@@ -8,6 +8,11 @@ Owns the demo's generated state in ``STATE_DIR`` (default ``./demo-state``):
 * ``users.toml`` — the file directory with alice (``telework-staff``), bob
   (``telework-managers``) and carol (``security-auditors``), argon2id hashes; their passwords
   are kept in ``demo-secrets.json`` (``0600``) so they survive restarts;
+* with ``--ldap`` instead: ``ldap/`` — a throw-away OpenLDAP slapd on a free loopback port
+  (`gatewayd.demo_ldap`, rebuilt at every start) with the same users and passwords, alice in
+  ``telework-staff`` through nested groups, served over LDAPS with the demo server
+  certificate; gatewayd binds as a service account whose generated password is in
+  ``ldap/bind-password``. slapd stops when the demo does;
 * ``totp.key`` / ``totp-secrets.json`` — their TOTP secrets, encrypted as in production;
 * ``pki/devices.crl`` and ``pki/index.json`` — the device CA's (empty) revocation list and its
   index, so ``gatewayd certs revoke``-style revocations work in the demo as in production;
@@ -37,7 +42,7 @@ import json
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,7 +69,8 @@ from gatewayd.certs import (
     ssh_private_key,
 )
 from gatewayd.config import load_settings, toml_string
-from gatewayd.demo_apps import DemoApps, start_demo_apps
+from gatewayd.demo_apps import start_demo_apps
+from gatewayd.demo_ldap import TlsFiles, demo_groups, require_slapd, start_demo_directory
 from gatewayd.files import atomic_write
 from gatewayd.identity.filedir import UserEntry, hash_password, render_users
 from gatewayd.identity.totp import AlreadyEnrolled, SecretStore
@@ -83,6 +89,7 @@ DEMO_ATTRIBUTES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({
 ALICE_DEVICE: Final = "ward-pc-0042"
 CRL_RENEW_BEFORE: Final = timedelta(days=60)  # gatewayd warns at 30 days before the lapse
 SECRETS_FILE: Final = "demo-secrets.json"
+FILE_DIRECTORY: Final = ("[directory]", 'file = "users.toml"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +249,7 @@ def ensure_demo_crl(pki: DemoPki, now: datetime | None = None) -> Path:
 def write_demo_config(
     state_dir: Path, *, policies: Path, https_port: int, metrics_port: int,
     pki: DemoPki, upstreams: Mapping[str, str], ssh_port: int,
-    tcp_services: Mapping[str, str],
+    tcp_services: Mapping[str, str], directory: Sequence[str] = FILE_DIRECTORY,
 ) -> Path:
     """Write the demo node's config into ``state_dir`` and return its path."""
     lines = [
@@ -265,7 +272,7 @@ def write_demo_config(
         "[ssh.address_overrides]",
         *(f"{toml_string(dest)} = {toml_string(target)}"
           for dest, target in tcp_services.items()),
-        "[directory]", 'file = "users.toml"',
+        *directory,
         "[mfa]", 'issuer = "gatewayd demo"',
     ]
     for service, origin in upstreams.items():
@@ -277,9 +284,13 @@ def write_demo_config(
 
 def demo_description(
     gateway: Gateway, config: Path, pki: DemoPki, secrets_: DemoSecrets,
-    totp_secrets: Mapping[str, str],
+    totp_secrets: Mapping[str, str], *, groups: Mapping[str, frozenset[str]] = DEMO_GROUPS,
 ) -> dict[str, object]:
-    """The ``demo.json`` object: how other programs find the running demo."""
+    """The ``demo.json`` object: how other programs find the running demo.
+
+    ``groups`` are the users' groups as the directory resolves them (with ``--ldap`` alice's
+    nested groups too).
+    """
     return {
         "https_url": gateway.settings.https.public_url + "/",
         "ssh_port": gateway.listeners.ssh_port,
@@ -289,23 +300,25 @@ def demo_description(
         "audit_log": str(gateway.settings.audit.path),
         "policies": str(gateway.settings.policy.dir),
         "config": str(config),
+        "directory": gateway.settings.directory.backend,
         "device": {"id": ALICE_DEVICE, "user": "alice", "cert": str(pki.device.cert),
                    "key": str(pki.device.key), "p12": str(pki.device.p12),
                    "p12_password": secrets_.p12_password},
         "users": {
             user: {"password": secrets_.passwords[user], "totp_secret": totp_secrets[user],
-                   "groups": sorted(groups)}
-            for user, groups in DEMO_GROUPS.items()
+                   "groups": sorted(groups[user])}
+            for user in DEMO_GROUPS
         },
     }
 
 
-def tour_lines(policy: Policy, now: datetime) -> list[str]:
+def tour_lines(policy: Policy, now: datetime,
+               groups: Mapping[str, frozenset[str]] = DEMO_GROUPS) -> list[str]:
     """One line per tour stop: what the shipped policy decides, and why."""
     lines = []
     for stop in TOUR:
         request = AccessRequest(
-            user=stop.user, groups=DEMO_GROUPS[stop.user], frontend="https",
+            user=stop.user, groups=groups[stop.user], frontend="https",
             service=stop.service, method=stop.method, path=stop.path,
             source=ipaddress.ip_address("192.0.2.10"), now=now, mfa_age=stop.mfa_age,
         )
@@ -326,23 +339,25 @@ def write_description(state_dir: Path, description: Mapping[str, object]) -> Non
 def welcome_lines(gateway: Gateway, state_dir: Path, description: Mapping[str, object]
                   ) -> list[str]:
     url = description["https_url"]
+    users = description["users"]
+    assert isinstance(users, dict)
+    groups = {user: ",".join(info["groups"]) for user, info in users.items()}
+    width = max(20, *(len(text) for text in groups.values()))  # nested LDAP groups are long
     lines = [
         f"gatewayd demo is running; everything it made is in {state_dir}/ (see demo.json).",
         "",
         f"  Open {url} (your browser will not know the demo CA: accept the warning, or trust",
         f"  {description['ca_cert']}).",
         "",
-        "  user    groups               password              code now",
+        f"  user    {'groups':<{width}} password              code now",
     ]
-    users = description["users"]
-    assert isinstance(users, dict)
     for user, info in users.items():
-        groups = ",".join(info["groups"])
         code = pyotp.TOTP(info["totp_secret"]).now()  # from memory: no file I/O on the loop
-        lines.append(f"  {user:<7} {groups:<20} {info['password']:<21} {code}")
+        lines.append(f"  {user:<7} {groups[user]:<{width}} {info['password']:<21} {code}")
     lines += [
         "",
         f"  Next code: gatewayd mfa code USER --state-dir {state_dir}   (demo only)",
+        *directory_lines(gateway, state_dir),
         *ssh_lines(state_dir, description),
         f"  Metrics:   {gateway.listeners.metrics_url}",
         f"  Audit log: {gateway.settings.audit.path}",
@@ -350,9 +365,19 @@ def welcome_lines(gateway: Gateway, state_dir: Path, description: Mapping[str, o
         "",
         f"What the ward policy decides now ({datetime.now(gateway.policy.timezone):%a %H:%M %Z}):",
     ]
-    lines += tour_lines(gateway.policy, datetime.now(gateway.policy.timezone))
+    resolved = {user: frozenset(info["groups"]) for user, info in users.items()}
+    lines += tour_lines(gateway.policy, datetime.now(gateway.policy.timezone), resolved)
     lines += ["", "Ctrl-C stops the demo."]
     return lines
+
+
+def directory_lines(gateway: Gateway, state_dir: Path) -> list[str]:
+    """Where the demo's slapd is (empty with the file directory)."""
+    directory = gateway.settings.directory
+    if directory.backend != "ldap":
+        return []
+    return [f"  LDAP:      OpenLDAP slapd at {', '.join(directory.ldap.urls)} "
+            f"(log {state_dir}/ldap/slapd.log)"]
 
 
 def ssh_lines(state_dir: Path, description: Mapping[str, object]) -> list[str]:
@@ -380,8 +405,11 @@ class PreparedState:
 
 
 def prepare_state(state_dir: Path, policies: Path, https_port: int,
-                  ssh_port: int = 0) -> PreparedState:
-    """Everything the demo writes before it starts (blocking: argon2, key generation)."""
+                  ssh_port: int = 0, *, users_file: bool = True) -> PreparedState:
+    """Everything the demo writes before it starts (blocking: argon2, key generation).
+
+    ``users_file`` False (``--ldap``): no ``users.toml``, the users live in slapd.
+    """
     if not state_dir.exists():
         state_dir.mkdir(mode=0o700, parents=True)  # keys, secrets and the audit log live here
     state_dir = state_dir.resolve()
@@ -390,7 +418,8 @@ def prepare_state(state_dir: Path, policies: Path, https_port: int,
     pki = ensure_demo_pki(state_dir / "pki", device_id=ALICE_DEVICE, user="alice",
                           p12_password=secrets_.p12_password)
     ensure_demo_crl(pki)
-    write_users_file(state_dir / "users.toml", secrets_.passwords)
+    if users_file:
+        write_users_file(state_dir / "users.toml", secrets_.passwords)
     ssh_port = ssh_port or free_loopback_port()
     host_key, _ = ensure_ssh_keys(state_dir / "ssh")
     write_known_hosts(state_dir / "ssh", ssh_port, host_key)
@@ -403,26 +432,43 @@ def prepare_state(state_dir: Path, policies: Path, https_port: int,
 
 async def run_demo(
     state_dir: Path, policies: Path, *, https_port: int = 0, metrics_port: int = 0,
-    ssh_port: int = 0, echo: Callable[[str], None] = print,
+    ssh_port: int = 0, ldap: bool = False, echo: Callable[[str], None] = print,
 ) -> None:
-    prepared = await asyncio.to_thread(prepare_state, state_dir, policies, https_port, ssh_port)
-    apps: DemoApps = await start_demo_apps()
-    try:
+    """Prepare the state, start the apps (and with ``ldap`` slapd), run the gateway until a
+    signal, then stop everything in reverse order."""
+    if ldap:
+        require_slapd()  # before anything is written to the state directory
+    prepared = await asyncio.to_thread(prepare_state, state_dir, policies, https_port, ssh_port,
+                                       users_file=not ldap)
+    groups: Mapping[str, frozenset[str]] = DEMO_GROUPS
+    directory: Sequence[str] = FILE_DIRECTORY
+    async with contextlib.AsyncExitStack() as stack:
+        if ldap:
+            pki = prepared.pki
+            tls = TlsFiles(ca=pki.server_ca.cert, cert=pki.server.cert, key=pki.server.key)
+            # In a worker thread: slapadd, the wait for slapd's ports, ldapadd. slapd's
+            # parent-death signal follows that thread, and the loop's default executor keeps
+            # its threads until asyncio.run ends, after this stack has stopped slapd.
+            slapd = await asyncio.to_thread(
+                start_demo_directory, prepared.state_dir / "ldap", tls,
+                prepared.secrets.passwords, DEMO_ATTRIBUTES)
+            stack.push_async_callback(asyncio.to_thread, slapd.server.stop)
+            groups, directory = demo_groups(), slapd.config_lines()
+        apps = await start_demo_apps()
+        stack.push_async_callback(apps.close)
         config = write_demo_config(
             prepared.state_dir, policies=prepared.policies, https_port=prepared.https_port,
             metrics_port=metrics_port, pki=prepared.pki, upstreams=apps.urls,
-            ssh_port=prepared.ssh_port, tcp_services=apps.tcp,
+            ssh_port=prepared.ssh_port, tcp_services=apps.tcp, directory=directory,
         )
         gateway = Gateway(load_settings(config), config_path=config)
 
         def announce(gw: Gateway) -> None:
             apps.configure_gateway(gw.signer.jwks(), gw.settings.https.public_url)
             description = demo_description(gw, config, prepared.pki, prepared.secrets,
-                                           prepared.totp_secrets)
+                                           prepared.totp_secrets, groups=groups)
             write_description(prepared.state_dir, description)
             for line in welcome_lines(gw, prepared.state_dir, description):
                 echo(line)
 
         await gateway.run(on_started=announce)
-    finally:
-        await apps.close()
