@@ -124,6 +124,9 @@ class Session:
     # recorded): revoking that one certificate ends this session (gatewayd.emergency).
     device_serial: int | None = None
     _closers: list[Closer] = field(default_factory=list, repr=False)
+    # The live session whose seat this one shares (`seat`), as given to `create`: activity
+    # here is activity there too (`SessionRegistry.touch`).
+    _seat_holder: Session | None = field(default=None, repr=False)
 
     @property
     def user(self) -> str:
@@ -218,6 +221,7 @@ class SessionRegistry:
         replace_oldest: bool = False,
         seat_of: Session | None = None,
         device_serial: int | None = None,
+        mfa_at: float | None = None,
     ) -> tuple[str, Session]:
         """Start a session after a successful login (password + TOTP, so ``mfa_at = now``).
 
@@ -230,6 +234,10 @@ class SessionRegistry:
 
         ``seat_of``: a live session of the same user whose seat the new one shares (no limit
         applies, no one is replaced); ignored when it has ended or belongs to someone else.
+
+        ``mfa_at``: when the login's TOTP was checked, if that was not just now (an SSH
+        certificate proves the MFA of the portal login that issued it, not a fresh one, so
+        ``mfa_max_age`` rules see its real age); never later than ``now``.
         """
         now = self._clock() if now is None else now
         self.sweep(now)
@@ -245,13 +253,35 @@ class SessionRegistry:
         raw_id, id_hash = self._new_id()
         session = Session(
             id_hash=id_hash, principal=principal, frontend=frontend, source_ip=source_ip,
-            device=device, device_user=device_user, created=now, last_seen=now, mfa_at=now,
+            device=device, device_user=device_user, created=now, last_seen=now,
+            mfa_at=now if mfa_at is None else min(now, mfa_at),
             seat=shared, device_serial=device_serial,
+            _seat_holder=seat_of if shared is not None else None,
         )
         self._by_hash[id_hash] = session
         self._by_user.setdefault(principal.user, []).append(session)
         self._seats[session.seat_key] = self._seats.get(session.seat_key, 0) + 1
         return raw_id, session
+
+    async def admit(
+        self,
+        principal: Principal,
+        *,
+        frontend: Frontend,
+        source_ip: str,
+        device: str | None = None,
+        device_user: str | None = None,
+        replace_oldest: bool = False,
+        seat_of: Session | None = None,
+        device_serial: int | None = None,
+        mfa_at: float | None = None,
+    ) -> tuple[str, Session]:
+        """`create`, as the frontends call it: on one node that is all; the multi-node
+        registry (`gatewayd.sessions_shared`) counts the seats of every node first, in Redis.
+        """
+        return self.create(principal, frontend=frontend, source_ip=source_ip, device=device,
+                           device_user=device_user, replace_oldest=replace_oldest,
+                           seat_of=seat_of, device_serial=device_serial, mfa_at=mfa_at)
 
     def _shared_seat(self, seat_of: Session | None, user: str) -> str | None:
         if seat_of is None or seat_of.ended is not None or seat_of.user != user:
@@ -313,9 +343,18 @@ class SessionRegistry:
     # --- activity --------------------------------------------------------------------------
 
     def touch(self, session: Session) -> None:
-        """Record activity now: restarts the idle timer (never extends the absolute lifetime)."""
+        """Record activity now: restarts the idle timer (never extends the absolute lifetime).
+
+        Also of the live session whose seat ``session`` shares: a tunnel in use keeps the
+        portal session that issued its certificate from idling out (with ``per_user = 1``
+        the next portal sign-in would otherwise replace the tunnel's session).
+        """
         if session.ended is None:
-            session.last_seen = max(session.last_seen, self._clock())
+            now = self._clock()
+            session.last_seen = max(session.last_seen, now)
+            holder = session._seat_holder
+            if holder is not None and holder.ended is None:
+                holder.last_seen = max(holder.last_seen, now)
 
     def mark_mfa(self, session: Session) -> None:
         """A TOTP step-up succeeded now; also counts as activity."""
