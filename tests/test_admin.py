@@ -5,19 +5,25 @@ the socket's own safety (mode, group, stale and live sockets)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import os
 import pwd
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from https_harness import Harness, running_gateway
+from ssh_harness import SshHarness, running_ssh_gateway
+from test_ssh_server import open_forward
 
 from gatewayd.admin import AdminServer, AdminSocketError
 from gatewayd.admin_cli import call
@@ -299,3 +305,137 @@ async def test_a_path_that_is_not_a_socket_is_a_start_error(tmp_path: Path, kind
         expected = "does not exist"
     with pytest.raises(AdminSocketError, match=expected):
         await start_server(path)
+
+
+# --- killing sessions that are busy (both frontends, through the admin socket) ---------------
+
+
+STREAM_CHUNK = b"d" * 65536
+
+
+async def endless_download_upstream() -> tuple[web.AppRunner, str]:
+    """An upstream whose every response is a download that goes on for a minute."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(3000):
+                await response.write(STREAM_CHUNK)
+                await asyncio.sleep(0.02)
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.fixture
+async def busy(tmp_path: Path) -> AsyncIterator[SshHarness]:
+    runner, url = await endless_download_upstream()
+    try:
+        async for harness in running_ssh_gateway(
+                tmp_path, upstreams={"files": {"url": url, "read_timeout": "30s"}}):
+            yield harness
+    finally:
+        await runner.cleanup()
+
+
+async def download(client: aiohttp.ClientSession, url: str, received: list[int]) -> None:
+    """Read the download until the gateway cuts it (any error or EOF ends it)."""
+    with contextlib.suppress(aiohttp.ClientError, ConnectionError):
+        async with client.get(url) as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_any():
+                received.append(len(chunk))
+
+
+async def pump(writer: asyncio.StreamWriter) -> None:
+    """Keep a tunnel busy (the echo service sends it all back) until the tunnel closes."""
+    with contextlib.suppress(ConnectionError):
+        while not writer.is_closing():
+            writer.write(STREAM_CHUNK)
+            await writer.drain()
+
+
+async def wait_for_bytes(received: list[int], wanted: int) -> None:
+    deadline = time.monotonic() + 10
+    while sum(received) < wanted:
+        assert time.monotonic() < deadline, "the download did not flow"
+        await asyncio.sleep(0.02)
+
+
+async def stopped_within(awaitable: Any, seconds: float = 5.0) -> float:
+    started = time.monotonic()
+    await asyncio.wait_for(awaitable, seconds)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("selector", ["id", "user", "device"])
+async def test_a_kill_stops_a_download_a_websocket_and_a_tunnel_within_5_seconds(
+        busy: SshHarness, selector: str) -> None:
+    gw = busy
+    alice = await gw.https.signed_in("alice")
+    bob = await gw.https.signed_in("bob")
+    bob_ws = await bob.ws_connect(gw.https.base + "/chat/room")
+    received: list[int] = []
+    fetching = asyncio.create_task(download(alice, gw.https.base + "/files/big.iso", received))
+    ws = await alice.ws_connect(gw.https.base + "/chat/room")
+    await ws.send_str("hi")
+    assert (await ws.receive(timeout=5)).data == "echo:hi"
+    gw.clock.advance(30)  # a fresh code for alice's SSH sign-in
+    ssh, port = await open_forward(gw, "alice", "mail.ward.local:993")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    pumping = asyncio.create_task(pump(writer))
+    await reader.readexactly(len(STREAM_CHUNK))  # the tunnel carries data
+    await wait_for_bytes(received, 4 * len(STREAM_CHUNK))  # the download is flowing
+    (web_session,) = [s for s in gw.gateway.sessions.sessions()
+                      if s.user == "alice" and s.frontend == "https"]
+    (ssh_session,) = gw.sessions()
+
+    async def tunnel_closed() -> None:
+        with contextlib.suppress(ConnectionError):  # a reset is as closed as an EOF
+            while await reader.read(65536):
+                pass
+
+    async def websocket_closed() -> None:
+        message = await ws.receive()
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+    socket_path = str(admin_socket(gw.https))
+    kill = ["sessions", "kill", "--socket", socket_path, "--reason", "test"]
+    if selector == "id":
+        # One id is one session: the browser's transfers stop, the tunnel goes on…
+        assert await asyncio.to_thread(main, [*kill, web_session.handle]) == 0
+        await stopped_within(asyncio.gather(fetching, websocket_closed()))
+        assert not reader.at_eof() and ssh.returncode is None
+        # …until its own session is killed too.
+        assert await asyncio.to_thread(main, [*kill, ssh_session.handle]) == 0
+        await stopped_within(asyncio.gather(tunnel_closed(), ssh.wait()))
+    else:
+        if selector == "device":
+            web_session.device = ssh_session.device = "pc-0042"
+        target = ["--user", "alice"] if selector == "user" else ["--device", "pc-0042"]
+        assert await asyncio.to_thread(main, [*kill, *target]) == 0
+        await stopped_within(asyncio.gather(fetching, websocket_closed(), tunnel_closed(),
+                                            ssh.wait()))
+    pumping.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+        await pumping
+    writer.close()
+    # (Not asserted here: the disconnect message. A client busy writing may hit the closed
+    # socket before it reads the message; test_ssh_server checks the message.)
+    kills = gw.audit_events("admin.session_kill")
+    assert sorted(k["session"] for k in kills) == sorted([web_session.handle,
+                                                          ssh_session.handle])
+    assert {k["operator"] for k in kills} == {me()}
+    ends = {e["session"]: e["reason"] for e in gw.audit_events("session.end")}
+    assert ends == {web_session.handle: "admin_kill", ssh_session.handle: "admin_kill"}
+    # Bob was not touched.
+    await bob_ws.send_str("still here")
+    assert (await bob_ws.receive(timeout=5)).data == "echo:still here"
+    await bob_ws.close()

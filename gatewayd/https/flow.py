@@ -34,6 +34,8 @@ tokens and personal data; the audit log is kept for years and cannot be edited).
 allowed and recorded (`proxy.defer_continue` on the route, `proxy.proxy_http` when it starts
 reading the body): a client that is signed out or refused never gets invited to send its body.
 
+A proxied HTTP request is tied to its session while it runs (`_cut_on_session_end`): a kill,
+logout or expiry cuts a long download or upload at once instead of letting it finish.
 WebSockets are tied to their session (`Channels`): the session's end (logout, kill, expiry,
 shutdown) closes them through the session's closers, and `Channels.recheck` re-decides every
 open socket against the current policy and clock — after a reload and periodically, so a
@@ -190,6 +192,30 @@ class Channels:
                 channel.close("policy_changed")
                 closed += 1
         return closed
+
+
+def _cut_on_session_end(request: web.Request, session: Session,
+                        record: Callable[[ProxyOutcome], None]
+                        ) -> Callable[[ProxyOutcome], None]:
+    """Tie a proxied request to its session: if the session ends (kill, logout, expiry,
+    revocation) while the request runs — a long download, a slow upload — the client's
+    connection is cut at once rather than when the transfer ends. Returns the ``on_finish``
+    for `proxy_http`, which unties the request and then records it."""
+    transport = request.transport
+    if transport is None:
+        return record
+
+    def cut(reason: str) -> None:
+        log.info("cut a request in flight: its session ended (%s)", reason)
+        transport.abort()
+
+    untie = session.add_closer(cut)
+
+    def finish(outcome: ProxyOutcome) -> None:
+        untie()
+        record(outcome)
+
+    return finish
 
 
 class RequestFlow:
@@ -349,7 +375,8 @@ class RequestFlow:
         if decision.obligations.max_upload is not None:
             limit = min(limit, decision.obligations.max_upload)
         return proxy_http(request, upstream=upstream, headers=headers, max_body=limit,
-                          on_finish=record, error_response=lambda s, e: error_page(request, s, e))
+                          on_finish=_cut_on_session_end(request, session, record),
+                          error_response=lambda s, e: error_page(request, s, e))
 
     def _deny_unconfigured(self, request: web.Request, decision: Decision,
                            fields: dict[str, object]) -> web.StreamResponse:
