@@ -52,9 +52,10 @@ from gatewayd.config import ConfigError, Settings, default_config_path, load_set
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.identity.authenticator import configured_directory
 from gatewayd.identity.directory import DirectoryUnavailable
-from gatewayd.policy import AccessRequest, Policy, PolicyError, Rule, TcpService, load_policy
+from gatewayd.policy import AccessRequest, Policy, PolicyError, Rule, load_policy
 from gatewayd.policy.conditions import Facts
 from gatewayd.policy.values import canonical_host
+from gatewayd.ssh.destinations import service_destinations
 from gatewayd.tasks import within
 
 if TYPE_CHECKING:
@@ -97,28 +98,25 @@ class Forward:
 
 
 def forwards_for(policy: Policy, principal: Principal, now: datetime) -> list[Forward]:
-    """The TCP destinations the policy can grant ``principal`` (see the module docstring)."""
+    """The TCP destinations the policy can grant ``principal`` (see the module docstring).
+
+    The candidates are `service_destinations` (templates resolved, each host:port once, under
+    the service that owns it), the same list the SSH banner's `allowed_destinations` decides.
+    """
     forwards = []
-    for service in policy.services.values():
+    for candidate in service_destinations(policy, principal.attributes):
+        service, host, port = candidate.service, candidate.host, candidate.port
         rules = policy.rules_for(service.name)
-        if not isinstance(service, TcpService) or rules is None:
+        if rules is None:
             continue
-        seen: set[tuple[str, int]] = set()
-        for destination in service.destinations:
-            host = destination.resolve_host(principal.attributes)
-            if host is None or (host, destination.port) in seen or policy.tcp_service_for(
-                    host, destination.port, principal.attributes) != service.name:
-                continue  # unresolvable for this user, listed, or owned by another service
-            seen.add((host, destination.port))
-            facts = Facts(_request(principal, service.name, host, destination.port, now),
-                          policy.timezone, host=host)
-            if any(_always_holds(rule, facts) for rule in rules.all.denies):
-                continue
-            granting = [rule for rule in rules.all.allows if _can_hold(rule, facts)]
-            if granting:
-                forwards.append(Forward(service.name, service.description, host,
-                                        destination.port, granting[0].id,
-                                        _situational(granting[0])))
+        facts = Facts(_request(principal, service.name, host, port, now), policy.timezone,
+                      host=host)
+        if any(_always_holds(rule, facts) for rule in rules.all.denies):
+            continue
+        granting = [rule for rule in rules.all.allows if _can_hold(rule, facts)]
+        if granting:
+            forwards.append(Forward(service.name, service.description, host, port,
+                                    granting[0].id, _situational(granting[0])))
     return forwards
 
 

@@ -18,6 +18,7 @@ from gatewayd.ssh.destinations import (
     override_table,
     own_addresses_from_proc,
     parse_host_port,
+    service_destinations,
     show_dest,
     unsafe_kind,
 )
@@ -228,3 +229,35 @@ rules:
     request = _request("alice", {"telework-staff"}, {"office_pc": "pc-1.ward.local"})
     [tunnel] = allowed_destinations(policy, request)
     assert (tunnel.service, tunnel.destination) == ("own-pc", "pc-1.ward.local:3389")
+
+
+def test_service_destinations_ignore_the_rules_and_resolve_templates_once() -> None:
+    texts = {
+        "00-ward.yaml": "timezone: Asia/Tokyo\nroles:\n  staff: {groups: telework-staff}\n",
+        "10-services.yaml": """
+services:
+  own-pc:
+    kind: tcp
+    destinations: ["{user.office_pc}:3389", "{user.spare_pc}:3389", "{user.nothing}:22"]
+  kiosk:
+    kind: tcp
+    destinations: kiosk.ward.local:3389
+  intranet:
+    kind: http
+    prefixes: /intranet/
+""",
+        "20-rules.yaml": """
+rules:
+  - {id: nobody, effect: deny, subjects: "*", services: "*"}
+""",
+    }
+    policy = load_policy_texts(texts)
+    attributes = {"office_pc": "PC-1.ward.local", "spare_pc": "pc-1.ward.local"}
+    found = [(d.service.name, d.host, d.port) for d in service_destinations(policy, attributes)]
+    # Denied by every rule, yet listed (client-config judges the rules itself); the spare PC
+    # is the same host:port once canonical; a missing attribute resolves to nothing.
+    assert found == [("own-pc", "pc-1.ward.local", 3389), ("kiosk", "kiosk.ward.local", 3389)]
+    # An attribute naming another service's destination is listed under that service only.
+    kiosk = {"office_pc": "kiosk.ward.local"}
+    assert [(d.service.name, d.host) for d in service_destinations(policy, kiosk)] == [
+        ("kiosk", "kiosk.ward.local")]

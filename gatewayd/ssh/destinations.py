@@ -14,14 +14,17 @@ decided from values alone lives here, so it is tested by tables:
 * `OwnAddresses` and `own_addresses_from_proc` — the gateway's own addresses from Linux's
   ``/proc/net/fib_trie`` (local IPv4 routes, e.g. 127.0.0.0/8 and every interface address),
   ``/proc/net/if_inet6`` and the local routes of ``/proc/net/ipv6_route``.
-* `allowed_destinations` — the destinations a user may open now (the SSH banner, the portal's
-  SSH section and certificate check, ``gatewayd client-config``).
+* `service_destinations` — every TCP destination a user could ever be granted, whatever the
+  rules say: each service's destinations with ``{user.ATTR}`` templates resolved for this
+  user, each host:port once, and only under the service that owns it. `allowed_destinations`
+  (the SSH banner, the portal's SSH section and certificate check) keeps those `decide()`
+  allows now; ``gatewayd client-config`` keeps those some rule could grant at some time.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
@@ -175,28 +178,51 @@ class AllowedTunnel:
         return show_dest(self.host, self.port)
 
 
-def allowed_destinations(policy: Policy, request: AccessRequest) -> list[AllowedTunnel]:
-    """Every TCP destination ``request``'s user may open now, in the policy's order.
+@dataclass(frozen=True, slots=True)
+class ServiceDestination:
+    """One TCP destination of a service, resolved for one user (see `service_destinations`)."""
 
-    ``request`` carries the user, groups, attributes, device, source, time and MFA age; its
-    service and destination are filled in per destination. A ``{user.ATTR}`` destination is
-    listed resolved for this user, or not at all when the attribute is missing; one that
-    another service owns is skipped (a tunnel to it would be judged as that service).
+    service: TcpService
+    host: str  # canonical host (IPv6 without brackets)
+    port: int
+
+
+def service_destinations(policy: Policy,
+                         attributes: Mapping[str, str]) -> Iterator[ServiceDestination]:
+    """Every TCP destination of the policy for a user with these directory ``attributes``, in
+    the policy's order, whatever the rules say.
+
+    A ``{user.ATTR}`` destination is resolved for this user, or left out when the attribute is
+    missing; a host:port comes once, under the service that owns it (`Policy.tcp_service_for`:
+    a tunnel to it is judged as that service, so listing it under another would mislead).
     """
-    found: list[AllowedTunnel] = []
     seen: set[tuple[str, int]] = set()
     for name, service in policy.services.items():
         if not isinstance(service, TcpService):
             continue
         for destination in service.destinations:
-            host = destination.resolve_host(request.attributes)
+            host = destination.resolve_host(attributes)
             if host is None or (host, destination.port) in seen or policy.tcp_service_for(
-                    host, destination.port, request.attributes) != name:
+                    host, destination.port, attributes) != name:
                 continue
             seen.add((host, destination.port))
-            access = replace(request, service=name, dest_host=host, dest_port=destination.port)
-            decision = decide(policy, access)
-            if decision.allowed:
-                found.append(AllowedTunnel(name, service.description, host, destination.port,
-                                           decision.rule))
+            yield ServiceDestination(service, host, destination.port)
+
+
+def allowed_destinations(policy: Policy, request: AccessRequest) -> list[AllowedTunnel]:
+    """Every TCP destination ``request``'s user may open now, in the policy's order.
+
+    ``request`` carries the user, groups, attributes, device, source, time and MFA age; its
+    service and destination are filled in per `service_destinations` entry, and `decide()`
+    keeps the allowed ones.
+    """
+    found: list[AllowedTunnel] = []
+    for candidate in service_destinations(policy, request.attributes):
+        service = candidate.service
+        access = replace(request, service=service.name, dest_host=candidate.host,
+                         dest_port=candidate.port)
+        decision = decide(policy, access)
+        if decision.allowed:
+            found.append(AllowedTunnel(service.name, service.description, candidate.host,
+                                       candidate.port, decision.rule))
     return found
