@@ -313,3 +313,43 @@ async def test_twenty_logins_race_for_ten_seats_and_never_get_eleven(race: SshHa
     active = sum(metric(text, "gatewayd_sessions_active", f'{{frontend="{f}"}}')
                  for f in ("https", "ssh"))
     assert active == SEATS
+
+
+# --- seats freed by an SSH disconnect; limits changed by a reload ---------------------------
+
+
+@pytest.fixture
+async def one_ssh_seat(tmp_path: Path) -> AsyncIterator[SshHarness]:
+    async for gw in running_ssh_gateway(tmp_path, sessions={"max_concurrent": 1}):
+        yield gw
+
+
+async def test_an_ssh_disconnect_frees_the_seat_at_once(one_ssh_seat: SshHarness) -> None:
+    gw = one_ssh_seat
+    holder = await gw.spawn("alice", "-N")
+    await gw.wait_for_session("alice")
+    refused = await gw.run("bob")
+    assert refused.returncode == 255 and seats_full_message(1) in refused.stderr
+    holder.terminate()  # the client goes away: its TCP connection closes
+    await holder.wait()
+    await wait_for(lambda: gw.gateway.sessions.seats_taken() == 0, "the seat freed")
+    admitted = await gw.spawn("bob", "-N", code=gw.fresh_code("bob"))
+    await gw.wait_for_session("bob")
+    assert admitted.returncode is None
+    ended = [(e["user"], e["reason"]) for e in gw.audit_events("session.end")]
+    assert ended == [("alice", "disconnected")]
+
+
+async def test_a_reload_raises_the_seats_for_the_next_sign_in(two_seats: Harness) -> None:
+    gw = two_seats
+    await gw.signed_in("alice")
+    await gw.signed_in("bob")
+    status, _, _ = await gw.login(gw.client(), "carol")
+    assert status == 503
+    gw.config.write_text(gw.config.read_text().replace("max_concurrent = 2",
+                                                       "max_concurrent = 3"))
+    assert await gw.gateway.reload()
+    assert metric(await scrape(gw.gateway), "gatewayd_seats_limit") == 3
+    gw.clock.advance(30)
+    status, body, _ = await gw.login(gw.client(), "carol")
+    assert status == 303, body
