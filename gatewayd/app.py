@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -57,8 +57,11 @@ from gatewayd.policy import Policy, PolicyError, load_policy
 from gatewayd.sdnotify import SystemdNotifier
 from gatewayd.sessions import Session, SessionRegistry, per_user_cap
 from gatewayd.ssh.server import SshConfigError, SshFrontend
-from gatewayd.state import StateUnavailable, build_state
+from gatewayd.state import StateBackend, StateUnavailable, build_state
 from gatewayd.tasks import cancel_and_wait, within
+
+if TYPE_CHECKING:
+    from gatewayd.sessions_shared import SharedSessionRegistry
 
 AUDIT_FAILURE_REASON = "audit_unavailable"
 
@@ -98,9 +101,25 @@ def make_logger(settings: Settings) -> Any:
 
 def build_session_registry(
     settings: Settings, clock: Callable[[], float], on_end: Callable[[Session, str], None],
-    cap_for: Callable[[Principal], int] | None = None,
+    cap_for: Callable[[Principal], int] | None = None, *, state: StateBackend | None = None,
+    on_remote_end: Callable[[Session, str], None] | None = None,
 ) -> SessionRegistry:
     sessions = settings.sessions
+    if settings.state.backend == "redis" and state is not None:
+        # Imported here: a single node never loads the Redis client.
+        from gatewayd.sessions_shared import SharedSessionRegistry  # noqa: PLC0415
+        from gatewayd.state.redis import RedisState  # noqa: PLC0415
+        from gatewayd.state.sessions import RedisSessions  # noqa: PLC0415
+
+        if not isinstance(state, RedisState):
+            raise TypeError("state.backend = 'redis' needs a RedisState")
+        return SharedSessionRegistry(
+            RedisSessions(state, node=settings.gateway.node),
+            idle_timeout=sessions.idle_timeout.total_seconds(),
+            absolute_timeout=sessions.absolute_timeout.total_seconds(),
+            max_concurrent=sessions.max_concurrent, per_user=sessions.per_user, clock=clock,
+            wall=time.time, on_end=on_end, on_remote_end=on_remote_end or on_end,
+            cache_time=settings.state.session_cache.total_seconds(), cap_for=cap_for)
     return SessionRegistry(
         idle_timeout=sessions.idle_timeout.total_seconds(),
         absolute_timeout=sessions.absolute_timeout.total_seconds(),
@@ -227,7 +246,8 @@ class Gateway:
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
         self.state = build_state(settings, clock)
         self.sessions = build_session_registry(settings, clock, self._on_session_end,
-                                               cap_for=self.user_cap)
+                                               cap_for=self.user_cap, state=self.state,
+                                               on_remote_end=self._on_remote_session_end)
         self.authenticator: Authenticator = build_authenticator(
             settings, state=self.state, audit_emit=self._emit_audit, response_floor=login_pacing
         )
@@ -285,6 +305,9 @@ class Gateway:
     async def _start_services(self) -> None:
         """What the listeners depend on: audited TOTP enrollments, keys, upstream pools."""
         settings = self.settings
+        shared = self._shared_sessions()
+        if shared is not None:
+            shared.start()  # the session channel and the sync loop (stopped by `close`)
         if self.https is None and self.ssh is None:
             return
         await self.authenticator.totp.flush_enrollments()
@@ -451,9 +474,14 @@ class Gateway:
         if self.ssh is not None:
             with contextlib.suppress(Exception):
                 await self.ssh.close()
+            self.ssh.tunnels.close()  # the tunnels' resolver threads
         with contextlib.suppress(Exception):
             await self.upstreams.close()
         await self._close_directory()
+        shared = self._shared_sessions()
+        if shared is not None:  # its last session ends are written before Redis is closed
+            with contextlib.suppress(Exception):
+                await shared.close()
         with contextlib.suppress(Exception):
             await self.state.close()
         await self._cancel_tasks()
@@ -684,6 +712,20 @@ class Gateway:
     def _emit_audit(self, event: str, /, **fields: object) -> object:
         """`AuditLog.emit` for collaborators that take an emitter (raises like emit)."""
         return self.audit.emit(event, **fields)
+
+    def _on_remote_session_end(self, session: Session, reason: str) -> None:
+        """Multi-node: another node ended (and audited) a session; its closers ran here."""
+        self.metrics.sessions_active.labels(session.frontend).set(
+            self.sessions.active(session.frontend))
+        if self.ssh is not None:
+            self.ssh.session_ended(session, reason)
+
+    def _shared_sessions(self) -> SharedSessionRegistry | None:
+        if self.settings.state.backend != "redis":
+            return None
+        from gatewayd.sessions_shared import SharedSessionRegistry  # noqa: PLC0415
+
+        return self.sessions if isinstance(self.sessions, SharedSessionRegistry) else None
 
     def _on_session_end(self, session: Session, reason: str) -> None:
         """The registry's hook: ``session.end`` with duration and bytes, and the gauge."""

@@ -514,6 +514,7 @@ class SshSettings(_Section):
     address_overrides: dict[HostPort, HostPort] = Field(default_factory=dict)
     window: Size = Field(default=8 * 1024**2, ge=64 * 1024, le=1024**3)
     max_packet_size: Size = Field(default=32 * 1024, ge=4 * 1024, le=256 * 1024)
+    sessions_per_certificate_seat: Int = Field(default=4, ge=1, le=1000)
 
     _resolve = field_validator("host_key_file", "user_ca_key_file",
                                mode="after")(_resolve_relative)
@@ -584,8 +585,20 @@ class StateSettings(_Section):
     ca_file: Path | None = None
     key_prefix: str = "gatewayd:"
     timeout: Interval = timedelta(seconds=1)
+    session_cache: Interval = timedelta(seconds=30)
 
     _resolve = field_validator("password_file", "ca_file", mode="after")(_resolve_relative)
+
+    @field_validator("session_cache")
+    @classmethod
+    def _cache_bounds(cls, value: timedelta) -> timedelta:
+        # How long a node trusts its copy of the sessions while Redis cannot confirm it: a kill
+        # sent meanwhile cannot arrive, so this is how long such a kill may be late.
+        if not timedelta(seconds=5) <= value <= timedelta(minutes=5):
+            raise PydanticCustomError(
+                "session_cache", 'expected a duration from "5s" to "5m", got {got}',
+                {"got": _show(f"{value.total_seconds():g}s")})
+        return value
 
     @field_validator("key_prefix")
     @classmethod

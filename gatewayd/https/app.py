@@ -50,7 +50,7 @@ import gc
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -79,6 +79,7 @@ from gatewayd.https.sshcert import SshCertificates
 from gatewayd.https.tls import ConnectionDevices, DeviceRevokedError
 from gatewayd.sessions import Session
 from gatewayd.ssh.admission import Admission
+from gatewayd.state.store import StateUnavailable
 from gatewayd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,11 @@ class HttpsFrontend:
         self._recheck: asyncio.Task[None] | None = None
         self._device_certs = True  # until start() knows whether the TLS context asks
         self._devices = ConnectionDevices()  # each connection's certificate, read once
+        # Multi-node (gatewayd.sessions_shared): cookies of sessions another node made, or
+        # that Redis must re-confirm, are fetched before the synchronous lookup. One node has
+        # no such step: its lookup stays a dict lookup.
+        self._prepare_sessions: Callable[[Iterable[str]], Awaitable[None]] | None = getattr(
+            ctx.sessions, "prepare", None)
         self._endpoints: dict[str, dict[str, Endpoint]] = {
             pages.PORTAL_PATH: {"GET": self._portal},
             pages.LOGIN_PATH: {"GET": self._login_form, "POST": self._login_submit},
@@ -374,6 +380,11 @@ class HttpsFrontend:
         return response
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self._prepare_sessions is not None:
+            try:
+                await self._prepare_sessions(remember_cookies(request).get(SESSION_COOKIE, ()))
+            except StateUnavailable:  # cannot tell whether the session still exists
+                return error_page(request, 503, "state_unavailable")
         try:
             caller = self._caller(request)
         except DeviceRevokedError as revoked:

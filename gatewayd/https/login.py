@@ -60,6 +60,7 @@ from gatewayd.https.redirects import safe_next
 from gatewayd.identity.authenticator import LoginResult
 from gatewayd.identity.directory import MAX_PASSWORD_CHARS, MAX_USERNAME_CHARS
 from gatewayd.sessions import PerUserLimit, SeatsFull, Session
+from gatewayd.state.store import StateUnavailable
 from gatewayd.tasks import within
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class AuthPages:
                                       source_ip=source_ip, device=device)
         if old is not None:
             self._ctx.sessions.end(old, "logout")  # the browser signs in afresh
-        return self._start_session(request, result, next_path, source_ip, device)
+        return await self._start_session(request, result, next_path, source_ip, device)
 
     async def _authenticate(self, form: Mapping[str, str], source_ip: str) -> LoginResult:
         try:
@@ -195,20 +196,29 @@ class AuthPages:
         return self._login_page(request, next_path, status=401,
                                 error=pages.GENERIC_LOGIN_ERROR, username=username)
 
-    def _start_session(self, request: web.Request, result: LoginResult, next_path: str,
-                       source_ip: str, device: DeviceIdentity | None) -> web.Response:
+    async def _start_session(self, request: web.Request, result: LoginResult,
+                             next_path: str, source_ip: str,
+                             device: DeviceIdentity | None) -> web.Response:
         assert result.principal is not None
         ctx = self._ctx
         principal = result.principal
         device_id = device.device_id if device else None
         try:
-            raw_id, session = ctx.sessions.create(
+            raw_id, session = await ctx.sessions.admit(
                 principal, frontend=FRONTEND, source_ip=source_ip, device=device_id,
                 device_user=device.user if device else None,
                 device_serial=device.serial if device else None, replace_oldest=True,
             )
         except (SeatsFull, PerUserLimit) as exc:
             return self._limit_reached(request, exc, principal.user, source_ip, device_id)
+        except StateUnavailable:  # multi-node: no seat can be counted without Redis
+            try:
+                ctx.record_auth(frontend=FRONTEND, user=principal.user, source_ip=source_ip,
+                                ok=False, reason="state_unavailable", device=device_id)
+            except AuditWriteError:
+                return unavailable(request)
+            return self._login_page(request, next_path, status=503, error=UNAVAILABLE_MESSAGE,
+                                    username=principal.user)
         try:
             ctx.record_auth(frontend=FRONTEND, user=principal.user, source_ip=source_ip,
                             ok=True, device=device_id, session=session.handle)

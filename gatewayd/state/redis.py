@@ -187,6 +187,17 @@ class RedisState:
         await self._redis.aclose()
         await self._pool.disconnect()
 
+    # --- for the other Redis users of this node (gatewayd.state.sessions) ---------------------
+
+    @property
+    def client(self) -> Redis:
+        """The client on this store's pool (to register scripts, open a subscriber)."""
+        return self._redis
+
+    async def run(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation`` bounded and mapped exactly like this store's own operations."""
+        return await self._run(operation)
+
     # --- internals ---------------------------------------------------------------------------
 
     def _key(self, key: str) -> str:

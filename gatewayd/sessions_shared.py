@@ -1,0 +1,594 @@
+"""`SharedSessionRegistry`: the session registry of one node of a multi-node deployment.
+
+With ``state.backend = "redis"`` the sessions belong to the deployment, not to a node: a
+browser behind a TCP load balancer may send each request to another node, seats and per-user
+caps count every node's sessions, and a session ended on one node (logout, admin kill, user
+disable, device revoke, directory revocation, expiry) closes its WebSockets, tunnels and SSH
+connections on every node. The single-node registry (`gatewayd.sessions.SessionRegistry`,
+``state.backend = "memory"``) is untouched by this: its lookup stays a dict lookup.
+
+**Design: a replica per node, Redis as the truth.** This class *is* a `SessionRegistry` (same
+public API, so the frontends, the admin socket and the emergency stop need no second code
+path); its dicts hold a replica of every live session of the deployment, kept current from
+Redis (`gatewayd.state.sessions.RedisSessions`):
+
+* **Creating** (`admit`, the async form the frontends call) runs one Lua script that counts
+  the seats of all nodes, applies ``per_user`` (newest login wins: it ends the user's oldest
+  sessions with ``replaced``) and stores the record — atomic across nodes. The record is keyed
+  by the handle; the cookie's SHA-256 points to it (never the raw id). Its times are wall
+  clock (the Redis server's): each node converts to and from its own monotonic clock, which
+  the rest of the gateway keeps using.
+* **Resolving** (`get`) stays a local dict lookup. The HTTPS frontend first awaits `prepare`
+  for the request's cookies: an id this node does not know yet (signed in on another node a
+  moment ago), a session that looks expired here (its activity on other nodes not yet merged),
+  or any session while this node's replica is older than ``state.session_cache`` is fetched
+  from Redis first. While Redis cannot answer, a replica within ``session_cache`` keeps
+  serving; after that `prepare` raises `StateUnavailable` and the request gets 503
+  "temporarily unavailable" — never a session Redis may have ended meanwhile.
+* **Changes** reach every node over pub/sub (``<prefix>sessions``): ``up`` (a new, rotated or
+  stepped-up session: re-read it) and ``end`` (close it here). A node writes its own activity
+  (last seen, step-up time, bytes) at most every `SYNC_INTERVAL` seconds per session — not
+  a Redis write per request — which also extends the record's expiry; Redis decides idle and
+  absolute expiry on its clock, once.
+* **Ending** (`end`) closes the session here at once (unindex, closers), then ends it in
+  Redis; the node whose script actually ended it writes the one ``session.end`` audit record
+  (``on_end``); every other node, told by the channel, runs its closers and ``on_remote_end``
+  (gauges, SSH certificate revocation) without auditing. If Redis is down, the ending node
+  audits anyway and sends the end once Redis answers again.
+* **Outage and recovery.** The subscriber reconnects by itself; after every (re)subscribe the
+  replica is re-validated against Redis (`resync`): what is gone there is closed here (a kill
+  published while Redis was down could not be delivered), what is new is loaded. A resync
+  also runs every `RESYNC_INTERVAL`, so the replica converges whatever was missed.
+* **Stopping a node** (``end_all("shutdown")``) ends only what dies with it — its SSH
+  connections; HTTPS sessions stay in Redis for the other nodes (the node merely closes its
+  WebSockets).
+
+Known edges: two nodes that decide the same explicit end at the same moment (both refreshing
+the directory) write ``session.end`` once, but a node that could not reach Redis may write a
+second one after an outage; an SSH session of a node that crashed holds its seat until its
+idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.exceptions import RedisError
+
+from gatewayd.identity.principal import Principal
+from gatewayd.sessions import (
+    END_REASONS,
+    Frontend,
+    PerUserLimit,
+    SeatsFull,
+    Session,
+    SessionRegistry,
+    hash_session_id,
+)
+from gatewayd.state.sessions import Record, RedisSessions, Refused
+from gatewayd.state.store import StateUnavailable
+from gatewayd.tasks import cancel_and_wait, within
+
+log = logging.getLogger(__name__)
+
+SYNC_INTERVAL: Final = 2.0  # seconds between a node's activity writes (and expiry checks)
+RESYNC_INTERVAL: Final = 30.0  # seconds between full re-validations of the replica
+RECONNECT_DELAY: Final = 0.5  # seconds between subscriber reconnection attempts
+MAX_COOKIES: Final = 4  # cookie values `prepare` looks at (as gatewayd.https.auth tries)
+ID_LENGTH: Final = 43  # a raw id's length (32 bytes, URL-safe base64)
+
+
+@dataclass
+class _Synced:
+    """What Redis has of one session, as far as this node knows (monotonic seconds)."""
+
+    node: str  # the node that created it (its SSH connection, if any, lives there)
+    last_seen: float
+    mfa_at: float
+    bytes_up: int
+    bytes_down: int
+
+
+class SharedSessionRegistry(SessionRegistry):
+    """A `SessionRegistry` whose sessions live in Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: RedisSessions,
+        *,
+        idle_timeout: float,
+        absolute_timeout: float,
+        max_concurrent: int,
+        per_user: int,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        on_end: Callable[[Session, str], None],
+        on_remote_end: Callable[[Session, str], None],
+        cache_time: float,
+        cap_for: Callable[[Principal], int] | None = None,
+    ) -> None:
+        super().__init__(idle_timeout=idle_timeout, absolute_timeout=absolute_timeout,
+                         max_concurrent=max_concurrent, per_user=per_user, clock=clock,
+                         on_end=on_end, cap_for=cap_for)
+        self.store = store
+        self.node = store.node
+        self.cache_time = cache_time
+        self._wall = wall
+        self._on_remote_end = on_remote_end
+        self._by_handle: dict[str, Session] = {}
+        self._synced: dict[str, _Synced] = {}
+        self._rotating: set[str] = set()  # handles whose new id Redis does not have yet
+        self._unsent_ends: dict[str, str] = {}  # handle -> reason, ended while Redis was down
+        self._confirmed = float("-inf")  # when Redis last confirmed the whole replica
+        self._subscribed = False
+        self._writes: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the subscriber and the sync loop (named tasks, kept until `close`)."""
+        loop = asyncio.get_running_loop()
+        self._loops = [
+            loop.create_task(self._listen_forever(), name="gatewayd.sessions.subscriber"),
+            loop.create_task(self._sync_forever(), name="gatewayd.sessions.sync"),
+        ]
+
+    async def close(self, grace: float = 3.0) -> None:
+        """Let pending writes (ends of this node's sessions) finish, then stop the loops."""
+        if self._writes:
+            with contextlib.suppress(TimeoutError):
+                await within(asyncio.wait(set(self._writes)), grace)
+        await cancel_and_wait([*self._loops, *self._writes])
+        self._loops = []
+
+    @property
+    def in_sync(self) -> bool:
+        """The replica is current (subscribed, confirmed by Redis within ``cache_time``)."""
+        return self._subscribed and self._fresh(self._clock())
+
+    # --- creating and resolving ----------------------------------------------------------------
+
+    def create(
+        self,
+        principal: Principal,
+        *,
+        frontend: Frontend,
+        source_ip: str,
+        device: str | None = None,
+        device_user: str | None = None,
+        now: float | None = None,
+        replace_oldest: bool = False,
+        seat_of: Session | None = None,
+        device_serial: int | None = None,
+        mfa_at: float | None = None,
+    ) -> tuple[str, Session]:
+        """Not here: a seat cannot be counted without asking Redis (use `admit`)."""
+        raise RuntimeError("shared sessions are created with `await admit(...)`")
+
+    async def admit(
+        self,
+        principal: Principal,
+        *,
+        frontend: Frontend,
+        source_ip: str,
+        device: str | None = None,
+        device_user: str | None = None,
+        replace_oldest: bool = False,
+        seat_of: Session | None = None,
+        device_serial: int | None = None,
+        mfa_at: float | None = None,
+    ) -> tuple[str, Session]:
+        """Create a session if the deployment's seats and the user's cap allow it.
+
+        Raises `SeatsFull`, `PerUserLimit`, or `StateUnavailable` (fail closed: no seat can be
+        counted without Redis).
+        """
+        cap = self.user_cap(principal)
+        self._timeouts()
+        raw_id, id_hash = self._new_id()
+        handle = secrets.token_hex(8)
+        shares = (seat_of.handle if seat_of is not None and seat_of.ended is None
+                  and seat_of.user == principal.user else None)
+        record = {
+            "handle": handle, "id": id_hash, "user": principal.user,
+            "groups": json.dumps(sorted(principal.groups)),
+            "attributes": json.dumps(dict(principal.attributes)), "frontend": frontend,
+            "source_ip": source_ip, "device": device or "", "device_user": device_user or "",
+            "device_serial": "" if device_serial is None else str(device_serial),
+            "bytes_up": "0", "bytes_down": "0", "node": self.node,
+        }
+        if mfa_at is not None:  # an earlier TOTP check (see SessionRegistry.create)
+            record["mfa_at"] = str(round((mfa_at + self._offset()) * 1000))
+        try:
+            seat, _, replaced = await self.store.admit(
+                record, max_concurrent=self.max_concurrent, cap=cap,
+                replace_oldest=replace_oldest, seat_of=shares)
+        except Refused as refused:
+            if refused.why == "seats_full":
+                raise SeatsFull(self.max_concurrent) from None
+            raise PerUserLimit(cap) from None
+        now = self._clock()
+        self._confirm_one()
+        for gone in replaced:
+            self._replaced(gone)
+        session = Session(
+            id_hash=id_hash, principal=principal, frontend=frontend, source_ip=source_ip,
+            device=device, device_user=device_user, created=now, last_seen=now,
+            # An SSH certificate's MFA is older than this sign-in (`SessionRegistry.create`);
+            # the admit script stores the same (never later than its own now).
+            mfa_at=now if mfa_at is None else min(now, mfa_at),
+            handle=handle, seat=None if seat == handle else seat, device_serial=device_serial,
+            _seat_holder=seat_of if seat != handle else None)
+        self._index(session, _Synced(self.node, now, session.mfa_at, 0, 0))
+        return raw_id, session
+
+    def get(self, raw_id: str) -> Session | None:
+        """The live session for a raw id, from the replica (`prepare` refreshed it).
+
+        A session that looks expired here is not ended here: Redis decides (the sync loop),
+        so that it ends once with one audit record, with activity of every node counted.
+        """
+        if not raw_id:
+            return None
+        session = self._by_hash.get(hash_session_id(raw_id))
+        if session is None or self._expiry_reason(session, self._clock()) is not None:
+            return None
+        return session
+
+    def by_handle(self, handle: str) -> Session | None:
+        exact = self._by_handle.get(handle.lower())
+        return exact if exact is not None else super().by_handle(handle)
+
+    async def prepare(self, raw_ids: Iterable[str]) -> None:
+        """Make the replica answer for these cookie values (see the module docstring).
+
+        Raises `StateUnavailable` when a session must be checked and Redis cannot answer.
+        """
+        now = self._clock()
+        for raw_id in list(raw_ids)[:MAX_COOKIES]:
+            if len(raw_id) != ID_LENGTH:
+                continue
+            id_hash = hash_session_id(raw_id)
+            session = self._by_hash.get(id_hash)
+            if session is not None and (session.handle in self._rotating or (
+                    self._fresh(now) and self._expiry_reason(session, now) is None)):
+                continue
+            await self._load(id_hash, session)
+
+    def rotate(self, session: Session) -> str:
+        raw_id = super().rotate(session)
+        self._rotating.add(session.handle)
+        self._write(self._send_rotation(session), "rotate")
+        return raw_id
+
+    def mark_mfa(self, session: Session) -> None:
+        super().mark_mfa(session)
+        if session.ended is None:  # other nodes must see the step-up now, not in seconds
+            self._write(self._sync_one(session), "mfa")
+
+    # --- ending --------------------------------------------------------------------------------
+
+    def end(self, session: Session, reason: str) -> None:
+        """Close the session here now; end it in Redis (and audit it once) right after."""
+        if reason not in END_REASONS:
+            raise ValueError(f"unknown session end reason {reason!r}")
+        if session.ended is not None:
+            return
+        synced = self._synced.get(session.handle)
+        if reason == "shutdown" and not (
+                session.frontend == "ssh" and synced is not None and synced.node == self.node):
+            self._close_here(session, reason)  # lives on in Redis, for the other nodes
+            return
+        self._close_here(session, reason)
+        self._write(self._send_end(session, reason), "end")
+
+    def sweep(self, now: float | None = None) -> int:
+        """Nothing here: Redis decides expiry (the sync loop), so a session ends once."""
+        return 0
+
+    # --- internals: the replica ----------------------------------------------------------------
+
+    def _timeouts(self) -> None:
+        """Hand the current timeouts to the store (a reload may have changed them)."""
+        self.store.idle_timeout = self.idle_timeout
+        self.store.absolute_timeout = self.absolute_timeout
+
+    def _fresh(self, now: float) -> bool:
+        return now - self._confirmed < self.cache_time
+
+    def _confirm_one(self) -> None:
+        """A Redis call succeeded: with the channel up, the replica is current."""
+        if self._subscribed:
+            self._confirmed = self._clock()
+
+    def _offset(self) -> float:
+        """Wall seconds minus monotonic seconds, now (to convert Redis times)."""
+        return self._wall() - self._clock()
+
+    def _index(self, session: Session, synced: _Synced) -> None:
+        self._by_hash[session.id_hash] = session
+        self._by_user.setdefault(session.user, []).append(session)
+        self._seats[session.seat_key] = self._seats.get(session.seat_key, 0) + 1
+        self._by_handle[session.handle] = session
+        self._synced[session.handle] = synced
+
+    def _unindex(self, session: Session) -> None:
+        super()._unindex(session)
+        if self._by_handle.get(session.handle) is session:
+            del self._by_handle[session.handle]
+            self._synced.pop(session.handle, None)
+
+    def _close_here(self, session: Session, reason: str) -> None:
+        """End the local copy: unindex, run its closers (no audit)."""
+        session.ended = reason
+        self._unindex(session)
+        closers, session._closers = session._closers, []
+        for closer in closers:
+            try:
+                closer(reason)
+            except Exception:
+                log.exception("session closer failed", extra={"session": session.handle})
+
+    def _ended_elsewhere(self, session: Session, reason: str) -> None:
+        if session.ended is not None:
+            return
+        self._close_here(session, reason if reason in END_REASONS else "expired")
+        self._hook(self._on_remote_end, session, reason)
+
+    def _ended_by_us(self, session: Session, reason: str) -> None:
+        if session.ended is None:
+            self._close_here(session, reason)
+        self._hook(self._on_end, session, reason)
+
+    def _hook(self, hook: Callable[[Session, str], None], session: Session, reason: str) -> None:
+        try:
+            hook(session, reason)
+        except Exception:
+            log.exception("session end hook failed", extra={"session": session.handle})
+
+    def _from_record(self, record: Record) -> tuple[Session, _Synced]:
+        offset = self._offset()
+
+        def mono(field: str) -> float:
+            return float(record.get(field) or 0) / 1000 - offset
+
+        principal = Principal(user=record["user"],
+                              groups=frozenset(json.loads(record.get("groups") or "[]")),
+                              attributes=json.loads(record.get("attributes") or "{}"))
+        handle = record["handle"]
+        seat = record.get("seat") or handle
+        serial = record.get("device_serial") or ""
+        frontend: Frontend = "ssh" if record.get("frontend") == "ssh" else "https"
+        session = Session(
+            id_hash=record["id"], principal=principal, frontend=frontend,
+            source_ip=record.get("source_ip", ""), device=record.get("device") or None,
+            device_user=record.get("device_user") or None, created=mono("created"),
+            last_seen=mono("last_seen"), mfa_at=mono("mfa_at"), handle=handle,
+            bytes_up=int(record.get("bytes_up") or 0),
+            bytes_down=int(record.get("bytes_down") or 0),
+            seat=None if seat == handle else seat,
+            device_serial=int(serial) if serial.isdigit() else None,
+            _seat_holder=None if seat == handle else self._by_handle.get(seat))
+        synced = _Synced(record.get("node", ""), session.last_seen, session.mfa_at,
+                         session.bytes_up, session.bytes_down)
+        return session, synced
+
+    def _upsert(self, record: Record) -> Session:
+        """Add a record to the replica, or merge it into the session this node has."""
+        fresh, synced = self._from_record(record)
+        session = self._by_handle.get(fresh.handle)
+        if session is None:
+            self._index(fresh, synced)
+            return fresh
+        if session.id_hash != fresh.id_hash and session.handle not in self._rotating:
+            del self._by_hash[session.id_hash]  # rotated on another node
+            session.id_hash = fresh.id_hash
+            self._by_hash[session.id_hash] = session
+        self._merge(session, fresh.last_seen, fresh.mfa_at)
+        return session
+
+    def _merge(self, session: Session, last_seen: float, mfa_at: float) -> None:
+        session.last_seen = max(session.last_seen, last_seen)
+        session.mfa_at = max(session.mfa_at, mfa_at)
+        synced = self._synced.get(session.handle)
+        if synced is not None:
+            synced.last_seen = max(synced.last_seen, last_seen)
+            synced.mfa_at = max(synced.mfa_at, mfa_at)
+
+    def _replaced(self, record: Record) -> None:
+        """This node's admission replaced a session (maybe another node's): audit it here."""
+        session = self._by_handle.get(record.get("handle", ""))
+        if session is None:
+            session, _ = self._from_record(record)
+        self._ended_by_us(session, "replaced")
+
+    async def _load(self, id_hash: str, session: Session | None) -> None:
+        """Fetch the session an id names from Redis into the replica (`prepare`)."""
+        record = await self.store.by_id(id_hash)
+        if record is None:
+            if session is not None and session.ended is None and session.id_hash == id_hash:
+                if session.handle in self._rotating:
+                    return
+                await self._sync_one(session)  # ended, or rotated elsewhere: find out
+            return
+        current = self._upsert(record)
+        if self._expiry_reason(current, self._clock()) is not None:
+            await self._sync_one(current)  # Redis decides, and ends it once if due
+
+    # --- internals: writing --------------------------------------------------------------------
+
+    def _write(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=f"gatewayd.sessions.{what}")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _send_end(self, session: Session, reason: str) -> None:
+        try:
+            ended = await self.store.end(session.handle, reason)
+        except StateUnavailable:
+            # Audit now (the end happened here); tell Redis, and so the others, once it answers.
+            self._unsent_ends[session.handle] = reason
+            self._hook(self._on_end, session, reason)
+            return
+        self._confirm_one()
+        hook = self._on_end if ended else self._on_remote_end
+        self._hook(hook, session, reason)
+
+    async def _send_rotation(self, session: Session) -> None:
+        try:
+            await self.store.rotate(session.handle, session.id_hash)
+        except StateUnavailable:
+            log.warning("session %s: new id not stored (state store unavailable); other "
+                        "nodes keep the old one until the next resync", session.handle)
+        finally:
+            self._rotating.discard(session.handle)
+
+    async def _sync_one(self, session: Session) -> None:
+        """Write this node's news of a session and take Redis's verdict on it."""
+        synced = self._synced.get(session.handle)
+        if synced is None or session.ended is not None:
+            return
+        offset = self._offset()
+        last_seen = session.last_seen if session.last_seen > synced.last_seen else None
+        mfa_at = session.mfa_at if session.mfa_at > synced.mfa_at else None
+        up, down = session.bytes_up - synced.bytes_up, session.bytes_down - synced.bytes_down
+        self._timeouts()
+        answer = await self.store.refresh(
+            session.handle, last_seen=0 if last_seen is None else last_seen + offset,
+            mfa_at=0 if mfa_at is None else mfa_at + offset, bytes_up=max(0, up),
+            bytes_down=max(0, down))
+        self._confirm_one()
+        synced.bytes_up, synced.bytes_down = session.bytes_up, session.bytes_down
+        if "gone" in answer:
+            self._ended_elsewhere(session, str(answer["gone"]))
+        elif "expired" in answer:
+            self._ended_by_us(session, str(answer["expired"]))
+        else:
+            self._merge(session, float(answer["last_seen"]) / 1000 - offset,
+                        float(answer["mfa_at"]) / 1000 - offset)
+            if answer.get("id") and answer["id"] != session.id_hash:
+                self._upsert_id(session, str(answer["id"]))
+
+    def _upsert_id(self, session: Session, id_hash: str) -> None:
+        if session.handle in self._rotating or self._by_hash.get(session.id_hash) is not session:
+            return
+        del self._by_hash[session.id_hash]
+        session.id_hash = id_hash
+        self._by_hash[id_hash] = session
+
+    def _due(self, session: Session, now: float) -> bool:
+        """Worth a write: news since the last one, or it looks expired here."""
+        synced = self._synced.get(session.handle)
+        if synced is None:
+            return False
+        return (session.last_seen > synced.last_seen or session.mfa_at > synced.mfa_at
+                or session.bytes_up != synced.bytes_up
+                or session.bytes_down != synced.bytes_down
+                or self._expiry_reason(session, now) is not None)
+
+    async def sync(self) -> None:
+        """One round of the sync loop: unsent ends, then every session with news."""
+        for handle, reason in list(self._unsent_ends.items()):
+            await self.store.end(handle, reason)
+            self._unsent_ends.pop(handle, None)
+        now = self._clock()
+        due = [s for s in list(self._by_hash.values()) if self._due(s, now)]
+        for session in due:
+            await self._sync_one(session)
+        if not due:
+            await self.store.ping()
+            self._confirm_one()
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except StateUnavailable:
+                pass  # RedisState logged the transition; the replica ages (`cache_time`)
+            except Exception:
+                log.exception("session sync failed")
+
+    async def resync(self) -> None:
+        """Re-validate the whole replica against Redis: load the new, close the gone."""
+        known = dict(self._by_handle)  # before reading: sessions admitted later are not gone
+        records = await self.store.all()
+        present = {record["handle"] for record in records}
+        for record in records:
+            self._upsert(record)
+        for handle, session in known.items():
+            if handle not in present and handle not in self._unsent_ends:
+                reason = await self.store.end_reason(handle) or "expired"
+                self._ended_elsewhere(session, reason)
+        self._confirm_one()
+
+    # --- internals: the channel ----------------------------------------------------------------
+
+    async def _listen_forever(self) -> None:
+        """Subscribe, re-validate, then apply every message; reconnect whenever it breaks."""
+        down_since: float | None = None
+        while True:
+            try:
+                await self._listen()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, StateUnavailable) as exc:
+                if down_since is None:
+                    down_since = self._clock()
+                    log.warning("session channel lost (%s); reconnecting", exc)
+            except Exception:
+                log.exception("session channel failed; reconnecting")
+            self._subscribed = False
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _listen(self) -> None:
+        pubsub = self.store.pubsub()
+        try:
+            await within(pubsub.subscribe(self.store.channel), self.store.timeout)
+            self._subscribed = True
+            await self.resync()
+            last_resync = self._clock()
+            me = asyncio.current_task()
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if me is not None and me.cancelling():
+                    # redis-py's read under its own timeout can swallow a cancellation that
+                    # meets the timeout (the asyncio.wait_for problem, see gatewayd.tasks).
+                    raise asyncio.CancelledError
+                if message is not None and message.get("type") == "message":
+                    await self._on_message(message.get("data"))
+                if self._clock() - last_resync >= RESYNC_INTERVAL:
+                    await self.resync()
+                    last_resync = self._clock()
+        finally:
+            self._subscribed = False
+            with contextlib.suppress(Exception):
+                await within(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
+
+    async def _on_message(self, data: object) -> None:
+        try:
+            text = data.decode() if isinstance(data, bytes) else str(data)
+            message = json.loads(text)
+            op, handle = message["op"], str(message["h"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            log.warning("ignoring a malformed message on the session channel")
+            return
+        if op == "end":
+            session = self._by_handle.get(handle)
+            if session is not None:
+                self._ended_elsewhere(session, str(message.get("r", "expired")))
+        elif op == "up" and message.get("n") != self.node:
+            record = await self.store.by_handle(handle)
+            if record is not None:
+                self._upsert(record)
+        self._confirm_one()

@@ -1,0 +1,342 @@
+"""`RedisSessions`: the session records every node shares, and the channel that says they changed.
+
+This is the Redis half of `gatewayd.sessions_shared.SharedSessionRegistry` (which explains
+the design as a whole); here is only what lives on the server and how it changes atomically.
+
+**Keys** (behind ``state.key_prefix``; never a raw session id):
+
+* ``s:<handle>`` — a hash: the session's record (`RECORD_FIELDS`). Times are wall-clock
+  milliseconds of the Redis server (``TIME``), the one clock every node shares.
+* ``id:<sha256 of the raw id>`` — the handle of the session that id names (the cookie →
+  session lookup of another node). Both expire with the session: ``min(idle left, absolute
+  left)`` plus `EXPIRY_GRACE`, refreshed whenever a node flushes activity.
+* ``live`` — a sorted set of the handles (score: created), the index seats are counted on.
+  Members whose record has vanished (a crashed deployment's leftovers) are dropped by the next
+  admission.
+* ``end:<handle>`` — why a session ended (10 minutes): a node that missed the message while
+  Redis was away learns the reason when it re-validates.
+
+**Scripts.** Each change is one Lua script, so nodes racing on the same seats stay correct:
+`ADMIT` counts the seats of every node, applies ``per_user`` (ending the user's oldest
+sessions with ``replaced`` when asked — newest login wins) and writes the new record, all in
+one step: 20 logins racing for 10 seats on two nodes admit exactly 10. `REFRESH` merges a
+node's activity (last seen, step-up time, byte counters), decides idle/absolute expiry on the
+server's clock, and extends the expiry; `END` ends a session exactly once (only the caller
+that deleted it is told so — that node audits ``session.end``); `ROTATE` moves a session to a
+new id. Every ending publishes ``{"op": "end", ...}`` and every change ``{"op": "up", ...}``
+on the channel ``<prefix>sessions``.
+
+**Expiry grace.** Records outlive their timeout by `EXPIRY_GRACE` so that a node's `REFRESH`
+normally finds the expired session and ends it with its reason (and one ``session.end``
+record) before Redis drops the keys silently; the keys' own TTL is only the safety net for a
+deployment whose nodes are all gone.
+
+All operations go through `RedisState` (bounded by ``state.timeout``, failures become
+`StateUnavailable`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, Final, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.commands.core import AsyncScript
+
+from gatewayd.state.redis import RedisState
+from gatewayd.state.store import StateUnavailable
+
+EXPIRY_GRACE: Final = 60.0  # seconds a record outlives its timeout (see the module docstring)
+TOMBSTONE_MS: Final = 600_000
+
+RECORD_FIELDS: Final = (
+    "handle", "id", "user", "groups", "attributes", "frontend", "source_ip", "device",
+    "device_user", "device_serial", "created", "last_seen", "mfa_at", "seat", "bytes_up",
+    "bytes_down", "node",
+)
+
+# Shared Lua: the wall clock in ms, and ending a session (keys, index, tombstone, message).
+_COMMON = """
+local p = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function finish(h, reason, node)
+  local k = p .. 's:' .. h
+  local id = redis.call('HGET', k, 'id')
+  if not id then return false end
+  local record = redis.call('HGETALL', k)
+  redis.call('DEL', k, p .. 'id:' .. id)
+  redis.call('ZREM', p .. 'live', h)
+  redis.call('SET', p .. 'end:' .. h, reason, 'PX', TOMBSTONE_MS)
+  redis.call('PUBLISH', p .. 'sessions',
+             cjson.encode({op = 'end', h = h, r = reason, n = node}))
+  return record
+end
+""".replace("TOMBSTONE_MS", str(TOMBSTONE_MS))
+
+# ARGV: prefix, node, max_concurrent, cap, replace_oldest (0/1), seat_of handle or '',
+#       idle_ms, absolute_ms, grace_ms, then the new record's field/value pairs.
+# Returns JSON: {"ok": seat, "created": ms, "replaced": [[field, value, ...], ...]}
+#            or {"refused": "seats_full" | "per_user"}.
+_ADMIT = _COMMON + """
+local node, max_seats, cap = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local replace, seat_of = ARGV[5] == '1', ARGV[6]
+local idle, absolute, grace = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local record = {}
+for i = 10, #ARGV, 2 do record[ARGV[i]] = ARGV[i + 1] end
+local user, h = record['user'], record['handle']
+local seats, mine = {}, {}
+for _, other in ipairs(redis.call('ZRANGE', p .. 'live', 0, -1)) do
+  local f = redis.call('HMGET', p .. 's:' .. other, 'seat', 'user', 'created')
+  if not f[1] then
+    redis.call('ZREM', p .. 'live', other)
+  else
+    seats[f[1]] = (seats[f[1]] or 0) + 1
+    if f[2] == user then table.insert(mine, {other, tonumber(f[3]), f[1]}) end
+  end
+end
+local function count(t) local n = 0 for _ in pairs(t) do n = n + 1 end return n end
+local function user_seats()
+  local s = {}
+  for _, m in ipairs(mine) do s[m[3]] = true end
+  return count(s)
+end
+local seat = nil
+if seat_of ~= '' then
+  local f = redis.call('HMGET', p .. 's:' .. seat_of, 'seat', 'user')
+  if f[1] and f[2] == user then seat = f[1] end
+end
+local replaced = {}
+if not seat then
+  if replace then
+    table.sort(mine, function(a, b) return a[2] < b[2] end)
+    while #mine > 0 and user_seats() >= cap do
+      local oldest = table.remove(mine, 1)
+      local gone = finish(oldest[1], 'replaced', node)
+      if gone then table.insert(replaced, gone) end
+      seats[oldest[3]] = seats[oldest[3]] - 1
+      if seats[oldest[3]] <= 0 then seats[oldest[3]] = nil end
+    end
+  end
+  if count(seats) >= max_seats then return cjson.encode({refused = 'seats_full'}) end
+  if user_seats() >= cap then return cjson.encode({refused = 'per_user'}) end
+  seat = h
+end
+local now = now_ms()
+record['seat'] = seat
+record['created'], record['last_seen'] = now, now
+record['mfa_at'] = math.min(now, tonumber(record['mfa_at'] or now))
+local k = p .. 's:' .. h
+for field, value in pairs(record) do redis.call('HSET', k, field, value) end
+local ttl = math.min(idle, absolute) + grace
+redis.call('PEXPIRE', k, ttl)
+redis.call('SET', p .. 'id:' .. record['id'], h, 'PX', ttl)
+redis.call('ZADD', p .. 'live', now, h)
+redis.call('PUBLISH', p .. 'sessions', cjson.encode({op = 'up', h = h, n = node}))
+return cjson.encode({ok = seat, created = now, replaced = replaced})
+"""
+
+# ARGV: prefix, node, handle, last_seen_ms (0: none), mfa_at_ms (0: none), bytes up, bytes
+#       down, idle_ms, absolute_ms, grace_ms.
+# Returns JSON: {"gone": reason} | {"expired": reason, "record": [...]} |
+#               {"ok": 1, "last_seen": ms, "mfa_at": ms, "id": id_hash, "now": ms}.
+_REFRESH = _COMMON + """
+local node, h = ARGV[2], ARGV[3]
+local k = p .. 's:' .. h
+local f = redis.call('HMGET', k, 'created', 'last_seen', 'mfa_at', 'id')
+if not f[1] then
+  return cjson.encode({gone = redis.call('GET', p .. 'end:' .. h) or 'expired'})
+end
+local idle, absolute, grace = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local now, created = now_ms(), tonumber(f[1])
+local last = math.max(tonumber(f[2]), tonumber(ARGV[4]))
+local mfa = math.max(tonumber(f[3]), tonumber(ARGV[5]))
+local reason = nil
+if now - created >= absolute then reason = 'expired'
+elseif now - last >= idle then reason = 'idle_timeout' end
+if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', k, 'bytes_up', ARGV[6]) end
+if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', k, 'bytes_down', ARGV[7]) end
+if reason then
+  return cjson.encode({expired = reason, record = finish(h, reason, node)})
+end
+redis.call('HSET', k, 'last_seen', last, 'mfa_at', mfa)
+local ttl = math.min(idle - (now - last), absolute - (now - created)) + grace
+redis.call('PEXPIRE', k, ttl)
+redis.call('PEXPIRE', p .. 'id:' .. f[4], ttl)
+if tonumber(ARGV[5]) > tonumber(f[3]) then
+  redis.call('PUBLISH', p .. 'sessions', cjson.encode({op = 'up', h = h, n = node}))
+end
+return cjson.encode({ok = 1, last_seen = last, mfa_at = mfa, id = f[4], now = now})
+"""
+
+# ARGV: prefix, node, handle, reason. Returns 1 when this call ended it, else 0.
+_END = _COMMON + """
+if finish(ARGV[3], ARGV[4], ARGV[2]) then return 1 end
+return 0
+"""
+
+# ARGV: prefix, node, handle, new id hash. Returns 1, or 0 when the session is gone.
+_ROTATE = _COMMON + """
+local h = ARGV[3]
+local k = p .. 's:' .. h
+local old = redis.call('HGET', k, 'id')
+if not old then return 0 end
+local ttl = redis.call('PTTL', k)
+if ttl < 1 then ttl = 1000 end
+redis.call('DEL', p .. 'id:' .. old)
+redis.call('HSET', k, 'id', ARGV[4])
+redis.call('SET', p .. 'id:' .. ARGV[4], h, 'PX', ttl)
+redis.call('PUBLISH', p .. 'sessions', cjson.encode({op = 'up', h = h, n = ARGV[2]}))
+return 1
+"""
+
+
+class Refused(Exception):  # noqa: N818 - a verdict, not a malfunction
+    """`RedisSessions.admit` refused the session: ``why`` is ``seats_full`` or ``per_user``."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+Record = dict[str, str]
+"""A session record as stored (`RECORD_FIELDS`, all strings; absent optional fields: '')."""
+
+
+def _pairs(flat: Sequence[Any]) -> Record:
+    """A Redis ``HGETALL``-style flat list (as Lua returns it) as a dict of strings."""
+    items = [_text(item) for item in flat]
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisSessions:
+    """Session records and their change channel on the Redis of a `RedisState`."""
+
+    def __init__(self, state: RedisState, *, node: str) -> None:
+        self._state = state
+        self.node = node
+        self.channel = state.key_prefix + "sessions"
+        # The registry's timeouts (seconds), set by it before each call: a reload may change them.
+        self.idle_timeout = 0.0
+        self.absolute_timeout = 0.0
+        redis = state.client
+        self._admit: AsyncScript = redis.register_script(_ADMIT)
+        self._refresh: AsyncScript = redis.register_script(_REFRESH)
+        self._end: AsyncScript = redis.register_script(_END)
+        self._rotate: AsyncScript = redis.register_script(_ROTATE)
+
+    @property
+    def client(self) -> Redis:
+        return self._state.client
+
+    @property
+    def timeout(self) -> float:
+        """``state.timeout``: the longest one operation may take."""
+        return self._state.timeout
+
+    async def ping(self) -> None:
+        """Return when Redis answers (`StateUnavailable` if not)."""
+        await self._state.check()
+
+    def pubsub(self) -> PubSub:
+        """A subscriber connection for `channel` (the caller subscribes and closes it)."""
+        return self._state.client.pubsub(ignore_subscribe_messages=True)
+
+    # --- the scripts ---------------------------------------------------------------------------
+
+    async def admit(self, record: Mapping[str, str], *, max_concurrent: int, cap: int,
+                    replace_oldest: bool, seat_of: str | None
+                    ) -> tuple[str, float, list[Record]]:
+        """Store a new session if the deployment's limits allow it (see `_ADMIT`).
+
+        Returns ``(seat, created wall seconds, records of sessions it replaced)``; raises
+        `Refused` or `StateUnavailable`.
+        """
+        idle, absolute, grace = self._ms()
+        args: list[str | int] = [self._state.key_prefix, self.node, max_concurrent, cap,
+                                 int(replace_oldest), seat_of or "", idle, absolute, grace]
+        for name, value in record.items():
+            args += [name, value]
+        answer = await self._call(self._admit, args)
+        if "refused" in answer:
+            raise Refused(str(answer["refused"]))
+        replaced = [_pairs(flat) for flat in answer.get("replaced") or []]
+        return str(answer["ok"]), float(answer["created"]) / 1000, replaced
+
+    async def refresh(self, handle: str, *, last_seen: float, mfa_at: float, bytes_up: int,
+                      bytes_down: int) -> dict[str, Any]:
+        """Merge activity (wall seconds; 0: nothing new) into the record (see `_REFRESH`)."""
+        idle, absolute, grace = self._ms()
+        return await self._call(self._refresh, [
+            self._state.key_prefix, self.node, handle, round(last_seen * 1000),
+            round(mfa_at * 1000), bytes_up, bytes_down, idle, absolute, grace])
+
+    async def end(self, handle: str, reason: str) -> bool:
+        """End the session; True when this call ended it (False: it was already gone)."""
+        done = await self._state.run(lambda: self._end(
+            args=[self._state.key_prefix, self.node, handle, reason]))
+        return bool(int(cast(int, done)))
+
+    async def rotate(self, handle: str, id_hash: str) -> bool:
+        done = await self._state.run(lambda: self._rotate(
+            args=[self._state.key_prefix, self.node, handle, id_hash]))
+        return bool(int(cast(int, done)))
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def by_id(self, id_hash: str) -> Record | None:
+        """The record the id hash names, or None."""
+        handle = await self._state.run(lambda: self.client.get(self._key("id:" + id_hash)))
+        return None if handle is None else await self.by_handle(_text(handle))
+
+    async def by_handle(self, handle: str) -> Record | None:
+        raw = await self._state.run(lambda: cast(
+            Awaitable[dict[Any, Any]], self.client.hgetall(self._key("s:" + handle))))
+        record = {_text(k): _text(v) for k, v in raw.items()}
+        return record if "id" in record else None
+
+    async def all(self) -> list[Record]:
+        """Every live record (the index, then the records in one pipeline)."""
+        async def read() -> list[Record]:
+            handles = await self.client.zrange(self._key("live"), 0, -1)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for handle in handles:
+                    pipe.hgetall(self._key("s:" + _text(handle)))
+                rows = await pipe.execute()
+            return [record for raw in rows
+                    if "id" in (record := {_text(k): _text(v) for k, v in raw.items()})]
+        return await self._state.run(read)
+
+    async def end_reason(self, handle: str) -> str | None:
+        raw = await self._state.run(lambda: self.client.get(self._key("end:" + handle)))
+        return None if raw is None else _text(raw)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _ms(self) -> tuple[int, int, int]:
+        if self.idle_timeout <= 0 or self.absolute_timeout <= 0:
+            raise ValueError("the session timeouts are not set")
+        return (round(self.idle_timeout * 1000), round(self.absolute_timeout * 1000),
+                round(EXPIRY_GRACE * 1000))
+
+    def _key(self, name: str) -> str:
+        return self._state.key_prefix + name
+
+    async def _call(self, script: AsyncScript, args: list[str | int]) -> dict[str, Any]:
+        raw = await self._state.run(lambda: script(args=args))
+        try:
+            answer = json.loads(_text(raw))
+        except ValueError:
+            raise StateUnavailable("redis: a session script answered something unexpected") \
+                from None
+        if not isinstance(answer, dict):
+            raise StateUnavailable("redis: a session script answered something unexpected")
+        return answer

@@ -1,0 +1,273 @@
+"""`SharedSessionRegistry` on a real redis-server: two registries are two nodes.
+
+Each node has its own `RedisState` (own connection pool) on the same Redis and key prefix, as
+two gateway processes would; their monotonic clocks are made to differ on purpose, so that
+only the wall-clock times in Redis can make them agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis_server import RedisServer, running_redis
+
+from gatewayd.identity.principal import Principal
+from gatewayd.sessions import PerUserLimit, SeatsFull, Session, hash_session_id
+from gatewayd.sessions_shared import SharedSessionRegistry
+from gatewayd.state.redis import RedisState
+from gatewayd.state.sessions import EXPIRY_GRACE, RedisSessions
+from gatewayd.state.store import StateUnavailable
+
+PREFIX = "ward-test:"
+ALICE = Principal("alice", groups=frozenset({"staff"}), attributes={"office_pc": "pc-17"})
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+@dataclass
+class Node:
+    """One node: its registry and what its hooks saw."""
+
+    registry: SharedSessionRegistry
+    ended: list[tuple[str, str]] = field(default_factory=list)  # audited here
+    remote: list[tuple[str, str]] = field(default_factory=list)  # ended by another node
+
+
+@asynccontextmanager
+async def node(redis: RedisServer, name: str, *, skew: float = 0.0, max_concurrent: int = 10,
+               per_user: int = 1, idle: float = 600, absolute: float = 3600,
+               cache_time: float = 30) -> AsyncIterator[Node]:
+    state = RedisState(redis.url, key_prefix=PREFIX, timeout=0.3)
+    clock: Callable[[], float] = lambda: time.monotonic() + skew  # noqa: E731
+    ended: list[tuple[str, str]] = []
+    remote: list[tuple[str, str]] = []
+    registry = SharedSessionRegistry(
+        RedisSessions(state, node=name), idle_timeout=idle, absolute_timeout=absolute,
+        max_concurrent=max_concurrent, per_user=per_user, clock=clock, wall=time.time,
+        on_end=lambda s, r: ended.append((s.handle, r)),
+        on_remote_end=lambda s, r: remote.append((s.handle, r)), cache_time=cache_time)
+    seen = Node(registry, ended, remote)
+    registry.start()
+    try:
+        await until(lambda: seen.registry.in_sync)
+        yield seen
+    finally:
+        await seen.registry.close()
+        await state.close()
+
+
+async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    give_up = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def login(n: Node, principal: Principal = ALICE, **options: object
+                ) -> tuple[str, Session]:
+    return await n.registry.admit(principal, frontend="https", source_ip="192.0.2.7",
+                                  replace_oldest=True, **options)  # type: ignore[arg-type]
+
+
+async def resolve(n: Node, raw_id: str) -> Session | None:
+    await n.registry.prepare([raw_id])
+    return n.registry.get(raw_id)
+
+
+async def test_a_session_made_on_one_node_resolves_on_the_other(redis: RedisServer) -> None:
+    async with node(redis, "a") as a, node(redis, "b", skew=-5000.0) as b:
+        raw, made = await a.registry.admit(ALICE, frontend="https", source_ip="192.0.2.7",
+                                           device="laptop-3", device_user="alice",
+                                           device_serial=4711)
+        seen = await resolve(b, raw)
+        assert seen is not None and seen is not made
+        assert (seen.handle, seen.principal, seen.device, seen.device_user,
+                seen.device_serial, seen.source_ip, seen.frontend) == (
+            made.handle, ALICE, "laptop-3", "alice", 4711, "192.0.2.7", "https")
+        # Times agree through the wall clock although the monotonic clocks are 5000 s apart.
+        now_b = time.monotonic() - 5000.0
+        assert abs((now_b - seen.created) - (time.monotonic() - made.created)) < 1.0
+        assert b.registry.get("x" * 43) is None
+        assert await resolve(b, "y" * 43) is None
+
+
+async def test_redis_never_holds_the_raw_id_and_expires_the_record(redis: RedisServer) -> None:
+    async with node(redis, "a", idle=120, absolute=3600) as a:
+        raw, made = await login(a)
+        client = Redis.from_url(redis.url)
+        try:
+            keys = [k.decode() async for k in client.scan_iter(match=PREFIX + "*")]
+            values = [str(await client.hgetall(PREFIX + "s:" + made.handle))]
+            ttl = await client.pttl(PREFIX + "id:" + hash_session_id(raw))
+        finally:
+            await client.aclose()
+        assert all(raw not in text for text in keys + values)
+        assert PREFIX + "id:" + hash_session_id(raw) in keys
+        assert 0 < ttl <= (120 + EXPIRY_GRACE) * 1000
+
+
+async def test_seats_are_counted_across_nodes(redis: RedisServer) -> None:
+    async with node(redis, "a", max_concurrent=10) as a, \
+            node(redis, "b", max_concurrent=10) as b:
+        nodes = [a, b]
+
+        async def attempt(i: int) -> bool:
+            try:
+                await login(nodes[i % 2], Principal(f"user{i}"))
+            except SeatsFull:
+                return False
+            return True
+
+        results = await asyncio.gather(*(attempt(i) for i in range(20)))
+        assert sum(results) == 10
+        await until(lambda: a.registry.seats_taken() == b.registry.seats_taken() == 10)
+
+
+async def test_newest_login_wins_across_nodes(redis: RedisServer) -> None:
+    async with node(redis, "a") as a, node(redis, "b") as b:
+        raw_old, old = await login(a)
+        closed: list[str] = []
+        old.add_closer(closed.append)
+        raw_new, _ = await login(b)
+        # Node B replaced it, so B audits it; A closes what it held within moments.
+        assert b.ended == [(old.handle, "replaced")]
+        await until(lambda: closed == ["replaced"])
+        assert a.ended == [] and a.remote == [(old.handle, "replaced")]
+        assert await resolve(a, raw_old) is None
+        assert (await resolve(a, raw_new)) is not None
+        # Without replace_oldest the cap refuses, whichever node is asked.
+        with pytest.raises(PerUserLimit):
+            await a.registry.admit(ALICE, frontend="https", source_ip="192.0.2.7")
+
+
+async def test_a_certificate_session_shares_the_portal_seat(redis: RedisServer) -> None:
+    async with node(redis, "a", max_concurrent=1) as a, \
+            node(redis, "b", max_concurrent=1) as b:
+        _, portal = await login(a)
+        await until(lambda: b.registry.by_handle(portal.handle) is not None)
+        seat_of = b.registry.by_handle(portal.handle)
+        _, ssh = await b.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7",
+                                        seat_of=seat_of)
+        assert ssh.seat == portal.handle
+        with pytest.raises(SeatsFull):
+            await login(b, Principal("bob"))
+        # The portal session ends; the SSH one keeps the seat.
+        a.registry.end(portal, "logout")
+        await until(lambda: a.registry.by_handle(portal.handle) is None
+                    and b.registry.by_handle(portal.handle) is None)
+        with pytest.raises(SeatsFull):
+            await login(a, Principal("bob"))
+        b.registry.end(ssh, "disconnected")
+        await until(lambda: a.registry.seats_taken() == 0)
+        await login(a, Principal("bob"))
+
+
+async def test_an_end_on_one_node_closes_the_session_everywhere_once(
+        redis: RedisServer) -> None:
+    async with node(redis, "a") as a, node(redis, "b") as b:
+        raw, made = await login(a)
+        held = await resolve(b, raw)
+        assert held is not None
+        closed: list[str] = []
+        held.add_closer(closed.append)
+        started = time.monotonic()
+        a.registry.end(made, "admin_kill")
+        await until(lambda: closed == ["admin_kill"], limit=5.0)
+        assert time.monotonic() - started < 5.0
+        await until(lambda: a.ended == [(made.handle, "admin_kill")])
+        assert b.ended == [] and b.remote == [(made.handle, "admin_kill")]
+        assert await resolve(b, raw) is None
+        assert b.registry.active() == 0
+
+
+async def test_activity_on_one_node_keeps_the_session_alive_on_the_other(
+        redis: RedisServer) -> None:
+    async with node(redis, "a", idle=3) as a, node(redis, "b", idle=3) as b:
+        raw, made = await login(a)
+        assert await resolve(b, raw) is not None
+        for _ in range(5):  # 5 s of activity on A only: longer than the idle timeout
+            await asyncio.sleep(1.0)
+            a.registry.touch(made)
+        assert await resolve(b, raw) is not None
+        # Then nothing: it ends once, decided by Redis, audited by one node.
+        await until(lambda: a.registry.active() == b.registry.active() == 0, limit=15.0)
+        assert [r for _, r in a.ended + b.ended] == ["idle_timeout"]
+
+
+async def test_step_up_and_rotation_reach_the_other_node(redis: RedisServer) -> None:
+    async with node(redis, "a") as a, node(redis, "b") as b:
+        raw, made = await login(a)
+        seen = await resolve(b, raw)
+        assert seen is not None
+        before = seen.mfa_at
+        await asyncio.sleep(0.05)
+        a.registry.mark_mfa(made)
+        new_raw = a.registry.rotate(made)
+        await until(lambda: seen.mfa_at > before and seen.id_hash == made.id_hash)
+        assert await resolve(b, raw) is None
+        assert await resolve(b, new_raw) is seen
+
+
+async def test_redis_down_serves_the_replica_then_fails_closed_then_recovers(
+        redis: RedisServer) -> None:
+    async with node(redis, "a", cache_time=5) as a, node(redis, "b", cache_time=5) as b:
+        raw, _ = await login(a)
+        kept, _ = await login(b, Principal("bob"))
+        assert await resolve(a, kept) is not None
+        redis.kill()
+        with pytest.raises(StateUnavailable):
+            await login(a, Principal("carol"))
+        assert await resolve(a, kept) is not None  # within session_cache: the replica serves
+        with pytest.raises(StateUnavailable):
+            await resolve(a, "z" * 43)  # unknown here: only Redis could tell
+        await asyncio.sleep(5.5)
+        with pytest.raises(StateUnavailable):
+            await resolve(a, kept)  # too long without Redis: fail closed
+        redis.start()  # empty: the sessions are gone with the data
+        await until(lambda: a.registry.in_sync and b.registry.in_sync, limit=15.0)
+        assert await resolve(a, kept) is None and await resolve(b, raw) is None
+        assert a.registry.active() == b.registry.active() == 0
+        await login(a, Principal("carol"))
+
+
+async def test_a_kill_sent_while_redis_was_down_arrives_after(redis: RedisServer) -> None:
+    async with node(redis, "a") as a, node(redis, "b") as b:
+        raw, made = await login(a)
+        held = await resolve(b, raw)
+        assert held is not None
+        closed: list[str] = []
+        held.add_closer(closed.append)
+        redis.pause()  # hung, data kept
+        try:
+            a.registry.end(made, "admin_kill")
+            await until(lambda: a.ended == [(made.handle, "admin_kill")])  # audited at once
+            await asyncio.sleep(0.5)
+            assert closed == []  # cannot be delivered now
+        finally:
+            redis.resume()
+        await until(lambda: closed == ["admin_kill"], limit=10.0)
+        assert b.ended == []
+
+
+async def test_an_earlier_mfa_time_is_shared(redis: RedisServer) -> None:
+    async with node(redis, "a") as a, node(redis, "b", skew=300.0) as b:
+        earlier = time.monotonic() - 120  # e.g. an SSH certificate's portal login
+        raw, made = await a.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7",
+                                           mfa_at=earlier)
+        seen = await resolve(b, raw)
+        assert seen is not None
+        now_a, now_b = time.monotonic(), time.monotonic() + 300.0
+        assert abs(made.mfa_age(now_a) - 120) < 1.0
+        assert abs(seen.mfa_age(now_b) - 120) < 1.0
