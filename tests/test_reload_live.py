@@ -107,6 +107,8 @@ def edit_policy(gw: SshHarness) -> None:
 
 
 async def test_a_reload_closes_only_what_the_new_policy_denies(gw: SshHarness) -> None:
+    # 100 tunnels per session (two destinations each): above the default cap of 32.
+    gw.gateway.ssh.tunnels.max_per_session = 2 * PER_DESTINATION  # type: ignore[union-attr]
     conns = {user: await ssh_connect(gw, user) for user in ("alice", "bob")}
     tunnels: dict[tuple[str, str, int], list[Stream]] = {}
     for key in (KEPT, *DENIED):

@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import shutil
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +30,18 @@ from gatewayd.policy import load_policy
 from gatewayd.sessions import Session
 from gatewayd.ssh.tunnel import (
     CHANNEL_HIGH_WATER,
+    MAX_TUNNELS_PER_SESSION,
+    REFUSALS_PER_WINDOW,
     UPSTREAM_HIGH_WATER,
     Tunnels,
     describe_os_error,
     local_addresses,
 )
+from gatewayd.tasks import within
 
 PROHIBITED = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
 CONNECT_FAILED = asyncssh.OPEN_CONNECT_FAILED
+SHORTAGE = asyncssh.OPEN_RESOURCE_SHORTAGE
 READ_CHUNK = 256 * 1024  # the most one asyncio read hands over
 
 
@@ -222,6 +228,8 @@ class TunnelServer(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Awaitable[asyncssh.SSHTCPSession[bytes]]:
         assert self._session is not None and self._conn is not None
+        if self._env.tunnels.cut_off(self._session):  # as the real server does
+            raise asyncssh.ChannelOpenError(PROHIBITED, "too many refused tunnel requests")
         return self._env.tunnels.open(self._session, self._conn, dest_host=dest_host,
                                       dest_port=dest_port, orig_host=orig_host,
                                       orig_port=orig_port)
@@ -302,6 +310,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
                 await asyncio.wait_for(conn.wait_closed(), 5)
         server.close()
         await server.wait_closed()
+        environment.tunnels.close()
         await gateway.stop()
         await upstreams.close()
 
@@ -688,11 +697,13 @@ async def test_slow_client_pauses_the_upstream(env: Env) -> None:
     async def plateau() -> int:
         while True:  # the upstream stops being able to send once every buffer is full
             before = sent[0]
-            await asyncio.sleep(0.3)
-            if sent[0] == before:
+            await asyncio.sleep(1.0)
+            # More than our high-water mark must have gone through first: a loaded machine
+            # can leave the firehose unscheduled for a second before it sent anything.
+            if sent[0] == before and before > 4 * CHANNEL_HIGH_WATER:
                 return before
 
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         stalled = await plateau()
     # Bounded by the client's window and stream buffer, socket buffers and our high-water
     # mark — not by how much the upstream would like to send.
@@ -712,7 +723,7 @@ async def test_slow_upstream_pauses_the_client(env: Env) -> None:
     chunk = b"y" * 65536
     written = 0
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(3):
             while True:
                 writer.write(chunk)
                 await writer.drain()  # blocks once the gateway stops reading the channel
@@ -721,6 +732,23 @@ async def test_slow_upstream_pauses_the_client(env: Env) -> None:
     # The gateway holds at most its write-buffer mark plus one SSH packet for the upstream.
     assert tunnel.upstream_buffered <= UPSTREAM_HIGH_WATER + 256 * 1024
     assert len(env.upstreams.sinks) == 1
+    # What the client has sent and the upstream's kernel has not taken sits in the gateway:
+    # asyncssh's receive buffer of the paused channel plus our upstream write buffer. The
+    # pause stops window adjustments, so that is at most one channel window more.
+    assert tunnel._chan is not None
+    window = tunnel._chan.get_recv_window()
+    unsent = writer.channel.get_write_buffer_size()  # still on the client, waiting for window
+    previous = -1
+    async with asyncio.timeout(10):
+        while (held := written + len(chunk) - unsent - tunnel.bytes_up) != previous:
+            previous = held  # wait until nothing is in flight between client and gateway
+            await asyncio.sleep(0.5)
+            unsent = writer.channel.get_write_buffer_size()
+    max_packet = 32 * 1024
+    assert 0 <= held <= window + max_packet
+    assert held + tunnel.upstream_buffered <= window + UPSTREAM_HIGH_WATER + 2 * max_packet
+    print(f"held by the gateway for one stalled tunnel: {held} B in the channel "
+          f"(window {window}) + {tunnel.upstream_buffered} B upstream write buffer")
 
 
 # --- the real OpenSSH client ------------------------------------------------------------------
@@ -774,6 +802,137 @@ async def test_tunnels_per_session_are_capped(env: Env) -> None:
     first[1].close()
     await eventually(lambda: len(env.tunnels.tunnels_of(env.sessions["alice"])) == 1)
     await conn.open_connection("echo.ward.local", 7)
+
+
+async def test_default_cap_is_a_handful_of_tunnels(env: Env) -> None:
+    assert MAX_TUNNELS_PER_SESSION == 32
+    conn = await env.connect("alice")
+    await asyncio.gather(*(conn.open_connection("echo.ward.local", 7)
+                           for _ in range(MAX_TUNNELS_PER_SESSION)))
+    error = await refused(conn, "echo.ward.local", 7)
+    assert (error.code, error.reason) == (SHORTAGE, "too many tunnels in this session (at most "
+                                                    "32 at once)")
+
+
+async def test_a_flood_of_refused_opens_is_cut_off(env: Env,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="asyncssh")  # the client logs the disconnect
+    conn = await env.connect("alice")
+    session = env.sessions["alice"]
+
+    async def attempt(i: int) -> None:
+        with contextlib.suppress(asyncssh.ChannelOpenError, asyncssh.ConnectionLost,
+                                 asyncssh.DisconnectError, OSError):
+            await conn.create_connection(asyncssh.SSHTCPSession, f"h{i}.example", 1)
+
+    await within(asyncio.gather(*(attempt(i) for i in range(500))), 30)
+    await within(conn.wait_closed(), 10)
+    assert session.ended == "logout"  # what this module's server ends a session with
+    assert "Received disconnect: gatewayd: too many refused tunnel requests (11)" in caplog.text
+    denies = env.audit("tunnel.deny")
+    *each, summary = denies
+    assert len(each) == REFUSALS_PER_WINDOW  # every refusal before the limit kept its record
+    assert {d["status"] for d in each} == {"no_service"}
+    assert summary["status"] == "rate_limited"
+    assert summary["reason"] == ("too many refused tunnel requests: 31 within 60 s; "
+                                 "disconnected")
+    assert summary["session"] == session.handle and summary["error"] == "no_service"
+
+
+async def test_refusal_budget_is_per_minute(env: Env) -> None:
+    conn = await env.connect("alice")
+    for _ in range(2):
+        for i in range(REFUSALS_PER_WINDOW):
+            await refused(conn, f"h{i}.example", 1)
+        env.clock.advance(61)
+    error = await refused(conn, "h.example", 1)
+    assert error.reason == "no service at h.example:1"  # still connected, still audited
+    assert len(env.audit("tunnel.deny")) == 2 * REFUSALS_PER_WINDOW + 1
+    assert env.sessions["alice"].ended is None
+
+
+@contextlib.contextmanager
+def stalled_resolver(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """getaddrinfo hangs for names ending in .stalled.invalid (a DNS server that stopped
+    answering) until the block exits; calls are counted in the yielded list."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+    calls: list[str] = []
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".stalled.invalid"):
+            calls.append(host)
+            release.wait(30)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield calls
+    finally:
+        release.set()
+
+
+async def test_stalled_name_lookups_never_block_the_default_executor(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sign-ins (TOTP store, file directory) run on asyncio's default executor; tunnels that
+    # wait for a resolver must not take its threads.
+    groups, _ = USERS["bob"]
+    USERS["stalled"] = (groups, {"office_pc": "pc-1.stalled.invalid"})
+    try:
+        with stalled_resolver(monkeypatch) as calls:
+            conn = await env.connect("stalled")
+            opens = [asyncio.ensure_future(conn.open_connection("pc-1.stalled.invalid", 3389))
+                     for _ in range(12)]
+            done, _ = await asyncio.wait(opens, timeout=3, return_when=asyncio.ALL_COMPLETED)
+            # At most four lookups per session; the others are refused at once.
+            assert len(done) == 8
+            for opening in done:
+                error = opening.exception()
+                assert isinstance(error, asyncssh.ChannelOpenError)
+                assert (error.code, error.reason) == (SHORTAGE,
+                                                      "too many name lookups in progress")
+            assert len(calls) == 4 and env.tunnels.lookups_in_progress == 4
+            assert await within(asyncio.to_thread(lambda: "free"), 2) == "free"
+        # The resolver answers again (.invalid: "does not resolve"); the lookups are done.
+        for opening in opens:
+            with contextlib.suppress(asyncssh.ChannelOpenError):
+                await within(opening, 10)
+        await eventually(lambda: env.tunnels.lookups_in_progress == 0)
+    finally:
+        del USERS["stalled"]
+    busy = [d for d in env.audit("tunnel.deny") if d.get("error") == "dns_busy"]
+    assert len(busy) == 8 and {d["status"] for d in busy} == {"limit"}
+    assert {d["rule"] for d in busy} == {"staff-own-office-pc"}
+
+
+async def test_name_lookups_in_progress_are_capped_for_all_sessions(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    env.tunnels = Tunnels(gateway=env.gateway, resolver_threads=2, lookups_in_progress=3,
+                          resolve_timeout=0.5)
+    groups, _ = USERS["bob"]
+    USERS["stalled"] = (groups, {"office_pc": "pc-1.stalled.invalid"})
+    try:
+        with stalled_resolver(monkeypatch) as calls:
+            first, second = await env.connect("stalled"), await env.connect("stalled")
+            opens = [asyncio.ensure_future(first.open_connection("pc-1.stalled.invalid", 3389))
+                     for _ in range(2)]
+            await eventually(lambda: len(calls) == 2)  # both threads stuck
+            # A third lookup waits for a thread, times out, and keeps nothing queued.
+            error = await refused(second, "pc-1.stalled.invalid", 3389)
+            assert error.reason == "pc-1.stalled.invalid:3389 is unreachable: name resolution " \
+                                   "timed out"
+            assert env.tunnels.lookups_in_progress == 2
+            opens += [asyncio.ensure_future(second.open_connection("pc-1.stalled.invalid", 3389))]
+            await eventually(lambda: env.tunnels.lookups_in_progress == 3)
+            error = await refused(second, "pc-1.stalled.invalid", 3389)
+            assert (error.code, error.reason) == (SHORTAGE, "too many name lookups in progress")
+        for opening in opens:
+            with contextlib.suppress(asyncssh.ChannelOpenError):
+                await within(opening, 10)
+        await eventually(lambda: env.tunnels.lookups_in_progress == 0)
+    finally:
+        del USERS["stalled"]
+        env.tunnels.close()
 
 
 def direct_session(env: Env) -> Session:

@@ -6,7 +6,7 @@ One open, in order (`Tunnels.open`)::
     policy.tcp_service_for(host, port, user attributes)   which service (None: "no service at")
     decide(AccessRequest(..., frontend="ssh"))            one call; deny and step_up refuse
     ssh.address_overrides[host:port]                      operator-explicit: connect there
-      or getaddrinfo (off the loop, with a timeout)       every address must be safe (below)
+      or getaddrinfo (own threads, with a timeout)        every address must be safe (below)
     connect to an address that was checked                no second resolution (DNS rebinding)
     tunnel.open + gatewayd_tunnels_active                 then bytes flow both ways
     ... tunnel.close                                      bytes each way, duration, reason
@@ -25,8 +25,9 @@ found is audited as ``tunnel.deny`` with ``dest``, ``service``, ``rule``, ``reas
   reserved or one of the gateway's own addresses (interface addresses and listeners). Any
   one such address refuses the whole open, unless the service lists that IP literal itself;
   an address override is the operator's explicit choice and is not checked;
-* ``limit`` — the session already has `MAX_TUNNELS_PER_SESSION` tunnels open or opening
-  (code ``OPEN_RESOURCE_SHORTAGE``);
+* ``limit`` — code ``OPEN_RESOURCE_SHORTAGE``: the session already has
+  `MAX_TUNNELS_PER_SESSION` tunnels open or opening, or too many name lookups are in
+  progress (below; ``error`` ``dns_busy``);
 * ``unreachable`` — allowed, but the name does not resolve or nothing answers: the refusal
   code is ``OPEN_CONNECT_FAILED`` and the record carries the rule that allowed it and
   ``error`` (``connection_refused``, ``timeout``, ``no_route``, ``dns``, ...). The allowed
@@ -34,7 +35,26 @@ found is audited as ``tunnel.deny`` with ``dest``, ``service``, ``rule``, ``reas
 * ``error`` — an unexpected failure in the gateway (logged with its traceback): refused with
   ``OPEN_CONNECT_FAILED`` "internal error", never an allow.
 
-All other refusals use ``OPEN_ADMINISTRATIVELY_PROHIBITED``. A connect can take seconds: if
+All other refusals use ``OPEN_ADMINISTRATIVELY_PROHIBITED``.
+
+**Refusal budget.** A client can ask for refused opens as fast as it can send packets (a scan
+through ``-D``, a script looping on a denied port): each would be one ``tunnel.deny``. A
+session may have `REFUSALS_PER_WINDOW` refused opens within `REFUSAL_WINDOW` seconds; the next
+one disconnects the connection ("too many refused tunnel requests") and is audited as one
+``tunnel.deny`` with status ``rate_limited`` and the count in its reason instead of its own
+record. The refusals before it keep their records; opens the connection still had in flight
+or asyncssh still reads after the disconnect are refused without a record, as on an ended
+session (`Tunnels.cut_off`: the SSH server checks it before it starts an open).
+
+**Name lookups** run on the broker's own `RESOLVER_THREADS` threads, never on asyncio's
+default executor, which the TOTP store and the file directory use: a resolver that stops
+answering stalls tunnel opens, never sign-ins. A session may have `LOOKUPS_PER_SESSION`
+lookups in progress and all sessions together `LOOKUPS_IN_PROGRESS` (running or waiting for a
+thread; a lookup counts until its thread returns, even after its open timed out); beyond that
+an open is refused at once, "too many name lookups in progress". `Tunnels.close` stops the
+threads (the Gateway's stop). An override to an IP literal needs no lookup.
+
+A connect can take seconds: if
 the session ends meanwhile the open is refused, and if a reload replaced the policy the open
 is decided once more (``denied`` when the new policy says no) — `recheck` only sees tunnels
 that have started. Refused without a record: opens on a session that has ended, and, with
@@ -45,12 +65,25 @@ cannot be written (nothing happens unrecorded).
 writes client bytes straight to the upstream transport, the upstream protocol writes to the
 channel — no await, no queue, no copy of ours per chunk. Flow control both ways: a full
 upstream write buffer pauses reading the channel (the client's SSH window then closes), a full
-channel send buffer (the client does not read) pauses reading the upstream socket; gateway
-memory per tunnel stays within the channel window plus the two high-water marks. EOF passes
+channel send buffer (the client does not read) pauses reading the upstream socket. EOF passes
 through each way (half-close); when both sides have sent it the tunnel closes. Bytes are
 counted per chunk as one integer addition; the session's counters, the byte metrics and the
 session's idle timer (`SessionRegistry.touch`) are updated at most once a second and at close
 (metric children are resolved once per tunnel). ``Session.open_tunnels`` counts open tunnels.
+
+**Memory per tunnel, worst case** (both ends stop reading, measured in
+``test_slow_upstream_pauses_the_client`` / ``test_slow_client_pauses_the_upstream``):
+
+* client → upstream: asyncssh's receive buffer of the channel holds at most the channel window
+  (``ssh.window``, 8 MiB by default: pausing the channel stops window adjustments, so the
+  client cannot send more), plus the upstream write buffer: `UPSTREAM_HIGH_WATER` plus one
+  SSH packet (``ssh.max_packet_size``);
+* upstream → client: the channel's send buffer, `CHANNEL_HIGH_WATER` plus one read (256 KiB);
+* and the kernel's socket buffers of the upstream socket (autotuned, a few MiB at most).
+
+So about window + 1 MiB per tunnel (9 MiB by default), times `MAX_TUNNELS_PER_SESSION` (32)
+per session: about 290 MiB for one session whose tunnels all stall on purpose. A lower
+``ssh.window`` lowers it in proportion, at the cost of bulk throughput on long paths.
 
 **Closing**: ``tunnel.close`` with ``bytes_up`` (client → upstream), ``bytes_down``,
 ``duration_ms``, ``rule`` and ``reason``: ``client_closed`` / ``upstream_closed`` (whoever
@@ -64,11 +97,15 @@ with hours and weekdays; only a *deny* closes: MFA freshness is judged at open, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import socket
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -100,14 +137,25 @@ log = logging.getLogger(__name__)
 FRONTEND: Final = "ssh"
 PROHIBITED: Final = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
 CONNECT_FAILED: Final = asyncssh.OPEN_CONNECT_FAILED
+RESOURCE_SHORTAGE: Final = asyncssh.OPEN_RESOURCE_SHORTAGE
 INTERNAL_ERROR_DECISION: Final = Decision("deny", None, "internal error while deciding")
 
 RESOLVE_TIMEOUT: Final = 5.0  # seconds for getaddrinfo
 CONNECT_TIMEOUT: Final = 10.0  # seconds for all connection attempts of one open together
 CONFIRM_TIMEOUT: Final = 30.0  # an upstream whose channel never opened is closed after this
-# Tunnels one session may have open or opening at once. A browser behind ``ssh -D`` opens a
-# few dozen; a client opening thousands would hold as many upstream sockets and buffers.
-MAX_TUNNELS_PER_SESSION: Final = 128
+# Tunnels one session may have open or opening at once. A staff PC needs a handful (SMB,
+# mail, RDP; a browser behind ``ssh -D`` a few more); each may hold a channel window of
+# buffered data (see "Memory per tunnel" above).
+MAX_TUNNELS_PER_SESSION: Final = 32
+# Refused opens one session may have within REFUSAL_WINDOW seconds; one more disconnects.
+REFUSALS_PER_WINDOW: Final = 30
+REFUSAL_WINDOW: Final = 60.0
+TOO_MANY_REFUSALS: Final = "too many refused tunnel requests"
+# The broker's own getaddrinfo threads, and how many lookups may be in progress (running or
+# waiting for a thread) per session and in all.
+RESOLVER_THREADS: Final = 4
+LOOKUPS_PER_SESSION: Final = 4
+LOOKUPS_IN_PROGRESS: Final = 4 * RESOLVER_THREADS
 RECHECK_INTERVAL: Final = 10.0  # seconds between re-decisions of open tunnels (hours rules)
 FLUSH_INTERVAL: Final = 1.0  # seconds between session/metric updates while bytes flow
 # Write-buffer high-water marks (bytes). One asyncio read is at most 256 KiB, so a buffer
@@ -152,10 +200,6 @@ class TunnelRefused(asyncssh.ChannelOpenError):
     `Tunnels.open` is returned from ``connection_requested``.
     """
 
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(code, reason)
-
-
 
 class _Refusal(Exception):  # noqa: N818 - internal signal, turned into a TunnelRefused
     """An open refused after the session was found: audited as tunnel.deny, then refused."""
@@ -170,6 +214,14 @@ class _Refusal(Exception):  # noqa: N818 - internal signal, turned into a Tunnel
         """The same refusal, for the service and rule that had allowed the open."""
         return _Refusal(self.code, self.reason, self.status, service=service, rule=rule,
                         error=self.error)
+
+
+@dataclass(slots=True)
+class _RefusalBudget:
+    """One session's refused opens: when the last `REFUSALS_PER_WINDOW` happened."""
+
+    times: deque[float]
+    exhausted: bool = False  # the connection was disconnected for too many refusals
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,14 +244,46 @@ class Tunnels:
     def __init__(self, *, gateway: TunnelContext, resolve_timeout: float = RESOLVE_TIMEOUT,
                  connect_timeout: float = CONNECT_TIMEOUT,
                  confirm_timeout: float = CONFIRM_TIMEOUT,
-                 max_per_session: int = MAX_TUNNELS_PER_SESSION) -> None:
+                 max_per_session: int = MAX_TUNNELS_PER_SESSION,
+                 refusals_per_window: int = REFUSALS_PER_WINDOW,
+                 refusal_window: float = REFUSAL_WINDOW,
+                 resolver_threads: int = RESOLVER_THREADS,
+                 lookups_per_session: int = LOOKUPS_PER_SESSION,
+                 lookups_in_progress: int = LOOKUPS_IN_PROGRESS) -> None:
         self._gateway = gateway
         self._resolve_timeout = resolve_timeout
         self._connect_timeout = connect_timeout
         self.confirm_timeout = confirm_timeout
-        self._max_per_session = max_per_session
+        self.max_per_session = max_per_session
         self._open: dict[Session, set[Tunnel]] = {}
         self._opening: dict[Session, int] = {}  # opens still resolving or connecting
+        self._refusals_per_window = refusals_per_window
+        self._refusal_window = refusal_window
+        self._budgets: weakref.WeakKeyDictionary[Session, _RefusalBudget] = (
+            weakref.WeakKeyDictionary())
+        # Threads start on first use; `close` stops them.
+        self._resolver = ThreadPoolExecutor(max_workers=resolver_threads,
+                                            thread_name_prefix="gatewayd-resolve")
+        self._lookups_per_session = lookups_per_session
+        self._lookups_in_progress = lookups_in_progress
+        self._lookups: dict[Session, int] = {}  # per session, until the thread returns
+        self._lookups_total = 0
+
+    def close(self) -> None:
+        """Stop the resolver threads (the Gateway's stop): queued lookups are dropped, a
+        running getaddrinfo is left to finish on its own."""
+        self._resolver.shutdown(wait=False, cancel_futures=True)
+
+    def cut_off(self, session: Session) -> bool:
+        """True once the session's connection was disconnected for too many refused opens:
+        opens it still sends are refused before any work (see "Refusal budget")."""
+        budget = self._budgets.get(session)
+        return budget is not None and budget.exhausted
+
+    @property
+    def lookups_in_progress(self) -> int:
+        """Name lookups running or waiting for a resolver thread (for tests and listings)."""
+        return self._lookups_total
 
     def __len__(self) -> int:
         return sum(len(tunnels) for tunnels in self._open.values())
@@ -261,26 +345,25 @@ class Tunnels:
         ``orig_host``/``orig_port`` are the client's claim of where the connection came from
         on its side; they decide nothing. ``conn`` is the SSH connection the channel is on.
         """
+        if self.cut_off(session):  # being disconnected: no more work
+            raise TunnelRefused(PROHIBITED, TOO_MANY_REFUSALS)
         dest = show_dest(dest_host, dest_port)
         busy = len(self._open.get(session, ())) + self._opening.get(session, 0)
-        if busy >= self._max_per_session:
-            refusal = _Refusal(asyncssh.OPEN_RESOURCE_SHORTAGE,
-                               f"too many tunnels in this session (at most "
-                               f"{self._max_per_session} at once)", "limit")
-            self._audit_deny(session, dest, refusal)
-            raise TunnelRefused(refusal.code, refusal.reason)
+        if busy >= self.max_per_session:
+            raise self._refuse(session, conn, dest, _Refusal(
+                RESOURCE_SHORTAGE, f"too many tunnels in this session (at most "
+                                   f"{self.max_per_session} at once)", "limit"))
         self._opening[session] = self._opening.get(session, 0) + 1
         try:
             return await self._open_checked(session, dest_host, dest_port, dest)
         except _Refusal as refusal:
-            self._audit_deny(session, dest, refusal)
-            raise TunnelRefused(refusal.code, refusal.reason) from None
+            raise self._refuse(session, conn, dest, refusal) from None
         except (TunnelRefused, asyncio.CancelledError):
             raise
         except Exception:  # fail closed: a bug refuses this open, never the whole connection
             log.exception("tunnel open failed unexpectedly")
-            self._audit_deny(session, dest, _Refusal(CONNECT_FAILED, "internal error", "error"))
-            raise TunnelRefused(CONNECT_FAILED, "internal error") from None
+            raise self._refuse(session, conn, dest, _Refusal(
+                CONNECT_FAILED, "internal error", "error")) from None
         finally:
             left = self._opening.pop(session) - 1
             if left:
@@ -309,7 +392,8 @@ class Tunnels:
         tunnel = Tunnel(self, gateway, session=session, service=service, rule=decision.rule,
                         dest_host=host, dest_port=dest_port, dest=dest)
         try:
-            target = await self._target(policy.services.get(service), host, dest_port, dest)
+            target = await self._target(session, policy.services.get(service), host,
+                                        dest_port, dest)
             await self._connect(tunnel, target, dest)
         except _Refusal as refusal:
             raise refusal.of(service, decision.rule) from None
@@ -364,12 +448,17 @@ class Tunnels:
 
     # --- where to connect ----------------------------------------------------------------
 
-    async def _target(self, service: object, host: str, port: int, dest: str) -> _Target:
+    async def _target(self, session: Session, service: object, host: str, port: int,
+                      dest: str) -> _Target:
         override = override_table(self._gateway.settings.ssh.address_overrides).get((host, port))
         if override is not None:  # the operator named the address: connect there, unchecked
-            addresses, _ = await self._lookup(override[0], override[1], dest, own=False)
+            literal = _ip_literal(override[0])
+            if literal is not None:
+                return _Target((literal,), override[1])
+            addresses, _ = await self._lookup(session, override[0], override[1], dest,
+                                              own=False)
             return _Target(addresses, override[1])
-        addresses, own = await self._lookup(host, port, dest, own=True)
+        addresses, own = await self._lookup(session, host, port, dest, own=True)
         if isinstance(service, TcpService) and explicitly_named(service, host, port):
             return _Target(addresses, port)  # the service writes this IP literal itself
         own = own.union(self._listen_addresses())
@@ -380,12 +469,28 @@ class Tunnels:
                                "unsafe_destination")
         return _Target(addresses, port)
 
-    async def _lookup(self, host: str, port: int, dest: str,
+    async def _lookup(self, session: Session, host: str, port: int, dest: str,
                       *, own: bool) -> tuple[tuple[IPAddress, ...], OwnAddresses]:
-        """Resolve off the loop (and read the gateway's own addresses in the same hop)."""
+        """Resolve on the resolver threads (and read the gateway's own addresses in the same
+        hop); refused at once when too many lookups are in progress."""
+        if self._lookups_total >= self._lookups_in_progress \
+                or self._lookups.get(session, 0) >= self._lookups_per_session:
+            raise _Refusal(RESOURCE_SHORTAGE, "too many name lookups in progress", "limit",
+                           error="dns_busy")
+        loop = asyncio.get_running_loop()
+        work: Future[tuple[tuple[IPAddress, ...], OwnAddresses]]
+        work = self._resolver.submit(_resolve, host, port, own)
+        self._lookups_total += 1
+        self._lookups[session] = self._lookups.get(session, 0) + 1
+
+        def returned(_: object) -> None:  # in the resolver thread (or here, if cancelled)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to count
+                loop.call_soon_threadsafe(self._lookup_done, session)
+
+        work.add_done_callback(returned)
         try:
             async with asyncio.timeout(self._resolve_timeout):
-                addresses, mine = await asyncio.to_thread(_resolve, host, port, own)
+                addresses, mine = await asyncio.wrap_future(work)
         except TimeoutError:
             raise _Refusal(CONNECT_FAILED, f"{dest} is unreachable: name resolution timed out",
                            "unreachable", error="dns_timeout") from None
@@ -395,6 +500,12 @@ class Tunnels:
             raise _Refusal(CONNECT_FAILED, f"{dest} is unreachable: the name does not resolve",
                            "unreachable", error="dns")
         return addresses, mine
+
+    def _lookup_done(self, session: Session) -> None:
+        self._lookups_total -= 1
+        left = self._lookups.pop(session) - 1
+        if left:
+            self._lookups[session] = left
 
     def _listen_addresses(self) -> Iterable[IPAddress]:
         settings = self._gateway.settings
@@ -444,6 +555,35 @@ class Tunnels:
             if not tunnels:
                 del self._open[tunnel.session]
 
+    def _refuse(self, session: Session, conn: asyncssh.SSHServerConnection | None, dest: str,
+                refusal: _Refusal) -> TunnelRefused:
+        """Audit a refused open within the session's refusal budget (module docstring); past
+        it, write one ``rate_limited`` record and disconnect. Returns what to raise."""
+        budget = self._budgets.get(session)
+        if budget is None:
+            budget = _RefusalBudget(deque(maxlen=self._refusals_per_window))
+            self._budgets[session] = budget
+        if budget.exhausted:
+            return TunnelRefused(refusal.code, refusal.reason)
+        now = self._gateway.clock()
+        times = budget.times
+        if len(times) < self._refusals_per_window or now - times[0] >= self._refusal_window:
+            times.append(now)
+            self._audit_deny(session, dest, refusal)
+            return TunnelRefused(refusal.code, refusal.reason)
+        budget.exhausted = True
+        summary = _Refusal(
+            PROHIBITED, f"{TOO_MANY_REFUSALS}: {len(times) + 1} within "
+                        f"{self._refusal_window:g} s; disconnected", "rate_limited",
+            service=refusal.service, rule=refusal.rule, error=refusal.status)
+        self._audit_deny(session, dest, summary)
+        log.warning("ssh: disconnected %s from %s: %s", session.user, session.source_ip,
+                    TOO_MANY_REFUSALS)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"gatewayd: {TOO_MANY_REFUSALS}")
+        return TunnelRefused(PROHIBITED, TOO_MANY_REFUSALS)
+
     def _audit_deny(self, session: Session, dest: str, refusal: _Refusal) -> None:
         try:
             self._gateway.audit.emit(
@@ -452,6 +592,14 @@ class Tunnels:
                 error=refusal.error)
         except AuditWriteError:
             log.error("tunnel.deny could not be audited")  # refused anyway
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    """``host`` as an IP address when it is one (no lookup needed), else None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def _resolve(host: str, port: int, own: bool) -> tuple[tuple[IPAddress, ...], OwnAddresses]:
