@@ -8,6 +8,7 @@ only the wall-clock times in Redis can make them agree.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -271,3 +272,42 @@ async def test_an_earlier_mfa_time_is_shared(redis: RedisServer) -> None:
         now_a, now_b = time.monotonic(), time.monotonic() + 300.0
         assert abs(made.mfa_age(now_a) - 120) < 1.0
         assert abs(seen.mfa_age(now_b) - 120) < 1.0
+
+
+async def test_the_documented_acl_user_may_do_everything_needed(
+        redis: RedisServer, tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "CONFIGURATION.md").read_text()
+    line = re.search(r"^ACL SETUSER gatewayd .*$", doc, re.MULTILINE)
+    assert line is not None
+    admin = Redis.from_url(redis.url)
+    try:
+        await admin.execute_command(*line.group(0).replace(">PASSWORD", ">pw-123").split())
+    finally:
+        await admin.aclose()
+    secret = tmp_path / "redis-password"
+    secret.write_text("pw-123\n")
+    secret.chmod(0o600)
+    state = RedisState(redis.url, key_prefix="gatewayd:", timeout=1.0, username="gatewayd",
+                       password_file=secret)
+    ended: list[str] = []
+    registry = SharedSessionRegistry(
+        RedisSessions(state, node="a"), idle_timeout=600, absolute_timeout=3600,
+        max_concurrent=10, per_user=1, clock=time.monotonic, wall=time.time,
+        on_end=lambda _, r: ended.append(r), on_remote_end=lambda _, r: None, cache_time=30)
+    registry.start()
+    try:
+        await until(lambda: registry.in_sync)  # SUBSCRIBE on the prefix's channel
+        _, first = await login(Node(registry))
+        _, second = await login(Node(registry))  # replaces the first (script + PUBLISH)
+        registry.touch(second)
+        registry.mark_mfa(second)
+        registry.rotate(second)
+        await registry.sync()
+        await registry.resync()
+        assert registry.by_handle(second.handle) is second and first.ended == "replaced"
+        registry.end(second, "logout")
+        await until(lambda: ended == ["replaced", "logout"])
+        assert await state.incr("login:fail:x", 10) == 1  # and the StateStore operations
+    finally:
+        await registry.close()
+        await state.close()
