@@ -854,14 +854,14 @@ async def test_refusal_budget_is_per_minute(env: Env) -> None:
 @contextlib.contextmanager
 def stalled_resolver(monkeypatch: pytest.MonkeyPatch) -> Any:
     """getaddrinfo hangs for names ending in .stalled.invalid (a DNS server that stopped
-    answering) until the block exits; calls are counted in the yielded list."""
+    answering) until the block exits; the yielded list gets the thread name of each call."""
     real = socket.getaddrinfo
     release = threading.Event()
     calls: list[str] = []
 
     def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(host, str) and host.endswith(".stalled.invalid"):
-            calls.append(host)
+            calls.append(threading.current_thread().name)
             release.wait(30)
         return real(host, *args, **kwargs)
 
@@ -892,6 +892,7 @@ async def test_stalled_name_lookups_never_block_the_default_executor(
                 assert (error.code, error.reason) == (SHORTAGE,
                                                       "too many name lookups in progress")
             assert len(calls) == 4 and env.tunnels.lookups_in_progress == 4
+            assert all(name.startswith("gatewayd-resolve") for name in calls)
             assert await within(asyncio.to_thread(lambda: "free"), 2) == "free"
         # The resolver answers again (.invalid: "does not resolve"); the lookups are done.
         for opening in opens:
