@@ -10,10 +10,15 @@ module-level state anywhere in the package. Lifecycle order, as in uvicorn:
 * ``reload()`` (SIGHUP): re-read the config file and the policy directory; an invalid new
   config or policy is rejected as a whole and the old one stays. Recorded as
   ``config.reload`` and in ``gatewayd_config_last_reload_success``.
-* ``stop()`` (SIGTERM/SIGINT): stop accepting, end every session with reason ``shutdown`` (each
-  gets its ``session.end``; WebSockets close with 1001), let requests in flight finish (up to
-  ``gateway.shutdown_grace``), close the upstream pools, then close the audit log last so that
-  its final checkpoint covers everything that happened.
+* ``stop()`` (SIGTERM/SIGINT; systemd has heard STOPPING=1 first): the drain — the admin
+  socket and both listeners stop accepting, WebSockets close with 1001, new HTTP requests get
+  503 + ``Retry-After``, new SSH tunnels are refused — then requests in flight and open
+  tunnels get up to ``gateway.shutdown_grace`` to end (tunnels keep relaying meanwhile). Then
+  every session ends with reason ``shutdown`` (each gets its ``session.end``; SSH clients are
+  told "the gateway is shutting down"), the upstream pools close, and the audit log closes
+  last so that its final checkpoint covers everything that happened.
+* a reload re-decides what is open: WebSockets and tunnels the new policy denies close, and
+  sessions of users no allow rule admits any more end (``policy_changed``).
 
 Clocks are injected: ``clock`` (monotonic seconds) drives sessions, regulation and the replay
 cache; ``wall_clock`` (aware datetime) is what policies and TOTP codes are evaluated against.
