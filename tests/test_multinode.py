@@ -15,12 +15,13 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import pytest
 from https_harness import Harness, password_hash, running_gateway
 from redis_server import RedisServer, running_redis
+from ssh_harness import running_ssh_gateway
 from yarl import URL
 
 from gatewayd.admin_cli import call
@@ -28,6 +29,7 @@ from gatewayd.https.headers import SESSION_COOKIE
 from gatewayd.identity.totp import KEY_FILE, SECRETS_FILE, SecretStore
 from gatewayd.sessions_shared import SharedSessionRegistry
 
+H = TypeVar("H")
 PREFIX = "ward-multi:"
 RACERS = 20
 SEATS = 10
@@ -86,6 +88,17 @@ async def one_node(node_dir: Path, name: str, redis: RedisServer,
         yield harness
     finally:
         await runner.aclose()
+
+
+@asynccontextmanager
+async def started(runner: AsyncIterator[H]) -> AsyncIterator[H]:
+    """A harness generator (the body of a fixture) as a context manager."""
+    body = cast(AsyncGenerator[H, None], runner)
+    harness = await anext(body)
+    try:
+        yield harness
+    finally:
+        await body.aclose()
 
 
 @asynccontextmanager
@@ -209,3 +222,44 @@ async def test_redis_lost_then_back(tmp_path: Path, redis: RedisServer) -> None:
         assert b.gateway.sessions.active() == a.gateway.sessions.active() == 0
         b.clock.advance(30)  # the next TOTP step
         assert (await sign_in(b, 6))[0] == 303  # recovered without a restart
+
+
+async def test_a_kill_on_one_node_ends_an_ssh_connection_held_by_the_other(
+        tmp_path: Path, redis: RedisServer) -> None:
+    state = {"backend": "redis", "url": redis.url, "key_prefix": PREFIX, "timeout": "500ms"}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    async with started(running_ssh_gateway(tmp_path / "b", state=state,
+                                           gateway={"node": "node-b"})) as b, \
+            started(running_gateway(tmp_path / "a", state=state,
+                                    gateway={"node": "node-a"})) as a:
+        process = await b.spawn("alice", "-N")
+        held = await b.wait_for_session("alice")
+        await until(lambda: a.gateway.sessions.by_handle(held.handle) is not None)
+        assert a.gateway.sessions.seats_taken() == 1  # node A counts B's seat
+        assert a.gateway.listeners.admin_socket is not None
+        code, answer = await call(Path(a.gateway.listeners.admin_socket), "POST",
+                                  "/v1/kill", body={"user": "alice", "reason": "test"})
+        assert code == 200 and answer["killed"] == [held.handle]
+        begun = time.monotonic()
+        await asyncio.wait_for(process.wait(), 5.0)
+        assert time.monotonic() - begun < 5.0
+        await until(lambda: not b.sessions())
+        await asyncio.sleep(0.5)
+        ends = [(e["node"], e["frontend"], e["reason"])
+                for e in a.audit_events("session.end") + b.audit_events("session.end")]
+        assert ends == [("node-a", "ssh", "admin_kill")]
+
+
+async def test_a_node_that_stops_leaves_the_browser_sessions_to_the_other(
+        tmp_path: Path, redis: RedisServer) -> None:
+    prepare_node(tmp_path / "a")
+    copy_node(tmp_path / "a", tmp_path / "b")
+    async with one_node(tmp_path / "b", "node-b", redis) as b:
+        async with one_node(tmp_path / "a", "node-a", redis) as a:
+            status, raw_id = await sign_in(a, 7)
+            assert status == 303
+            await until(lambda: b.gateway.sessions.active() == 1)
+        # Node A has stopped (SIGTERM): its browser session lives on, served by node B.
+        assert await status_of(with_cookie(b, raw_id), b.base + "/groupware/inbox") == 200
+        assert a.audit_events("session.end") == [] and b.gateway.sessions.seats_taken() == 1

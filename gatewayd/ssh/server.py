@@ -90,6 +90,7 @@ from gatewayd.ssh.auth import (
     usable_username,
 )
 from gatewayd.ssh.tunnel import Tunnels
+from gatewayd.state.store import StateUnavailable
 from gatewayd.tasks import cancel_and_wait, within
 
 if TYPE_CHECKING:
@@ -440,7 +441,7 @@ class GatewayServer(asyncssh.SSHServer):
                 self._disconnect("Too many failed attempts. Wait a while before you try again.")
                 return False
             return self._failed()
-        return self._start_session(result.principal, device=None, device_user=None)
+        return await self._start_session(result.principal, device=None, device_user=None)
 
     async def _login(self, username: str, password: str, code: str) -> LoginResult:
         gateway = self._gateway
@@ -517,7 +518,8 @@ class GatewayServer(asyncssh.SSHServer):
                 emergency.crl, emergency.index, claims.device, claims.valid_after):
             raise CertificateRefused("certificate_device_revoked")
 
-    def certificate_accepted(self, claims: CertificateClaims, principal: Principal) -> bool:
+    async def certificate_accepted(self, claims: CertificateClaims,
+                                   principal: Principal) -> bool:
         """asyncssh verified the signatures too: sign in (False if no session can start)."""
         emergency = self._gateway.emergency
         owner = device_owner(emergency.index, claims.device) if claims.device else None
@@ -525,8 +527,9 @@ class GatewayServer(asyncssh.SSHServer):
         if portal is not None and portal.handle != claims.portal_session:
             portal = None
         self.claims = claims
-        started = self._start_session(principal, device=claims.device, device_user=owner,
-                                      seat_of=portal, certificate=claims)
+        started = await self._start_session(principal, device=claims.device,
+                                            device_user=owner, seat_of=portal,
+                                            certificate=claims)
         if started:
             self._end_with_certificate(claims.valid_before)
         return started
@@ -544,12 +547,12 @@ class GatewayServer(asyncssh.SSHServer):
 
     # --- the session ------------------------------------------------------------------------
 
-    def _start_session(self, principal: Principal, *, device: str | None,
-                       device_user: str | None, seat_of: Session | None = None,
-                       certificate: CertificateClaims | None = None) -> bool:
+    async def _start_session(self, principal: Principal, *, device: str | None,
+                             device_user: str | None, seat_of: Session | None = None,
+                             certificate: CertificateClaims | None = None) -> bool:
         gateway = self._gateway
         try:
-            _, session = gateway.sessions.create(
+            _, session = await gateway.sessions.admit(
                 principal, frontend=FRONTEND, source_ip=self.source_ip, device=device,
                 device_user=device_user, replace_oldest=True, seat_of=seat_of)
         except (SeatsFull, PerUserLimit) as exc:
@@ -558,6 +561,11 @@ class GatewayServer(asyncssh.SSHServer):
             # Seats full: the very sentence of the sign-in page (`SeatsFull.__str__`).
             self._disconnect(str(exc) if isinstance(exc, SeatsFull)
                              else f"gatewayd: {exc}; try again later")
+            return False
+        except StateUnavailable:  # multi-node: no seat can be counted without Redis
+            self._record(user=principal.user, ok=False, reason="state_unavailable",
+                         device=device)
+            self._disconnect("Sign-in is temporarily unavailable; try again in a few minutes")
             return False
         how = None if certificate is None else f"certificate serial {certificate.serial}"
         try:
@@ -786,6 +794,6 @@ def _filter_certificates(conn: asyncssh.SSHServerConnection, server: GatewayServ
             if msg:
                 server._failed()  # our checks passed, a signature did not
             return False
-        return server.certificate_accepted(*verdict) if msg else True
+        return (await server.certificate_accepted(*verdict)) if msg else True
 
     setattr(conn, "validate_public_key", validate)  # noqa: B010 - an instance attribute
