@@ -215,6 +215,14 @@ async def test_sigterm_drains_downloads_and_tunnels_then_exits_zero(daemon: Daem
         status, headers = await until_draining(browser, daemon.https + "/groupware/ping")
         assert status == 503 and int(headers["Retry-After"]) > 0
         assert headers["Connection"].lower() == "close"
+        # Nothing new is accepted: not on either listener, not on the admin socket.
+        https_port = int(daemon.https.rpartition(":")[2])
+        for port_ in (https_port, daemon.ssh_port):
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port_)
+        admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with admin, pytest.raises(OSError):
+            admin.connect(str(daemon.tmp / "admin.sock"))
         # The download in flight completes, every byte of it.
         assert await asyncio.wait_for(download, GRACE + 10) == len(CHUNK) * CHUNKS
         # The tunnel open at SIGTERM still carries data during the grace…

@@ -6,6 +6,7 @@ seats. Real sockets throughout (see https_harness / ssh_harness)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -193,6 +194,18 @@ async def test_connections_over_the_cap_are_closed_at_accept(
         text = await scrape(gw.gateway)
         assert metric(text, "gatewayd_https_connections_refused_total",
                       f'{{reason="{reason}"}}') == 1
+        # A connection that fails its handshake frees its slot too.
+        held[1][1].close()
+        await wait_for(lambda: admission.pending == 1,  # noqa: B023 - awaited right here
+                       "the closed connection's slot")
+        junk_reader, junk = await asyncio.open_connection(*gw.host.split(":"))
+        junk.write(b"GET / HTTP/1.1\r\n\r\n")  # plain HTTP to the TLS port
+        with contextlib.suppress(ConnectionError):  # closed by the failed handshake
+            await asyncio.wait_for(junk_reader.read(), 10)  # until EOF (an alert may come)
+        await wait_for(lambda: admission.pending == 1,  # noqa: B023 - awaited right here
+                       "the failed handshake's slot")
+        held[1] = await _tls_connect(gw)
+        junk.close()
         # Closing one frees its slot; the next connection is served (a real request).
         held[0][1].close()
         await wait_for(lambda: admission.pending == 1,  # noqa: B023 - awaited right here
