@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -12,6 +14,7 @@ from typing import Any
 
 import asyncssh
 import pytest
+from asyncssh.packet import String
 from ssh_harness import SshHarness, running_ssh_gateway
 
 from gatewayd.ca import Index, IndexEntry
@@ -335,3 +338,268 @@ async def test_a_certificate_from_the_portal_signs_in_and_shares_the_portal_seat
     (session,) = gw.sessions()
     assert session.seat == portal.handle
     assert gw.audit_events("session.start")[-1]["reason"] == f"portal session {portal.handle}"
+
+
+# --- issue 5 review: certificate sign-in and its session (regression tests) ---------------------
+
+
+class StalledClient(asyncssh.SSHClient):
+    """Starts keyboard-interactive and never answers: the connection waits in authentication,
+    so the test can drive the server's public-key check (the one asyncssh calls) itself."""
+
+    def __init__(self, stall: asyncio.Event) -> None:
+        self._stall = stall
+
+    def kbdint_auth_requested(self) -> str:
+        return ""
+
+    async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
+                                        prompts: Any) -> list[str] | None:
+        await self._stall.wait()
+        return None
+
+
+async def until(condition: Any, what: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {limit} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+def cert_login(gw: SshHarness, key_path: Path, user: str = "alice"
+               ) -> Any:
+    key = asyncssh.read_private_key(key_path)
+    cert = asyncssh.read_certificate(f"{key_path}-cert.pub")
+    return asyncssh.connect("127.0.0.1", gw.port, username=user, known_hosts=None,
+                            client_keys=[(key, cert)], agent_path=None, config=None,
+                            preferred_auth="publickey")
+
+
+@pytest.mark.parametrize("change", ["portal_killed", "user_disabled", "certificate_expired"])
+async def test_a_change_between_the_key_query_and_the_signed_attempt_is_not_missed(
+        gw: SshHarness, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    portal = portal_session(gw)
+    key_path = gw.certificate("alice", handle=portal.handle)
+    key = asyncssh.read_private_key(key_path)
+    blob = bytes(asyncssh.read_certificate(f"{key_path}-cert.pub").public_data)
+    stall = asyncio.Event()
+    client = asyncio.ensure_future(asyncssh.connect(
+        "127.0.0.1", gw.port, username="alice", known_hosts=None, client_keys=None,
+        agent_path=None, config=None, preferred_auth="keyboard-interactive",
+        client_factory=lambda: StalledClient(stall)))
+    try:
+        await until(lambda: any(s._conn is not None for s in gw.gateway.ssh.servers),
+                    "the connection waits in authentication")
+        (server,) = gw.gateway.ssh.servers
+        conn = server._conn
+        # What asyncssh calls for OpenSSH's unsigned query: accepted.
+        assert await conn.validate_public_key("alice", blob, b"", b"")
+        if change == "portal_killed":
+            gw.gateway.sessions.end(portal, "admin_kill")
+        elif change == "user_disabled":
+            async def disabled(username: str) -> None:
+                return None
+            monkeypatch.setattr(gw.gateway.authenticator.directory, "lookup", disabled)
+        else:
+            gw.clock.advance(2 * 3600)
+        msg = b"the client's signed auth request"
+        signature = key.sign(String(conn._session_id) + msg, b"ssh-ed25519")
+        assert not await conn.validate_public_key("alice", blob, msg, signature)
+        assert gw.sessions() == []
+        expected = {"portal_killed": "certificate_revoked",
+                    "user_disabled": "certificate_user_unknown_or_disabled",
+                    "certificate_expired": "certificate_expired"}[change]
+        assert gw.audit_events("auth.failure")[-1]["reason"] == expected
+    finally:
+        stall.set()
+        client.cancel()
+        with contextlib.suppress(BaseException):
+            await client
+
+
+def strict_smb_policy(tmp_path: Path) -> None:
+    """The shipped policy with ``mfa_max_age: 5m`` on the managers' SMB tunnel rule."""
+    policies = tmp_path / "policies"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "policies", policies)
+    rules = policies / "30-managers.yaml"
+    text = rules.read_text()
+    head, sep, tail = text.partition("  - id: managers-smb\n")
+    tail = tail.replace("    services: fileserver\n",
+                        "    services: fileserver\n    mfa_max_age: 5m\n", 1)
+    assert sep and "mfa_max_age: 5m" in tail
+    rules.write_text(head + sep + tail)
+
+
+@pytest.fixture
+async def strict_gw(tmp_path: Path) -> AsyncIterator[SshHarness]:
+    strict_smb_policy(tmp_path)
+    async for harness in running_ssh_gateway(tmp_path):
+        yield harness
+
+
+@pytest.mark.parametrize("portal_alive", [True, False], ids=["portal_live", "portal_gone"])
+async def test_a_certificate_session_keeps_the_age_of_the_portal_mfa(
+        strict_gw: SshHarness, portal_alive: bool) -> None:
+    gw = strict_gw
+    principal = await gw.gateway.authenticator.directory.lookup("bob")
+    assert principal is not None
+    _, portal = gw.gateway.sessions.create(principal, frontend="https", source_ip="127.0.0.1")
+    if not portal_alive:
+        gw.gateway.sessions.end(portal, "idle_timeout")  # not a revocation
+    gw.clock.advance(20 * 60)  # the portal's TOTP check is 20 minutes old now
+    conn = await cert_login(gw, gw.certificate("bob", handle=portal.handle), "bob")
+    try:
+        (session,) = gw.sessions()
+        age = session.mfa_age(gw.gateway.clock())
+        assert age >= 20 * 60 - 5, age  # not a fresh MFA
+        with pytest.raises(asyncssh.ChannelOpenError) as refused:
+            await conn.open_connection("fileserver.ward.local", 445)
+        assert "fresh MFA" in refused.value.reason
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("portal_alive", [True, False], ids=["portal_live", "portal_gone"])
+async def test_a_certificate_issued_before_the_listener_started_needs_its_portal_session(
+        gw: SshHarness, portal_alive: bool) -> None:
+    # Issued 9 minutes ago, by the previous process: had its portal session been killed
+    # then, that revocation was in the memory of a process that no longer exists.
+    handle = portal_session(gw).handle if portal_alive else "ab" * 8
+    key = gw.certificate("alice", handle=handle, valid_from=-600)
+    if portal_alive:
+        await signed_in_with(gw, key)
+        assert len(gw.sessions()) == 1
+        return
+    run = await gw.run("alice", key=key)
+    assert run.returncode == 255 and "Permission denied" in run.stderr
+    assert "sign in to the portal again for a new certificate" in run.stderr
+    assert gw.sessions() == []
+    assert gw.audit_events("auth.failure")[-1]["reason"] == "certificate_predates_restart"
+
+
+@pytest.mark.parametrize("gw", [{"ssh": {"sessions_per_certificate_seat": 2}}], indirect=True,
+                         ids=["limit_2"])
+async def test_one_sign_in_gives_a_bounded_number_of_ssh_sessions(gw: SshHarness) -> None:
+    portal = portal_session(gw)
+    key = gw.certificate("alice", handle=portal.handle)
+    first = await gw.spawn("alice", "-N", key=key)
+    await signed_in_with(gw, key)
+    await until(lambda: len(gw.sessions()) == 2, "two SSH sessions")
+    run = await gw.run("alice", "-N", key=key)
+    assert run.returncode == 255
+    assert "too many SSH connections for this sign-in (2)" in run.stderr
+    assert len(gw.sessions()) == 2
+    failure = gw.audit_events("auth.failure")[-1]
+    assert failure["reason"] == "too_many_connections" and failure["user"] == "alice"
+    first.kill()  # one closes: there is room again
+    await until(lambda: len(gw.sessions()) == 1, "the first session ended")
+    await signed_in_with(gw, key)
+    await until(lambda: len(gw.sessions()) == 2, "two SSH sessions again")
+
+
+class SharerStub:
+    """What `SshFrontend.session_ended` reads of a connection: its session and claims."""
+
+    def __init__(self, session: Any, claims: Any) -> None:
+        self.session, self.claims, self.seat_claim = session, claims, None
+
+
+async def test_ending_a_portal_session_with_many_sharers_ends_each_once_without_recursion(
+        gw: SshHarness, caplog: pytest.LogCaptureFixture) -> None:
+    sharers = 400  # well past what recursion through the end hook survives
+    registry = gw.gateway.sessions
+    portal = portal_session(gw)
+    principal = portal.principal
+    claims = checked(make_cert(key_id=f"alice - {portal.handle}"))
+    stubs = []
+    for _ in range(sharers):
+        _, session = registry.create(principal, frontend="ssh", source_ip="127.0.0.1",
+                                     seat_of=portal)
+        stubs.append(SharerStub(session, claims))
+    frontend = gw.gateway.ssh
+    frontend.servers.update(stubs)  # type: ignore[arg-type]
+    try:
+        registry.end(portal, "admin_kill")
+        assert all(stub.session.ended == "admin_kill" for stub in stubs)
+        ends = [e for e in gw.audit_events("session.end") if e["reason"] == "admin_kill"]
+        assert len(ends) == sharers + 1
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        assert portal.handle in frontend.revoked
+    finally:
+        frontend.servers.difference_update(stubs)  # type: ignore[arg-type]
+
+
+async def test_a_certificate_is_refused_when_asyncssh_skips_the_gateway_filter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if an asyncssh release stopped calling the wrapped validate_public_key: nothing was
+    # vouched for, so the CA is trusted for nothing (fail closed).
+    monkeypatch.setattr("gatewayd.ssh.server._filter_certificates", lambda conn, server: None)
+    async for gw in running_ssh_gateway(tmp_path):
+        portal = portal_session(gw)
+        with pytest.raises(asyncssh.PermissionDenied):
+            conn = await cert_login(gw, gw.certificate("alice", handle=portal.handle))
+            conn.close()
+        assert gw.sessions() == []
+
+
+@pytest.mark.parametrize("gw", [{"sessions": {"per_user": 1}}], indirect=True, ids=["per_user_1"])
+async def test_tunnel_and_browser_sessions_do_not_knock_each_other_out(gw: SshHarness) -> None:
+    registry = gw.gateway.sessions
+    portal = portal_session(gw)
+    conn = await cert_login(gw, gw.certificate("alice", handle=portal.handle))
+    try:
+        (tunnel_session,) = gw.sessions()
+        reader, writer = await conn.open_connection("mail.ward.local", 993)
+        # Twice the idle timeout of tunnel traffic while the browser stays unused.
+        step = registry.idle_timeout * 0.6
+        for _ in range(4):
+            gw.clock.advance(step)
+            before, deadline = tunnel_session.last_seen, time.monotonic() + 15
+            while tunnel_session.last_seen <= before:  # counted at most once a second
+                assert time.monotonic() < deadline, "the tunnel's traffic was not counted"
+                writer.write(b"x")
+                assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
+                await asyncio.sleep(0.2)
+            registry.sweep()
+        assert portal.ended is None and tunnel_session.ended is None
+        assert portal.last_seen == tunnel_session.last_seen
+    finally:
+        conn.close()
+    # The user signs in to the portal again (newest wins: the old sign-in and its tunnel
+    # go); the tunnel's reconnect with the old certificate joins the new sign-in's seat
+    # instead of replacing it.
+    await until(lambda: gw.sessions() == [], "the tunnel session ended")
+    _, again = registry.create(portal.principal, frontend="https", source_ip="127.0.0.1",
+                               replace_oldest=True)
+    conn = await cert_login(gw, gw.certificate("alice", handle=portal.handle))
+    try:
+        (session,) = gw.sessions()
+        assert again.ended is None and session.seat == again.handle
+    finally:
+        conn.close()
+
+
+async def test_the_portal_refuses_certificates_once_an_admin_revoked_its_ssh_sessions(
+        gw: SshHarness) -> None:
+    client = await gw.https.signed_in("alice")
+    (portal,) = gw.sessions("https")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    public = key.export_public_key("openssh").decode().strip()
+    url = gw.https.base + "/.gatewayd/ssh/certificate"
+    headers = {"Origin": "https://gateway.test"}
+    async with client.post(url, json={"public_key": public}, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        path = gw.dir / "portal-key"
+        key.write_private_key(path)
+        path.chmod(0o600)
+        Path(f"{path}-cert.pub").write_text(await resp.text())
+    await signed_in_with(gw, path)
+    (ssh_session,) = gw.sessions()
+    gw.gateway.sessions.end(ssh_session, "admin_kill")
+    assert portal.ended is None  # the browser session lives on ...
+    async with client.post(url, json={"public_key": public}, headers=headers) as resp:
+        body = await resp.json()
+        # ... but gets no more certificates the SSH listener would refuse on arrival
+        assert resp.status == 403 and body["error"] == "ssh_revoked", body
+        assert "sign in again" in body["message"]

@@ -8,7 +8,9 @@ Who may ask: a live portal session (every portal session began with password + T
 one: the sign-in redirect for a browser, 401 JSON for a script, as everywhere in the portal.
 The certificate is issued only when the user's policy allows at least one TCP destination
 right now (else 403 "your policy allows no SSH tunnels"), and is valid at most until the
-portal session's absolute end.
+portal session's absolute end. A portal session whose certificates the SSH listener revoked
+(an administrator killed one of its SSH sessions: `SshFrontend.session_ended`) gets 403
+``ssh_revoked`` instead of certificates that would be refused on arrival.
 
 Request bodies (at most 16 KiB, else 413):
 
@@ -174,6 +176,10 @@ class SshCertificates:
                           "ssh.user_ca_key_file is not set). Use your password and "
                           "authenticator code with ssh instead.")
         self._refuse_cross_origin(request)
+        if self._revoked_for_ssh(session):
+            raise Refused(403, "ssh_revoked", "An administrator ended the SSH sessions of this "
+                          "sign-in, so its certificates are no longer accepted. Sign out, sign "
+                          "in again, then ask for a new certificate.")
         user_key = await self._read_key(request, session)
         tunnels = self._tunnels(request, session, device)
         device_id = device.device_id if device else None
@@ -195,6 +201,16 @@ class SshCertificates:
             valid_before=issued.valid_before_text,
         )
         return issued, tunnels
+
+    def _revoked_for_ssh(self, session: Session) -> bool:
+        """Whether the SSH listener refuses this portal session's certificates (revoked).
+
+        Read from the gateway's SSH frontend when there is one (``ctx.ssh.revoked``, a
+        `gatewayd.ssh.auth.RevokedSessions`); the context protocol does not name it, as the
+        HTTPS frontend runs without SSH too.
+        """
+        revoked = getattr(getattr(self._ctx, "ssh", None), "revoked", None)
+        return revoked is not None and session.handle in revoked
 
     def _refuse_cross_origin(self, request: web.BaseRequest) -> None:
         origins = allowed_origins(request, self._ctx.settings.https.public_url)

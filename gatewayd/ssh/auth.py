@@ -18,7 +18,10 @@ wires them to asyncssh and turns their verdicts into sessions and audit records)
   device the key id names must not be revoked (`device_revoked`: the device CRL in force
   and the CA index, as the HTTPS listener enforces them), and the portal session must not
   have been ended by a revocation (`RevokedSessions`: admin kill, sign-out, disable, device
-  revocation — its certificates die with it, as its cookie did).
+  revocation — its certificates die with it, as its cookie did). The listener runs these
+  checks for the query and again for the signed attempt (`check_validity` once more right
+  before the session starts); `issued_at` tells it whether a certificate predates its start
+  (revocations are in memory: see `gatewayd.ssh.server`, "Revocations and restarts").
 
 Plain public keys are refused: a key on its own is one factor.
 """
@@ -41,6 +44,7 @@ from asyncssh.public_key import SSHOpenSSHCertificate
 from gatewayd.ca import Index
 from gatewayd.certs import CrlInfo
 from gatewayd.identity.directory import MAX_PASSWORD_CHARS, MAX_USERNAME_CHARS
+from gatewayd.ssh.certificate import CLOCK_SKEW
 
 MAX_CODE_CHARS: Final = 16
 KbdIntPrompts = tuple[tuple[str, bool], ...]
@@ -238,9 +242,7 @@ def check_certificate(
         raise CertificateRefused("certificate_principal")
     valid_after = datetime.fromtimestamp(min(parsed.valid_after, MAX_TIME), UTC)
     valid_before = datetime.fromtimestamp(min(parsed.valid_before, MAX_TIME), UTC)
-    if not valid_after <= now < valid_before:
-        raise CertificateRefused("certificate_expired" if now >= valid_before
-                                 else "certificate_not_yet_valid")
+    check_validity(valid_after, valid_before, now)
     key_id = parse_key_id(parsed.key_id)
     if key_id is None or key_id.user != username:
         raise CertificateRefused("certificate_key_id")
@@ -248,6 +250,18 @@ def check_certificate(
         raise CertificateRefused("certificate_options")
     return CertificateClaims(username, key_id.device, key_id.portal_session, parsed.serial,
                              valid_after, valid_before)
+
+
+def check_validity(valid_after: datetime, valid_before: datetime, now: datetime) -> None:
+    """Refuse a certificate outside its validity window (by the gateway's clock)."""
+    if not valid_after <= now < valid_before:
+        raise CertificateRefused("certificate_expired" if now >= valid_before
+                                 else "certificate_not_yet_valid")
+
+
+def issued_at(claims: CertificateClaims) -> datetime:
+    """When the portal signed the certificate: it backdates ``valid_after`` by `CLOCK_SKEW`."""
+    return claims.valid_after + timedelta(seconds=CLOCK_SKEW)
 
 
 def device_revoked(crl: CrlInfo | None, index: Index | None, device: str,
@@ -283,22 +297,29 @@ def device_owner(index: Index | None, device: str) -> str | None:
 class RevokedSessions:
     """Portal session handles whose certificates are refused, until they would expire anyway.
 
-    In memory, per node: a restart forgets them (the certificates still expire with their
-    portal session's absolute lifetime). Bounded: the oldest entries go first.
+    In memory, per node: a restart forgets them. The listener makes up for that by refusing
+    every certificate issued before it started whose portal session is not live
+    (`gatewayd.ssh.server`, "certificate_predates_restart"). Bounded: the oldest entries go
+    first. Each entry keeps the end reason of the revocation (``reason``), so a session that
+    raced the revocation ends with the same reason as its siblings.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._until: dict[str, float] = {}
+        self._until: dict[str, tuple[float, str]] = {}
 
-    def revoke(self, handle: str, lifetime: float) -> None:
+    def revoke(self, handle: str, lifetime: float, reason: str = "logout") -> None:
         now = self._clock()
         if len(self._until) >= MAX_REVOKED:
-            self._until = {h: t for h, t in self._until.items() if t > now}
+            self._until = {h: e for h, e in self._until.items() if e[0] > now}
             while len(self._until) >= MAX_REVOKED:
                 del self._until[next(iter(self._until))]
-        self._until[handle] = now + lifetime
+        self._until[handle] = (now + lifetime, reason)
+
+    def reason(self, handle: str) -> str | None:
+        """The end reason that revoked ``handle``, or None if it is not revoked."""
+        entry = self._until.get(handle)
+        return entry[1] if entry is not None and self._clock() < entry[0] else None
 
     def __contains__(self, handle: object) -> bool:
-        until = self._until.get(handle) if isinstance(handle, str) else None
-        return until is not None and self._clock() < until
+        return isinstance(handle, str) and self.reason(handle) is not None

@@ -23,7 +23,9 @@ Owns what a certificate the gateway issues looks like — the contract with the 
     ssh on a dual-stack line, carrier-grade NAT pools on mobile lines), so binding would
     refuse good logins, while the certificate is already short-lived and every tunnel is
     judged by the policy against the SSH connection's own source address;
-  - valid from 60 s ago (a client clock slightly behind) until the portal session's
+  - valid from 60 s ago (`CLOCK_SKEW`: a client clock slightly behind; the SSH listener
+    reads the issue time back as ``valid_after + CLOCK_SKEW`` and takes ``valid_after`` as
+    the MFA time of a certificate whose portal session is gone) until the portal session's
     absolute end at the latest (``session.created + sessions.absolute_timeout``): logging
     in to the portal never buys SSH access beyond the session it was issued from;
   - a random 64-bit serial, for the audit record and the SSH server's log.

@@ -13,17 +13,36 @@ connections) and `GatewayServer` (asyncssh's per-connection server object). One 
     session in the registry           frontend "ssh": seats, per-user cap, idle and absolute
                                       timeouts; auth.success + session.start audited
     "session" channel                 a banner (user, device, reachable services, expiry) and
-                                      nothing else: no shell, no command, stdin ignored
+                                      nothing else: no shell, no command, stdin ignored; at
+                                      most `MAX_SESSION_CHANNELS` per connection
     "direct-tcpip" channels           `Tunnels.open` (gatewayd.ssh.tunnel): policy per open
     anything else                     refused: exec/subsystem get a message on stderr and exit
                                       status 126; -R, streamlocal, agent, X11, tun/tap refused
+                                      (-R logged once a minute per connection at most)
 
 **Seats.** A session signed in with a certificate shares the seat of the portal session that
 issued it while that one lives (`SessionRegistry.create(seat_of=…)`): with ``per_user = 1``
-a member of staff keeps the browser session and the tunnel. Keyboard-interactive logins are
-new logins: newest wins at the per-user cap, as on the HTTPS listener (the oldest session of
-that user ends as ``replaced``). A certificate session also ends when the certificate
-expires, whatever ``sessions.absolute_timeout`` says.
+a member of staff keeps the browser session and the tunnel. At most
+``ssh.sessions_per_certificate_seat`` SSH sessions share one seat (per node; one more is
+refused "too many SSH connections for this sign-in (N)", ``auth.failure``
+``too_many_connections``): one certificate is not an unlimited number of sessions. Tunnel
+traffic also keeps the portal session that holds the seat from idling out
+(`SessionRegistry.touch` follows the seat). When the issuing portal session is gone, the
+certificate session joins the seat of a live SSH session of the same portal sign-in, else
+of the user's newest live portal session (`SshFrontend.seat_for`), else takes a seat of its
+own: so a tunnel that reconnects does not replace the user's new browser session, which
+would replace the tunnel at its next sign-in, and so on. (A new portal sign-in at the
+per-user cap still replaces the oldest seat, tunnels included: newest wins, as documented
+for ``sessions.per_user``; the tunnel's next connection then joins the new sign-in.)
+Keyboard-interactive logins are new logins: newest wins at the per-user cap, as on the
+HTTPS listener (the oldest session of that user ends as ``replaced``). A certificate
+session also ends when the certificate expires, whatever ``sessions.absolute_timeout`` says.
+
+**MFA age.** A certificate proves the MFA of the portal login that issued it, not a fresh
+one: the SSH session's ``mfa_at`` is the live portal session's, or, when that session is
+gone, the certificate's ``valid_after`` (the portal signs after the login's TOTP check and
+backdates ``valid_after`` a minute, so this is never later than the real MFA — stricter,
+never laxer). Never "now": ``mfa_max_age`` rules hold for tunnels as for web pages.
 
 **Ending.** Whatever ends a session (logout, admin kill, idle or absolute timeout, disabled
 user, revoked device, directory change, shutdown) runs its closer here: the connection is
@@ -32,13 +51,35 @@ connection, or stops answering keepalives (``ssh.keepalive_interval`` times ``ke
 ends its session as ``disconnected``. When a portal session ends by a revocation (sign-out,
 admin kill, disable, device revocation, directory change), the SSH sessions signed in with
 its certificates end with the same reason and those certificates are refused from then on.
+Those sessions are ended by the outermost `SshFrontend.session_ended` call in a loop (inner
+calls only queue their victims): a portal session shared by hundreds of SSH sessions does
+not recurse once per sharer, and every one gets its ``session.end`` record.
+
+**Revocations and restarts.** Revoked portal handles (`RevokedSessions`) live in memory; a
+restart forgets them. So a certificate issued before this process started (its
+``valid_after`` plus the portal's one-minute backdating is earlier than the listener's
+start) is accepted only while the portal session its key id names is live
+(`SshFrontend.portal_session`, the one function that says "live": with the multi-node
+registry, live in the shared sessions); otherwise it is refused
+(``certificate_predates_restart``) with an authentication banner telling the user to sign in
+to the portal again for a new certificate. A restart therefore costs certificate users whose
+portal session is gone one portal sign-in, and a sign-out or kill before the restart stays
+in force after it.
 
 **Certificates and asyncssh.** asyncssh checks a certificate's CA, principal, validity and
 signatures, but its public API never shows the server the key id, which names the device and
 the portal session. So `GatewayServer.connection_made` wraps the connection's
 ``validate_public_key`` (the method asyncssh's public-key auth calls with the raw key blob)
 with a filter that runs `gatewayd.ssh.auth` first and lets asyncssh's own checks decide after.
-This adds a check; it replaces none of asyncssh's.
+This adds a check; it replaces none of asyncssh's. The checks run for the unsigned query and
+again for the signed attempt (time, revocations, directory lookup), and once more, without
+an await in between, right before the session starts: a kill, disable or revocation between
+query and signature is not missed. Only refusals are remembered per connection, keyed by
+(user name, key). The wrapper is not public API, so it must not fail open: the filter marks
+the one key it vouches for while asyncssh checks it, and `GatewayServer.validate_ca_key`
+trusts the CA for nothing else; if an asyncssh release stopped calling the wrapper, every
+certificate would be refused, never accepted unchecked. ``pyproject.toml`` pins asyncssh to
+the 2.24 series this was checked against.
 
 **The contract with `gatewayd.ssh.tunnel`.** asyncssh 2.24 calls ``connection_requested``
 synchronously, but accepts a coroutine as its result and awaits it before it confirms the
@@ -50,7 +91,7 @@ instances (check capabilities, not classes).
 
 **RFC 4252 partial success** (certificate, then keyboard-interactive) is not offered: asyncssh
 has no public way for the server to answer "partial success", and the certificate already
-proves a fresh MFA login at the portal.
+proves the MFA login at the portal (with its age: see "MFA age").
 """
 
 from __future__ import annotations
@@ -59,6 +100,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -82,9 +124,11 @@ from gatewayd.ssh.auth import (
     KbdIntChallenge,
     RevokedSessions,
     check_certificate,
+    check_validity,
     decode_certificate,
     device_owner,
     device_revoked,
+    issued_at,
     read_responses,
     same_key,
     usable_username,
@@ -115,6 +159,13 @@ REFUSED_COMMAND: Final = (
     "gatewayd: this gateway runs no commands, shells or subsystems; it carries tunnels only.\n"
     "  Use: ssh -N -L 4445:fileserver.ward.local:445 gateway   (or ssh -D 1080 gateway)\n")
 EXIT_REFUSED: Final = 126
+# "session" channels one connection may have open or opening: each shell request renders the
+# banner (a policy decision per destination); ``ssh`` needs one, a multiplexing master a few.
+MAX_SESSION_CHANNELS: Final = 4
+REMOTE_LOG_INTERVAL: Final = 60.0  # seconds between log lines about refused -R per connection
+PREDATES_RESTART: Final = (
+    "gatewayd: this certificate was issued before the gateway restarted and its portal "
+    "session is gone; sign in to the portal again for a new certificate.\n")
 
 
 def kex_algorithms() -> list[str]:
@@ -180,7 +231,11 @@ class SshFrontend:
             rate_per_minute=ssh.connect_rate_per_source, registry=gateway.metrics.registry)
         self.tunnels = Tunnels(gateway=gateway)
         self.revoked = RevokedSessions(clock=gateway.clock)
+        # When this process began accepting: revocations before it are forgotten, so a
+        # certificate issued earlier needs its portal session alive (`portal_session`).
+        self.started_at = gateway.wall_clock().replace(microsecond=0)
         self.user_ca: asyncssh.SSHKey | None = None
+        self._ending: deque[tuple[Session, str]] | None = None  # see `session_ended`
         self.servers: set[GatewayServer] = set()
         self._options: asyncssh.SSHServerConnectionOptions | None = None
         self._sock: socket.socket | None = None
@@ -194,6 +249,7 @@ class SshFrontend:
     async def start(self) -> int:
         """Load the keys, listen on ``ssh.listen``; returns the bound port (for port 0)."""
         ssh = self.gateway.settings.ssh
+        self.started_at = self.gateway.wall_clock().replace(microsecond=0)
         host_key = await asyncio.to_thread(load_host_key, ssh.host_key_file)
         if ssh.user_ca_key_file is not None:
             self.user_ca = await asyncio.to_thread(load_user_ca, ssh.user_ca_key_file)
@@ -310,8 +366,44 @@ class SshFrontend:
         """Re-decide every open tunnel against the current policy; returns how many closed."""
         return self.tunnels.recheck_all()
 
+    def portal_session(self, handle: str) -> Session | None:
+        """The live session a certificate's key id names, or None.
+
+        The one place that decides whether a portal session is live for the certificate
+        checks: this node's registry (with the multi-node registry, its replica of the shared
+        sessions — `by_handle` of `gatewayd.sessions_shared`).
+        """
+        session = self.gateway.sessions.by_handle(handle)
+        if session is None or session.handle != handle or session.ended is not None:
+            return None
+        return session
+
+    def seat_for(self, handle: str, user: str) -> Session | None:
+        """The seat a certificate whose portal session ``handle`` is gone signs in to.
+
+        A live SSH session signed in with a certificate of the same portal sign-in (its
+        seat: one sign-in, one seat), else the user's newest live portal session (they signed
+        in again: join it rather than replace it, which would make the browser and the
+        tunnel knock each other out under ``per_user = 1``), else None (a seat of its own).
+        """
+        for server in self.servers:
+            session, claims = server.session, server.claims
+            if claims is not None and claims.portal_session == handle and session is not None \
+                    and session.ended is None and session.user == user:
+                return session
+        portals = [session for session in self.gateway.sessions.sessions()
+                   if session.user == user and session.frontend == "https"
+                   and session.ended is None]
+        return portals[-1] if portals else None
+
     def session_ended(self, session: Session, reason: str) -> None:
-        """A session ended: a revocation also kills the portal session's certificates."""
+        """A session ended: a revocation also kills the portal session's certificates.
+
+        Ending a sibling calls back here (the registry's end hook); those calls only queue
+        their victims for the outermost call, which ends them one by one: no recursion, so
+        a portal session with hundreds of certificate sessions ends them all, each with its
+        ``session.end`` record.
+        """
         if reason not in REVOKING_END_REASONS:
             return
         lifetime = self.gateway.sessions.absolute_timeout
@@ -319,12 +411,21 @@ class SshFrontend:
         handles.update(server.claims.portal_session for server in self.servers
                        if server.session is session and server.claims is not None)
         for handle in handles:
-            self.revoked.revoke(handle, lifetime)
-        for server in list(self.servers):
-            claims = server.claims
-            if claims is not None and claims.portal_session in handles \
-                    and server.session is not None and server.session is not session:
-                self.gateway.sessions.end(server.session, reason)
+            self.revoked.revoke(handle, lifetime, reason)
+        victims = [(server.session, reason) for server in list(self.servers)
+                   if server.claims is not None and server.claims.portal_session in handles
+                   and server.session is not None and server.session is not session
+                   and server.session.ended is None]
+        if self._ending is not None:  # inside an outer call: it ends them
+            self._ending.extend(victims)
+            return
+        self._ending = queue = deque(victims)
+        try:
+            while queue:
+                victim, why = queue.popleft()
+                self.gateway.sessions.end(victim, why)
+        finally:
+            self._ending = None
 
 
 class GatewayServer(asyncssh.SSHServer):
@@ -340,10 +441,19 @@ class GatewayServer(asyncssh.SSHServer):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._failures = 0
         self._plain_keys = 0
-        self._verdicts: dict[bytes, tuple[CertificateClaims, Principal] | None] = {}
+        # Refused (user name, key) pairs: not checked again. Accepted ones are never cached:
+        # the signed attempt is checked afresh (a kill may come between query and signature).
+        self._refused: set[tuple[str, bytes]] = set()
+        # The (user name, key) our certificate filter passed to asyncssh's own checks right
+        # now: `validate_ca_key` says yes to nothing else (fail closed without the filter).
+        self._vouched: tuple[str, bytes] | None = None
+        self.seat_claim: str | None = None  # the portal seat this connection signs in to
         self._remove_closer: Callable[[], None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self.banners: set[BannerSession] = set()
+        self.session_channels = 0  # open or opening (`session_requested`)
+        self._remote_refused = 0  # -R requests refused on this connection
+        self._remote_logged_at: float | None = None
 
     # --- connection ------------------------------------------------------------------------
 
@@ -461,20 +571,33 @@ class GatewayServer(asyncssh.SSHServer):
         return self._frontend.user_ca is not None
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Trust the CA only for a certificate the gateway's filter checked just now.
+
+        If an asyncssh release stopped calling the connection's ``validate_public_key`` (the
+        filter), nothing would have been vouched for and every certificate is refused: the
+        gateway's checks can never silently drop out.
+        """
         ca = self._frontend.user_ca
-        return ca is not None and same_key(key, ca)
+        vouched = self._vouched
+        return (ca is not None and vouched is not None and vouched[0] == username
+                and same_key(key, ca))
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return False  # a plain key is one factor (the filter refuses these before here)
 
     async def certificate_verdict(self, username: str, key_data: bytes
                                   ) -> tuple[CertificateClaims, Principal] | None:
-        """Our checks of an offered key (once per key per connection): accepted or None."""
-        if key_data in self._verdicts:
-            return self._verdicts[key_data]
+        """Our checks of an offered key: accepted (claims, principal) or None.
+
+        Run for the query and again for the signed attempt: the time, revocation and
+        directory checks must hold when the session starts, not when the key was first
+        offered. Only refusals are remembered, per (user name, key).
+        """
+        if (username, key_data) in self._refused:
+            return None
         verdict = await self._check_certificate(username, key_data)
-        if len(self._verdicts) < MAX_PLAIN_KEYS:
-            self._verdicts[key_data] = verdict
+        if verdict is None and len(self._refused) < MAX_PLAIN_KEYS:
+            self._refused.add((username, key_data))
         return verdict
 
     async def _check_certificate(self, username: str, key_data: bytes
@@ -511,28 +634,85 @@ class GatewayServer(asyncssh.SSHServer):
             raise CertificateRefused("directory_unavailable") from None
 
     def _check_revocations(self, claims: CertificateClaims) -> None:
-        if claims.portal_session in self._frontend.revoked:
+        frontend = self._frontend
+        if claims.portal_session in frontend.revoked:
             raise CertificateRefused("certificate_revoked")
         emergency = self._gateway.emergency
         if claims.device is not None and device_revoked(
                 emergency.crl, emergency.index, claims.device, claims.valid_after):
             raise CertificateRefused("certificate_device_revoked")
+        # Revocations live in memory: one issued before this process started may have been
+        # revoked and forgotten. Fail closed unless its portal session is live.
+        if issued_at(claims) < frontend.started_at \
+                and frontend.portal_session(claims.portal_session) is None:
+            self._banner(PREDATES_RESTART)
+            raise CertificateRefused("certificate_predates_restart")
+
+    def _banner(self, text: str) -> None:
+        """An authentication banner (OpenSSH prints it before "Permission denied")."""
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.send_auth_banner(text)
 
     async def certificate_accepted(self, claims: CertificateClaims,
                                    principal: Principal) -> bool:
-        """asyncssh verified the signatures too: sign in (False if no session can start)."""
-        emergency = self._gateway.emergency
+        """asyncssh verified the signatures too: sign in (False if no session can start).
+
+        The session's MFA time is the portal session's (live), else the certificate's
+        ``valid_after`` (issued after the portal login's TOTP check, backdated a minute):
+        a certificate is never a fresh MFA, so ``mfa_max_age`` rules keep their meaning.
+        """
+        gateway = self._gateway
+        emergency = gateway.emergency
         owner = device_owner(emergency.index, claims.device) if claims.device else None
-        portal = self._gateway.sessions.by_handle(claims.portal_session)
-        if portal is not None and portal.handle != claims.portal_session:
+        portal = self._frontend.portal_session(claims.portal_session)
+        if portal is not None and portal.user != principal.user:
             portal = None
+        try:  # again, with nothing awaited between these checks and the session's start
+            check_validity(claims.valid_after, claims.valid_before, gateway.wall_clock())
+            self._check_revocations(claims)
+        except CertificateRefused as exc:
+            self._record(user=principal.user, ok=False, reason=exc.detail)
+            self._failed()
+            return False
+        if portal is not None:
+            mfa_at = portal.mfa_at
+        else:
+            age = (gateway.wall_clock() - claims.valid_after).total_seconds()
+            mfa_at = gateway.clock() - max(0.0, age)
+        seat_of = portal or self._frontend.seat_for(claims.portal_session, principal.user)
+        if seat_of is not None and not self._claim_seat(seat_of, principal.user,
+                                                         claims.device):
+            return False
         self.claims = claims
         started = await self._start_session(principal, device=claims.device,
-                                            device_user=owner, seat_of=portal,
-                                            certificate=claims)
-        if started:
-            self._end_with_certificate(claims.valid_before)
-        return started
+                                            device_user=owner, seat_of=seat_of,
+                                            certificate=claims, mfa_at=mfa_at)
+        if not started:
+            self.seat_claim = None
+            return False
+        revoked = self._frontend.revoked.reason(claims.portal_session)
+        if revoked is not None and self.session is not None:  # revoked while admitted
+            gateway.sessions.end(self.session, revoked)
+            return False
+        self._end_with_certificate(claims.valid_before)
+        return True
+
+    def _claim_seat(self, seat_of: Session, user: str, device: str | None) -> bool:
+        """At most ``ssh.sessions_per_certificate_seat`` SSH sessions share a portal seat."""
+        limit = self._gateway.settings.ssh.sessions_per_certificate_seat
+        seat = seat_of.seat_key
+        sharing = sum(1 for server in self._frontend.servers
+                      if server is not self and server.seat_claim == seat
+                      and (server.session is None or server.session.ended is None))
+        if sharing >= limit:
+            self._record(user=user, ok=False, reason="too_many_connections", device=device)
+            self._disconnect(f"gatewayd: too many SSH connections for this sign-in ({limit}); "
+                             "close one, then try again")
+            return False
+        self.seat_claim = seat
+        return True
 
     def _end_with_certificate(self, valid_before: datetime) -> None:
         left = (valid_before - self._gateway.wall_clock()).total_seconds()
@@ -549,12 +729,13 @@ class GatewayServer(asyncssh.SSHServer):
 
     async def _start_session(self, principal: Principal, *, device: str | None,
                              device_user: str | None, seat_of: Session | None = None,
-                             certificate: CertificateClaims | None = None) -> bool:
+                             certificate: CertificateClaims | None = None,
+                             mfa_at: float | None = None) -> bool:
         gateway = self._gateway
         try:
             _, session = await gateway.sessions.admit(
                 principal, frontend=FRONTEND, source_ip=self.source_ip, device=device,
-                device_user=device_user, replace_oldest=True, seat_of=seat_of)
+                device_user=device_user, replace_oldest=True, seat_of=seat_of, mfa_at=mfa_at)
         except (SeatsFull, PerUserLimit) as exc:
             reason = "seats_full" if isinstance(exc, SeatsFull) else "per_user_limit"
             self._record(user=principal.user, ok=False, reason=reason, device=device)
@@ -603,6 +784,11 @@ class GatewayServer(asyncssh.SSHServer):
     # --- channels --------------------------------------------------------------------------
 
     def session_requested(self) -> asyncssh.SSHServerSession[str]:
+        if self.session_channels >= MAX_SESSION_CHANNELS:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE,
+                f"gatewayd: at most {MAX_SESSION_CHANNELS} session channels per connection")
+        self.session_channels += 1  # until the channel closes (`BannerSession`)
         return BannerSession(self)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
@@ -614,6 +800,9 @@ class GatewayServer(asyncssh.SSHServer):
         if self._frontend.draining:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "gatewayd: the gateway is shutting down")
+        if self._frontend.tunnels.cut_off(session):  # opens read after that disconnect
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "gatewayd: too many refused tunnel requests")
         return self._open_tunnel(session, conn, (dest_host, dest_port), (orig_host, orig_port))
 
     async def _open_tunnel(self, session: Session, conn: asyncssh.SSHServerConnection,
@@ -631,8 +820,15 @@ class GatewayServer(asyncssh.SSHServer):
                                             "gatewayd: internal error") from None
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        log.info("ssh: refused remote forwarding (-R) for %s from %s",
-                 self.session.user if self.session else "?", self.source_ip)
+        """-R is refused; logged at most once per `REMOTE_LOG_INTERVAL` per connection."""
+        self._remote_refused += 1
+        now = self._gateway.clock()
+        if self._remote_logged_at is None \
+                or now - self._remote_logged_at >= REMOTE_LOG_INTERVAL:
+            self._remote_logged_at = now
+            log.info("ssh: refused remote forwarding (-R) for %s from %s (%d so far on this "
+                     "connection)", self.session.user if self.session else "?",
+                     self.source_ip, self._remote_refused)
         return False
 
     def unix_connection_requested(self, dest_path: str) -> asyncssh.SSHUNIXSession[bytes]:
@@ -727,6 +923,7 @@ class BannerSession(asyncssh.SSHServerSession[str]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.banners.discard(self)
+        self._server.session_channels -= 1
 
     def end(self, message: str) -> None:
         """The session ended: say why on stderr and close with exit status 255."""
@@ -790,7 +987,12 @@ def _filter_certificates(conn: asyncssh.SSHServerConnection, server: GatewayServ
         verdict = await server.certificate_verdict(username, key_data)
         if verdict is None:
             return False
-        if not await original(username, key_data, msg, signature):
+        server._vouched = (username, key_data)  # what `validate_ca_key` may say yes to
+        try:
+            valid = await original(username, key_data, msg, signature)
+        finally:
+            server._vouched = None
+        if not valid:
             if msg:
                 server._failed()  # our checks passed, a signature did not
             return False
