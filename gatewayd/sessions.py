@@ -37,7 +37,9 @@ END_REASONS: Final[frozenset[str]] = frozenset(
      # the emergency stop (gatewayd.emergency): `certs revoke` and `users disable`
      "device_revoked", "user_disabled",
      # an SSH client closed its connection, or stopped answering keepalives (gatewayd.ssh)
-     "disconnected"}
+     "disconnected",
+     # multi-node: Redis no longer has the session (its data was lost; gatewayd.sessions_shared)
+     "state_lost"}
 )
 Closer = Callable[[str], None]
 """Called once with the end reason when the session ends; must not block."""

@@ -43,6 +43,10 @@ Redis (`gatewayd.state.sessions.RedisSessions`):
   connections; HTTPS sessions stay in Redis for the other nodes (the node merely closes its
   WebSockets).
 
+A session that vanished from Redis without a word why (Redis lost its data in a restart
+without persistence) ends everywhere too, with reason ``state_lost`` (or its timeout, if it
+was due), recorded by the one node that claims it first.
+
 Known edges: two nodes that decide the same explicit end at the same moment (both refreshing
 the directory) write ``session.end`` once, but a node that could not reach Redis may write a
 second one after an outage; an SSH session of a node that crashed holds its seat until its
@@ -469,6 +473,8 @@ class SharedSessionRegistry(SessionRegistry):
         synced.bytes_up, synced.bytes_down = session.bytes_up, session.bytes_down
         if "gone" in answer:
             self._ended_elsewhere(session, str(answer["gone"]))
+        elif "vanished" in answer:
+            await self._vanished(session)
         elif "expired" in answer:
             self._ended_by_us(session, str(answer["expired"]))
         else:
@@ -528,9 +534,24 @@ class SharedSessionRegistry(SessionRegistry):
             self._upsert(record)
         for handle, session in known.items():
             if handle not in present and handle not in self._unsent_ends:
-                reason = await self.store.end_reason(handle) or "expired"
-                self._ended_elsewhere(session, reason)
+                reason = await self.store.end_reason(handle)
+                if reason is None:
+                    await self._vanished(session)
+                else:
+                    self._ended_elsewhere(session, reason)
         self._confirm_one()
+
+    async def _vanished(self, session: Session) -> None:
+        """Redis has neither the session nor why it ended (its data was lost, or no node
+        could refresh it in time): end it everywhere, audited by the one node that says why."""
+        reason = self._expiry_reason(session, self._clock()) or "state_lost"
+        won, reason = await self.store.claim_end(session.handle, reason)
+        if session.ended is not None:  # ended here meanwhile (and recorded then)
+            return
+        if won:
+            self._ended_by_us(session, reason)
+        else:
+            self._ended_elsewhere(session, reason)
 
     # --- internals: the channel ----------------------------------------------------------------
 

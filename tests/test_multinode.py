@@ -220,6 +220,9 @@ async def test_redis_lost_then_back(tmp_path: Path, redis: RedisServer) -> None:
                     and a.gateway.sessions.in_sync, limit=15.0)  # type: ignore[attr-defined]
         assert await status_of(browser_on_b, url) == 401
         assert b.gateway.sessions.active() == a.gateway.sessions.active() == 0
+        await until(lambda: len(events((a, b), "session.end")) == 1)
+        (ended,) = events((a, b), "session.end")
+        assert ended["reason"] == "state_lost"
         b.clock.advance(30)  # the next TOTP step
         assert (await sign_in(b, 6))[0] == 303  # recovered without a restart
 

@@ -240,6 +240,9 @@ async def test_redis_down_serves_the_replica_then_fails_closed_then_recovers(
         await until(lambda: a.registry.in_sync and b.registry.in_sync, limit=15.0)
         assert await resolve(a, kept) is None and await resolve(b, raw) is None
         assert a.registry.active() == b.registry.active() == 0
+        # Redis lost them: each ends everywhere, recorded once (by whichever node was first).
+        assert sorted(r for _, r in a.ended + b.ended) == ["state_lost", "state_lost"]
+        assert len(a.remote + b.remote) == 2
         await login(a, Principal("carol"))
 
 

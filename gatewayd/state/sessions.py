@@ -142,14 +142,17 @@ return cjson.encode({ok = seat, created = now, replaced = replaced})
 
 # ARGV: prefix, node, handle, last_seen_ms (0: none), mfa_at_ms (0: none), bytes up, bytes
 #       down, idle_ms, absolute_ms, grace_ms.
-# Returns JSON: {"gone": reason} | {"expired": reason, "record": [...]} |
+# Returns JSON: {"gone": reason} | {"vanished": 1} (no record, no tombstone) |
+#               {"expired": reason, "record": [...]} |
 #               {"ok": 1, "last_seen": ms, "mfa_at": ms, "id": id_hash, "now": ms}.
 _REFRESH = _COMMON + """
 local node, h = ARGV[2], ARGV[3]
 local k = p .. 's:' .. h
 local f = redis.call('HMGET', k, 'created', 'last_seen', 'mfa_at', 'id')
 if not f[1] then
-  return cjson.encode({gone = redis.call('GET', p .. 'end:' .. h) or 'expired'})
+  local reason = redis.call('GET', p .. 'end:' .. h)
+  if reason then return cjson.encode({gone = reason}) end
+  return cjson.encode({vanished = 1})
 end
 local idle, absolute, grace = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local now, created = now_ms(), tonumber(f[1])
@@ -178,6 +181,17 @@ _END = _COMMON + """
 if finish(ARGV[3], ARGV[4], ARGV[2]) then return 1 end
 return 0
 """
+
+# ARGV: prefix, node, handle, reason. A session that vanished without a tombstone (Redis lost
+# its data, or no node refreshed it within the grace): the first caller writes the tombstone
+# and gets {1, reason}; the others {0, the reason it holds}.
+_CLAIM = _COMMON + """
+local k = p .. 'end:' .. ARGV[3]
+local held = redis.call('GET', k)
+if held then return {0, held} end
+redis.call('SET', k, ARGV[4], 'PX', TOMBSTONE_MS)
+return {1, ARGV[4]}
+""".replace("TOMBSTONE_MS", str(TOMBSTONE_MS))
 
 # ARGV: prefix, node, handle, new id hash. Returns 1, or 0 when the session is gone.
 _ROTATE = _COMMON + """
@@ -232,6 +246,7 @@ class RedisSessions:
         self._refresh: AsyncScript = redis.register_script(_REFRESH)
         self._end: AsyncScript = redis.register_script(_END)
         self._rotate: AsyncScript = redis.register_script(_ROTATE)
+        self._claim: AsyncScript = redis.register_script(_CLAIM)
 
     @property
     def client(self) -> Redis:
@@ -284,6 +299,13 @@ class RedisSessions:
         done = await self._state.run(lambda: self._end(
             args=[self._state.key_prefix, self.node, handle, reason]))
         return bool(int(cast(int, done)))
+
+    async def claim_end(self, handle: str, reason: str) -> tuple[bool, str]:
+        """For a session that vanished: (True, reason) for the one caller that records why
+        (it audits), (False, the recorded reason) for every other."""
+        won, held = cast(list[Any], await self._state.run(lambda: self._claim(
+            args=[self._state.key_prefix, self.node, handle, reason])))
+        return bool(int(won)), _text(held)
 
     async def rotate(self, handle: str, id_hash: str) -> bool:
         done = await self._state.run(lambda: self._rotate(
