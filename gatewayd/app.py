@@ -108,6 +108,7 @@ def build_session_registry(
     settings: Settings, clock: Callable[[], float], on_end: Callable[[Session, str], None],
     cap_for: Callable[[Principal], int] | None = None, *, state: StateBackend | None = None,
     on_remote_end: Callable[[Session, str], None] | None = None,
+    on_remote_start: Callable[[Session], None] | None = None,
 ) -> SessionRegistry:
     sessions = settings.sessions
     if settings.state.backend == "redis" and state is not None:
@@ -124,7 +125,8 @@ def build_session_registry(
             absolute_timeout=sessions.absolute_timeout.total_seconds(),
             max_concurrent=sessions.max_concurrent, per_user=sessions.per_user, clock=clock,
             wall=time.time, on_end=on_end, on_remote_end=on_remote_end or on_end,
-            cache_time=settings.state.session_cache.total_seconds(), cap_for=cap_for)
+            cache_time=settings.state.session_cache.total_seconds(), cap_for=cap_for,
+            on_remote_start=on_remote_start)
     return SessionRegistry(
         idle_timeout=sessions.idle_timeout.total_seconds(),
         absolute_timeout=sessions.absolute_timeout.total_seconds(),
@@ -252,7 +254,8 @@ class Gateway:
         self.state = build_state(settings, clock)
         self.sessions = build_session_registry(settings, clock, self._on_session_end,
                                                cap_for=self.user_cap, state=self.state,
-                                               on_remote_end=self._on_remote_session_end)
+                                               on_remote_end=self._on_remote_session_end,
+                                               on_remote_start=self._count_sessions)
         self.authenticator: Authenticator = build_authenticator(
             settings, state=self.state, audit_emit=self._emit_audit, response_floor=login_pacing
         )
@@ -718,10 +721,15 @@ class Gateway:
         """`AuditLog.emit` for collaborators that take an emitter (raises like emit)."""
         return self.audit.emit(event, **fields)
 
-    def _on_remote_session_end(self, session: Session, reason: str) -> None:
-        """Multi-node: another node ended (and audited) a session; its closers ran here."""
+    def _count_sessions(self, session: Session) -> None:
+        """Multi-node: a session of another node joined this node's replica (the gauge counts
+        the deployment's sessions, as the seat limit does)."""
         self.metrics.sessions_active.labels(session.frontend).set(
             self.sessions.active(session.frontend))
+
+    def _on_remote_session_end(self, session: Session, reason: str) -> None:
+        """Multi-node: another node ended (and audited) a session; its closers ran here."""
+        self._count_sessions(session)
         if self.ssh is not None:
             self.ssh.session_ended(session, reason)
 

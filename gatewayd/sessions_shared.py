@@ -117,7 +117,11 @@ class SharedSessionRegistry(SessionRegistry):
         on_remote_end: Callable[[Session, str], None],
         cache_time: float,
         cap_for: Callable[[Principal], int] | None = None,
+        on_remote_start: Callable[[Session], None] | None = None,
     ) -> None:
+        """``on_remote_end(session, reason)``: another node ended (and audited) a session
+        this node had; ``on_remote_start(session)``: one made elsewhere joined the replica
+        (gauges: they count the deployment's sessions on every node)."""
         super().__init__(idle_timeout=idle_timeout, absolute_timeout=absolute_timeout,
                          max_concurrent=max_concurrent, per_user=per_user, clock=clock,
                          on_end=on_end, cap_for=cap_for)
@@ -126,6 +130,7 @@ class SharedSessionRegistry(SessionRegistry):
         self.cache_time = cache_time
         self._wall = wall
         self._on_remote_end = on_remote_end
+        self._on_remote_start = on_remote_start
         self._by_handle: dict[str, Session] = {}
         self._synced: dict[str, _Synced] = {}
         self._rotating: set[str] = set()  # handles whose new id Redis does not have yet
@@ -391,6 +396,11 @@ class SharedSessionRegistry(SessionRegistry):
         session = self._by_handle.get(fresh.handle)
         if session is None:
             self._index(fresh, synced)
+            if self._on_remote_start is not None:
+                try:
+                    self._on_remote_start(fresh)
+                except Exception:
+                    log.exception("session start hook failed", extra={"session": fresh.handle})
             return fresh
         if session.id_hash != fresh.id_hash and session.handle not in self._rotating:
             del self._by_hash[session.id_hash]  # rotated on another node

@@ -175,6 +175,12 @@ async def test_twenty_logins_race_for_ten_seats_across_two_nodes(
         assert {e["node"] for e in events(nodes, "auth.success") + failures} == {
             "node-a", "node-b"}
         await until(lambda: all(n.gateway.sessions.seats_taken() == SEATS for n in nodes))
+        # Either node's gauge shows why the next login is refused: 10 of 10 seats.
+        for n in nodes:
+            metrics = n.gateway.metrics.registry
+            assert metrics.get_sample_value("gatewayd_sessions_active",
+                                            {"frontend": "https"}) == SEATS
+            assert metrics.get_sample_value("gatewayd_seats_limit") == SEATS
 
 
 async def test_a_kill_on_one_node_closes_the_websocket_on_the_other_within_5_seconds(
