@@ -314,3 +314,29 @@ async def test_the_documented_acl_user_may_do_everything_needed(
     finally:
         await registry.close()
         await state.close()
+
+
+async def test_activity_is_written_every_few_seconds_not_per_request(
+        redis: RedisServer) -> None:
+    async with node(redis, "a") as a:
+        raw, made = await login(a)
+        client = Redis.from_url(redis.url)
+
+        async def script_calls() -> int:
+            stats = await client.info("commandstats")
+            return sum(int(stats.get(name, {}).get("calls", 0))
+                       for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+        try:
+            before = await script_calls()
+            for _ in range(300):  # 300 requests in about 3 s
+                await a.registry.prepare([raw])
+                assert a.registry.get(raw) is made
+                a.registry.touch(made)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(2.5)
+            writes = await script_calls() - before
+        finally:
+            await client.aclose()
+        # One REFRESH per sync round (every 2 s) that has news: a handful, not 300.
+        assert 1 <= writes <= 4, writes
