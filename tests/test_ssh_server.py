@@ -9,7 +9,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from gatewayd.app import GatewayError
 from gatewayd.ssh.server import (
     CIPHERS,
     MACS,
+    MAX_SESSION_CHANNELS,
     keepalive_count_max,
     kex_algorithms,
     render_banner,
@@ -52,6 +53,13 @@ async def read_until(stream: asyncio.StreamReader | None, needle: bytes) -> byte
     return seen
 
 
+async def until(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll ``check()`` until it holds (at most ``seconds``: generous for a loaded machine)."""
+    async with asyncio.timeout(seconds):
+        while not check():  # noqa: ASYNC110 - polling a plain condition, no event to wait on
+            await asyncio.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -81,8 +89,7 @@ async def test_password_and_code_sign_in_show_the_banner_and_are_audited(gw: Ssh
     assert 'gatewayd_auth_attempts_total{frontend="ssh",result="success"} 1.0' in metrics
     process.terminate()
     await asyncio.wait_for(process.wait(), 5)
-    await asyncio.sleep(0.2)
-    assert gw.sessions() == []
+    await until(lambda: gw.sessions() == [])  # the server sees the close a moment later
     (end,) = gw.audit_events("session.end")
     assert end["frontend"] == "ssh" and end["reason"] == "disconnected"
 
@@ -196,6 +203,58 @@ async def test_a_shell_with_a_pty_gets_the_banner_with_crlf_and_ignores_input(
     await process.stdin.drain()
     await asyncio.sleep(0.3)
     assert process.returncode is None and len(gw.sessions()) == 1
+
+
+async def certificate_client(gw: SshHarness, user: str) -> asyncssh.SSHClientConnection:
+    """An asyncssh client signed in with a portal certificate."""
+    path = gw.certificate(user)
+    key = asyncssh.read_private_key(path)
+    cert = asyncssh.read_certificate(f"{path}-cert.pub")
+    return await asyncssh.connect("127.0.0.1", gw.port, username=user, known_hosts=None,
+                                  client_keys=[(key, cert)], agent_path=None, config=None,
+                                  preferred_auth="publickey")
+
+
+async def test_session_channels_per_connection_are_capped(gw: SshHarness) -> None:
+    # Each shell request renders the banner (a policy decision per destination): a client
+    # must not open thousands. Channels still opening count too (all requested at once).
+    async with await certificate_client(gw, "bob") as conn:
+        results = await asyncio.gather(
+            *(conn.create_session(asyncssh.SSHClientSession) for _ in range(20)),
+            return_exceptions=True)
+        opened = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(opened) == MAX_SESSION_CHANNELS == 4
+        for error in refused:
+            assert isinstance(error, asyncssh.ChannelOpenError)
+            assert (error.code, error.reason) == (
+                asyncssh.OPEN_RESOURCE_SHORTAGE,
+                "gatewayd: at most 4 session channels per connection")
+        chan, _ = opened[0]
+        chan.close()
+        await chan.wait_closed()
+        await until(lambda: next(iter(gw.gateway.ssh.servers)).session_channels == 3)  # type: ignore[union-attr]
+        await conn.create_session(asyncssh.SSHClientSession)  # a freed slot can be used again
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_session(asyncssh.SSHClientSession)
+        assert len(gw.sessions()) == 1 and gw.sessions()[0].ended is None
+
+
+async def test_refused_remote_forwards_are_logged_once_a_minute(
+        gw: SshHarness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gatewayd.ssh.server")
+    async with await certificate_client(gw, "bob") as conn:
+        for _ in range(50):
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 22)
+        gw.clock.advance(61)
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 22)
+    lines = [r.getMessage() for r in caplog.records if "remote forwarding" in r.getMessage()]
+    assert lines == ["ssh: refused remote forwarding (-R) for bob from 127.0.0.1 (1 so far on "
+                     "this connection)",
+                     "ssh: refused remote forwarding (-R) for bob from 127.0.0.1 (51 so far on "
+                     "this connection)"]
 
 
 def test_banner_without_services_says_so() -> None:
