@@ -35,7 +35,8 @@ Redis (`gatewayd.state.sessions.RedisSessions`):
   (``on_end``); every other node, told by the channel, runs its closers and ``on_remote_end``
   (gauges, SSH certificate revocation) without auditing. If Redis is down, the ending node
   audits anyway and sends the end once Redis answers again.
-* **Outage and recovery.** The subscriber reconnects by itself; after every (re)subscribe the
+* **Outage and recovery.** The subscriber reconnects by itself (and pings a channel that has
+  been quiet, so a connection that died without a word is noticed); after every (re)subscribe the
   replica is re-validated against Redis (`resync`): what is gone there is closed here (a kill
   published while Redis was down could not be delivered), what is new is loaded. A resync
   also runs every `RESYNC_INTERVAL`, so the replica converges whatever was missed.
@@ -85,6 +86,8 @@ log = logging.getLogger(__name__)
 SYNC_INTERVAL: Final = 2.0  # seconds between a node's activity writes (and expiry checks)
 RESYNC_INTERVAL: Final = 30.0  # seconds between full re-validations of the replica
 RECONNECT_DELAY: Final = 0.5  # seconds between subscriber reconnection attempts
+PING_INTERVAL: Final = 5.0  # seconds of silence on the channel before the subscriber pings
+CHANNEL_SILENCE: Final = 5.0  # seconds a ping may go unanswered before it reconnects
 MAX_COOKIES: Final = 4  # cookie values `prepare` looks at (as gatewayd.https.auth tries)
 ID_LENGTH: Final = 43  # a raw id's length (32 bytes, URL-safe base64)
 
@@ -584,11 +587,14 @@ class SharedSessionRegistry(SessionRegistry):
 
     async def _listen(self) -> None:
         pubsub = self.store.pubsub()
+        # Intervals on the loop's clock: the registry's clock may be a test's frozen fake.
+        loop = asyncio.get_running_loop()
         try:
             await within(pubsub.subscribe(self.store.channel), self.store.timeout)
             self._subscribed = True
             await self.resync()
-            last_resync = self._clock()
+            last_resync = last_pong = loop.time()
+            pinged = False
             me = asyncio.current_task()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
@@ -596,11 +602,23 @@ class SharedSessionRegistry(SessionRegistry):
                     # redis-py's read under its own timeout can swallow a cancellation that
                     # meets the timeout (the asyncio.wait_for problem, see gatewayd.tasks).
                     raise asyncio.CancelledError
-                if message is not None and message.get("type") == "message":
+                now = loop.time()
+                kind = None if message is None else message.get("type")
+                if message is not None and kind == "message":
                     await self._on_message(message.get("data"))
-                if self._clock() - last_resync >= RESYNC_INTERVAL:
+                elif kind == "pong":
+                    last_pong, pinged = now, False
+                if now - last_pong >= PING_INTERVAL:
+                    # A subscriber socket that died silently (no RST: a partition, a NAT
+                    # timeout) would wait for messages forever: ask, and reconnect if unheard.
+                    if now - last_pong >= PING_INTERVAL + CHANNEL_SILENCE:
+                        raise ConnectionError("no answer on the session channel")
+                    if not pinged:
+                        await within(pubsub.ping(), self.store.timeout)
+                        pinged = True
+                if now - last_resync >= RESYNC_INTERVAL:
                     await self.resync()
-                    last_resync = self._clock()
+                    last_resync = loop.time()
         finally:
             self._subscribed = False
             with contextlib.suppress(Exception):

@@ -340,3 +340,24 @@ async def test_activity_is_written_every_few_seconds_not_per_request(
             await client.aclose()
         # One REFRESH per sync round (every 2 s) that has news: a handful, not 300.
         assert 1 <= writes <= 4, writes
+
+
+async def test_a_silent_channel_is_noticed_and_reconnected(redis: RedisServer) -> None:
+    async with node(redis, "a") as a, node(redis, "b") as b:
+        raw, made = await login(a)
+        held = await resolve(b, raw)
+        assert held is not None
+        await asyncio.sleep(1.0)  # the channel is quiet now: nothing in flight
+        redis.pause()  # the subscriber's socket stays open, but nothing answers
+        try:
+            paused = time.monotonic()
+            await until(lambda: not b.registry.in_sync, limit=20.0)
+            # Noticed by the unanswered ping (5 s of silence, 5 s to answer), not sooner.
+            assert 2.0 < time.monotonic() - paused < 15.0
+        finally:
+            redis.resume()
+        await until(lambda: a.registry.in_sync and b.registry.in_sync, limit=20.0)
+        closed: list[str] = []
+        held.add_closer(closed.append)
+        a.registry.end(made, "logout")
+        await until(lambda: closed == ["logout"], limit=5.0)
