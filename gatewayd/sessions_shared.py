@@ -83,6 +83,13 @@ from gatewayd.tasks import cancel_and_wait, within
 
 log = logging.getLogger(__name__)
 
+
+def _flat(value: object) -> Record | None:
+    """A record as a script returned it inside JSON (a flat field/value list), or None."""
+    if not isinstance(value, list) or len(value) % 2:
+        return None
+    return {str(k): str(v) for k, v in zip(value[::2], value[1::2], strict=True)}
+
 SYNC_INTERVAL: Final = 2.0  # seconds between a node's activity writes (and expiry checks)
 RESYNC_INTERVAL: Final = 30.0  # seconds between full re-validations of the replica
 RECONNECT_DELAY: Final = 0.5  # seconds between subscriber reconnection attempts
@@ -299,8 +306,9 @@ class SharedSessionRegistry(SessionRegistry):
                 session.frontend == "ssh" and synced is not None and synced.node == self.node):
             self._close_here(session, reason)  # lives on in Redis, for the other nodes
             return
+        unflushed = self._unflushed(session)
         self._close_here(session, reason)
-        self._write(self._send_end(session, reason), "end")
+        self._write(self._send_end(session, reason, unflushed), "end")
 
     def sweep(self, now: float | None = None) -> int:
         """Nothing here: Redis decides expiry (the sync loop), so a session ends once."""
@@ -425,6 +433,7 @@ class SharedSessionRegistry(SessionRegistry):
         session = self._by_handle.get(record.get("handle", ""))
         if session is None:
             session, _ = self._from_record(record)
+        self._take_totals(session, record, self._unflushed(session))
         self._ended_by_us(session, "replaced")
 
     async def _load(self, id_hash: str, session: Session | None) -> None:
@@ -447,7 +456,8 @@ class SharedSessionRegistry(SessionRegistry):
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _send_end(self, session: Session, reason: str) -> None:
+    async def _send_end(self, session: Session, reason: str,
+                        unflushed: tuple[int, int]) -> None:
         try:
             ended = await self.store.end(session.handle, reason)
         except StateUnavailable:
@@ -456,8 +466,11 @@ class SharedSessionRegistry(SessionRegistry):
             self._hook(self._on_end, session, reason)
             return
         self._confirm_one()
-        hook = self._on_end if ended else self._on_remote_end
-        self._hook(hook, session, reason)
+        if ended is None:
+            self._hook(self._on_remote_end, session, reason)
+            return
+        self._take_totals(session, ended, unflushed)
+        self._hook(self._on_end, session, reason)
 
     async def _send_rotation(self, session: Session) -> None:
         try:
@@ -488,13 +501,33 @@ class SharedSessionRegistry(SessionRegistry):
             self._ended_elsewhere(session, str(answer["gone"]))
         elif "vanished" in answer:
             await self._vanished(session)
-        elif "expired" in answer:
+        elif "expired" in answer:  # its bytes, ours included, are in the record now
+            self._take_totals(session, _flat(answer.get("record")), (0, 0))
             self._ended_by_us(session, str(answer["expired"]))
         else:
             self._merge(session, float(answer["last_seen"]) / 1000 - offset,
                         float(answer["mfa_at"]) / 1000 - offset)
             if answer.get("id") and answer["id"] != session.id_hash:
                 self._upsert_id(session, str(answer["id"]))
+
+    def _unflushed(self, session: Session) -> tuple[int, int]:
+        """Bytes of this session this node has counted but not yet written to Redis."""
+        synced = self._synced.get(session.handle)
+        if synced is None:
+            return 0, 0
+        return (max(0, session.bytes_up - synced.bytes_up),
+                max(0, session.bytes_down - synced.bytes_down))
+
+    @staticmethod
+    def _take_totals(session: Session, record: Record | None,
+                     unflushed: tuple[int, int]) -> None:
+        """The deployment's byte counts of an ending session (for its ``session.end``)."""
+        if record is None:
+            return
+        session.bytes_up = max(session.bytes_up,
+                               int(record.get("bytes_up") or 0) + unflushed[0])
+        session.bytes_down = max(session.bytes_down,
+                                 int(record.get("bytes_down") or 0) + unflushed[1])
 
     def _upsert_id(self, session: Session, id_hash: str) -> None:
         if session.handle in self._rotating or self._by_hash.get(session.id_hash) is not session:

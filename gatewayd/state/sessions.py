@@ -176,9 +176,10 @@ end
 return cjson.encode({ok = 1, last_seen = last, mfa_at = mfa, id = f[4], now = now})
 """
 
-# ARGV: prefix, node, handle, reason. Returns 1 when this call ended it, else 0.
+# ARGV: prefix, node, handle, reason. Returns the record when this call ended it, else 0.
 _END = _COMMON + """
-if finish(ARGV[3], ARGV[4], ARGV[2]) then return 1 end
+local record = finish(ARGV[3], ARGV[4], ARGV[2])
+if record then return record end
 return 0
 """
 
@@ -294,11 +295,11 @@ class RedisSessions:
             self._state.key_prefix, self.node, handle, round(last_seen * 1000),
             round(mfa_at * 1000), bytes_up, bytes_down, idle, absolute, grace])
 
-    async def end(self, handle: str, reason: str) -> bool:
-        """End the session; True when this call ended it (False: it was already gone)."""
+    async def end(self, handle: str, reason: str) -> Record | None:
+        """End the session; its last record when this call ended it (None: already gone)."""
         done = await self._state.run(lambda: self._end(
             args=[self._state.key_prefix, self.node, handle, reason]))
-        return bool(int(cast(int, done)))
+        return _pairs(done) if isinstance(done, list) else None
 
     async def claim_end(self, handle: str, reason: str) -> tuple[bool, str]:
         """For a session that vanished: (True, reason) for the one caller that records why
