@@ -160,11 +160,15 @@ class SharedSessionRegistry(SessionRegistry):
             loop.create_task(self._sync_forever(), name="gatewayd.sessions.sync"),
         ]
 
-    async def close(self, grace: float = 3.0) -> None:
-        """Let pending writes (ends of this node's sessions) finish, then stop the loops."""
+    async def close(self) -> None:
+        """Let pending writes (ends of this node's sessions) finish, then stop the loops.
+
+        Each write gives up after ``state.timeout`` and then audits anyway, so waiting a
+        little longer than that never loses a ``session.end`` record.
+        """
         if self._writes:
             with contextlib.suppress(TimeoutError):
-                await within(asyncio.wait(set(self._writes)), grace)
+                await within(asyncio.wait(set(self._writes)), self.store.timeout + 1.0)
         await cancel_and_wait([*self._loops, *self._writes])
         self._loops = []
 

@@ -375,3 +375,20 @@ async def test_the_ending_node_reports_the_bytes_of_every_node(redis: RedisServe
         a.registry.end(made, "logout")
         await until(lambda: a.ended == [(made.handle, "logout")])
         assert (made.bytes_up, made.bytes_down) == (101, 5010)
+
+
+async def test_a_node_stopping_while_redis_is_down_still_records_its_ends(
+        redis: RedisServer) -> None:
+    async with node(redis, "a") as a:
+        _, ssh = await a.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7")
+        raw, web = await login(a, Principal("bob"))
+        redis.pause()  # hung: every write waits its full state.timeout
+        try:
+            assert a.registry.end_all("shutdown") == 2
+            await a.registry.close()
+        finally:
+            redis.resume()
+        # The SSH connection died with the node: recorded. The browser session was not ended
+        # (it lives on in Redis for the other nodes), so nothing to record for it.
+        assert a.ended == [(ssh.handle, "shutdown")]
+        assert web.ended == "shutdown" and a.registry.get(raw) is None
