@@ -573,9 +573,12 @@ RedisUrl = Annotated[str, BeforeValidator(_redis_url)]
 
 
 class StateSettings(_Section):
-    """``[state]``: where brute-force counters and the TOTP replay cache live.
+    """``[state]``: where brute-force counters, the TOTP replay cache and (with Redis) the
+    sessions live.
 
     ``memory`` keeps them in this process (one node); ``redis`` shares them between nodes.
+    ``session_cache``: how long a node serves the sessions it knows while Redis cannot
+    confirm them (`gatewayd.sessions_shared`).
     """
 
     backend: Literal["memory", "redis"] = "memory"

@@ -6,6 +6,9 @@ cluster, or an attacker simply spreads guesses (or replays a code) across nodes.
 through `StateStore`; `MemoryState` is the single-node default, `RedisState`
 (``state.backend = "redis"``) the multi-node backend. Either may be asked for health and
 closed (`StateBackend`); only the Redis one can be unavailable (`StateUnavailable`).
+
+With Redis the sessions are shared too: `gatewayd.state.sessions` keeps their records and
+change channel on the same connection pool, for `gatewayd.sessions_shared`.
 """
 
 from __future__ import annotations
