@@ -803,7 +803,9 @@ async def test_upstream_dying_mid_body_aborts_the_client_stream(
                 received += len(chunk)
     outcome = await gateway.outcome()
     assert (outcome.status, outcome.error) == (200, "upstream_disconnected")
-    assert received == outcome.bytes_down == 4 * len(BLOCK)
+    # bytes_down counts what was handed to the client's transport; the abort may discard the
+    # tail still in its buffer (a busy machine), so the client can have less — never more.
+    assert outcome.bytes_down == 4 * len(BLOCK) and received <= outcome.bytes_down
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
 
 
