@@ -22,6 +22,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,14 @@ class GatewaydSsh:
 
 def sign_user_certificate(ca: KeyPair, identity: KeyPair, user: str) -> Path:
     """An OpenSSH user certificate as the portal issues it (gatewayd/ssh/auth.py checks it):
-    key id ``"<user> <device or -> <portal session handle>"``. The handle is made up: the
-    listener only refuses handles of portal sessions that were revoked."""
+    key id ``"<user> <device or -> <portal session handle>"``, valid from `CLOCK_SKEW` seconds
+    ago. The handle is made up, which the listener accepts only for a certificate issued
+    after it started (an older one needs its portal session alive): sign after the start."""
+    from gatewayd.ssh.certificate import CLOCK_SKEW  # noqa: PLC0415
     handle = secrets.token_hex(8)
     subprocess.run(
         ["ssh-keygen", "-q", "-s", str(ca.private), "-I", f"{user} - {handle}", "-n", user,
-         "-V", "-5m:+12h", "-O", "clear", "-O", "permit-port-forwarding",
+         "-V", f"-{CLOCK_SKEW}s:+12h", "-O", "clear", "-O", "permit-port-forwarding",
          str(identity.public)],
         check=True, capture_output=True)
     return identity.private.with_name(identity.private.name + "-cert.pub")
@@ -149,7 +152,6 @@ def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int, sink_po
     host_key = write_key(keys / "ssh-host-ed25519.key", "bench-gatewayd")
     user_ca = write_key(keys / "ssh-user-ca", "bench-ssh-user-ca")
     identity = write_key(keys / "id_bench", BENCH_USER)
-    certificate = sign_user_certificate(user_ca, identity, BENCH_USER)
     ssh_port, metrics_port = free_port(), free_port()
     config = write_config(root, ssh_port, metrics_port, dest_port, sink_port, host_key,
                           user_ca, ssh_extra or {})
@@ -162,5 +164,7 @@ def start_gatewayd_ssh(processes: Processes, root: Path, dest_port: int, sink_po
         processes.stop(process)
         tail = log.read_text(errors="replace")[-600:]
         raise NotAvailable(f"{NOT_AVAILABLE} ({exc}; log: {tail.strip()!r})") from None
+    time.sleep(1)  # the listener's start time has whole seconds: sign in a later one
+    certificate = sign_user_certificate(user_ca, identity, BENCH_USER)
     return GatewaydSsh(ssh_port, host_key, identity, certificate, (DEST_HOST, dest_port),
                        (SINK_HOST, sink_port), process, root)
