@@ -73,7 +73,7 @@ from bench_http import (
     write_gatewayd_config,
 )
 from ssh_gatewayd import gatewayd_argv, write_config
-from ssh_openssh import SSHD, KeyPair, current_user, free_port, start_sshd, write_key
+from ssh_openssh import SSHD, SSHD_CONFIG, KeyPair, current_user, free_port, write_key
 
 GIB_KIB = 1024 * 1024
 TARGET_SSH = 5000
@@ -82,7 +82,11 @@ PER_USER = 500  # SSH connections per bench user (sessions.per_user is at most 1
 PASSWORD = "bench-password-not-secret"  # throw-away accounts on loopback
 CONNECT_CONCURRENCY = 32  # handshakes in flight (gatewayd's pre-auth cap is raised above it)
 SSHD_CONCURRENCY = 8  # below sshd's default MaxStartups 10
-LOGIN_CONCURRENCY = 8
+# Logins in flight: gatewayd checks at most cpu_count argon2 hashes at once (64 MiB each); more
+# only queue inside it, and on a loaded machine a queue longer than directory.timeout answers
+# 503 "directory unavailable".
+LOGIN_CONCURRENCY = 2
+LOGIN_TRIES = 3
 # SIGUSR1 dumps a tracemalloc snapshot to $SIZING_SNAPSHOT.<n>: only in --tracemalloc runs.
 TRACEMALLOC_WRAPPER = """\
 import os, signal, sys, tracemalloc
@@ -230,15 +234,18 @@ SESSIONS_SECTION = ("[sessions]\nmax_concurrent = 1000000\nper_user = 1000\n"
                     'idle_timeout = "3h"\n')
 
 
-def gatewayd_command(config: Path, tracing: bool) -> list[str]:
-    if not tracing:
-        return gatewayd_argv(config, "default")
-    return [sys.executable, "-X", "tracemalloc=4", "-c", TRACEMALLOC_WRAPPER, "run",
-            "--config", str(config)]
+def gatewayd_command(config: Path, tracing: bool, nofile: str | None) -> list[str]:
+    """``gatewayd run`` (traced with ``tracing``), under ``prlimit --nofile`` when given:
+    e.g. ``1024:524288``, what systemd gives a service without ``LimitNOFILE=``."""
+    argv = gatewayd_argv(config, "default")
+    if tracing:
+        argv = [sys.executable, "-X", "tracemalloc=4", "-c", TRACEMALLOC_WRAPPER, "run",
+                "--config", str(config)]
+    return ["prlimit", f"--nofile={nofile}", "--", *argv] if nofile else argv
 
 
-def start_ssh_node(processes: Processes, root: Path, connections: int, tracing: bool
-                   ) -> SshNode:
+def start_ssh_node(processes: Processes, root: Path, connections: int, tracing: bool,
+                   nofile: str | None = None) -> SshNode:
     root.mkdir(parents=True)
     keys = root / "keys"
     keys.mkdir()
@@ -258,7 +265,7 @@ def start_ssh_node(processes: Processes, root: Path, connections: int, tracing: 
     with config.open("a") as out:
         out.write(SESSIONS_SECTION)
     env = {**os.environ, "SIZING_SNAPSHOT": str(root / "snapshot")}
-    process = processes.start("gatewayd ssh", gatewayd_command(config, tracing),
+    process = processes.start("gatewayd ssh", gatewayd_command(config, tracing, nofile),
                               root / "gatewayd.out", env=env)
     wait_for_port(metrics_port, process, "gatewayd", timeout=60)
     wait_for_port(ssh_port, process, "gatewayd SSH listener", timeout=10)
@@ -307,7 +314,13 @@ async def open_connections(connects: Sequence[Connect], concurrency: int
         async with gate:
             return await connect()
 
-    return list(await asyncio.gather(*(one(connect) for connect in connects)))
+    done = await asyncio.gather(*(one(connect) for connect in connects),
+                                return_exceptions=True)
+    failed = [result for result in done if isinstance(result, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(done)} new connections failed, first: "
+                           f"{failed[0]!r}")
+    return [result for result in done if not isinstance(result, BaseException)]
 
 
 def gatewayd_connector(node: SshNode, index: int, session_channel: bool) -> Connect:
@@ -317,7 +330,9 @@ def gatewayd_connector(node: SshNode, index: int, session_channel: bool) -> Conn
         conn = await asyncssh.connect(
             "127.0.0.1", node.port, username=user,
             client_keys=[(node.key, certificate)], known_hosts=node.known_hosts,
-            agent_path=None, config=[], preferred_auth="publickey")
+            agent_path=None, config=[], preferred_auth="publickey",
+            # A connection the gateway never accepts (EMFILE) fails instead of hanging.
+            connect_timeout=60)
         if session_channel:
             await conn.create_session(IdleClient)
         return conn
@@ -382,7 +397,7 @@ async def measure_gatewayd_ssh(processes: Processes, root: Path, args: argparse.
     say(f"gatewayd SSH: {-(-steps[-1] // PER_USER)} bench users, steps {steps}, "
         f"{'session channel' if args.session_channel else 'no channel (ssh -N)'}")
     node = await asyncio.to_thread(start_ssh_node, processes, root / "ssh", steps[-1],
-                                   args.tracemalloc)
+                                   args.tracemalloc, args.gatewayd_nofile)
     await asyncio.sleep(SETTLE)
     fresh = memory_kib(node.process_pid)
 
@@ -404,10 +419,16 @@ async def measure_gatewayd_ssh(processes: Processes, root: Path, args: argparse.
         traced = traced_report(before, after, steps[-1] - steps[0])
     else:
         results = await hold_steps(steps, factory, measure, held)
+    later = None
+    if args.hold:
+        # Idle on: keepalive probes every ssh.keepalive_interval must not grow anything.
+        await asyncio.sleep(args.hold)
+        later = await measure(steps[-1], 0.0)
     await close_all(held)
     mode = "each with the banner session channel" if args.session_channel else \
         "no channel: ssh -N"
-    return {"fresh": fresh, "steps": results, "traced": traced, "mode": mode}
+    return {"fresh": fresh, "steps": results, "traced": traced, "mode": mode,
+            "hold": args.hold, "later": later}
 
 
 # --- OpenSSH sshd for comparison ------------------------------------------------------------------
@@ -415,11 +436,22 @@ async def measure_gatewayd_ssh(processes: Processes, root: Path, args: argparse.
 
 def start_reference_sshd(processes: Processes, root: Path
                          ) -> tuple[subprocess.Popen[bytes], int, KeyPair, KeyPair]:
-    """Debian's sshd (`ssh_openssh.start_sshd`) with a client key of its own."""
-    root.mkdir(parents=True)
+    """Debian's sshd with the SSH benchmark's config (`ssh_openssh.SSHD_CONFIG`) plus a
+    MaxStartups above the benchmark's handshakes in flight: sshd's default (10:30:100)
+    starts dropping connections at random while earlier ones are still authenticating."""
+    sshd_root = root / "sshd"
+    sshd_root.mkdir(parents=True)
     identity = write_key(root / "id_sizing", "sizing")
+    host = write_key(sshd_root / "sshd_host_ed25519", "sizing-sshd")
+    (sshd_root / "authorized_keys").write_text(identity.public.read_text())
     port = free_port()
-    process, host = start_sshd(processes, root / "sshd", port, identity)
+    config = sshd_root / "sshd_config"
+    config.write_text(SSHD_CONFIG.format(port=port, root=sshd_root) + "MaxStartups 1000\n")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # root's sshd insists on it
+    process = processes.start("sshd", [SSHD, "-f", str(config), "-D", "-e"],
+                              sshd_root / "sshd.out")
+    wait_for_port(port, process, "sshd")
     return process, port, host, identity
 
 
@@ -496,6 +528,10 @@ def start_http_node(processes: Processes, root: Path, user_count: int) -> HttpNo
                     ws.ca_cert, tuple(names))
 
 
+class Unavailable(Exception):  # noqa: N818 - an answer, not a fault of the benchmark
+    """A login answered 503 (directory check queued past directory.timeout): retried."""
+
+
 async def log_in(http: aiohttp.ClientSession, node: HttpNode, user: str,
                  context: ssl.SSLContext) -> str:
     """One real sign-in (form, CSRF cookie + token, password, TOTP); the session cookie."""
@@ -514,6 +550,8 @@ async def log_in(http: aiohttp.ClientSession, node: HttpNode, user: str,
     async with http.post(f"{base}/.gatewayd/login", data=fields, headers=headers, ssl=context,
                          allow_redirects=False) as done:
         session = cookies_from(done).get(SESSION_COOKIE)
+        if done.status == 503:
+            raise Unavailable(f"login of {user} answered 503")
         if done.status not in {302, 303} or not session:
             raise RuntimeError(f"login of {user} answered {done.status} without a session")
     return f"{SESSION_COOKIE}={session}"
@@ -529,6 +567,12 @@ async def log_in_many(node: HttpNode, users: Sequence[str]) -> list[str]:
                                      cookie_jar=aiohttp.DummyCookieJar()) as http:
         async def one(user: str) -> str:
             async with gate:
+                for _ in range(LOGIN_TRIES - 1):
+                    try:
+                        return await log_in(http, node, user, context)
+                    except Unavailable as exc:
+                        say(f"  {exc}; retrying")
+                        await asyncio.sleep(2.0)
                 return await log_in(http, node, user, context)
 
         return list(await asyncio.gather(*(one(user) for user in users)))
@@ -618,6 +662,9 @@ def machine() -> str:
 
 def report(results: dict[str, Any]) -> str:
     out = [f"machine: {machine()}"]
+    out += [f"{name}: FAILED: {part['error']}" for name, part in results.items()
+            if "error" in part]
+    results = {name: part for name, part in results.items() if "error" not in part}
     ssh = results.get("ssh")
     if ssh:
         per = slope(ssh["steps"])
@@ -627,6 +674,10 @@ def report(results: dict[str, Any]) -> str:
                       ssh["fresh"], ssh["steps"]),
                 f"SSH: {per:.1f} KiB per idle connection (least-squares slope over the steps); "
                 f"{cap:,} sessions in 1 GiB RSS"]
+        if ssh["later"] is not None:
+            grown = (ssh["later"].rss_kib - ssh["steps"][-1].rss_kib) / 1024
+            out.append(f"after {ssh['hold']:.0f} s more of idling: RSS "
+                       f"{ssh['later'].rss_kib / 1024:.1f} MiB ({grown:+.1f} MiB)")
         if ssh["traced"]:
             out.append("(tracemalloc on: RSS inflated by the tracing itself)\n" + ssh["traced"])
         if not ssh["traced"]:  # tracing inflates RSS: no verdict from such a run
@@ -680,17 +731,25 @@ def workspace(keep: bool) -> Iterator[Path]:
 
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Each part on its own: one that fails is reported and the others still run."""
+    parts: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = []
+    if args.only in (None, "ssh"):
+        parts.append(("ssh", lambda: measure_gatewayd_ssh(processes, root, args)))
+    if args.only in (None, "sshd") and args.have_sshd and not args.tracemalloc:
+        parts.append(("sshd", lambda: measure_sshd(processes, root / "openssh",
+                                                   args.sshd_steps)))
+    if args.only in (None, "http") and not args.tracemalloc:
+        parts.append(("http", lambda: measure_http(processes, root, args)))
     processes = Processes()
     results: dict[str, Any] = {}
-    try:
-        if args.only in (None, "ssh"):
-            results["ssh"] = await measure_gatewayd_ssh(processes, root, args)
-        if args.only in (None, "sshd") and args.have_sshd and not args.tracemalloc:
-            results["sshd"] = await measure_sshd(processes, root / "openssh", args.sshd_steps)
-        if args.only in (None, "http") and not args.tracemalloc:
-            results["http"] = await measure_http(processes, root, args)
-    finally:
-        processes.stop_all()
+    for name, part in parts:
+        try:
+            results[name] = await part()
+        except Exception as exc:  # reported in the output; the other parts still run
+            say(f"{name}: failed: {exc!r}")
+            results[name] = {"error": repr(exc)}
+        finally:
+            processes.stop_all()
     return results
 
 
@@ -699,12 +758,16 @@ def main() -> None:
     parser.add_argument("--only", choices=["ssh", "sshd", "http"])
     parser.add_argument("--ssh-steps", type=parse_steps, default=parse_steps(
         "50,500,1000,2000,5000"), help="idle SSH connections held at each reading")
+    parser.add_argument("--hold", type=float, default=30.0,
+                        help="seconds to idle after the last SSH step, then measure again")
     parser.add_argument("--session-channel", action="store_true",
                         help="each SSH connection also keeps the banner session channel")
     parser.add_argument("--sshd-steps", type=parse_steps, default=parse_steps("20,100,250"))
     parser.add_argument("--http-steps", type=parse_steps, default=parse_steps(
         "20,500,1000,2000"), help="idle signed-in HTTP sessions at each reading")
     parser.add_argument("--tls-connections", type=int, default=1000)
+    parser.add_argument("--gatewayd-nofile", metavar="SOFT:HARD",
+                        help="start the SSH node under prlimit --nofile=SOFT:HARD")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="gatewayd under tracemalloc: where the SSH memory goes")
     parser.add_argument("--json", type=Path, help="write the raw results here")
