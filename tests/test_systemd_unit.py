@@ -79,6 +79,7 @@ def directives(text: str) -> dict[str, list[str]]:
         ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
         ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
         ("NoNewPrivileges", "yes"),
+        ("LimitNOFILE", "65536"),
     ],
 )
 def test_unit_has_the_directives_the_daemon_relies_on(key: str, value: str) -> None:
