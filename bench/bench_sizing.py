@@ -7,11 +7,13 @@ one idle HTTP session cost in ``gatewayd run``, and how many of them one process
 * **SSH** — a production-like node (`ssh_gatewayd.write_config`: ``[ssh]`` on, file
   directory, audit on with fsync, uvloop when installed) with the pre-auth caps, seats and
   per-user caps raised for one loopback source. This process is the client: it opens idle
-  authenticated asyncssh connections with portal-style user certificates (500 connections per
-  bench user, each user with its own certificate; every connection is one session in the
-  registry) and holds them. By default a connection opens no channel at all — what
-  ``ssh -N -L …`` is while no tunnel carries a TCP connection; ``--session-channel`` adds the
-  banner session channel that a plain ``ssh gateway`` keeps. After each step (and a 2 s
+  authenticated asyncssh connections and holds them. Each connection has a certificate of its
+  own, signed by the portal's code after the listener started (the listener refuses older
+  ones without a live portal session, and lets only ``ssh.sessions_per_certificate_seat``
+  connections share one), 500 connections per bench user; every connection is one session.
+  By default a connection opens no channel at all — what ``ssh -N -L …`` is while no tunnel
+  carries a TCP connection; ``--session-channel`` adds the banner session channel that a
+  plain ``ssh gateway`` keeps. After each step (and a 2 s
   settle) it reads gatewayd's ``VmRSS`` / ``RssAnon`` from /proc and the
   ``gatewayd_sessions_active{frontend="ssh"}`` gauge (each connection must be a session).
 * **sshd** (optional, when /usr/sbin/sshd exists) — the same idle connections to Debian's
@@ -34,6 +36,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_sizing.py                       # SSH, sshd, HTTP
     .venv/bin/python bench/bench_sizing.py --only ssh --ssh-steps 50,1000,5000,8000
     .venv/bin/python bench/bench_sizing.py --only ssh --tracemalloc --ssh-steps 50,2000
+    .venv/bin/python bench/bench_sizing.py --only ssh --gatewayd-nofile 1024:20000  # systemd's
 """
 
 from __future__ import annotations
