@@ -105,3 +105,19 @@ def test_stale_sources_are_forgotten() -> None:
     clock.now += 61
     gate.admit("192.0.2.7")
     assert len(gate._recent) == 1
+
+
+def test_failed_accepts_are_logged_at_most_once_per_interval(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    gate = admission(clock)
+    emfile = OSError(24, "Too many open files")
+    with caplog.at_level(logging.WARNING, logger="gatewayd.ssh.admission"):
+        for _ in range(int(LOG_EVERY / 0.1)):  # the listener retries every 0.1 s
+            gate.accept_failed(emfile)
+            clock.now += 0.099
+        clock.now += 1
+        gate.accept_failed(emfile)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["ssh: accept failed 1 time(s): Too many open files (raise LimitNOFILE?)",
+                     "ssh: accept failed 100 time(s): Too many open files (raise LimitNOFILE?)"]

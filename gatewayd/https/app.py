@@ -253,7 +253,7 @@ class HttpsFrontend:
             try:
                 conn, peer = await loop.sock_accept(sock)
             except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("https accept failed: %s", exc)
+                self.admission.accept_failed(exc)
                 await asyncio.sleep(0.1)
                 continue
             source = str(peer[0])

@@ -159,6 +159,20 @@ class Admission:
         for key in stale:
             del self._recent[key]
 
+    def accept_failed(self, exc: OSError) -> None:
+        """Log a failed ``accept()`` (EMFILE: out of file descriptors) at most every
+        LOG_EVERY seconds with the count: the listener retries 10 times a second, and a full
+        descriptor table must not also fill the journal."""
+        now = self._clock()
+        count = self._refused_since_log.get("accept_failed", 0) + 1
+        if now < self._next_log.get("accept_failed", 0.0):
+            self._refused_since_log["accept_failed"] = count
+            return
+        self._refused_since_log["accept_failed"] = 0
+        self._next_log["accept_failed"] = now + LOG_EVERY
+        log.warning("%s: accept failed %d time(s): %s (raise LimitNOFILE?)", self._listener,
+                    count, exc.strerror or exc)
+
     def _refuse(self, refusal: Refusal, now: float) -> None:
         reason = self._reasons.get(refusal, refusal)
         self.refused.labels(reason).inc()
