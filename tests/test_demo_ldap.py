@@ -17,9 +17,11 @@ import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import pyotp
@@ -175,17 +177,31 @@ async def test_alice_signs_in_and_gets_telework_staff_through_nested_groups(demo
         info["groups"])
 
 
+def approval_open_now() -> bool:
+    """The shipped policy opens approval on weekdays 07:00-22:00 Tokyo time, and the demo runs
+    on the real clock: the test must not depend on when CI runs."""
+    now = datetime.now(ZoneInfo("Asia/Tokyo"))
+    return now.weekday() < 5 and 7 <= now.hour < 22
+
+
 @needs_slapd
-async def test_bob_from_ldap_approves(demo: Demo) -> None:
+async def test_bob_from_ldap_has_the_managers_rights(demo: Demo) -> None:
     base = demo.description["https_url"]
+    headers = {"Accept": "application/json", "Origin": base.rstrip("/")}
     async with client(demo.description) as http:
         await signed_in(http, demo, "bob")
         assert (await userinfo(http, base))["groups"] == ["telework-managers"]
         async with http.post(f"{base}approval/requests/42/approve", data={"comment": "ok"},
-                             headers={"Accept": "application/json",
-                                      "Origin": base.rstrip("/")}) as resp:
-            assert resp.status == 200, await resp.text()
-            assert (await resp.json())["approved_by"] == "bob"
+                             headers=headers) as resp:
+            if approval_open_now():
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["approved_by"] == "bob"
+            else:  # closed hours: refused for everyone, with the rule's description
+                assert resp.status == 403
+                assert "07:00-22:00" in (await resp.json())["reason"]
+        # A manager-only right at any hour: writing to the shared folders (staff: read-only).
+        async with http.put(f"{base}files/minutes.txt", data=b"minutes", headers=headers) as resp:
+            assert resp.status in (200, 201, 204), await resp.text()
 
 
 @needs_slapd
