@@ -248,22 +248,9 @@ class HttpsFrontend:
         return int(sock.getsockname()[1])
 
     async def _accept_forever(self, sock: socket.socket, ssl_context: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(sock)
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                self.admission.accept_failed(exc)
-                await asyncio.sleep(0.1)
-                continue
-            source = str(peer[0])
-            if self.admission.admit(source) is not None:
-                conn.close()  # before the handshake: no certificate work for a flood
-                continue
-            task = loop.create_task(self._serve(conn, source, ssl_context),
-                                    name="gatewayd.https.handshake")
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+        await self.admission.accept_forever(
+            sock, lambda conn, source: self._serve(conn, source, ssl_context),
+            self._handshakes, "gatewayd.https.handshake")
 
     async def _serve(self, conn: socket.socket, source: str, ssl_context: ssl.SSLContext
                      ) -> None:

@@ -25,12 +25,14 @@ connection: the flood must not become a log flood, nor an audit one.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Final, Literal
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -158,6 +160,31 @@ class Admission:
                  if not recent or now - recent[-1] >= RATE_WINDOW]
         for key in stale:
             del self._recent[key]
+
+    async def accept_forever(
+        self, sock: socket.socket,
+        serve: Callable[[socket.socket, str], Coroutine[Any, Any, None]],
+        tasks: set[asyncio.Task[None]], name: str,
+    ) -> None:
+        """The listener's accept loop: every connection is admitted (or closed at once,
+        before any TLS or SSH byte — no handshake work for a flood) and then served by
+        ``serve(conn, source)`` in its own task, kept in ``tasks`` until it ends. ``serve``
+        must `release` the source when the connection is done."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                self.accept_failed(exc)
+                await asyncio.sleep(0.1)
+                continue
+            source = str(peer[0])
+            if self.admit(source) is not None:
+                conn.close()
+                continue
+            task = loop.create_task(serve(conn, source), name=name)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     def accept_failed(self, exc: OSError) -> None:
         """Log a failed ``accept()`` (EMFILE: out of file descriptors) at most every

@@ -332,21 +332,8 @@ class SshFrontend:
     # --- accepting -----------------------------------------------------------------------
 
     async def _accept_forever(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(sock)
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                self.admission.accept_failed(exc)
-                await asyncio.sleep(0.1)
-                continue
-            source = str(peer[0])
-            if self.admission.admit(source) is not None:
-                conn.close()  # before any SSH byte: no key exchange for a flood
-                continue
-            task = loop.create_task(self._serve(conn, source), name="gatewayd.ssh.handshake")
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
+        await self.admission.accept_forever(sock, self._serve, self._serving,
+                                            "gatewayd.ssh.handshake")
 
     async def _serve(self, conn: socket.socket, source: str) -> None:
         """Handshake and authentication of one admitted connection (its pre-auth phase)."""
