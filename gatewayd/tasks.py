@@ -31,13 +31,27 @@ async def within(awaitable: Awaitable[T], seconds: float) -> T:
         return await awaitable
 
 
+RECANCEL_EVERY = 1.0  # seconds; see cancel_and_wait
+
+
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel ``tasks`` and return once every one of them has finished."""
-    tasks = list(tasks)
+    """Cancel ``tasks`` and return once every one of them has finished.
+
+    A task still running a second after its cancel is cancelled again (and logged): library
+    code we do not own (redis-py's reads under their own timeouts, asyncio.wait_for on 3.11)
+    can swallow a cancellation that meets a completing operation, and a shutdown must not
+    wait forever for a task that never heard it.
+    """
+    pending = set(tasks)
+    tasks = list(pending)
     for task in tasks:
         task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_EVERY)
+        for task in pending:
+            log.warning("task %s ignored its cancellation; cancelling it again",
+                        task.get_name())
+            task.cancel()
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s had failed", task.get_name(), exc_info=task.exception())

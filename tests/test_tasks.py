@@ -79,3 +79,22 @@ async def test_within_times_out() -> None:
     with pytest.raises(TimeoutError):
         await within(asyncio.sleep(10), 0.01)
     assert await within(asyncio.sleep(0, "done"), 1) == "done"
+
+
+async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_its_cancellation(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What a library read under its own timeout can do on Python 3.11 (gh-86296)."""
+    swallowed = asyncio.Event()
+
+    async def swallows_once() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # lost, like a cancellation that met a completing read
+        await asyncio.sleep(3600)  # ... and the loop goes on
+
+    task = asyncio.get_running_loop().create_task(swallows_once(), name="swallower")
+    await asyncio.sleep(0)
+    await within(cancel_and_wait([task]), 5)
+    assert swallowed.is_set() and task.cancelled()
+    assert "swallower ignored its cancellation" in caplog.text
