@@ -278,3 +278,26 @@ async def running_gateway(tmp_path: Path, **overrides: Mapping[str, Any]
         await gateway.stop()
         await runner.cleanup()
         await asyncio.sleep(0)
+
+
+def memory_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLError | None:
+    """A TLS handshake between two contexts, in memory (no sockets): the error that ended it
+    on either side (the server's certificate verdict comes first), or None when accepted."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_side = client.wrap_bio(to_client, to_server, server_hostname="127.0.0.1")
+    server_side = server.wrap_bio(to_server, to_client, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, side in (("client", client_side), ("server", server_side)):
+            if done[name]:
+                continue
+            try:
+                side.do_handshake()
+                done[name] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                return exc
+        if all(done.values()):
+            return None
+    raise AssertionError("handshake did not finish")

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from https_harness import write_gateway_config
+from https_harness import memory_handshake, write_gateway_config
 
 from gatewayd.app import Gateway, build_session_registry
 from gatewayd.ca import CaDirectory
@@ -272,27 +272,10 @@ def client_context(ca: Path, cert: Pair | None) -> ssl.SSLContext:
 
 
 def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLCertVerificationError | None:
-    """A TLS handshake in memory; the server's verification error, or None if accepted."""
-    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client_side = client.wrap_bio(to_client, to_server, server_hostname="127.0.0.1")
-    server_side = server.wrap_bio(to_server, to_client, server_side=True)
-    done = {"client": False, "server": False}
-    for _ in range(10):
-        for name, side in (("client", client_side), ("server", server_side)):
-            if done[name]:
-                continue
-            try:
-                side.do_handshake()
-                done[name] = True
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLCertVerificationError as exc:
-                if name == "server":
-                    return exc
-                raise
-        if all(done.values()):
-            return None
-    raise AssertionError("handshake did not finish")
+    """The server's certificate verdict of an in-memory handshake, or None if accepted."""
+    error = memory_handshake(server, client)
+    assert error is None or isinstance(error, ssl.SSLCertVerificationError), error
+    return error
 
 
 def refuse(stop: Stop, ca: Path, cert: Pair) -> ssl.SSLCertVerificationError:

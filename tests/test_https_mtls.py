@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from https_harness import Harness, running_gateway
+from https_harness import Harness, memory_handshake, running_gateway
 from yarl import URL
 
 from gatewayd.ca import CaDirectory
@@ -151,30 +151,12 @@ async def refused(gw: Harness, cert: Pair | None) -> bool:
 
 def verdict(server: ssl.SSLContext, gw: Harness, cert: Pair | None) -> str | None:
     """OpenSSL's reason for refusing ``cert`` in a handshake with ``server`` (in memory)."""
-    client = gw.ssl_context(cert)
-    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client_side = client.wrap_bio(to_client, to_server, server_hostname="127.0.0.1")
-    from_client, from_server = ssl.MemoryBIO(), ssl.MemoryBIO()
-    server_side = server.wrap_bio(from_client, from_server, server_side=True)
-    done = {"client": False, "server": False}
-    for _ in range(10):
-        for name, side in (("client", client_side), ("server", server_side)):
-            if done[name]:
-                continue
-            try:
-                side.do_handshake()
-                done[name] = True
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLCertVerificationError as exc:
-                return str(exc.verify_message)
-            except ssl.SSLError as exc:
-                return exc.reason or str(exc)
-        from_client.write(to_server.read())
-        to_client.write(from_server.read())
-        if all(done.values()):
-            return None
-    raise AssertionError("handshake did not finish")
+    error = memory_handshake(server, gw.ssl_context(cert))
+    if error is None:
+        return None
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return str(error.verify_message)
+    return error.reason or str(error)
 
 
 async def wait_for(gw: Harness, event: str, reason: str) -> float:
