@@ -180,6 +180,17 @@ OriginUrl = Annotated[str, _grammar(parse_http_url, "URL", "http://127.0.0.1:808
 HttpsOrigin = Annotated[str, _grammar(parse_https_url, "URL", "https://gateway.example.jp")]
 
 
+def parse_host_port(text: str) -> str:
+    """``host:port`` as policies write TCP destinations (``fileserver.ward.local:445``)."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]{0,252}):(\d{1,5})", text)
+    if match is None or not 0 < int(match.group(2)) <= 65535:
+        raise ValueError(text)
+    return text
+
+
+HostPort = Annotated[str, _grammar(parse_host_port, "host:port", "fileserver.ward.local:445")]
+
+
 def _resolve_relative(value: Path | None, info: ValidationInfo) -> Path | None:
     base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
     if value is None or value.is_absolute() or not isinstance(base, Path):
@@ -241,6 +252,54 @@ class SessionSettings(_Section):
         return self
 
 
+class AuditForwardSettings(_Section):
+    """``[audit.forward]``: every audit record also goes to a central syslog collector
+    (RFC 5424; UDP, TCP with octet counting, or TCP+TLS — RFC 5426/6587/5425).
+
+    The audit files themselves are the disk buffer: the forwarder keeps its position
+    (``STATE_DIR/audit-forward.cursor``) and replays from there, in order, when the collector
+    comes back — nothing is dropped however long the outage.
+    """
+
+    enabled: Bool = False
+    protocol: Literal["udp", "tcp", "tls"] = "tls"
+    address: HostPort = "127.0.0.1:6514"
+    ca_file: Path | None = None       # tls: the collector's CA (required for "tls")
+    server_name: str = ""             # tls: name expected in its certificate; default: the host
+    cert_file: Path | None = None     # tls: our client certificate, if the collector wants one
+    key_file: Path | None = None
+    app_name: str = Field(default="gatewayd", min_length=1, max_length=48,
+                          pattern=r"^[!-~]+$")
+    facility: Literal["auth", "authpriv", "daemon", "local0", "local1", "local2", "local3",
+                      "local4", "local5", "local6", "local7"] = "authpriv"
+    reconnect_interval: Interval = timedelta(seconds=5)
+
+    _resolve = field_validator("ca_file", "cert_file", "key_file",
+                               mode="after")(_resolve_relative)
+
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> AuditForwardSettings:
+        if self.enabled and self.protocol == "tls" and self.ca_file is None:
+            raise PydanticCustomError(
+                "ca_file", 'protocol = "tls" needs ca_file (the collector\'s CA): an unverified '
+                "collector could be anyone", {})
+        if (self.cert_file is None) != (self.key_file is None):
+            raise PydanticCustomError("cert_file", "cert_file and key_file go together", {})
+        if self.protocol != "tls" and (self.ca_file or self.cert_file or self.server_name):
+            raise PydanticCustomError(
+                "protocol", 'ca_file, server_name, cert_file and key_file need protocol = "tls"',
+                {})
+        return self
+
+
+class ConsoleSettings(_Section):
+    """``[console]``: the audit console at ``/.gatewayd/admin/`` (who may open it, and how
+    fresh their MFA must be, is policy: service ``admin``, rule ``auditors-admin-console``)."""
+
+    enabled: Bool = True
+    page_size: Int = Field(default=50, ge=10, le=500)
+
+
 class AuditSettings(_Section):
     path: Path = Path("/var/log/gatewayd/audit.log")
     signing_key: Path = Path("/var/lib/gatewayd/audit-signing.key")
@@ -253,8 +312,23 @@ class AuditSettings(_Section):
     checkpoint_events: Int = Field(default=1000, ge=1, le=1_000_000)
     on_failure: Literal["deny", "continue"] = "deny"
     http_requests: Literal["writes", "all"] = "writes"
+    # Rotated files whose last record is older than this are removed (after their final
+    # checkpoint, audited as `audit.retention`); "0s" keeps every file forever.
+    retention: Duration = timedelta(days=365)
+    forward: AuditForwardSettings = AuditForwardSettings()
 
     _resolve = field_validator("path", "signing_key", mode="after")(_resolve_relative)
+
+    @field_validator("retention")
+    @classmethod
+    def _retention_bounds(cls, value: timedelta) -> timedelta:
+        # Shorter than a week is almost surely a unit typo ("30m" for thirty months), and it
+        # would destroy evidence; 0 means "never remove".
+        if value != timedelta(0) and value < timedelta(days=7):
+            raise PydanticCustomError(
+                "retention", 'expected "0s" (keep forever) or at least "7d", got {got}',
+                {"got": _show(f"{value.total_seconds():g}s")})
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -486,17 +560,6 @@ class UpstreamSettings(_Section):
     _resolve = field_validator("tls_ca_file", mode="after")(_resolve_relative)
 
 
-def parse_host_port(text: str) -> str:
-    """``host:port`` as policies write TCP destinations (``fileserver.ward.local:445``)."""
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-]{0,252}):(\d{1,5})", text)
-    if match is None or not 0 < int(match.group(2)) <= 65535:
-        raise ValueError(text)
-    return text
-
-
-HostPort = Annotated[str, _grammar(parse_host_port, "host:port", "fileserver.ward.local:445")]
-
-
 class SshSettings(_Section):
     """``[ssh]``: the tunnel frontend for the stock OpenSSH client (``ssh -L`` / ``ssh -D``)."""
 
@@ -653,6 +716,7 @@ class Settings(_Section):
     mfa: MfaSettings = MfaSettings()
     login: LoginSettings = LoginSettings()
     state: StateSettings = StateSettings()
+    console: ConsoleSettings = ConsoleSettings()
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
 
 
