@@ -52,7 +52,20 @@ Not problems, but reported as warnings (the result stays ok):
   rewrite them undetectably until the next checkpoint. Pass ``require_sealed=True``
   (``--sealed``) for archived logs, which must end in a checkpoint.
 * a chain that starts mid-way (first record's ``prev`` is not 64 zeros): earlier files were
-  not given, so they cannot be checked.
+  not given, so they cannot be checked. With ``require_complete=True`` this is a
+  ``missing_file`` problem instead (first_bad_seq: 1), unless retention explains it:
+* **files removed by retention** (see `retention`). The oldest file given begins with
+  ``audit.continue`` (``prev_seq`` P, ``prev`` H) and the files given hold ``audit.retention``
+  records whose ranges (``first_seq``-``last_seq``) together cover seq 1-P without a hole or
+  overlap, the one ending at P naming ``last_hash`` = H. Such a missing head is accepted and
+  reported as a note (in ``warnings`` and, itemised, in ``removed``). A retention record counts
+  only if a valid checkpoint later in the files signs it — the hash chain alone is unkeyed, so
+  anyone able to write the live file could append an unsigned "retention" record to excuse a
+  deleted file — and only if it is plausible: its stated ``retention`` is at least 7 days and
+  the removed file's last record (``last_ts``) was at least that old at the record's own
+  ``ts``. A retention record that fails these rules explains nothing: the head is reported as
+  missing as before, with the reason. The retention records are themselves in the chain, so
+  deleting them breaks the chain.
 """
 
 from __future__ import annotations
@@ -60,8 +73,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -74,11 +88,15 @@ from gatewayd.audit.signing import (
     load_public_keys,
     signature_valid,
 )
+from gatewayd.config import parse_duration
 
 _CHECKPOINT = EventName.AUDIT_CHECKPOINT.value
 _START = EventName.AUDIT_START.value
 _CONTINUE = EventName.AUDIT_CONTINUE.value
 _RECOVERY = EventName.AUDIT_RECOVERY.value
+_RETENTION = EventName.AUDIT_RETENTION.value
+# The shortest retention the configuration accepts; a record claiming less is implausible.
+MIN_RETENTION: Final = timedelta(days=7)
 
 
 class Problem(enum.StrEnum):
@@ -106,6 +124,28 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
+class RemovedRange:
+    """An ``audit.retention`` record: a rotated file removed after its retention period."""
+
+    seq: int  # the audit.retention record's own seq
+    ts: str  # when it was removed (the retention record's ts)
+    file: str  # the removed file's name
+    first_seq: int
+    last_seq: int
+    last_hash: str
+    last_ts: str  # ts of the removed file's last record
+    retention: str
+    recorded_in: Path  # the file holding the retention record
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq, "ts": self.ts, "file": self.file, "first_seq": self.first_seq,
+            "last_seq": self.last_seq, "last_hash": self.last_hash, "last_ts": self.last_ts,
+            "retention": self.retention, "recorded_in": str(self.recorded_in),
+        }
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     ok: bool
     records: int  # records verified (before the problem, if any)
@@ -123,6 +163,7 @@ class VerifyResult:
     gaps: tuple[tuple[int, int], ...] = ()  # seq ranges never written (chain intact)
     warnings: tuple[str, ...] = ()
     key_ids: tuple[str, ...] = ()
+    removed: tuple[RemovedRange, ...] = ()  # files before the first given, removed by retention
 
     def to_json(self) -> dict[str, Any]:
         cp = self.last_checkpoint
@@ -146,6 +187,7 @@ class VerifyResult:
             "gaps": [list(g) for g in self.gaps],
             "warnings": list(self.warnings),
             "key_ids": list(self.key_ids),
+            "removed": [r.to_json() for r in self.removed],
         }
 
 
@@ -154,6 +196,16 @@ class _Found:
     kind: Problem
     seq: int | None
     detail: str
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The first record verified, when it does not begin a new log (prev is not zeros)."""
+
+    seq: int
+    prev: str
+    prev_seq: int | None  # from its audit.continue header; None if it is not one
+    path: Path
 
 
 @dataclass
@@ -177,6 +229,9 @@ class _ChainState:
     # Gaps with an intact chain not (yet) explained: (first, last) -> where it was seen.
     pending: dict[tuple[int, int], tuple[Path, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    head: _Head | None = None  # set when the chain starts mid-way
+    retentions: list[RemovedRange] = field(default_factory=list)
+    removed: list[RemovedRange] = field(default_factory=list)  # those that explain the head
 
     @property
     def expected_seq(self) -> int | None:
@@ -195,6 +250,10 @@ class _ChainState:
             self.first_seq = seq
         if record["event"] == _RECOVERY:
             self._explain(record, path)
+        if record["event"] == _RETENTION:
+            removed = _removed_range(record, path)
+            if removed is not None:
+                self.retentions.append(removed)
         if record["event"] == _CHECKPOINT:
             self.checkpoints += 1
             self.last_checkpoint = CheckpointInfo(
@@ -224,6 +283,114 @@ class _ChainState:
             f"the gap: never written, as audit.recovery seq {recovery['seq']} in {path.name} "
             "records (write failure or torn write)"
         )
+
+
+def _removed_range(record: Mapping[str, Any], path: Path) -> RemovedRange | None:
+    """The range an audit.retention record names, or None if it lacks a field (ignored)."""
+    values = {name: record.get(name) for name in
+              ("first_seq", "last_seq", "last_hash", "last_ts", "retention", "file")}
+    first, last = values["first_seq"], values["last_seq"]
+    if not (isinstance(first, int) and isinstance(last, int) and 0 < first <= last
+            and is_hash(values["last_hash"])
+            and all(isinstance(values[k], str) for k in ("last_ts", "retention", "file"))):
+        return None
+    return RemovedRange(
+        seq=record["seq"], ts=record["ts"], file=str(values["file"]), first_seq=first,
+        last_seq=last, last_hash=str(values["last_hash"]), last_ts=str(values["last_ts"]),
+        retention=str(values["retention"]), recorded_in=path,
+    )
+
+
+def _implausible(removed: RemovedRange) -> str | None:
+    """Why a retention record cannot have been an honest expiry, or None if it can.
+
+    The record states the retention in force and the removed file's last ``ts``: a file
+    younger than that retention at the time of removal, or a retention shorter than the
+    configuration allows, means the removal was not what the record calls it.
+    """
+    try:
+        retention = parse_duration(removed.retention)
+        age = datetime.fromisoformat(removed.ts) - datetime.fromisoformat(removed.last_ts)
+    except ValueError:
+        return (f"audit.retention seq {removed.seq} has an unreadable retention "
+                f"{removed.retention!r} or last_ts {removed.last_ts!r}")
+    if retention < MIN_RETENTION:
+        return (f"audit.retention seq {removed.seq} claims a retention of {removed.retention}, "
+                "shorter than the 7 days the configuration allows")
+    if age < retention:
+        return (f"audit.retention seq {removed.seq} removed {removed.file} (last record "
+                f"{removed.last_ts}) on {removed.ts}, before the stated retention of "
+                f"{removed.retention} had passed")
+    return None
+
+
+def _removal_chain(state: _ChainState, head: _Head) -> list[RemovedRange] | str:
+    """The retention records that together removed seq 1..head.prev_seq, or why there are none.
+
+    They must be signed by a later checkpoint, plausible (`_implausible`), cover 1..prev_seq
+    exactly, one after the other, and the last must end with the hash the head chains to.
+    """
+    if head.prev_seq is None:
+        return f"{head.path.name} does not begin with audit.continue"
+    signed_through = state.last_checkpoint.covers_seq if state.last_checkpoint else 0
+    by_first: dict[int, RemovedRange] = {}
+    reasons: list[str] = []
+    for removed in state.retentions:
+        if removed.seq > signed_through:
+            reasons.append(f"audit.retention seq {removed.seq} is not yet signed by a checkpoint")
+            continue
+        why = _implausible(removed)
+        if why is not None:
+            reasons.append(why)
+            continue
+        by_first.setdefault(removed.first_seq, removed)
+    chain: list[RemovedRange] = []
+    cursor = 1
+    while cursor <= head.prev_seq:
+        step = by_first.get(cursor)
+        if step is None or step.last_seq > head.prev_seq:
+            reasons.append(f"no audit.retention record accounts for seq {cursor} on")
+            return "; ".join(reasons)
+        chain.append(step)
+        cursor = step.last_seq + 1
+    if chain[-1].last_hash != head.prev:
+        reasons.append(f"audit.retention seq {chain[-1].seq} names a last hash "
+                       f"{_short(chain[-1].last_hash)}, not the {_short(head.prev)} that "
+                       f"{head.path.name} chains to")
+        return "; ".join(reasons)
+    return chain
+
+
+def _settle_head(state: _ChainState, *, require_complete: bool) -> _Found | None:
+    """Account for a chain that starts mid-way: removed by retention, or earlier files missing."""
+    head = state.head
+    if head is None:
+        return None
+    chain = _removal_chain(state, head)
+    if isinstance(chain, list):
+        state.removed = chain
+        state.warnings.append(_retention_note(chain))
+        return None
+    state.warnings.append(
+        f"the chain starts at seq {head.seq} in {head.path.name}, not at the beginning of the "
+        "log: earlier files were not given and are not checked"
+        + (f" (not removed by retention: {chain})" if state.retentions else "")
+    )
+    if not require_complete:
+        return None
+    return _Found(Problem.MISSING_FILE, 1,
+                  f"the log begins with {head.path.name} at seq {head.seq}, chained to earlier "
+                  f"records that are neither given nor removed by retention ({chain})")
+
+
+def _retention_note(chain: Sequence[RemovedRange]) -> str:
+    first, last = chain[0], chain[-1]
+    files_text = "1 file" if len(chain) == 1 else f"{len(chain)} files"
+    by = (f"audit.retention seq {first.seq}" if len(chain) == 1
+          else f"audit.retention seq {first.seq}, …, {last.seq}")
+    return (f"records 1-{last.last_seq:,} ({files_text}, the newest record of {last.last_ts}) "
+            f"were removed by retention ({last.retention}), the last on {last.ts} ({by}); "
+            "the chain is verified from there")
 
 
 def _span(first: int, last: int) -> str:
@@ -340,11 +507,9 @@ class _Verifier:
             if seq > 1:
                 self.state.gap(1, seq - 1, path, line_number)
             return
-        self.state.warnings.append(
-            f"the chain starts at seq {seq} in {path.name}, not at the beginning of the "
-            "log: earlier files were not given and are not checked"
-        )
         prev_seq = record.get("prev_seq") if record["event"] == _CONTINUE else None
+        self.state.head = _Head(seq=seq, prev=prev, path=path,
+                                prev_seq=prev_seq if _is_header(record) else None)
         if isinstance(prev_seq, int) and prev_seq + 1 < seq:
             self.state.gap(prev_seq + 1, seq - 1, path, line_number)
 
@@ -432,12 +597,15 @@ def verify_files(
     public_key: Path | Sequence[Path] | None = None,
     *,
     require_sealed: bool = False,
+    require_complete: bool = False,
 ) -> VerifyResult:
     """Verify audit files (any order) against the public key(s); stop at the first problem.
 
     ``public_key`` None means the ``<log>.pub`` (and archived ``<log>.pub.*``) next to the
-    files. Raises `FileNotFoundError`/`OSError` for unreadable files and `AuditKeyError` for
-    missing or unreadable keys (usage errors, not verdicts).
+    files. ``require_complete``: the files are the whole log, so a chain starting mid-way is
+    a problem unless retention records account for the files before it. Raises
+    `FileNotFoundError`/`OSError` for unreadable files and `AuditKeyError` for missing or
+    unreadable keys (usage errors, not verdicts).
     """
     for path in paths:
         if not path.is_file():
@@ -448,9 +616,14 @@ def verify_files(
     for path, line, file_start in _lines_in_chain_order(ordered):
         found = verifier.feed(path, line, file_start=file_start)
         if found is not None:
+            _settle_head(verifier.state, require_complete=False)  # for its warning only
             return _result(verifier.state, ordered=ordered, keyring=keyring, found=found, path=path,
                            line=line.number)
     state = verifier.state
+    found = _settle_head(state, require_complete=require_complete)
+    if found is not None and state.head is not None:
+        return _result(state, ordered=ordered, keyring=keyring, found=found,
+                       path=state.head.path, line=1)
     if state.pending:
         (first, last), (gap_path, gap_line) = min(state.pending.items())
         found = _Found(Problem.DELETED, first,
@@ -499,4 +672,5 @@ def _result(
         gaps=tuple(state.gaps),
         warnings=tuple(state.warnings),
         key_ids=tuple(keyring),
+        removed=tuple(state.removed),
     )
