@@ -1,0 +1,336 @@
+"""Audit retention: which rotated audit files have outlived ``audit.retention``, and removing them.
+
+Owns the rules for deleting evidence on a timer. They are deliberately narrow, because a
+removal is irreversible and a verifier must still be able to vouch for what is left:
+
+* **Only rotated files, only from the front.** The live file is never touched. Files are taken
+  in chain order (`files.order_by_chain`), oldest first, and planning stops at the first file
+  that may not go: removing a file from the middle would leave a hole no verifier can explain.
+* **Expired** means the file's *last* record (its sealing checkpoint) is older than
+  ``now - retention``. ``retention`` zero means keep everything.
+* **Only files that verify.** Each candidate must verify on its own (hash chain, header,
+  checkpoint signatures against the log's public keys, `verify.verify_files` with
+  ``require_sealed``), end in a signed ``audit.checkpoint`` covering its last record (its
+  final checkpoint), chain to the file removed just before it, and be chained to by the file
+  after it (that file's ``audit.continue`` header names its last ``seq`` and hash). A file
+  that fails any of this is *kept and reported* (`RetentionPlan.problem`) — evidence of
+  tampering is not deleted by a timer — and nothing after it is removed either.
+* **Holds.** ``may_remove(last_seq)`` lets the gateway keep files the syslog forwarder has not
+  delivered yet; a file whose successor does not exist yet (the live file after a rotation
+  before its first record) is held too. Held files are not problems (`RetentionPlan.held`).
+* **Written before removed.** `apply_plan` first writes one ``audit.retention`` record per
+  file through the live `AuditLog` (``file``, ``first_seq``, ``last_seq``, ``last_hash``,
+  ``last_ts``, ``records``, ``retention``, ``reason="expired"``), then a checkpoint that signs
+  them (`verify` honours only signed retention records), then fsyncs the live file; only then
+  are the files unlinked (the ``.pub`` keys stay). A file whose record could not be written,
+  signed or synced is not removed. ``first_seq`` is the first seq the file accounts for: 1 for
+  the file that starts the log, else its header's ``prev_seq`` + 1 (normally its first
+  record's seq), so that the retention records of successive removals cover seq 1 on without
+  a hole; `verify` accepts the missing head of the log exactly then.
+
+Planning and removal are blocking file work: the gateway runs them with `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from gatewayd.audit import files
+from gatewayd.audit.chain import GENESIS_PREV, is_hash, parse_line
+from gatewayd.audit.events import EventName
+from gatewayd.audit.signing import AuditKeyError, default_public_key_paths
+from gatewayd.audit.verify import verify_files
+from gatewayd.audit.writer import AuditLog, AuditWriteError, OperationalLogger, describe_os_error
+from gatewayd.files import fsync_directory
+
+_CHECKPOINT: Final = EventName.AUDIT_CHECKPOINT.value
+_START: Final = EventName.AUDIT_START.value
+_CONTINUE: Final = EventName.AUDIT_CONTINUE.value
+_RETENTION: Final = EventName.AUDIT_RETENTION.value
+
+MayRemove = Callable[[int], bool]  # given a file's last seq: may it go (e.g. delivered)?
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A rotated file that has expired, verifies, and may be removed."""
+
+    path: Path
+    first_seq: int  # the first seq it accounts for (see the module docstring)
+    last_seq: int  # its final checkpoint
+    last_hash: str
+    last_ts: str
+    records: int
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An expired file that stays, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    removals: tuple[Removal, ...] = ()
+    problem: Kept | None = None  # kept because it does not verify: report it to security staff
+    held: Kept | None = None  # kept for now (not delivered yet, no successor yet, time budget)
+
+
+@dataclass(frozen=True)
+class RetentionOutcome:
+    plan: RetentionPlan
+    removed: tuple[Removal, ...] = ()
+    error: str | None = None  # why planned removals did not happen
+
+
+class _KeepFileError(Exception):
+    """Internal: this expired file may not be removed; ``problem`` False means merely held."""
+
+    def __init__(self, reason: str, *, problem: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.problem = problem
+
+
+def format_retention(retention: timedelta) -> str:
+    """The retention in the configuration's duration syntax ("365d"), for the record."""
+    seconds = int(retention.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _record(line: bytes | None, what: str) -> dict[str, Any]:
+    record = parse_line(line) if line is not None else None
+    if record is None:
+        raise _KeepFileError(f"its {what} is not a readable record")
+    return record
+
+
+def _last_record(path: Path) -> dict[str, Any]:
+    tail = files.read_tail(path)
+    if tail.torn_bytes:
+        raise _KeepFileError("it ends with an incomplete line")
+    return _record(tail.last_line, "last line")
+
+
+def _is_expired(last: dict[str, Any], cutoff: datetime) -> bool:
+    try:
+        moment = datetime.fromisoformat(last["ts"])
+    except (TypeError, ValueError) as exc:
+        raise _KeepFileError("its last record has no readable ts") from exc
+    if moment.tzinfo is None:
+        raise _KeepFileError("its last record's ts has no UTC offset")
+    return moment < cutoff
+
+
+def _check_sealed(path: Path, last: dict[str, Any], keys: Sequence[Path]) -> int:
+    """Verify the file on its own; return its record count. Raises _KeepFileError if it fails."""
+    try:
+        result = verify_files([path], list(keys), require_sealed=True)
+    except (AuditKeyError, OSError) as exc:
+        raise _KeepFileError(f"it cannot be verified: {exc}") from exc
+    if not result.ok:
+        raise _KeepFileError(f"it does not verify ({result.kind}): {result.problem}")
+    checkpoint = result.last_checkpoint
+    if (last["event"] != _CHECKPOINT or checkpoint is None or checkpoint.seq != last["seq"]
+            or result.last_seq != last["seq"]):
+        raise _KeepFileError("its last record is not a signed checkpoint covering the file")
+    return result.records
+
+
+def _first_accounted_seq(header: dict[str, Any]) -> int:
+    """1 for the file that starts the log, else its audit.continue header's prev_seq + 1."""
+    if header["event"] == _START and header["prev"] == GENESIS_PREV:
+        return 1
+    prev_seq = header.get("prev_seq")
+    if header["event"] != _CONTINUE or not isinstance(prev_seq, int):
+        raise _KeepFileError("it does not begin with a header record")
+    return prev_seq + 1
+
+
+def _check_links(header: dict[str, Any], before: Removal | None) -> None:
+    """The file must chain to the one removed just before it in this plan."""
+    if before is None:
+        return
+    if header["prev"] != before.last_hash or header.get("prev_seq") != before.last_seq:
+        raise _KeepFileError(f"its header does not chain to {before.path.name} (seq "
+                        f"{before.last_seq}): a file between them is missing")
+
+
+def _check_successor(last: dict[str, Any], successor: Path) -> None:
+    """The next file must begin with a header naming this file's last record.
+
+    That header is what `verify` later matches against the retention record's ``last_hash``;
+    if it did not chain here, removing this file would leave a log nobody can vouch for.
+    """
+    if not successor.is_file() or successor.stat().st_size == 0:
+        raise _KeepFileError(f"the next file {successor.name} has no records yet", problem=False)
+    head = parse_line(files.read_first_line(successor) or b"")
+    if (head is None or head.get("event") != _CONTINUE or head.get("prev") != last["hash"]
+            or head.get("prev_seq") != last["seq"]):
+        raise _KeepFileError(f"the next file {successor.name} does not begin with an "
+                             f"audit.continue chained to its last record (seq {last['seq']})")
+
+
+def _removal(
+    path: Path, successor: Path, before: Removal | None, *, cutoff: datetime,
+    keys: Sequence[Path], may_remove: MayRemove | None,
+) -> Removal | None:
+    """The removal of ``path``, None if it has not expired; raises _KeepFileError to keep it."""
+    last = _last_record(path)
+    if not _is_expired(last, cutoff):
+        return None
+    records = _check_sealed(path, last, keys)
+    header = _record(files.read_first_line(path), "first line")
+    first_seq = _first_accounted_seq(header)
+    _check_links(header, before)
+    _check_successor(last, successor)
+    if not is_hash(last["hash"]):
+        raise _KeepFileError("its last record has no valid hash")
+    if may_remove is not None and not may_remove(last["seq"]):
+        raise _KeepFileError(f"held: seq {last['seq']} not yet delivered", problem=False)
+    return Removal(path=path, first_seq=first_seq, last_seq=last["seq"],
+                   last_hash=last["hash"], last_ts=last["ts"], records=records)
+
+
+def plan_retention(
+    log_path: Path, retention: timedelta, now: datetime, *,
+    may_remove: MayRemove | None = None, budget_seconds: float | None = None,
+) -> RetentionPlan:
+    """Which rotated files of ``log_path`` to remove now (see the module docstring).
+
+    ``budget_seconds`` bounds the scan: files not reached in time are held for the next run.
+    """
+    if retention <= timedelta(0):
+        return RetentionPlan()
+    if now.tzinfo is None:
+        raise ValueError("retention needs a timezone-aware now")
+    deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
+    chain = files.order_by_chain(files.rotated_siblings(log_path))
+    keys = default_public_key_paths(log_path)
+    cutoff = now - retention
+    removals: list[Removal] = []
+    for index, path in enumerate(chain):
+        successor = chain[index + 1] if index + 1 < len(chain) else log_path
+        if deadline is not None and time.monotonic() > deadline:
+            return RetentionPlan(tuple(removals), held=Kept(path, "time budget used up"))
+        try:
+            removal = _removal(path, successor, removals[-1] if removals else None,
+                               cutoff=cutoff, keys=keys, may_remove=may_remove)
+        except _KeepFileError as keep:
+            kept = Kept(path, keep.reason)
+            return (RetentionPlan(tuple(removals), problem=kept) if keep.problem
+                    else RetentionPlan(tuple(removals), held=kept))
+        except OSError as exc:
+            return RetentionPlan(tuple(removals),
+                                 problem=Kept(path, f"unreadable: {describe_os_error(exc)}"))
+        if removal is None:
+            break  # not expired: nor is anything after it in practice, and it stays anyway
+        removals.append(removal)
+    return RetentionPlan(tuple(removals))
+
+
+def plan_removals(
+    log_path: Path, retention: timedelta, now: datetime, *, may_remove: MayRemove | None = None,
+) -> list[Removal]:
+    """Just the files `plan_retention` would remove now, oldest first."""
+    return list(plan_retention(log_path, retention, now, may_remove=may_remove).removals)
+
+
+def _record_removals(
+    audit: AuditLog, removals: Sequence[Removal], retention: timedelta
+) -> tuple[list[Removal], str | None]:
+    """Write one audit.retention record per removal; stop at the first that is not written."""
+    recorded: list[Removal] = []
+    for removal in removals:
+        try:
+            written = audit.emit(
+                _RETENTION, reason="expired", file=removal.path.name,
+                first_seq=removal.first_seq, last_seq=removal.last_seq,
+                last_hash=removal.last_hash, last_ts=removal.last_ts, records=removal.records,
+                retention=format_retention(retention),
+            )
+        except (AuditWriteError, RuntimeError) as exc:  # RuntimeError: the log was closed
+            return recorded, f"audit.retention for {removal.path.name} not written: {exc}"
+        if written is None:
+            return recorded, f"audit.retention for {removal.path.name} not written"
+        recorded.append(removal)
+    return recorded, None
+
+
+def _seal_records(audit: AuditLog) -> str | None:
+    """Sign the retention records and get them to the disk; an error text if that failed."""
+    try:
+        audit.checkpoint()
+    except (AuditWriteError, RuntimeError) as exc:
+        return f"the checkpoint signing the retention records failed: {exc}"
+    if not audit.healthy:  # on_failure="continue": the checkpoint failed quietly
+        return "the checkpoint signing the retention records was not written"
+    try:
+        # fsync through a descriptor of our own: it flushes the file, whoever wrote it, so
+        # the records survive a crash even with fsync="interval".
+        fd = os.open(audit.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"syncing {audit.path.name} failed: {describe_os_error(exc)}"
+    return None
+
+
+def apply_plan(
+    audit: AuditLog, plan: RetentionPlan, retention: timedelta, logger: OperationalLogger
+) -> RetentionOutcome:
+    """Record, sign and sync the removals, then remove the files (see the module docstring)."""
+    if plan.problem is not None:
+        logger.error("audit file kept: it does not verify, so retention will not remove it "
+                     "nor anything after it", file=str(plan.problem.path),
+                     reason=plan.problem.reason)
+    if not plan.removals:
+        return RetentionOutcome(plan)
+    recorded, error = _record_removals(audit, plan.removals, retention)
+    if recorded:
+        sealed_error = _seal_records(audit)
+        if sealed_error is not None:
+            error, recorded = sealed_error, []
+    if error is not None:
+        logger.error("audit retention stopped before removing files", error=error)
+    removed: list[Removal] = []
+    for removal in recorded:
+        try:
+            removal.path.unlink()
+        except OSError as exc:
+            logger.error("audit file not removed", file=str(removal.path),
+                         error=describe_os_error(exc))
+            continue
+        removed.append(removal)
+        logger.info("audit file removed by retention", file=str(removal.path),
+                    first_seq=removal.first_seq, last_seq=removal.last_seq,
+                    last_ts=removal.last_ts)
+    if removed:
+        try:
+            fsync_directory(audit.path.parent)
+        except OSError as exc:
+            logger.warning("fsync of the audit directory failed", error=describe_os_error(exc))
+    return RetentionOutcome(plan, tuple(removed), error)
+
+
+def run_retention(
+    audit: AuditLog, retention: timedelta, now: datetime, logger: OperationalLogger, *,
+    may_remove: MayRemove | None = None, budget_seconds: float | None = None,
+) -> RetentionOutcome:
+    """Plan and apply retention for ``audit``'s log; nothing when ``retention`` is zero."""
+    plan = plan_retention(audit.path, retention, now, may_remove=may_remove,
+                          budget_seconds=budget_seconds)
+    return apply_plan(audit, plan, retention, logger)
