@@ -5,10 +5,34 @@ order, never whole) and the aligned table the CLI prints. Query does not check i
 run `verify_files` (``gatewayd audit verify``) for that; lines that are not records are skipped
 and reported through ``on_malformed``.
 
-Filter semantics: ``user`` and ``service`` match exactly (the user is compared in its stored,
-escaped form, so ``TOKYO\\alice`` or a name with control characters can be searched as
-typed); ``event`` matches exactly, or as a shell-style pattern when it contains ``*``, ``?`` or
-``[`` (``access.*``); ``since`` is inclusive and ``until`` exclusive, both timezone-aware.
+Filter semantics (`RecordFilter`; every given filter must match):
+
+* ``user``, ``device``, ``session``, ``source_ip`` match exactly, compared in the stored,
+  escaped form (so ``TOKYO\\alice`` or a name with control characters can be searched as
+  typed); ``service`` matches exactly.
+* ``event`` matches exactly, or as a shell-style pattern when it contains ``*``, ``?`` or ``[``
+  (``access.*``).
+* ``since`` is inclusive and ``until`` exclusive, both timezone-aware; a record without a
+  readable ``ts`` never matches a time window.
+* ``result`` is ``success`` or ``failure`` as decided by `record_result` (below).
+* ``text`` is a case-insensitive (Unicode casefold) substring of any value of the record as
+  the console and the CLI display it (`display_text`; integers in decimal), keys excluded.
+
+**Result vocabulary** (`record_result`, the rule is the same for query, export and the
+console). A record is a ``failure`` when any of these hold:
+
+* its event is a refusal: ``auth.failure``, ``auth.locked``, ``access.deny``, ``tunnel.deny``;
+* its ``status`` is an integer >= 400 (an HTTP error, e.g. ``access.end`` with 502);
+* its ``status`` is an outcome word meaning it did not happen: ``failure``, ``failed``,
+  ``error``, ``denied``, ``no_match`` (``config.reload`` that failed, an admin session kill
+  that matched nothing);
+* it carries an ``error`` field (a transfer or tunnel that ended with an error).
+
+It is *neither* (matches no ``result`` filter) when its event is ``access.step_up`` — a
+challenge, not an outcome: the step-up's own ``auth.success``/``auth.failure`` says how it
+went — or one of the log's own records (``audit.start``, ``audit.continue``,
+``audit.checkpoint``, ``audit.recovery``), which describe the log rather than an action.
+Every other record is a ``success``.
 """
 
 from __future__ import annotations
@@ -23,9 +47,45 @@ from typing import Any, Final
 
 from gatewayd.audit import files
 from gatewayd.audit.chain import parse_line
-from gatewayd.audit.events import display_text, escape_text, needs_escape
+from gatewayd.audit.events import (
+    INTERNAL_EVENTS,
+    EventName,
+    display_text,
+    escape_text,
+    needs_escape,
+)
 
 MalformedCallback = Callable[[Path, int], None]
+
+RESULTS: Final = ("success", "failure")
+FAILURE_EVENTS: Final = frozenset({
+    EventName.AUTH_FAILURE.value, EventName.AUTH_LOCKED.value, EventName.ACCESS_DENY.value,
+    EventName.TUNNEL_DENY.value,
+})
+FAILURE_STATUS_WORDS: Final = frozenset({"failure", "failed", "error", "denied", "no_match"})
+NEITHER_EVENTS: Final = frozenset({EventName.ACCESS_STEP_UP.value, *INTERNAL_EVENTS})
+
+
+def record_result(record: Mapping[str, Any]) -> str | None:
+    """``"failure"``, ``"success"`` or None (neither) — the rule in the module docstring."""
+    event = record.get("event")
+    if event in NEITHER_EVENTS:
+        return None
+    status = record.get("status")
+    if (
+        event in FAILURE_EVENTS
+        or (isinstance(status, int) and not isinstance(status, bool) and status >= 400)
+        or (isinstance(status, str) and status.lower() in FAILURE_STATUS_WORDS)
+        or record.get("error") not in (None, "")
+    ):
+        return "failure"
+    return "success"
+
+
+def displayed_value(value: object) -> str:
+    """A record value as the CLI table and the console show it (controls escaped)."""
+    return display_text(value if isinstance(value, str) else str(value))
+
 
 @dataclass(frozen=True)
 class RecordFilter:
@@ -34,20 +94,37 @@ class RecordFilter:
     service: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    device: str | None = None
+    session: str | None = None
+    source_ip: str | None = None
+    result: str | None = None
+    text: str | None = None
 
     def __post_init__(self) -> None:
         for name, moment in (("since", self.since), ("until", self.until)):
             if moment is not None and moment.utcoffset() is None:
                 raise ValueError(f"{name} must be timezone-aware")
+        if self.result is not None and self.result not in RESULTS:
+            raise ValueError(f"result must be one of {', '.join(RESULTS)}, not {self.result!r}")
 
     def matches(self, record: Mapping[str, Any]) -> bool:
-        if self.user is not None and record.get("user") != escape_text(self.user):
-            return False
+        for key in ("user", "device", "session", "source_ip"):
+            wanted: str | None = getattr(self, key)
+            if wanted is not None and record.get(key) != escape_text(wanted):
+                return False
         if self.service is not None and record.get("service") != self.service:
             return False
         if self.event is not None and not _event_matches(self.event, record.get("event")):
             return False
+        if self.result is not None and record_result(record) != self.result:
+            return False
+        if self.text and not _contains_text(record, self.text.casefold()):
+            return False
         return self._in_time_window(record)
+
+    @property
+    def has_time_window(self) -> bool:
+        return self.since is not None or self.until is not None
 
     def _in_time_window(self, record: Mapping[str, Any]) -> bool:
         if self.since is None and self.until is None:
@@ -58,6 +135,10 @@ class RecordFilter:
         if self.since is not None and moment < self.since:
             return False
         return self.until is None or moment < self.until
+
+
+def _contains_text(record: Mapping[str, Any], folded: str) -> bool:
+    return any(folded in displayed_value(value).casefold() for value in record.values())
 
 
 def _event_matches(pattern: str, event: object) -> bool:
@@ -87,10 +168,24 @@ def query_files(
     service: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    device: str | None = None,
+    session: str | None = None,
+    source_ip: str | None = None,
+    result: str | None = None,
+    text: str | None = None,
     on_malformed: MalformedCallback | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the records of ``paths`` (in chain order) that match every given filter."""
-    wanted = RecordFilter(user=user, event=event, service=service, since=since, until=until)
+    wanted = RecordFilter(user=user, event=event, service=service, since=since, until=until,
+                          device=device, session=session, source_ip=source_ip, result=result,
+                          text=text)
+    return query_records(paths, wanted, on_malformed=on_malformed)
+
+
+def query_records(
+    paths: Sequence[Path], wanted: RecordFilter, *, on_malformed: MalformedCallback | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the records of ``paths`` (in chain order) that ``wanted`` matches (streaming)."""
     for path in files.order_by_chain(paths):
         for line in files.iter_lines(path):
             record = parse_line(line.data) if line.data is not None and line.terminated else None
@@ -110,11 +205,13 @@ def _json_escape(ch: str) -> str:
     return f"\\u{code:04x}"
 
 
-def json_line(value: Mapping[str, Any]) -> str:
+def json_line(value: Mapping[str, Any], *, compact: bool = False) -> str:
     """One-line JSON for a terminal or a pipe: readable UTF-8, but every character that
     `events.escape_text` would escape (they can only occur inside JSON strings) is written as
-    a \\u escape, so a tampered file cannot drive the terminal through our output."""
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    a \\u escape, so a tampered file cannot drive the terminal through our output.
+    ``compact`` drops the blanks after ``,`` and ``:``."""
+    separators = (",", ":") if compact else (", ", ": ")
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=separators)
     if text.isprintable():
         return text
     return "".join(_json_escape(ch) if needs_escape(ch) else ch for ch in text)
