@@ -23,6 +23,10 @@ FRONTENDS = frozenset({"https", "ssh", "admin"})
 AUTH_RESULTS = frozenset({"success", "failure", "locked", "step_up"})
 DECISIONS = frozenset({"allow", "deny", "step_up"})
 DIRECTIONS = frozenset({"up", "down"})
+# What a shared-state call was for (gatewayd.state.redis.OPERATIONS; repeated here so that
+# this module does not import the Redis client).
+STATE_OPERATIONS = frozenset({"add_once", "counter", "ping", "admit", "lookup", "refresh",
+                              "end", "rotate", "heartbeat", "subscribe"})
 OTHER = "other"
 
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]
@@ -87,10 +91,36 @@ class Metrics:
             "gatewayd_audit_write_errors_total", "Audit records that could not be written.",
             registry=r,
         )
+        self.audit_forward_backlog = Gauge(
+            "gatewayd_audit_forward_backlog",
+            "Audit records written and not yet acknowledged by the syslog collector "
+            "(audit.forward).", registry=r,
+        )
+        self.audit_forward_connected = Gauge(
+            "gatewayd_audit_forward_connected",
+            "1 while the syslog collector (audit.forward) is connected, else 0.", registry=r,
+        )
         self.config_last_reload_success = Gauge(
             "gatewayd_config_last_reload_success",
             "1 if the last configuration (re)load succeeded, else 0.", registry=r,
         )
+        self.state_errors = Counter(
+            "gatewayd_state_errors_total",
+            "Shared-state (Redis) calls that failed or timed out, by what they were for.",
+            ["operation"], registry=r,
+        )
+        self.state_up = Gauge(
+            "gatewayd_state_up",
+            "1 if the shared-state backend answered its last call, else 0 (memory: 1).",
+            registry=r,
+        )
+        self.state_nodes = Gauge(
+            "gatewayd_state_nodes",
+            "Gateway nodes with a live heartbeat at this node's last heartbeat (memory: 1).",
+            registry=r,
+        )
+        self.state_up.set(1)
+        self.state_nodes.set(1)
         self.build_info = Info("gatewayd_build", "Build information.", registry=r)
         self.build_info.info({"version": __version__})
         self._initialise_series()
@@ -113,6 +143,8 @@ class Metrics:
                 self.tunnel_bytes.labels(service, direction)
         for event in (*self._events, OTHER):
             self.audit_events.labels(event)
+        for operation in (*STATE_OPERATIONS, OTHER):
+            self.state_errors.labels(operation)
 
     def set_services(self, services: Collection[str]) -> None:
         self._services = frozenset(services)
@@ -142,6 +174,12 @@ class Metrics:
 
     def audit_event(self, event: str) -> None:
         self.audit_events.labels(bounded(event, self._events)).inc()
+
+    def state_call(self, operation: str, ok: bool) -> None:
+        """The outcome of one shared-state call (`gatewayd.state.redis.RedisState.observer`)."""
+        self.state_up.set(1 if ok else 0)
+        if not ok:
+            self.state_errors.labels(bounded(operation, STATE_OPERATIONS)).inc()
 
     def session_opened(self, frontend: str, delta: int = 1) -> None:
         """Count a session in (``delta=1``) or out (``delta=-1``) of ``sessions_active``."""
