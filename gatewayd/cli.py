@@ -25,6 +25,7 @@ from gatewayd.demo import run_demo
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.identity import cli as identity_cli
 from gatewayd.policy import cli as policy_cli
+from gatewayd.report import cli as report_cli
 from gatewayd.sdnotify import SystemdNotifier
 
 T = TypeVar("T")
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy_cli.register(sub)
     audit_cli.register(sub)
+    report_cli.register(sub)
     identity_cli.register(sub)
     certs_cli.register(sub)
     register_client_config(sub)
