@@ -44,6 +44,7 @@ from pydantic import BaseModel
 from gatewayd import __version__
 from gatewayd.admin import AdminServer, AdminSocketError, status_fields
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
+from gatewayd.audit.retention import run_retention
 from gatewayd.config import ConfigError, Settings, load_settings
 from gatewayd.emergency import WATCH_INTERVAL, EmergencyStop, still_entitled
 from gatewayd.https.app import HttpsFrontend
@@ -218,6 +219,8 @@ class Listeners:
 DRAIN_POLL_INTERVAL = 0.05  # seconds between looks at what the drain still waits for
 SESSION_SWEEP_INTERVAL = 15.0  # seconds; idle sessions (and their WebSockets) end this late at most
 ENROLLMENT_WATCH_INTERVAL = 5.0  # seconds between looks for CLI enrollments to audit
+AUDIT_RETENTION_INTERVAL = 6 * 3600.0  # seconds between audit retention runs (and one at start)
+AUDIT_RETENTION_BUDGET = 600.0  # seconds one retention run may spend verifying old files
 
 
 def _url_host(host: str) -> str:
@@ -307,6 +310,7 @@ class Gateway:
             raise
         self._started = True
         self._set_reload_ok(True)
+        self._start_audit_retention()
         self.log.info("gateway started", version=__version__, metrics=self.listeners.metrics_url,
                       https=self.listeners.https_url, ssh_port=self.listeners.ssh_port)
 
@@ -367,6 +371,23 @@ class Gateway:
                 await self.refresh_principals()
             except Exception:  # keep refreshing; a bad round must not stop the task
                 self.log.exception("session refresh failed")
+
+    def _start_audit_retention(self) -> None:
+        """Remove expired rotated audit files now and every 6 hours (``"0s"``: never)."""
+        if self.settings.audit.retention.total_seconds() > 0:
+            self._spawn(self._audit_retention_forever(), "gatewayd-audit-retention")
+
+    async def _audit_retention_forever(self) -> None:
+        retention = self.settings.audit.retention
+        while True:
+            try:  # verifying a year of files is blocking work: off the loop, time-bounded
+                await within(asyncio.to_thread(
+                    run_retention, self.audit, retention, self._wall_clock(), self.log,
+                    budget_seconds=AUDIT_RETENTION_BUDGET,
+                ), AUDIT_RETENTION_BUDGET + 60)
+            except Exception:  # keep the schedule: a bad run must not end retention
+                self.log.exception("audit retention failed")
+            await asyncio.sleep(AUDIT_RETENTION_INTERVAL)
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=name)
