@@ -463,6 +463,108 @@ async def test_only_recent_files_verify_with_a_warning(tmp_path: Path) -> None:
     assert any(f"starts at seq {seq_at(chain[2], 0)}" in w for w in result.warnings)
 
 
+# --------------------------------------------------------------------------- retention
+
+
+class SteppedClock:
+    """Moves only when told: retention needs weeks between a file's end and its removal."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 27, 9, 0, tzinfo=JST)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def aged_log(directory: Path) -> tuple[AuditLog, list[Path]]:
+    """A running log with rotated files (by size) that ended 30 days ago; in chain order."""
+    clock = SteppedClock()
+    log = AuditLog(directory / "audit.log", node="gw-test", signing_key_path=directory / "key",
+                   fsync="interval", clock=clock, checkpoint_every=100, rotate_bytes=1500)
+    await log.start()
+    for n in range(20):
+        log.emit("access.allow", user=f"user{n}", service="files", path=f"/files/{n}")
+    rotated = [p for p in log_files(directory) if p != log.path]
+    assert len(rotated) >= 3
+    clock.now += timedelta(days=30)
+    return log, rotated
+
+
+def record_removal(log: AuditLog, path: Path, **override: Any) -> None:
+    """Write the audit.retention record the retention task writes for ``path``."""
+    content = [record(line) for line in lines(path)]
+    header, last = content[0], content[-1]
+    fields: dict[str, Any] = {
+        "reason": "expired", "file": path.name, "last_seq": last["seq"],
+        "first_seq": 1 if header["event"] == "audit.start" else header["prev_seq"] + 1,
+        "last_hash": last["hash"], "last_ts": last["ts"], "records": len(content),
+        "retention": "7d",
+    }
+    log.emit("audit.retention", **{**fields, **override})
+
+
+async def test_head_removed_by_retention_verifies_with_a_note(tmp_path: Path) -> None:
+    log, rotated = await aged_log(tmp_path)
+    for path in rotated[:2]:
+        record_removal(log, path)
+    await log.close()  # its close checkpoint signs the retention records
+    first_end, last_removed = (record(lines(p)[-1])["seq"] for p in rotated[:2])
+    for path in rotated[:2]:
+        path.unlink()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert result.ok, result.problem
+    assert [(r.file, r.first_seq) for r in result.removed] == [
+        (rotated[0].name, 1), (rotated[1].name, first_end + 1)]
+    assert any(w.startswith(f"records 1-{last_removed:,} (2 files") for w in result.warnings)
+    assert not any("earlier files were not given" in w for w in result.warnings)
+    assert [r["file"] for r in result.to_json()["removed"]] == [p.name for p in rotated[:2]]
+
+
+async def test_retention_records_must_cover_the_log_from_seq_1(tmp_path: Path) -> None:
+    log, rotated = await aged_log(tmp_path)
+    record_removal(log, rotated[1])  # but rotated[0] goes too, unrecorded
+    await log.close()
+    for path in rotated[:2]:
+        path.unlink()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert_problem(result, Problem.MISSING_FILE, 1)
+    assert "no audit.retention record accounts for seq 1 on" in result.problem
+    lenient = verify_files(log_files(tmp_path))
+    assert lenient.ok and lenient.removed == ()
+    assert any("not removed by retention" in w for w in lenient.warnings)
+
+
+async def test_retention_record_must_name_the_hash_the_next_file_chains_to(
+    tmp_path: Path,
+) -> None:
+    log, rotated = await aged_log(tmp_path)
+    record_removal(log, rotated[0], last_hash="a" * 64)
+    await log.close()
+    rotated[0].unlink()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert_problem(result, Problem.MISSING_FILE, 1)
+    assert "names a last hash" in result.problem
+
+
+async def test_retention_record_of_a_file_still_present_is_no_problem(tmp_path: Path) -> None:
+    """The record is written before the removal; a removal that then failed leaves both."""
+    log, rotated = await aged_log(tmp_path)
+    record_removal(log, rotated[0])
+    await log.close()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert result.ok and result.removed == ()
+
+
+async def test_require_complete_passes_an_intact_log_and_fails_a_missing_head(
+    tmp_path: Path,
+) -> None:
+    chain = await rotated_log(tmp_path)
+    assert verify_files(chain, require_complete=True).ok
+    result = verify_files(chain[1:], require_complete=True)
+    assert_problem(result, Problem.MISSING_FILE, 1)
+    assert (result.file, result.line) == (chain[1], 1)
+
+
 # --------------------------------------------------------------------------- live tail
 
 
