@@ -259,6 +259,7 @@ class Gateway:
                                                cap_for=self.user_cap, state=self.state,
                                                on_remote_end=self._on_remote_session_end,
                                                on_remote_start=self._count_sessions)
+        self._observe_state()
         self.authenticator: Authenticator = build_authenticator(
             settings, state=self.state, audit_emit=self._emit_audit, response_floor=login_pacing
         )
@@ -753,6 +754,14 @@ class Gateway:
         self._count_sessions(session)
         if self.ssh is not None:
             self.ssh.session_ended(session, reason)
+
+    def _observe_state(self) -> None:
+        """Multi-node: every Redis call feeds ``gatewayd_state_up`` and
+        ``gatewayd_state_errors_total``; the heartbeat ``gatewayd_state_nodes``."""
+        shared = self._shared_sessions()
+        if shared is not None:
+            shared.store.observe(self.metrics.state_call)
+            self.metrics.state_nodes.set_function(lambda: shared.live_nodes)
 
     def _shared_sessions(self) -> SharedSessionRegistry | None:
         if self.settings.state.backend != "redis":

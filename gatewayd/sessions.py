@@ -39,7 +39,9 @@ END_REASONS: Final[frozenset[str]] = frozenset(
      # an SSH client closed its connection, or stopped answering keepalives (gatewayd.ssh)
      "disconnected",
      # multi-node: Redis no longer has the session (its data was lost; gatewayd.sessions_shared)
-     "state_lost"}
+     "state_lost",
+     # multi-node: the node holding the SSH connection stopped its heartbeat (crashed)
+     "node_lost"}
 )
 Closer = Callable[[str], None]
 """Called once with the end reason when the session ends; must not block."""

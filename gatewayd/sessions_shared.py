@@ -42,7 +42,20 @@ Redis (`gatewayd.state.sessions.RedisSessions`):
   also runs every `RESYNC_INTERVAL`, so the replica converges whatever was missed.
 * **Stopping a node** (``end_all("shutdown")``) ends only what dies with it — its SSH
   connections; HTTPS sessions stay in Redis for the other nodes (the node merely closes its
-  WebSockets).
+  WebSockets). Then (`close`) it removes its heartbeat.
+* **A node that dies** without stopping (crash, ``kill -9``, power, partition) stops renewing
+  its heartbeat (``hb:<node>``, every `gatewayd.state.sessions.HEARTBEAT_INTERVAL` = 2 s, TTL
+  `gatewayd.state.sessions.heartbeat_ttl`: ``max(10 s, 8 s + 2 * state.timeout)``). Its SSH
+  sessions — bound to its TCP connections, so over with it — are then ended by the first
+  surviving node whose heartbeat script finds them (atomically: exactly one node writes
+  ``session.end`` reason ``node_lost``), so their seats are free about TTL + 2 s after the
+  node's last beat, not after the idle timeout. Its HTTPS sessions continue (the browser
+  simply reaches another node). A node judges others only after beating for a whole TTL
+  itself, so after a Redis outage every live node has renewed its heartbeat first; a node
+  restarted under the same name is a new "boot" and never adopts its previous life's
+  sessions (they are ended as ``node_lost`` too); a partitioned node that comes back finds
+  its reaped sessions' tombstones and closes them. The heartbeat also counts the live nodes
+  (`live_nodes`, the ``gatewayd_state_nodes`` gauge).
 
 A session that vanished from Redis without a word why (Redis lost its data in a restart
 without persistence) ends everywhere too, with reason ``state_lost`` (or its timeout, if it
@@ -53,7 +66,10 @@ the directory) write ``session.end`` once, but a node that could not reach Redis
 second one after an outage; an SSH session of a node that crashed holds its seat until its
 idle timeout; an SSH certificate sign-in within milliseconds of its portal sign-in on another
 node may not find the portal session in the replica yet (`by_handle` is synchronous) and take
-a seat of its own.
+a seat of its own; a node that stops while Redis is down cannot end its SSH sessions there
+nor remove its heartbeat, so a survivor later ends them again as ``node_lost`` (a second
+``session.end`` for those sessions); a node stalled (not crashed) for longer than the
+heartbeat TTL has its SSH sessions ended by the others — it closes them when it wakes.
 """
 
 from __future__ import annotations
@@ -79,7 +95,7 @@ from gatewayd.sessions import (
     SessionRegistry,
     hash_session_id,
 )
-from gatewayd.state.sessions import Record, RedisSessions, Refused
+from gatewayd.state.sessions import Beat, Record, RedisSessions, Refused
 from gatewayd.state.store import StateUnavailable
 from gatewayd.tasks import cancel_and_wait, within
 
@@ -151,26 +167,42 @@ class SharedSessionRegistry(SessionRegistry):
         self._subscribed = False
         self._writes: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.live_nodes = 0  # nodes whose heartbeat was live at this node's last beat
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the subscriber and the sync loop (named tasks, kept until `close`)."""
         loop = asyncio.get_running_loop()
+        self._heartbeat = loop.create_task(self._heartbeat_forever(),
+                                           name="gatewayd.sessions.heartbeat")
         self._loops = [
             loop.create_task(self._listen_forever(), name="gatewayd.sessions.subscriber"),
             loop.create_task(self._sync_forever(), name="gatewayd.sessions.sync"),
+            self._heartbeat,
         ]
 
     async def close(self) -> None:
-        """Let pending writes (ends of this node's sessions) finish, then stop the loops.
+        """Let pending writes (ends of this node's sessions) finish, remove this node's
+        heartbeat, then stop the loops.
 
         Each write gives up after ``state.timeout`` and then audits anyway, so waiting a
-        little longer than that never loses a ``session.end`` record.
+        little longer than that never loses a ``session.end`` record. The heartbeat goes
+        last: while it lives, no other node ends this node's SSH sessions as ``node_lost``.
         """
+        if self._heartbeat is not None:  # stopped first: it would renew what we remove
+            await cancel_and_wait([self._heartbeat])
         if self._writes:
             with contextlib.suppress(TimeoutError):
                 await within(asyncio.wait(set(self._writes)), self.store.timeout + 1.0)
+        if self._heartbeat is not None:
+            try:
+                await self.store.depart()
+            except StateUnavailable:
+                log.warning("node heartbeat not removed (state store unavailable); the other "
+                            "nodes will take this node for crashed when it expires")
+            self._heartbeat = None
         await cancel_and_wait([*self._loops, *self._writes])
         self._loops = []
 
@@ -605,6 +637,64 @@ class SharedSessionRegistry(SessionRegistry):
         else:
             self._ended_elsewhere(session, reason)
 
+    # --- internals: the heartbeat --------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        """Beat every ``heartbeat_interval``; judge the other nodes once beating for a TTL.
+
+        On the loop's clock (real seconds), not the registry's: a test's fake clock must not
+        make a node look dead. A gap in this node's own beats longer than the TTL (Redis
+        away, the loop stalled) starts the streak over: the others may not have been able to
+        beat either.
+        """
+        loop = asyncio.get_running_loop()
+        ttl = self.store.heartbeat_ttl
+        streak: float | None = None  # when the current unbroken run of beats began
+        last_beat = float("-inf")
+        first = True
+        while True:
+            now = loop.time()
+            if streak is not None and now - last_beat > ttl:
+                streak = None
+            try:
+                beat = await self.store.heartbeat(reap=streak is not None and now - streak >= ttl)
+            except asyncio.CancelledError:
+                raise
+            except StateUnavailable:
+                streak = None  # RedisState logged the transition
+            except Exception:
+                streak = None
+                log.exception("node heartbeat failed")
+            else:
+                if streak is None:
+                    streak = now
+                last_beat = now
+                self._after_beat(beat, first=first)
+                first = False
+            await asyncio.sleep(self.store.heartbeat_interval)
+
+    def _after_beat(self, beat: Beat, *, first: bool) -> None:
+        self.live_nodes = beat.nodes
+        if beat.previous and beat.previous != self.store.boot:
+            if first:
+                log.info("node %s restarted: the SSH sessions of its previous run end "
+                         "(node_lost)", self.node)
+            else:
+                log.warning("another gatewayd process runs as node %s (its heartbeat "
+                            "replaced ours): gateway.node must be unique per node", self.node)
+        for record in beat.reaped:
+            self._reaped(record)
+
+    def _reaped(self, record: Record) -> None:
+        """This node's heartbeat ended a dead node's SSH session: audit it here (once)."""
+        session = self._by_handle.get(record.get("handle", ""))
+        if session is None:
+            session, _ = self._from_record(record)
+        self._take_totals(session, record, (0, 0))
+        log.warning("session %s of user %s ended: its node %s stopped answering",
+                    session.handle, session.user, record.get("node", "?"))
+        self._ended_by_us(session, "node_lost")
+
     # --- internals: the channel ----------------------------------------------------------------
 
     async def _listen_forever(self) -> None:
@@ -616,6 +706,8 @@ class SharedSessionRegistry(SessionRegistry):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, StateUnavailable) as exc:
+                if not isinstance(exc, StateUnavailable):  # those were counted where raised
+                    self.store.report("subscribe", False)
                 if down_since is None:
                     down_since = self._clock()
                     log.warning("session channel lost (%s); reconnecting", exc)
@@ -630,6 +722,7 @@ class SharedSessionRegistry(SessionRegistry):
         loop = asyncio.get_running_loop()
         try:
             await within(pubsub.subscribe(self.store.channel), self.store.timeout)
+            self.store.report("subscribe", True)
             self._subscribed = True
             await self.resync()
             last_resync = last_pong = loop.time()

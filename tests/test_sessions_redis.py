@@ -8,7 +8,9 @@ only the wall-clock times in Redis can make them agree.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +25,7 @@ from gatewayd.identity.principal import Principal
 from gatewayd.sessions import PerUserLimit, SeatsFull, Session, hash_session_id
 from gatewayd.sessions_shared import SharedSessionRegistry
 from gatewayd.state.redis import RedisState
-from gatewayd.state.sessions import EXPIRY_GRACE, RedisSessions
+from gatewayd.state.sessions import EXPIRY_GRACE, Beat, RedisSessions, heartbeat_ttl
 from gatewayd.state.store import StateUnavailable
 
 PREFIX = "ward-test:"
@@ -48,13 +50,17 @@ class Node:
 @asynccontextmanager
 async def node(redis: RedisServer, name: str, *, skew: float = 0.0, max_concurrent: int = 10,
                per_user: int = 1, idle: float = 600, absolute: float = 3600,
-               cache_time: float = 30) -> AsyncIterator[Node]:
+               cache_time: float = 30, heartbeat_ttl: float | None = None
+               ) -> AsyncIterator[Node]:
     state = RedisState(redis.url, key_prefix=PREFIX, timeout=0.3)
     clock: Callable[[], float] = lambda: time.monotonic() + skew  # noqa: E731
     ended: list[tuple[str, str]] = []
     remote: list[tuple[str, str]] = []
+    store = RedisSessions(state, node=name)
+    if heartbeat_ttl is not None:  # shorter than in production, so that the test is quick
+        store.heartbeat_ttl, store.heartbeat_interval = heartbeat_ttl, heartbeat_ttl / 5
     registry = SharedSessionRegistry(
-        RedisSessions(state, node=name), idle_timeout=idle, absolute_timeout=absolute,
+        store, idle_timeout=idle, absolute_timeout=absolute,
         max_concurrent=max_concurrent, per_user=per_user, clock=clock, wall=time.time,
         on_end=lambda s, r: ended.append((s.handle, r)),
         on_remote_end=lambda s, r: remote.append((s.handle, r)), cache_time=cache_time)
@@ -328,6 +334,15 @@ async def test_activity_is_written_every_few_seconds_not_per_request(
             return sum(int(stats.get(name, {}).get("calls", 0))
                        for name in ("cmdstat_evalsha", "cmdstat_eval"))
 
+        beats = 0
+        beat = a.registry.store.heartbeat
+
+        async def counted(*, reap: bool) -> Beat:
+            nonlocal beats
+            beats += 1
+            return await beat(reap=reap)
+
+        a.registry.store.heartbeat = counted  # type: ignore[method-assign]
         try:
             before = await script_calls()
             for _ in range(300):  # 300 requests in about 3 s
@@ -336,7 +351,7 @@ async def test_activity_is_written_every_few_seconds_not_per_request(
                 a.registry.touch(made)
                 await asyncio.sleep(0.01)
             await asyncio.sleep(2.5)
-            writes = await script_calls() - before
+            writes = await script_calls() - before - beats
         finally:
             await client.aclose()
         # One REFRESH per sync round (every 2 s) that has news: a handful, not 300.
@@ -392,3 +407,114 @@ async def test_a_node_stopping_while_redis_is_down_still_records_its_ends(
         # (it lives on in Redis for the other nodes), so nothing to record for it.
         assert a.ended == [(ssh.handle, "shutdown")]
         assert web.ended == "shutdown" and a.registry.get(raw) is None
+
+
+# --- dead nodes (the heartbeat) ---------------------------------------------------------------
+
+TTL = 1.0  # the test nodes' heartbeat TTL (production: heartbeat_ttl(state.timeout) >= 10 s)
+
+
+async def crashed_node_session(redis: RedisServer, name: str, frontend: str = "ssh",
+                               user: str = "bob") -> str:
+    """A session admitted by a node process that then dies without a word (its heartbeat,
+    renewed by the admission, runs out after `TTL`); returns the session's handle."""
+    state = RedisState(redis.url, key_prefix=PREFIX, timeout=0.3)
+    store = RedisSessions(state, node=name)
+    store.heartbeat_ttl, store.idle_timeout, store.absolute_timeout = TTL, 600, 3600
+    handle = secrets.token_hex(8)
+    record = {"handle": handle, "id": hashlib.sha256(handle.encode()).hexdigest(),
+              "user": user, "groups": "[]", "attributes": "{}", "frontend": frontend,
+              "source_ip": "192.0.2.9", "device": "", "device_user": "",
+              "device_serial": "", "bytes_up": "0", "bytes_down": "7", "node": name}
+    try:
+        await store.admit(record, max_concurrent=10, cap=5, replace_oldest=False,
+                          seat_of=None)
+    finally:
+        await state.close()
+    return handle
+
+
+async def live_handles(redis: RedisServer) -> set[str]:
+    client = Redis.from_url(redis.url)
+    try:
+        return {h.decode() for h in await client.zrange(PREFIX + "live", 0, -1)}
+    finally:
+        await client.aclose()
+
+
+def test_the_heartbeat_ttl_follows_the_state_timeout() -> None:
+    assert heartbeat_ttl(0.5) == heartbeat_ttl(1.0) == 10.0
+    assert heartbeat_ttl(5.0) == 18.0  # slow answers allowed: wait longer before judging
+
+
+async def test_a_crashed_nodes_ssh_sessions_end_once_and_its_browser_sessions_stay(
+        redis: RedisServer) -> None:
+    ssh = await crashed_node_session(redis, "gone", "ssh")
+    web = await crashed_node_session(redis, "gone", "https", user="carol")
+    crashed = time.monotonic()
+    async with node(redis, "a", heartbeat_ttl=TTL) as a, \
+            node(redis, "b", heartbeat_ttl=TTL) as b:
+        await until(lambda: a.registry.by_handle(ssh) is not None
+                    and b.registry.by_handle(ssh) is not None)
+        await until(lambda: (ssh, "node_lost") in a.ended + b.ended, limit=10.0)
+        # Not before the dead node's heartbeat ran out (TTL after its last beat), and about
+        # a TTL (the judging node's own streak) plus a beat later at the most.
+        assert TTL <= time.monotonic() - crashed < 2 * TTL + 1.5
+        await asyncio.sleep(0.5)
+        # Recorded by exactly one node; the other only closed its copy.
+        assert [e for e in a.ended + b.ended if e[0] == ssh] == [(ssh, "node_lost")]
+        assert [e for e in a.remote + b.remote if e[0] == ssh] == [(ssh, "node_lost")]
+        assert await live_handles(redis) == {web}  # the seat is free; the browser's stays
+        assert a.registry.by_handle(web) is not None and b.registry.seats_taken() == 1
+        assert a.registry.live_nodes == b.registry.live_nodes == 2
+
+
+async def test_a_node_restarted_under_its_name_does_not_adopt_its_earlier_sessions(
+        redis: RedisServer) -> None:
+    old = await crashed_node_session(redis, "a")
+    # Restarted at once, long before its old heartbeat would have expired by itself.
+    async with node(redis, "a", heartbeat_ttl=30.0) as a:
+        client = Redis.from_url(redis.url)
+        try:
+            assert (await client.get(PREFIX + "hb:a")).decode() == a.registry.store.boot
+        finally:
+            await client.aclose()
+        async with node(redis, "b", heartbeat_ttl=TTL) as b:
+            await until(lambda: (old, "node_lost") in a.ended + b.ended, limit=10.0)
+        assert a.registry.by_handle(old) is None and await live_handles(redis) == set()
+        # Its own sessions of this run are kept by the other node's judgement.
+        _, mine = await a.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7")
+        async with node(redis, "c", heartbeat_ttl=TTL):
+            await asyncio.sleep(2 * TTL + 1.0)
+        assert mine.ended is None and await live_handles(redis) == {mine.handle}
+
+
+async def test_a_clean_stop_removes_the_heartbeat(redis: RedisServer) -> None:
+    client = Redis.from_url(redis.url)
+    try:
+        async with node(redis, "a") as a:
+            async with node(redis, "b") as b:
+                await until(lambda: b.registry.live_nodes == 2)
+                _, ssh = await b.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7")
+                assert await client.exists(PREFIX + "hb:b") == 1
+                b.registry.end_all("shutdown")
+            assert b.ended == [(ssh.handle, "shutdown")]
+            assert await client.exists(PREFIX + "hb:b") == 0
+            assert await client.zrange(PREFIX + "nodes", 0, -1) == [b"a"]
+            await until(lambda: a.registry.live_nodes == 1, limit=3.0)  # its next beat
+            # No second record for the SSH session (it ended cleanly: shutdown).
+            assert (ssh.handle, "node_lost") not in a.ended + a.remote
+    finally:
+        await client.aclose()
+
+
+async def test_no_node_is_judged_by_a_node_that_only_just_began_beating(
+        redis: RedisServer) -> None:
+    # After a Redis outage every node beats again within a beat; the first to come back must
+    # not take the others for dead before they had their chance (it waits one TTL).
+    ssh = await crashed_node_session(redis, "gone")
+    await asyncio.sleep(TTL)  # "gone" is overdue from now on
+    async with node(redis, "a", heartbeat_ttl=2.0) as a:
+        await asyncio.sleep(1.5)  # but "a" has beaten for less than its own TTL
+        assert ssh in await live_handles(redis)
+        await until(lambda: (ssh, "node_lost") in a.ended, limit=3.0)

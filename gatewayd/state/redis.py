@@ -25,6 +25,11 @@ Redis does. Pooled connections that died with the old server are detected when t
 taken from the pool and replaced. The transitions down/up are logged once each, not per
 operation.
 
+**Observing.** Every call carries an operation name from `OPERATIONS` (a closed set: the
+metric label ``gatewayd_state_errors_total{operation}``); ``observer(operation, ok)``, if
+set (the `Gateway` sets it to its metrics), hears the outcome of each call — also of the
+calls other modules make through `run` or report with `report` (the session subscriber).
+
 **Credentials.** Never in the URL (refused, as in the config). The password is read from
 ``password_file`` whenever a new connection authenticates — a rotated password is picked up
 without a restart — and, with ``username``, sent as an ACL ``AUTH user password``. With
@@ -50,6 +55,15 @@ from gatewayd.state.store import StateUnavailable, check_ttl
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# What a call was for (the closed label set of gatewayd_state_errors_total): the StateStore
+# operations — "add_once" (lockouts, login waits, the TOTP replay cache), "counter" (failure
+# counters: incr/get/ttl/delete), "ping" (readiness, idle sync) — and the shared sessions'
+# (gatewayd.state.sessions): "admit", "lookup", "refresh", "end", "rotate", "heartbeat",
+# "subscribe" (the session channel).
+OPERATIONS: Final = frozenset({"add_once", "counter", "ping", "admit", "lookup", "refresh",
+                               "end", "rotate", "heartbeat", "subscribe"})
+Observer = Callable[[str, bool], None]
 
 POOL_SIZE: Final = 32  # connections per node; operations beyond wait (bounded by the timeout)
 CLIENT_NAME: Final = "gatewayd"  # shows in CLIENT LIST, for the Redis operator
@@ -129,6 +143,7 @@ class RedisState:
             **tls)
         self._redis = Redis(connection_pool=self._pool)
         self._available = True  # only for logging the transitions once
+        self.observer: Observer | None = None
 
     def __repr__(self) -> str:
         return f"RedisState({self.url!r}, key_prefix={self.key_prefix!r})"
@@ -137,7 +152,8 @@ class RedisState:
 
     async def add_once(self, key: str, ttl: float) -> bool:
         px = _milliseconds(ttl)
-        created = await self._run(lambda: self._redis.set(self._key(key), 1, nx=True, px=px))
+        created = await self._run(lambda: self._redis.set(self._key(key), 1, nx=True, px=px),
+                                  "add_once")
         return bool(created)
 
     async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
@@ -150,10 +166,10 @@ class RedisState:
                 value, _ = await pipe.execute()
             return int(value)
 
-        return await self._run(transaction)
+        return await self._run(transaction, "counter")
 
     async def get_int(self, key: str) -> int:
-        raw = await self._run(lambda: self._redis.get(self._key(key)))
+        raw = await self._run(lambda: self._redis.get(self._key(key)), "counter")
         if raw is None:
             return 0
         try:
@@ -163,7 +179,7 @@ class RedisState:
                              "something other than gatewayd?)") from None
 
     async def remaining(self, key: str) -> float | None:
-        ms = int(await self._run(lambda: self._redis.pttl(self._key(key))))
+        ms = int(await self._run(lambda: self._redis.pttl(self._key(key)), "counter"))
         if ms == -2:  # absent (or expired)
             return None
         if ms < 0:
@@ -176,12 +192,12 @@ class RedisState:
     async def delete(self, *keys: str) -> None:
         if keys:
             names = [self._key(key) for key in keys]
-            await self._run(lambda: self._redis.delete(*names))
+            await self._run(lambda: self._redis.delete(*names), "counter")
 
     # --- StateBackend ------------------------------------------------------------------------
 
     async def check(self) -> None:
-        await self._run(self._redis.ping)
+        await self._run(self._redis.ping, "ping")
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -194,24 +210,36 @@ class RedisState:
         """The client on this store's pool (to register scripts, open a subscriber)."""
         return self._redis
 
-    async def run(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run ``operation`` bounded and mapped exactly like this store's own operations."""
-        return await self._run(operation)
+    async def run(self, operation: Callable[[], Awaitable[T]], name: str) -> T:
+        """Run ``operation`` bounded and mapped exactly like this store's own operations;
+        ``name`` is its label in `OPERATIONS`."""
+        return await self._run(operation, name)
+
+    def report(self, name: str, ok: bool) -> None:
+        """Tell the observer how a call made elsewhere went (never raises)."""
+        if self.observer is not None:
+            try:
+                self.observer(name, ok)
+            except Exception:
+                log.exception("state observer failed")
 
     # --- internals ---------------------------------------------------------------------------
 
     def _key(self, key: str) -> str:
         return self.key_prefix + key
 
-    async def _run(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _run(self, operation: Callable[[], Awaitable[T]], name: str) -> T:
         """One operation within ``timeout``; any failure becomes `StateUnavailable`."""
         try:
             async with asyncio.timeout(self.timeout):
                 result = await operation()
         except TimeoutError:  # our deadline; a cancellation from outside propagates as is
+            self.report(name, False)
             raise self._down(f"no answer within {self.timeout:g}s") from None
         except (RedisError, OSError) as exc:
+            self.report(name, False)
             raise self._down(_describe(exc)) from None
+        self.report(name, True)
         if not self._available:
             self._available = True
             log.warning("state store %s answers again", self.url)

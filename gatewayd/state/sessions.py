@@ -15,6 +15,9 @@ the design as a whole); here is only what lives on the server and how it changes
   admission.
 * ``end:<handle>`` — why a session ended (10 minutes): a node that missed the message while
   Redis was away learns the reason when it re-validates.
+* ``hb:<node>`` — the node's heartbeat: the random ``boot`` token of the running process,
+  expiring after the heartbeat TTL (see `HEARTBEAT`); ``nodes`` — a sorted set of node names
+  scored by when their heartbeat expires (what ``gatewayd_state_nodes`` counts).
 
 **Scripts.** Each change is one Lua script, so nodes racing on the same seats stay correct:
 `ADMIT` counts the seats of every node, applies ``per_user`` (ending the user's oldest
@@ -23,13 +26,27 @@ one step: 20 logins racing for 10 seats on two nodes admit exactly 10. `REFRESH`
 node's activity (last seen, step-up time, byte counters), decides idle/absolute expiry on the
 server's clock, and extends the expiry; `END` ends a session exactly once (only the caller
 that deleted it is told so — that node audits ``session.end``); `ROTATE` moves a session to a
-new id. Every ending publishes ``{"op": "end", ...}`` and every change ``{"op": "up", ...}``
+new id; `HEARTBEAT` keeps a node alive and ends the node-bound sessions of dead nodes
+(below). Every ending publishes ``{"op": "end", ...}`` and every change ``{"op": "up", ...}``
 on the channel ``<prefix>sessions``.
 
 **Expiry grace.** Records outlive their timeout by `EXPIRY_GRACE` so that a node's `REFRESH`
 normally finds the expired session and ends it with its reason (and one ``session.end``
 record) before Redis drops the keys silently; the keys' own TTL is only the safety net for a
 deployment whose nodes are all gone.
+
+**Dead nodes.** An SSH session lives in one node's process (its TCP connection); its record
+holds that node's name and ``boot``, a token the process drew at start. Each node runs
+`HEARTBEAT` every few seconds: it renews ``hb:<node>`` to its own boot token with a TTL and,
+once it has itself been beating for a whole TTL (so that after a Redis outage every live
+node has had its chance to beat again before anyone is judged), ends every SSH session whose
+node's heartbeat is gone or names another boot — crashed, ``kill -9``, partitioned away,
+or restarted under the same name. The script ends each with ``finish`` (so exactly one node
+of the deployment gets the record back and audits ``session.end`` reason ``node_lost``); the
+seats are free at once. HTTPS sessions are not bound to a node (the browser may continue on
+another) and are left alone. A restarted node draws a new boot token, so sessions of its
+previous life are never taken for its own; a partitioned node that comes back learns from
+the tombstone (``end:<handle>``) that its sessions ended.
 
 All operations go through `RedisState` (bounded by ``state.timeout``, failures become
 `StateUnavailable`).
@@ -38,23 +55,38 @@ All operations go through `RedisState` (bounded by ``state.timeout``, failures b
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
 
-from gatewayd.state.redis import RedisState
+from gatewayd.state.redis import Observer, RedisState
 from gatewayd.state.store import StateUnavailable
 
 EXPIRY_GRACE: Final = 60.0  # seconds a record outlives its timeout (see the module docstring)
 TOMBSTONE_MS: Final = 600_000
+HEARTBEAT_INTERVAL: Final = 2.0  # seconds between a node's heartbeats (and dead-node checks)
+MIN_HEARTBEAT_TTL: Final = 10.0  # seconds; see `heartbeat_ttl`
+
+
+def heartbeat_ttl(timeout: float) -> float:
+    """How long a node's heartbeat lives: ``max(10 s, 4 beats + 2 * state.timeout)``.
+
+    Four missed beats (8 s) plus two of the slowest answers Redis may give (``state.timeout``,
+    at most 5 s) before a live but slowed node could be taken for dead — a false verdict ends
+    its SSH sessions, so this leans to the safe side; a crashed node's seats are free about
+    ``TTL + HEARTBEAT_INTERVAL`` after its last beat (10 to 12 s with the default 1 s timeout).
+    """
+    return max(MIN_HEARTBEAT_TTL, 4 * HEARTBEAT_INTERVAL + 2 * timeout)
 
 RECORD_FIELDS: Final = (
     "handle", "id", "user", "groups", "attributes", "frontend", "source_ip", "device",
     "device_user", "device_serial", "created", "last_seen", "mfa_at", "seat", "bytes_up",
-    "bytes_down", "node",
+    "bytes_down", "node", "boot",
 )
 
 # Shared Lua: the wall clock in ms, and ending a session (keys, index, tombstone, message).
@@ -79,7 +111,9 @@ end
 """.replace("TOMBSTONE_MS", str(TOMBSTONE_MS))
 
 # ARGV: prefix, node, max_concurrent, cap, replace_oldest (0/1), seat_of handle or '',
-#       idle_ms, absolute_ms, grace_ms, then the new record's field/value pairs.
+#       idle_ms, absolute_ms, grace_ms, heartbeat_ms, then the new record's field/value pairs
+#       (with 'boot': the admitting process's token, whose heartbeat this renews — a session
+#       admitted before the node's first beat must not look like a dead node's).
 # Returns JSON: {"ok": seat, "created": ms, "replaced": [[field, value, ...], ...]}
 #            or {"refused": "seats_full" | "per_user"}.
 _ADMIT = _COMMON + """
@@ -87,7 +121,7 @@ local node, max_seats, cap = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local replace, seat_of = ARGV[5] == '1', ARGV[6]
 local idle, absolute, grace = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local record = {}
-for i = 10, #ARGV, 2 do record[ARGV[i]] = ARGV[i + 1] end
+for i = 11, #ARGV, 2 do record[ARGV[i]] = ARGV[i + 1] end
 local user, h = record['user'], record['handle']
 local seats, mine = {}, {}
 for _, other in ipairs(redis.call('ZRANGE', p .. 'live', 0, -1)) do
@@ -136,6 +170,9 @@ local ttl = math.min(idle, absolute) + grace
 redis.call('PEXPIRE', k, ttl)
 redis.call('SET', p .. 'id:' .. record['id'], h, 'PX', ttl)
 redis.call('ZADD', p .. 'live', now, h)
+local beat = tonumber(ARGV[10])
+redis.call('SET', p .. 'hb:' .. node, record['boot'], 'PX', beat)
+redis.call('ZADD', p .. 'nodes', now + beat, node)
 redis.call('PUBLISH', p .. 'sessions', cjson.encode({op = 'up', h = h, n = node}))
 return cjson.encode({ok = seat, created = now, replaced = replaced})
 """
@@ -209,6 +246,50 @@ redis.call('PUBLISH', p .. 'sessions', cjson.encode({op = 'up', h = h, n = ARGV[
 return 1
 """
 
+# ARGV: prefix, node, boot token, heartbeat_ms, reap (0/1).
+# Renews this node's heartbeat; with reap = 1 ends (reason node_lost) every SSH session whose
+# node's heartbeat is gone or belongs to another boot of that node.
+# Returns JSON: {"nodes": live node count, "previous": the boot token the key held ('' none),
+#                "reaped": [[field, value, ...], ...]}.
+_HEARTBEAT = _COMMON + """
+local node, boot, beat, reap = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
+local key = p .. 'hb:' .. node
+local previous = redis.call('GET', key) or ''
+local now = now_ms()
+redis.call('SET', key, boot, 'PX', beat)
+redis.call('ZADD', p .. 'nodes', now + beat, node)
+redis.call('ZREMRANGEBYSCORE', p .. 'nodes', '-inf', now)
+local reaped = {}
+if reap then
+  local alive = {}
+  for _, h in ipairs(redis.call('ZRANGE', p .. 'live', 0, -1)) do
+    local f = redis.call('HMGET', p .. 's:' .. h, 'frontend', 'node', 'boot')
+    if f[1] == 'ssh' and f[2] then
+      if alive[f[2]] == nil then alive[f[2]] = redis.call('GET', p .. 'hb:' .. f[2]) or '' end
+      local held = alive[f[2]]
+      if held == '' or (f[3] and f[3] ~= '' and f[3] ~= held) then
+        local gone = finish(h, 'node_lost', node)
+        if gone then table.insert(reaped, gone) end
+      end
+    end
+  end
+end
+return cjson.encode({nodes = redis.call('ZCARD', p .. 'nodes'), previous = previous,
+                     reaped = reaped})
+"""
+
+# ARGV: prefix, node, boot token. A clean stop: drop the heartbeat if it is still this
+# process's (a successor under the same name may already have replaced it).
+_DEPART = _COMMON + """
+local key = p .. 'hb:' .. ARGV[2]
+if redis.call('GET', key) == ARGV[3] then
+  redis.call('DEL', key)
+  redis.call('ZREM', p .. 'nodes', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 
 class Refused(Exception):  # noqa: N818 - a verdict, not a malfunction
     """`RedisSessions.admit` refused the session: ``why`` is ``seats_full`` or ``per_user``."""
@@ -232,12 +313,26 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class Beat:
+    """What one `RedisSessions.heartbeat` found."""
+
+    nodes: int  # live nodes (their heartbeats unexpired), this one included
+    previous: str  # the boot token the node's key held before ('' none)
+    reaped: list[Record]  # sessions of dead nodes this call ended (this node audits them)
+
+
 class RedisSessions:
     """Session records and their change channel on the Redis of a `RedisState`."""
 
     def __init__(self, state: RedisState, *, node: str) -> None:
         self._state = state
         self.node = node
+        # This process's token: a node restarted under the same name is another life.
+        self.boot = secrets.token_hex(8)
+        # Seconds between beats, and how long one lives (attributes: a test shortens them).
+        self.heartbeat_interval = HEARTBEAT_INTERVAL
+        self.heartbeat_ttl = heartbeat_ttl(state.timeout)
         self.channel = state.key_prefix + "sessions"
         # The registry's timeouts (seconds), set by it before each call: a reload may change them.
         self.idle_timeout = 0.0
@@ -248,6 +343,8 @@ class RedisSessions:
         self._end: AsyncScript = redis.register_script(_END)
         self._rotate: AsyncScript = redis.register_script(_ROTATE)
         self._claim: AsyncScript = redis.register_script(_CLAIM)
+        self._heartbeat: AsyncScript = redis.register_script(_HEARTBEAT)
+        self._depart: AsyncScript = redis.register_script(_DEPART)
 
     @property
     def client(self) -> Redis:
@@ -261,6 +358,14 @@ class RedisSessions:
     async def ping(self) -> None:
         """Return when Redis answers (`StateUnavailable` if not)."""
         await self._state.check()
+
+    def observe(self, observer: Observer) -> None:
+        """Hear the outcome of every call on this Redis (`RedisState.observer`)."""
+        self._state.observer = observer
+
+    def report(self, operation: str, ok: bool) -> None:
+        """Count a call made outside `RedisState.run` (the subscriber) like the others."""
+        self._state.report(operation, ok)
 
     def pubsub(self) -> PubSub:
         """A subscriber connection for `channel` (the caller subscribes and closes it)."""
@@ -278,10 +383,11 @@ class RedisSessions:
         """
         idle, absolute, grace = self._ms()
         args: list[str | int] = [self._state.key_prefix, self.node, max_concurrent, cap,
-                                 int(replace_oldest), seat_of or "", idle, absolute, grace]
-        for name, value in record.items():
+                                 int(replace_oldest), seat_of or "", idle, absolute, grace,
+                                 round(self.heartbeat_ttl * 1000)]
+        for name, value in {**record, "boot": self.boot}.items():
             args += [name, value]
-        answer = await self._call(self._admit, args)
+        answer = await self._call(self._admit, args, "admit")
         if "refused" in answer:
             raise Refused(str(answer["refused"]))
         replaced = [_pairs(flat) for flat in answer.get("replaced") or []]
@@ -293,36 +399,52 @@ class RedisSessions:
         idle, absolute, grace = self._ms()
         return await self._call(self._refresh, [
             self._state.key_prefix, self.node, handle, round(last_seen * 1000),
-            round(mfa_at * 1000), bytes_up, bytes_down, idle, absolute, grace])
+            round(mfa_at * 1000), bytes_up, bytes_down, idle, absolute, grace], "refresh")
 
     async def end(self, handle: str, reason: str) -> Record | None:
         """End the session; its last record when this call ended it (None: already gone)."""
         done = await self._state.run(lambda: self._end(
-            args=[self._state.key_prefix, self.node, handle, reason]))
+            args=[self._state.key_prefix, self.node, handle, reason]), "end")
         return _pairs(done) if isinstance(done, list) else None
 
     async def claim_end(self, handle: str, reason: str) -> tuple[bool, str]:
         """For a session that vanished: (True, reason) for the one caller that records why
         (it audits), (False, the recorded reason) for every other."""
         won, held = cast(list[Any], await self._state.run(lambda: self._claim(
-            args=[self._state.key_prefix, self.node, handle, reason])))
+            args=[self._state.key_prefix, self.node, handle, reason]), "end"))
         return bool(int(won)), _text(held)
 
     async def rotate(self, handle: str, id_hash: str) -> bool:
         done = await self._state.run(lambda: self._rotate(
-            args=[self._state.key_prefix, self.node, handle, id_hash]))
+            args=[self._state.key_prefix, self.node, handle, id_hash]), "rotate")
+        return bool(int(cast(int, done)))
+
+    async def heartbeat(self, *, reap: bool) -> Beat:
+        """Renew this node's heartbeat; with ``reap``, end the SSH sessions of dead nodes."""
+        answer = await self._call(self._heartbeat, [
+            self._state.key_prefix, self.node, self.boot,
+            round(self.heartbeat_ttl * 1000), int(reap)], "heartbeat")
+        return Beat(nodes=int(answer.get("nodes") or 0),
+                    previous=str(answer.get("previous") or ""),
+                    reaped=[_pairs(flat) for flat in answer.get("reaped") or []])
+
+    async def depart(self) -> bool:
+        """A clean stop: remove this node's heartbeat (True if it was still this process's)."""
+        done = await self._state.run(lambda: self._depart(
+            args=[self._state.key_prefix, self.node, self.boot]), "heartbeat")
         return bool(int(cast(int, done)))
 
     # --- reading -------------------------------------------------------------------------------
 
     async def by_id(self, id_hash: str) -> Record | None:
         """The record the id hash names, or None."""
-        handle = await self._state.run(lambda: self.client.get(self._key("id:" + id_hash)))
+        handle = await self._state.run(lambda: self.client.get(self._key("id:" + id_hash)),
+                                       "lookup")
         return None if handle is None else await self.by_handle(_text(handle))
 
     async def by_handle(self, handle: str) -> Record | None:
         raw = await self._state.run(lambda: cast(
-            Awaitable[dict[Any, Any]], self.client.hgetall(self._key("s:" + handle))))
+            Awaitable[dict[Any, Any]], self.client.hgetall(self._key("s:" + handle))), "lookup")
         record = {_text(k): _text(v) for k, v in raw.items()}
         return record if "id" in record else None
 
@@ -336,10 +458,11 @@ class RedisSessions:
                 rows = await pipe.execute()
             return [record for raw in rows
                     if "id" in (record := {_text(k): _text(v) for k, v in raw.items()})]
-        return await self._state.run(read)
+        return await self._state.run(read, "lookup")
 
     async def end_reason(self, handle: str) -> str | None:
-        raw = await self._state.run(lambda: self.client.get(self._key("end:" + handle)))
+        raw = await self._state.run(lambda: self.client.get(self._key("end:" + handle)),
+                                    "lookup")
         return None if raw is None else _text(raw)
 
     # --- internals -----------------------------------------------------------------------------
@@ -353,8 +476,9 @@ class RedisSessions:
     def _key(self, name: str) -> str:
         return self._state.key_prefix + name
 
-    async def _call(self, script: AsyncScript, args: list[str | int]) -> dict[str, Any]:
-        raw = await self._state.run(lambda: script(args=args))
+    async def _call(self, script: AsyncScript, args: list[str | int], operation: str
+                    ) -> dict[str, Any]:
+        raw = await self._state.run(lambda: script(args=args), operation)
         try:
             answer = json.loads(_text(raw))
         except ValueError:
