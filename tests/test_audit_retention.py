@@ -482,3 +482,12 @@ async def test_gateway_with_zero_retention_keeps_everything(tmp_path: Path) -> N
         await gw.stop()
     assert all(p.exists() for p in files)
     assert b"audit.retention" not in (tmp_path / "log" / "audit.log").read_bytes()
+
+
+async def test_a_stopped_run_removes_nothing(five_days: tuple[AuditLog, Clock]) -> None:
+    log, clock = five_days
+    before = log_files(log)
+    outcome = retain(log, clock, 400, stop=lambda: True)
+    assert outcome.removed == () and outcome.plan.held is not None
+    assert outcome.plan.held.reason == "stopped"
+    assert log_files(log) == before

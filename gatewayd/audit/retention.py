@@ -206,10 +206,13 @@ def _removal(
 def plan_retention(
     log_path: Path, retention: timedelta, now: datetime, *,
     may_remove: MayRemove | None = None, budget_seconds: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> RetentionPlan:
     """Which rotated files of ``log_path`` to remove now (see the module docstring).
 
     ``budget_seconds`` bounds the scan: files not reached in time are held for the next run.
+    ``stop`` is asked before each file (the gateway is shutting down: a thread cannot be
+    cancelled, so it must stop itself rather than delay the exit for the whole budget).
     """
     if retention <= timedelta(0):
         return RetentionPlan()
@@ -224,6 +227,8 @@ def plan_retention(
         successor = chain[index + 1] if index + 1 < len(chain) else log_path
         if deadline is not None and time.monotonic() > deadline:
             return RetentionPlan(tuple(removals), held=Kept(path, "time budget used up"))
+        if stop is not None and stop():
+            return RetentionPlan(tuple(removals), held=Kept(path, "stopped"))
         try:
             removal = _removal(path, successor, removals[-1] if removals else None,
                                cutoff=cutoff, keys=keys, may_remove=may_remove)
@@ -329,8 +334,11 @@ def apply_plan(
 def run_retention(
     audit: AuditLog, retention: timedelta, now: datetime, logger: OperationalLogger, *,
     may_remove: MayRemove | None = None, budget_seconds: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> RetentionOutcome:
     """Plan and apply retention for ``audit``'s log; nothing when ``retention`` is zero."""
     plan = plan_retention(audit.path, retention, now, may_remove=may_remove,
-                          budget_seconds=budget_seconds)
+                          budget_seconds=budget_seconds, stop=stop)
+    if stop is not None and stop():
+        return RetentionOutcome(plan, error="stopped before removing files")
     return apply_plan(audit, plan, retention, logger)
