@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -380,15 +381,19 @@ class Gateway:
 
     async def _audit_retention_forever(self) -> None:
         retention = self.settings.audit.retention
-        while True:
-            try:  # verifying a year of files is blocking work: off the loop, time-bounded
-                await within(asyncio.to_thread(
-                    run_retention, self.audit, retention, self._wall_clock(), self.log,
-                    budget_seconds=AUDIT_RETENTION_BUDGET,
-                ), AUDIT_RETENTION_BUDGET + 60)
-            except Exception:  # keep the schedule: a bad run must not end retention
-                self.log.exception("audit retention failed")
-            await asyncio.sleep(AUDIT_RETENTION_INTERVAL)
+        cancelled = threading.Event()  # read by the worker thread
+        try:
+            while True:
+                try:  # verifying a year of files is blocking work: off the loop, time-bounded
+                    await within(asyncio.to_thread(
+                        run_retention, self.audit, retention, self._wall_clock(), self.log,
+                        budget_seconds=AUDIT_RETENTION_BUDGET, stop=cancelled.is_set,
+                    ), AUDIT_RETENTION_BUDGET + 60)
+                except Exception:  # keep the schedule: a bad run must not end retention
+                    self.log.exception("audit retention failed")
+                await asyncio.sleep(AUDIT_RETENTION_INTERVAL)
+        finally:
+            cancelled.set()  # a run still going in its thread stops at the next file
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=name)
