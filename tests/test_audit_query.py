@@ -12,7 +12,15 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gatewayd.audit import AuditLog, query_files
-from gatewayd.audit.query import json_line, table_header, table_row
+from gatewayd.audit.query import (
+    RESULTS,
+    RecordFilter,
+    json_line,
+    query_records,
+    record_result,
+    table_header,
+    table_row,
+)
 
 JST = ZoneInfo("Asia/Tokyo")
 T0 = datetime(2026, 11, 27, 9, 0, tzinfo=JST)
@@ -155,3 +163,87 @@ def test_table_and_json_never_pass_raw_controls_to_the_terminal() -> None:
             assert raw not in text
     assert json.loads(json_line(hostile)) == hostile  # still the same JSON value
     assert json.loads(json_line({"tag": "\U000e0041"})) == {"tag": "\U000e0041"}
+
+
+# ---------------------------------------------------------------------- newer filters
+
+R = dict[str, Any]
+
+
+def rec(event: str, **fields: Any) -> R:
+    return {"ts": "2026-11-27T09:00:00+09:00", "seq": 1, "event": event, "node": "gw1",
+            **fields}
+
+
+@pytest.mark.parametrize(("record", "result"), [
+    (rec("auth.success", user="alice"), "success"),
+    (rec("auth.failure", user="alice"), "failure"),
+    (rec("auth.locked", user="alice"), "failure"),
+    (rec("access.allow", status=200), "success"),
+    (rec("access.deny", status=403), "failure"),
+    (rec("access.deny"), "failure"),
+    (rec("access.step_up", status=401), None),  # a challenge, not an outcome
+    (rec("access.end", status=200), "success"),
+    (rec("access.end", status=404), "failure"),
+    (rec("access.end", status=502, error="upstream_timeout"), "failure"),
+    (rec("access.end", status=200, error="client_disconnected"), "failure"),
+    (rec("tunnel.open"), "success"),
+    (rec("tunnel.deny", status="rate_limited"), "failure"),
+    (rec("tunnel.close", reason="client"), "success"),
+    (rec("tunnel.close", error="channel_not_opened"), "failure"),
+    (rec("config.reload", status="success"), "success"),
+    (rec("config.reload", status="failure", reason="bad toml"), "failure"),
+    (rec("admin.session_kill", status="no_match"), "failure"),
+    (rec("admin.session_kill", session="s1"), "success"),
+    (rec("user.disable", status="success"), "success"),
+    (rec("mfa.enroll", status="success"), "success"),
+    (rec("audit.checkpoint"), None),
+    (rec("audit.start"), None),
+    (rec("audit.recovery", lost_from=3, lost_to=4), None),
+])
+def test_result_vocabulary(record: R, result: str | None) -> None:
+    assert record_result(record) == result
+    for wanted in RESULTS:
+        assert RecordFilter(result=wanted).matches(record) is (wanted == result)
+
+
+HOSTILE = rec("access.allow", user="TOKYO\\Alice", device="dev-7", session="s-42",
+              source_ip="192.0.2.10", service="approval", path="/承認/一覧", status=200,
+              reason="raw\x1bcontrol")
+
+
+@pytest.mark.parametrize(("flt", "matches"), [
+    (RecordFilter(device="dev-7"), True),
+    (RecordFilter(device="dev-"), False),  # exact, not a prefix
+    (RecordFilter(session="s-42"), True),
+    (RecordFilter(session="S-42"), False),
+    (RecordFilter(source_ip="192.0.2.10"), True),
+    (RecordFilter(source_ip="192.0.2.1"), False),
+    (RecordFilter(text="alice"), True),  # case-insensitive
+    (RecordFilter(text="承認"), True),
+    (RecordFilter(text="200"), True),  # integers as displayed
+    (RecordFilter(text="\\x1bcontrol"), True),  # controls as displayed
+    (RecordFilter(text="access.allow"), True),
+    (RecordFilter(text="source_ip"), False),  # keys are not searched
+    (RecordFilter(text=""), True),  # an empty text filters nothing
+    (RecordFilter(user="TOKYO\\Alice", device="dev-7", result="success", text="一覧"), True),
+    (RecordFilter(user="TOKYO\\Alice", device="dev-8"), False),
+])
+def test_exact_and_text_filters(flt: RecordFilter, matches: bool) -> None:
+    assert flt.matches(HOSTILE) is matches
+
+
+def test_unknown_result_is_refused() -> None:
+    with pytest.raises(ValueError, match="result must be one of success, failure"):
+        RecordFilter(result="ok")
+
+
+async def test_new_filters_through_query_files(log_path: Path) -> None:
+    assert [r["seq"] for r in query_files([log_path], result="failure")] == [4, 5, 7]
+    assert events_of(query_files([log_path], source_ip="192.0.2.10")) == [
+        "auth.success", "access.allow"]
+    assert events_of(query_files([log_path], text="SALARY")) == ["access.deny"]
+    assert events_of(query_files([log_path], result="success", user="alice")) == [
+        "auth.success", "access.allow", "tunnel.open"]
+    wanted = RecordFilter(result="failure", source_ip="203.0.113.9")
+    assert [r["seq"] for r in query_records([log_path], wanted)] == [5]

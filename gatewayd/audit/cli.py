@@ -1,11 +1,18 @@
-"""The ``gatewayd audit`` command: ``verify`` and ``query`` (offline, read-only).
+"""The ``gatewayd audit`` command: ``verify``, ``query`` and ``export`` (offline, read-only).
 
 Owns `register`, which the root CLI calls with its subparsers; each subcommand sets
 ``func`` to a callable taking the parsed Namespace and returning the exit status.
 
 Exit status (DESIGN.md): ``verify`` 0 = intact (warnings allowed), 1 = tampered or damaged,
-2 = usage error (missing/unreadable file, unreadable or missing public key). ``query``
-0 = at least one record matched, 1 = none matched (like grep), 2 = usage error.
+2 = usage error (missing/unreadable file, unreadable or missing public key). ``query`` and
+``export`` 0 = at least one record matched, 1 = none matched (like grep), 2 = usage error.
+
+``query`` and ``export`` take the same filters (`RecordFilter`): ``--user --event --service
+--device --session --source-ip --result success|failure --text --since --until``.
+``export --format csv|jsonl`` writes to stdout or, with ``--out PATH``, to a new file that is
+renamed into place when complete (mode 0600: exports hold personal data; an input file is
+never overwritten). With no match the export still holds the CSV header (an empty file for
+JSON Lines) and the exit status is 1. Formats: see `export`.
 
 ``query --since/--until`` read a time without an offset in ``--tz`` (default Asia/Tokyo, the
 default ``audit.timezone``): records are written in the log's time zone, so that is the zone
@@ -19,17 +26,26 @@ are skipped with a note on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, BinaryIO, Final, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gatewayd.audit.events import display_text
-from gatewayd.audit.query import json_line, query_files, table_header, table_row
+from gatewayd.audit.export import iter_csv, iter_jsonl
+from gatewayd.audit.query import (
+    RESULTS,
+    RecordFilter,
+    json_line,
+    query_records,
+    table_header,
+    table_row,
+)
 from gatewayd.audit.signing import AuditKeyError
 from gatewayd.audit.verify import VerifyResult, verify_files
 from gatewayd.audit.writer import DEFAULT_TIMEZONE
@@ -41,7 +57,7 @@ _NOT_A_LOG: Final = re.compile(
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``audit verify`` and ``audit query`` to the root parser's subcommands."""
+    """Add ``audit verify``, ``audit query`` and ``audit export`` to the root parser."""
     audit = subparsers.add_parser(
         "audit", help="verify or search the tamper-evident audit log",
         description="Verify the hash chain and signatures of audit files, or search them.",
@@ -49,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
     _add_verify(commands)
     _add_query(commands)
+    _add_export(commands)
 
 
 def _add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,22 +97,66 @@ def _add_query(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "Exit 0 if something matched, 1 if nothing matched, 2 on usage errors.",
     )
     query.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    query.add_argument("--user", help="exact user name")
-    query.add_argument("--event", help="event name or pattern, e.g. 'access.*'")
-    query.add_argument("--service", help="exact service name")
-    query.add_argument("--since", type=_iso_time, metavar="ISO",
-                       help="from this time (inclusive); without an offset: in ZONE (--tz)")
-    query.add_argument("--until", type=_iso_time, metavar="ISO",
-                       help="up to this time (exclusive); without an offset: in ZONE (--tz)")
-    query.add_argument(
+    _add_filters(query)
+    query.add_argument("--json", action="store_true", help="one JSON object per line")
+    query.set_defaults(func=run_query)
+
+
+def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = commands.add_parser(
+        "export", help="export audit records as CSV or JSON Lines",
+        description="Write matching audit records as CSV (UTF-8 with BOM, stable column order, "
+        "formula-injection safe) or JSON Lines (does not verify; run `audit verify`). "
+        "Exit 0 if something matched, 1 if nothing matched, 2 on usage errors.",
+    )
+    export.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    export.add_argument("--format", required=True, choices=("csv", "jsonl"),
+                        help="csv (columns: see `gatewayd.audit.export`) or jsonl")
+    export.add_argument("--out", type=Path, metavar="PATH",
+                        help="write to this file (created when complete, mode 0600) "
+                        "instead of stdout")
+    export.add_argument("--no-bom", action="store_true",
+                        help="CSV without the UTF-8 byte order mark (Excel then misreads "
+                        "non-ASCII text such as Japanese names)")
+    _add_filters(export)
+    export.set_defaults(func=run_export)
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    """The record filters shared by ``query`` and ``export`` (see `query.RecordFilter`)."""
+    parser.add_argument("--user", help="exact user name")
+    parser.add_argument("--event", help="event name or pattern, e.g. 'access.*'")
+    parser.add_argument("--service", help="exact service name")
+    parser.add_argument("--device", help="exact device id")
+    parser.add_argument("--session", help="exact session id")
+    parser.add_argument("--source-ip", dest="source_ip", metavar="IP",
+                        help="exact client address")
+    parser.add_argument("--result", choices=RESULTS,
+                        help="failure: refusals, errors, status >= 400, failed actions; "
+                        "success: the rest (step-ups and the log's own records are neither)")
+    parser.add_argument("--text", help="case-insensitive text anywhere in a record's values")
+    parser.add_argument("--since", type=_iso_time, metavar="ISO",
+                        help="from this time (inclusive); without an offset: in ZONE (--tz)")
+    parser.add_argument("--until", type=_iso_time, metavar="ISO",
+                        help="up to this time (exclusive); without an offset: in ZONE (--tz)")
+    parser.add_argument(
         "--tz", type=_zone, default=DEFAULT_TIMEZONE, metavar="ZONE",
         help="IANA time zone for --since/--until given without an offset (default: "
         f"{DEFAULT_TIMEZONE.key}, the default audit.timezone). Records are written in the "
         "log's audit.timezone, so pass that zone if it was changed. A time with an offset "
         "(+09:00, Z) is exact and ignores --tz.",
     )
-    query.add_argument("--json", action="store_true", help="one JSON object per line")
-    query.set_defaults(func=run_query)
+
+
+def record_filter(args: argparse.Namespace) -> RecordFilter:
+    """The `RecordFilter` the parsed filter options describe (raises ValueError if invalid)."""
+    since = None if args.since is None else in_zone(args.since, args.tz)
+    until = None if args.until is None else in_zone(args.until, args.tz)
+    return RecordFilter(
+        user=args.user, event=args.event, service=args.service, since=since, until=until,
+        device=args.device, session=args.session, source_ip=args.source_ip,
+        result=args.result, text=args.text,
+    )
 
 
 def _iso_time(text: str) -> datetime:
@@ -195,22 +256,29 @@ def _print_verdict(result: VerifyResult, out: TextIO) -> None:
         print(f"  warning: {display_text(warning)}", file=out)
 
 
-def run_query(args: argparse.Namespace) -> int:
-    out, err = sys.stdout, sys.stderr
-    paths = _log_files(args.files, "query", err)
-    if paths is None:
-        return EXIT_USAGE
-
+def _warn_malformed(err: TextIO) -> Callable[[Path, int], None]:
     def malformed(path: Path, line: int) -> None:
         print(f"warning: {_shown(path)}:{line}: not a valid record, skipped "
               "(run `gatewayd audit verify`)", file=err)
 
-    since = None if args.since is None else in_zone(args.since, args.tz)
-    until = None if args.until is None else in_zone(args.until, args.tz)
-    records = query_files(
-        paths, user=args.user, event=args.event, service=args.service,
-        since=since, until=until, on_malformed=malformed,
-    )
+    return malformed
+
+
+def _filter_or_error(args: argparse.Namespace, command: str, err: TextIO) -> RecordFilter | None:
+    try:
+        return record_filter(args)
+    except ValueError as exc:
+        print(f"gatewayd audit {command}: error: {display_text(str(exc))}", file=err)
+        return None
+
+
+def run_query(args: argparse.Namespace) -> int:
+    out, err = sys.stdout, sys.stderr
+    paths = _log_files(args.files, "query", err)
+    wanted = _filter_or_error(args, "query", err)
+    if paths is None or wanted is None:
+        return EXIT_USAGE
+    records = query_records(paths, wanted, on_malformed=_warn_malformed(err))
     try:
         matched = _print_records(records, out, as_json=args.json)
     except BrokenPipeError:
@@ -234,6 +302,90 @@ def _print_records(
             print(table_row(record), file=out)
     out.flush()
     return matched
+
+
+class _Counted:
+    """Pass records through while counting them (the exit status says whether any matched)."""
+
+    def __init__(self, records: Iterable[dict[str, Any]]) -> None:
+        self._records = records
+        self.count = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for record in self._records:
+            self.count += 1
+            yield record
+
+
+def run_export(args: argparse.Namespace) -> int:
+    err = sys.stderr
+    paths = _log_files(args.files, "export", err)
+    wanted = _filter_or_error(args, "export", err)
+    if paths is None or wanted is None:
+        return EXIT_USAGE
+    if args.out is not None and not _usable_output(args.out, paths, err):
+        return EXIT_USAGE
+    records = _Counted(query_records(paths, wanted, on_malformed=_warn_malformed(err)))
+    chunks = iter_csv(records, bom=not args.no_bom) if args.format == "csv" else iter_jsonl(
+        records)
+    try:
+        if args.out is None:
+            _write_chunks(chunks, sys.stdout.buffer)
+        else:
+            _write_file(chunks, args.out)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except OSError as exc:
+        print(f"gatewayd audit export: error: {_shown(args.out)}: "
+              f"{display_text(exc.strerror or str(exc))}", file=err)
+        return EXIT_USAGE
+    return EXIT_OK if records.count else EXIT_NEGATIVE
+
+
+def _usable_output(out: Path, inputs: list[Path], err: TextIO) -> bool:
+    """An --out PATH that is not an input file (evidence is never overwritten)."""
+    if not out.parent.is_dir():
+        print(f"gatewayd audit export: error: {_shown(out.parent)}: no such directory",
+              file=err)
+        return False
+    if out.exists() and any(_same_file(out, path) for path in inputs):
+        print(f"gatewayd audit export: error: {_shown(out)} is one of the input files",
+              file=err)
+        return False
+    if out.exists() and not out.is_file():
+        print(f"gatewayd audit export: error: {_shown(out)} is not a regular file", file=err)
+        return False
+    return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _write_chunks(chunks: Iterable[str], stream: BinaryIO) -> None:
+    for chunk in chunks:
+        stream.write(chunk.encode("utf-8"))
+    stream.flush()
+
+
+def _write_file(chunks: Iterable[str], out: Path) -> None:
+    """Write to a temporary file next to ``out`` and rename it into place when complete, so
+    a cut export never looks like a finished one."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            _write_chunks(chunks, stream)
+            os.fsync(stream.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _silence_stdout() -> None:

@@ -60,7 +60,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -80,7 +80,8 @@ _FIELDS_PER_BLOCK: Final = 6  # offset, lines, min_seq, max_seq, min_ts, max_ts
 _INT64_MAX: Final = 2**63 - 1
 _INT64_MIN: Final = -(2**63)
 _HEADER_MAX_BYTES: Final = 64 * 1024
-_READ_CHUNK: Final = 256 * 1024
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,23 @@ class _Block:
 
     def as_ints(self) -> tuple[int, ...]:
         return (self.offset, self.lines, self.min_seq, self.max_seq, self.min_ts, self.max_ts)
+
+
+class _Table:
+    """A file's block table as packed int64s (48 bytes per block, not a tuple per block)."""
+
+    def __init__(self, ints: array.array[int]) -> None:
+        self._ints = ints
+
+    def __len__(self) -> int:
+        return len(self._ints) // _FIELDS_PER_BLOCK
+
+    def __getitem__(self, position: int) -> tuple[int, ...]:
+        start = position * _FIELDS_PER_BLOCK
+        return tuple(self._ints[start:start + _FIELDS_PER_BLOCK])
+
+    def rows(self) -> list[list[int]]:
+        return [list(self[i]) for i in range(len(self))]
 
 
 @dataclass
@@ -173,8 +191,10 @@ class _FileEntry:
 
     @property
     def order_key(self) -> tuple[bool, int, str]:
-        """Chain order, as `files.order_by_chain`: by first seq, unreadable files last."""
-        return (self.first_seq is None, self.first_seq or 0, self.name)
+        """Chain order: by lowest seq (normally the first record's), files without records
+        last."""
+        empty = self.min_seq > self.max_seq
+        return (empty, 0 if empty else self.min_seq, self.name)
 
 
 @dataclass
@@ -208,7 +228,8 @@ class _Scan:
 
 
 def _epoch_us(moment: datetime) -> int:
-    return int(moment.timestamp() * 1_000_000)
+    """Exact integer microseconds since the epoch (no float rounding at window edges)."""
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def _record_ts_us(record: dict[str, Any]) -> int | None:
@@ -280,8 +301,9 @@ class AuditIndex:
                 if not entry.min_seq <= seq <= entry.max_seq:
                     continue
                 table = self._read_block_table(entry)
-                for position, block in enumerate(table):
-                    if not block[2] <= seq <= block[3]:
+                for position in range(len(table)):
+                    _, _, low, high, _, _ = table[position]
+                    if not low <= seq <= high:
                         continue
                     for record in self._read_block(entry, table, position):
                         if record is not None and _record_seq(record) == seq:
@@ -322,7 +344,7 @@ class AuditIndex:
                     return False
         return True
 
-    def _scan_block(self, entry: _FileEntry, table: list[tuple[int, ...]], position: int,
+    def _scan_block(self, entry: _FileEntry, table: _Table, position: int,
                     scan: _Scan) -> bool:
         """Examine one block newest first; False when the page is full or the cap reached."""
         for record in reversed(list(self._read_block(entry, table, position))):
@@ -348,7 +370,7 @@ class AuditIndex:
             return None
         return scan.lowest_examined
 
-    def _read_block(self, entry: _FileEntry, table: list[tuple[int, ...]],
+    def _read_block(self, entry: _FileEntry, table: _Table,
                     position: int) -> list[dict[str, Any] | None]:
         """The lines of one block parsed from the audit file (None for a line that is no
         record). A block that no longer starts and ends on line boundaries marks the file
@@ -385,7 +407,7 @@ class AuditIndex:
 
     # ------------------------------------------------------------------ block tables
 
-    def _read_block_table(self, entry: _FileEntry) -> list[tuple[int, ...]]:
+    def _read_block_table(self, entry: _FileEntry) -> _Table:
         """The block table of ``entry`` from its index file ([] and stale if unreadable)."""
         want = entry.blocks * _FIELDS_PER_BLOCK * 8
         try:
@@ -394,16 +416,15 @@ class AuditIndex:
                 raw = stream.read(want + 1)
         except OSError:
             entry.stale = True
-            return []
+            return _Table(array.array("q"))
+        ints = array.array("q")
         if len(raw) != want or not header.endswith(b"\n"):
             entry.stale = True
-            return []
-        ints = array.array("q")
+            return _Table(ints)
         ints.frombytes(raw)
         if sys.byteorder != "little":
             ints.byteswap()
-        return [tuple(ints[i:i + _FIELDS_PER_BLOCK])
-                for i in range(0, len(ints), _FIELDS_PER_BLOCK)]
+        return _Table(ints)
 
     # ------------------------------------------------------------------ refresh internals
 
@@ -465,7 +486,7 @@ class AuditIndex:
     def _reconcile(self, current: dict[Path, os.stat_result]) -> None:
         """Forget files that are gone; re-attach the index of a file renamed by rotation."""
         by_name = {path.name: st for path, st in current.items()}
-        orphans: dict[tuple[int, int], tuple[_FileEntry, list[tuple[int, ...]]]] = {}
+        orphans: dict[tuple[int, int], tuple[_FileEntry, _Table]] = {}
         for name, entry in list(self._entries.items()):
             st = by_name.get(name)
             if st is not None and (st.st_dev, st.st_ino) == (entry.dev, entry.ino):
@@ -483,7 +504,7 @@ class AuditIndex:
             if self._same_start(path, old):
                 adopted = replace(old, name=path.name)
                 self._entries[path.name] = adopted
-                self._write_index(adopted, [list(b) for b in table])
+                self._write_index(adopted, table.rows())
 
     def _refresh_file(self, path: Path, st: os.stat_result) -> None:
         entry = self._entries.get(path.name)
@@ -495,7 +516,7 @@ class AuditIndex:
         if entry is not None and self._can_extend(entry, path, st):
             table = self._read_block_table(entry)
             if not entry.stale and len(table) == entry.blocks:
-                blocks = [list(b) for b in table]
+                blocks = table.rows()
         if entry is None or blocks is None:
             # New, rewritten, replaced or untrustworthy: index the file from its start.
             entry, blocks = _FileEntry(name=path.name, dev=st.st_dev, ino=st.st_ino, size=0,
