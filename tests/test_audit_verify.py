@@ -546,6 +546,24 @@ async def test_retention_record_must_name_the_hash_the_next_file_chains_to(
     assert "names a last hash" in result.problem
 
 
+@pytest.mark.parametrize("override", [
+    {"last_ts": "2026-11-01T09:00:00"},  # no offset
+    {"last_ts": "yesterday"},
+    {"retention": "a year"},
+    {"retention": "3d"},
+])
+async def test_a_retention_record_with_bad_values_explains_nothing(
+    tmp_path: Path, override: dict[str, str],
+) -> None:
+    log, rotated = await aged_log(tmp_path)
+    record_removal(log, rotated[0], **override)
+    await log.close()
+    rotated[0].unlink()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert_problem(result, Problem.MISSING_FILE, 1)
+    assert "audit.retention seq" in result.problem
+
+
 async def test_retention_record_of_a_file_still_present_is_no_problem(tmp_path: Path) -> None:
     """The record is written before the removal; a removal that then failed leaves both."""
     log, rotated = await aged_log(tmp_path)

@@ -310,8 +310,9 @@ def _implausible(removed: RemovedRange) -> str | None:
     """
     try:
         retention = parse_duration(removed.retention)
+        # TypeError: a last_ts without an offset (ts itself is checked to have one).
         age = datetime.fromisoformat(removed.ts) - datetime.fromisoformat(removed.last_ts)
-    except ValueError:
+    except (ValueError, TypeError):
         return (f"audit.retention seq {removed.seq} has an unreadable retention "
                 f"{removed.retention!r} or last_ts {removed.last_ts!r}")
     if retention < MIN_RETENTION:
