@@ -268,7 +268,7 @@ class Gateway:
         self.emergency = EmergencyStop(settings, self.sessions, emit=self._emit_audit,
                                        refresh_directory=self.refresh_principals)
         self._signer: AssertionSigner | None = None
-        self.https = HttpsFrontend(self) if settings.https.enabled else None
+        self.https = HttpsFrontend(self, console=self) if settings.https.enabled else None
         self.ssh = SshFrontend(self) if settings.ssh.enabled else None
         self.admin = AdminServer(settings.admin, self) if settings.admin.enabled else None
         self._runners: list[web.AppRunner] = []
@@ -712,21 +712,22 @@ class Gateway:
         self.metrics.auth_attempt(frontend, result)
 
     def record_admin_kill(self, *, operator: str, selector: tuple[str, str], reason: str,
-                          sessions: list[Session]) -> None:
+                          sessions: list[Session], via: str | None = None) -> None:
         """``admin.session_kill``: one record per killed session, or one saying none matched.
 
         Written before the sessions end; raises AuditWriteError like `record_auth` (the admin
-        API then refuses the kill rather than act unrecorded).
+        API then refuses the kill rather than act unrecorded). ``via`` names where the kill
+        was made when not on the admin socket (``"console"``: the audit console).
         """
         kind, value = selector
         if not sessions:
             self.audit.emit("admin.session_kill", frontend="admin", operator=operator,
-                            reason=reason or None, status="no_match",
+                            reason=reason or None, status="no_match", via=via,
                             **{"session" if kind == "session" else kind: value})
         for session in sessions:
             self.audit.emit("admin.session_kill", frontend="admin", operator=operator,
                             reason=reason or None, user=session.user, session=session.handle,
-                            device=session.device, source_ip=session.source_ip)
+                            device=session.device, source_ip=session.source_ip, via=via)
 
     def _set_reload_ok(self, ok: bool) -> None:
         self.last_reload_ok = ok

@@ -115,6 +115,24 @@ CONTEXT_FIELDS: Final[Mapping[str, FieldKind]] = MappingProxyType(
         "last_ts": _T,  # ts of that record: what the file's age was measured from
         "records": _N,  # records the file held
         "retention": _T,  # the retention in force, as configured ("365d")
+        # admin.session_kill made in the audit console: "console" (the admin socket: absent).
+        "via": _T,
+        # audit.read (the audit console): what was read, with which filter; `records` returned.
+        "view": _T,  # search | record | export | report
+        "record_seq": _N,  # view=record: the seq opened
+        "before_seq": _N,  # search paging: records older than this seq
+        "format": _T,  # view=export: csv | jsonl
+        "month": _T,  # view=report: YYYY-MM
+        "filter_user": _T,
+        "filter_device": _T,
+        "filter_event": _T,
+        "filter_service": _T,
+        "filter_result": _T,  # success | failure
+        "filter_session": _T,
+        "filter_source_ip": _T,
+        "filter_text": _T,
+        "filter_since": _T,  # RFC 3339, inclusive
+        "filter_until": _T,  # RFC 3339, exclusive
     }
 )
 

@@ -25,6 +25,7 @@ path                            methods      what
 ``/.gatewayd/jwks.json``        GET          the assertion JWT's public keys (public)
 ``/.gatewayd/assets/gatewayd.css`` GET       the pages' stylesheet (public)
 ``/.gatewayd/ssh/certificate``  POST         an SSH user certificate for a public key (`sshcert`)
+``/.gatewayd/admin/…``          GET, POST    the audit console (`console`; policy service ``admin``)
 =============================== ============ ====================================================
 
 **Connections.** The listener accepts on its own socket (not aiohttp's ``TCPSite``) so that
@@ -59,6 +60,7 @@ from aiohttp import web
 from gatewayd.certs import DeviceIdentity
 from gatewayd.https import pages
 from gatewayd.https.auth import remember_cookies, resolve_session, wants_html
+from gatewayd.https.console import CONSOLE_PREFIX, AuditConsole, ConsoleContext
 from gatewayd.https.context import FrontendContext
 from gatewayd.https.csrf import CsrfTokens
 from gatewayd.https.flow import (
@@ -169,11 +171,14 @@ class _Counted(asyncio.Protocol):
 class HttpsFrontend:
     """The HTTPS listener of one gateway. `start` / `stop_accepting` / `close`."""
 
-    def __init__(self, ctx: FrontendContext) -> None:
+    def __init__(self, ctx: FrontendContext, *, console: ConsoleContext | None = None) -> None:
         self._ctx = ctx
         self.csrf = CsrfTokens(clock=ctx.clock)
         self.channels = Channels()
         self._flow = RequestFlow(ctx, self.channels)
+        # The audit console below /.gatewayd/admin/ (`console`): given the gateway's admin
+        # kill record (`ConsoleContext`); without it those paths are ordinary policy paths.
+        self._console = AuditConsole(console, self.csrf) if console is not None else None
         self._auth = AuthPages(ctx, self.csrf)
         self._ssh_certs = SshCertificates(ctx, self.csrf)
         self._runner: GuardedAppRunner | None = None
@@ -381,7 +386,7 @@ class HttpsFrontend:
         if endpoint is None:
             if caller.session is None:
                 return self._login_required(request)
-            return await self._flow.handle(request, caller.session, caller.device)
+            return await self._protected(request, path, caller.session, caller.device)
         method = "GET" if request.method == "HEAD" else request.method
         handler = endpoint.get(method)
         if handler is None:
@@ -390,6 +395,14 @@ class HttpsFrontend:
             response.headers["Allow"] = ", ".join(sorted(allowed))
             return response
         return await handler(request, caller)
+
+    def _protected(self, request: web.Request, path: str, session: Session,
+                   device: DeviceIdentity | None) -> Awaitable[web.StreamResponse]:
+        """The audit console or the proxied flow. Not a coroutine itself: the caller awaits
+        the one it hands back (one await layer less on every proxied request)."""
+        if self._console is not None and path.startswith(CONSOLE_PREFIX):
+            return self._console.handle(request, session, device)
+        return self._flow.handle(request, session, device)
 
     def _login_required(self, request: web.Request) -> web.StreamResponse:
         """No session: a browser goes to the sign-in page, anything else gets 401 JSON."""
