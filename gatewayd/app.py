@@ -45,6 +45,7 @@ from pydantic import BaseModel
 from gatewayd import __version__
 from gatewayd.admin import AdminServer, AdminSocketError, status_fields
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
+from gatewayd.audit.forward import AuditForwarder, ForwardConfigError, forwarder_from_settings
 from gatewayd.audit.retention import run_retention
 from gatewayd.config import ConfigError, Settings, load_settings
 from gatewayd.emergency import WATCH_INTERVAL, EmergencyStop, still_entitled
@@ -181,6 +182,20 @@ def build_audit_log(settings: Settings, metrics: Metrics, logger: Any) -> AuditL
     )
 
 
+def build_audit_forwarder(settings: Settings, metrics: Metrics,
+                          logger: Any) -> AuditForwarder | None:
+    """``[audit.forward]``: the copy of every audit record to a syslog collector, if enabled."""
+    if not settings.audit.forward.enabled:
+        return None
+    try:
+        return forwarder_from_settings(settings, metrics=metrics, logger=logger)
+    except ForwardConfigError as exc:
+        raise GatewayError([str(exc)]) from None
+
+
+AUDIT_FORWARD_FINAL_SECONDS = 5.0  # at most this (and the shutdown grace) for the last records
+
+
 # Settings a reload applies to the running gateway. Everything else (listeners, the audit chain,
 # the directory, upstreams, ...) is bound at start: a reload that changes it is refused as a
 # whole rather than half-applied, so the operator never believes a setting is in force when it
@@ -252,6 +267,7 @@ class Gateway:
         for frontend in ("https", "ssh"):  # exported from the start: 0 of N seats is news too
             self.metrics.sessions_active.labels(frontend).set(0)
         self.audit = build_audit_log(settings, self.metrics, self.log)
+        self.audit_forward = build_audit_forwarder(settings, self.metrics, self.log)
         self.listeners = Listeners(metrics_url=None)
         self._clock = clock
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
@@ -305,6 +321,8 @@ class Gateway:
     async def start(self) -> None:
         await self.audit.start()
         try:
+            if self.audit_forward is not None:
+                await self.audit_forward.start()
             await self._start_services()
             await self._start_listeners()
         except BaseException:
@@ -524,7 +542,22 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
-        await self.audit.close()
+        try:
+            await self.audit.close()
+        finally:
+            await self._close_audit_forward()
+
+    async def _close_audit_forward(self) -> None:
+        """After the audit log's last record: a bounded wait for the collector to have it all.
+        Forwarding is a copy (the file is the record): its failure never fails the stop."""
+        if self.audit_forward is None:
+            return
+        grace = min(AUDIT_FORWARD_FINAL_SECONDS,
+                    self.settings.gateway.shutdown_grace.total_seconds())
+        try:
+            await self.audit_forward.close(grace)
+        except Exception:
+            self.log.exception("audit forwarding did not stop cleanly")
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, set()
