@@ -303,3 +303,118 @@ async def test_query_without_matches_exits_1(
 ) -> None:
     assert run(["audit", "query", "--user", "nobody", str(log.path)]) == 1
     assert out_err(capsys)[0] == ""
+
+
+# ---------------------------------------------------------------------- new filters, export
+
+
+async def test_query_new_filters(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["audit", "query", "--json", "--result", "success", "--text", "FILES/3",
+                "--source-ip", "192.0.2.10", str(log.path)]) == 0
+    out, _ = out_err(capsys)
+    assert [json.loads(line)["path"] for line in out.splitlines()] == ["/files/3"]
+    assert run(["audit", "query", "--result", "failure", str(log.path)]) == 1
+    assert run(["audit", "query", "--device", "nope", str(log.path)]) == 1
+    assert run(["audit", "query", "--session", "nope", str(log.path)]) == 1
+    assert run(["audit", "query", "--result", "maybe", str(log.path)]) == 2
+    assert "invalid choice: 'maybe'" in out_err(capsys)[1]
+
+
+def export_run(
+    argv: list[str], capsysbinary: pytest.CaptureFixture[bytes]
+) -> tuple[int, bytes, str]:
+    code = run(["audit", "export", *argv])
+    captured = capsysbinary.readouterr()
+    return code, captured.out, captured.err.decode()
+
+
+async def test_export_csv_to_stdout(
+    log: AuditLog, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    code, out, _ = export_run(["--format", "csv", "--user", "alice", str(log.path)],
+                              capsysbinary)
+    assert code == 0
+    assert out.startswith(b"\xef\xbb\xbfts,seq,node,event,user,device,")
+    rows = out.decode("utf-8-sig").split("\r\n")
+    assert rows[-1] == ""
+    assert len(rows) - 2 == 5  # header + five alice records
+    assert all(",alice," in row for row in rows[1:-1])
+    code, out, _ = export_run(["--format", "csv", "--no-bom", "--event", "audit.start",
+                               str(log.path)], capsysbinary)
+    assert code == 0 and out.startswith(b"ts,seq,")
+
+
+async def test_export_jsonl_to_a_file(
+    log: AuditLog, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    target = tmp_path / "out" / "export.jsonl"
+    target.parent.mkdir()
+    code, out, _ = export_run(["--format", "jsonl", "--out", str(target), "--since",
+                               "2026-11-27T09:03", "--until", "2026-11-27T09:06",
+                               str(log.path)], capsysbinary)
+    assert code == 0 and out == b""
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert {r["ts"][11:16] for r in records} == {"09:03", "09:04", "09:05"}
+    assert [r["event"] for r in records].count("access.allow") == 3
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["export.jsonl"]  # no tmp left
+
+
+async def test_export_nothing_matched(
+    log: AuditLog, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    target = tmp_path / "none.csv"
+    code, _, _ = export_run(["--format", "csv", "--out", str(target), "--user", "nobody",
+                             str(log.path)], capsysbinary)
+    assert code == 1
+    assert target.read_bytes().decode("utf-8-sig").startswith("ts,seq,")
+    assert target.read_bytes().count(b"\r\n") == 1  # the header only
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--format", "xml"], "invalid choice: 'xml'"),
+    ([], "the following arguments are required: --format"),
+    (["--format", "csv", "--since", "yesterday"], "not an ISO 8601 time"),
+    (["--format", "csv", "--tz", "Mars/Olympus"], "unknown time zone"),
+    (["--format", "csv", "--out", "/nonexistent-dir/x.csv"], "no such directory"),
+])
+async def test_export_usage_errors(
+    log: AuditLog, extra: list[str], message: str,
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    code, _, err = export_run([*extra, str(log.path)], capsysbinary)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+async def test_export_never_overwrites_an_input_file(
+    log: AuditLog, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    before = log.path.read_bytes()
+    code, _, err = export_run(["--format", "csv", "--out", str(log.path), str(log.path)],
+                              capsysbinary)
+    assert code == 2 and "is one of the input files" in err
+    assert log.path.read_bytes() == before
+
+
+async def test_export_missing_file_is_a_usage_error(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    code, _, err = export_run(["--format", "jsonl", str(tmp_path / "missing.log")],
+                              capsysbinary)
+    assert code == 2 and "no such readable file" in err
+
+
+async def test_export_spans_rotated_files_in_chain_order(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    log = await write_log(tmp_path, rotate_bytes=1500)
+    paths = sorted(str(p) for p in tmp_path.glob("audit.log*")
+                   if not p.name.endswith((".pub", ".lock")) and ".pub." not in p.name)
+    assert len(paths) >= 3
+    code, out, _ = export_run(["--format", "jsonl", *reversed(paths)], capsysbinary)
+    assert code == 0
+    seqs = [json.loads(line)["seq"] for line in out.decode().splitlines()]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert log.path.name == "audit.log"
