@@ -89,6 +89,7 @@ from gatewayd.tasks import cancel_and_wait, within
 
 if TYPE_CHECKING:
     from gatewayd.audit.writer import OperationalLogger
+    from gatewayd.config import AuditForwardSettings, Settings
     from gatewayd.metrics import Metrics
 
 Protocol = Literal["udp", "tcp", "tls"]
@@ -930,3 +931,48 @@ class AuditForwarder:
             self._log.warning("audit forwarding: lines that are not audit records were skipped",
                               path=str(self._live), skipped=skipped - self._reported_skips)
             self._reported_skips = skipped
+
+
+# ----------------------------------------------------------------------------- from the config
+
+CURSOR_NAME: Final = "audit-forward.cursor"
+
+
+class ForwardConfigError(ValueError):
+    """``[audit.forward]`` names a file that cannot be used (a CA, a certificate, a key)."""
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` (already validated by the config) into its parts."""
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def client_context(forward: AuditForwardSettings) -> ssl.SSLContext:
+    """TLS 1.2+ towards the collector: its certificate must chain to ``ca_file`` and name
+    ``server_name`` (or the host); our own certificate if the collector wants one."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=forward.ca_file)
+        if forward.cert_file is not None:
+            context.load_cert_chain(forward.cert_file, forward.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ForwardConfigError(f"audit.forward: TLS files unusable: {exc}") from None
+    return context
+
+
+def forwarder_from_settings(settings: Settings, *, metrics: Metrics | None,
+                            logger: OperationalLogger) -> AuditForwarder:
+    """The forwarder ``[audit.forward]`` describes (raises ForwardConfigError)."""
+    forward = settings.audit.forward
+    host, port = split_host_port(forward.address)
+    return AuditForwarder(
+        log_path=settings.audit.path, cursor_path=settings.gateway.state_dir / CURSOR_NAME,
+        protocol=forward.protocol, host=host, port=port,
+        context=client_context(forward) if forward.protocol == "tls" else None,
+        server_name=forward.server_name or host, facility=forward.facility,
+        app_name=forward.app_name,
+        reconnect_interval=forward.reconnect_interval.total_seconds(),
+        metrics=metrics, logger=logger,
+    )
