@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -38,7 +37,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
@@ -61,6 +59,7 @@ from gatewayd.identity.authenticator import (
 from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.identity.principal import Principal
 from gatewayd.metrics import Metrics, metrics_app, serve_metrics
+from gatewayd.oplog import make_operational_logger
 from gatewayd.policy import Policy, PolicyError, load_policy
 from gatewayd.sdnotify import SystemdNotifier
 from gatewayd.sessions import Session, SessionRegistry, per_user_cap
@@ -83,28 +82,13 @@ class GatewayError(Exception):
 
 
 def make_logger(settings: Settings) -> Any:
-    """Operational log (stderr, journald-friendly), separate from the audit log.
-
-    Built per Gateway with ``wrap_logger`` instead of ``structlog.configure`` so nothing global
-    is changed (tests run several gateways in one process).
+    """Operational log (stderr, journald-friendly: see `gatewayd.oplog`), separate from the
+    audit log. Built per Gateway: nothing global is changed (tests run several gateways in one
+    process).
     """
-    level = settings.gateway.log_level
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if settings.gateway.log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    return structlog.wrap_logger(
-        structlog.PrintLogger(file=sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        node=settings.gateway.node,
-    )
+    gateway = settings.gateway
+    return make_operational_logger(level=gateway.log_level, log_format=gateway.log_format,
+                                   node=gateway.node)
 
 
 def build_session_registry(
