@@ -489,3 +489,37 @@ def test_big_log_search_work_is_capped(big_log: BigLog) -> None:
     found, _ = collect(index, RecordFilter(user="needle"), 50)
     assert [r["user"] for r in found] == ["needle"]
     print(f"\n50k records scanned without a match in {seconds * 1000:.0f} ms")
+
+
+async def test_hostile_values_do_not_break_the_index(tmp_path: Path, index_dir: Path) -> None:
+    live = await write_log(tmp_path / "logs", 10)
+    with live.open("ab") as out:
+        out.write(b'{"seq":' + str(10**30).encode() + b',"ts":"2026-11-27T10:00:00+09:00"}\n')
+        out.write(b'{"seq":-5,"ts":"0001-01-01T00:00:00+14:00","event":"x"}\n')
+        out.write(b'{"seq":99,"ts":"9999-12-31T23:59:59-12:00","event":"y"}\n')
+        out.write(b"[" * 100_000 + b"\n")
+    index = AuditIndex(live, index_dir)
+    index.refresh()
+    page = index.search(RecordFilter(), limit=100)
+    # Newest first means last written first: a damaged log's seqs are not re-sorted.
+    assert [r["seq"] for r in page.records[:4]] == [99, -5, 12, 11]
+    assert page.malformed == 2
+    assert index.bounds() == (-5, 99)
+    assert index.record(99) == {"seq": 99, "ts": "9999-12-31T23:59:59-12:00", "event": "y"}
+
+
+def test_index_dir_must_not_be_the_log_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="own directory"):
+        AuditIndex(tmp_path / "audit.log", tmp_path)
+
+
+async def test_file_order_does_not_depend_on_a_readable_first_line(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    live = await write_log(tmp_path / "logs", 60, rotate_bytes=5000)
+    oldest = log_files(live)[0]
+    data = oldest.read_bytes()
+    oldest.write_bytes(b"damaged first line\n" + data.split(b"\n", 1)[1])
+    index = AuditIndex(live, index_dir)
+    found, _ = collect(index, RecordFilter(), 40)
+    assert [r["seq"] for r in found] == [r["seq"] for r in reversed(all_records(live))]

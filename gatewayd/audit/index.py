@@ -39,8 +39,10 @@ last examined record. ``next_before_seq`` is None only when nothing older remain
 not verification (the console shows chain status separately); lines that are not records, or
 records without an integer ``seq``, are skipped and counted in ``SearchPage.malformed``.
 
-The ordering assumes what the writer guarantees — ``seq`` grows along the chain and files are
-ordered by their first ``seq`` — and stays correct (only slower) when a damaged log does not.
+"Newest first" is the order written, last line first, with files in chain order (by their
+lowest ``seq``); the writer guarantees that ``seq`` grows along it. In a damaged log whose
+seqs do not grow, pages still never return a record twice or crash, but records out of seq
+order may be left out of ``before_seq`` pages — verify the log (``gatewayd audit verify``).
 All public methods are blocking (file I/O): call them through ``asyncio.to_thread``. An
 internal lock makes concurrent calls from several threads safe.
 
@@ -246,8 +248,11 @@ def _record_ts_us(record: dict[str, Any]) -> int | None:
 
 
 def _record_seq(record: dict[str, Any] | None) -> int | None:
+    """The record's ``seq`` if it is an integer the block table can hold, else None."""
     seq = record.get("seq") if record is not None else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    if isinstance(seq, int) and not isinstance(seq, bool) and _INT64_MIN < seq < _INT64_MAX:
+        return seq
+    return None
 
 
 class AuditIndex:
@@ -257,6 +262,8 @@ class AuditIndex:
                  block_records: int = BLOCK_RECORDS, block_bytes: int = BLOCK_BYTES) -> None:
         self._log_path = Path(log_path)
         self._dir = Path(index_dir)
+        if self._dir.absolute() == self._log_path.parent.absolute():
+            raise ValueError("the audit index needs its own directory, not the log's")
         self._max_scan = max_scan
         self._block_records = block_records
         self._block_bytes = block_bytes
@@ -279,7 +286,9 @@ class AuditIndex:
 
     def search(self, flt: RecordFilter, *, before_seq: int | None = None,
                limit: int = DEFAULT_LIMIT) -> SearchPage:
-        """Matching records newest first, all with ``seq < before_seq`` (see module doc)."""
+        """Matching records newest first, all with ``seq < before_seq`` (see module doc).
+
+        ``limit`` is capped at `MAX_LIMIT`; at most ``max_scan`` records are examined."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         scan = _Scan(
