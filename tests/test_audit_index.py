@@ -523,3 +523,16 @@ async def test_file_order_does_not_depend_on_a_readable_first_line(
     index = AuditIndex(live, index_dir)
     found, _ = collect(index, RecordFilter(), 40)
     assert [r["seq"] for r in found] == [r["seq"] for r in reversed(all_records(live))]
+
+
+async def test_pages_of_a_log_with_seqs_out_of_order_never_repeat(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    live = await write_log(tmp_path / "logs", 30)
+    lines = live.read_bytes().split(b"\n")[:-1]
+    lines[10], lines[20] = lines[20], lines[10]  # a damaged (reordered) log
+    live.write_bytes(b"\n".join(lines) + b"\n")
+    index = AuditIndex(live, index_dir)
+    found, _ = collect(index, RecordFilter(), 4)
+    seqs = [r["seq"] for r in found]
+    assert len(seqs) == len(set(seqs))

@@ -366,7 +366,9 @@ class AuditIndex:
             if scan.done:
                 return False
             scan.scanned += 1
-            scan.lowest_examined = seq
+            # min, not "last": next pages then only go down, so no record comes twice.
+            if scan.lowest_examined is None or seq < scan.lowest_examined:
+                scan.lowest_examined = seq
             if scan.flt.matches(record):
                 scan.found.append(record)
         return not scan.done
