@@ -397,3 +397,25 @@ def test_chain_watch_reads_only_new_bytes_and_catches_an_edit(tmp_path: Path) ->
     after = watch.status(log)
     assert after.records_checked == first.records_checked + 1
     assert not after.verified and "does not match its hash" in str(after.problem)
+
+
+# --- usage report --------------------------------------------------------------------------
+
+
+async def test_the_usage_report_is_linked_shown_and_audited(gw: Harness) -> None:
+    pytest.importorskip("gatewayd.report")
+    carol = await gw.signed_in("carol")
+    _, body, _ = await get(carol, gw, "")
+    assert 'href="/.gatewayd/admin/report?month=2026-11"' in body  # the gateway clock's month
+    month = gw.audit_events()[0]["ts"][:7]  # records carry the real time
+    status, body, resp = await get(carol, gw, f"report?month={month}")
+    assert status == 200 and "usage report" in body.lower()
+    policy = resp.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script" not in policy
+    assert resp.headers["Cache-Control"] == "no-store"
+    read = reads(gw)[-1]
+    assert (read["view"], read["month"], read["user"]) == ("report", month, "carol")
+    status, body, _ = await get(carol, gw, "report?month=2026-13")
+    assert status == 400 and "month: expected a month" in body
+    status, _, _ = await get(carol, gw, "report?month=2001-01")
+    assert status == 404

@@ -88,6 +88,7 @@ from gatewayd.https.context import FrontendContext
 from gatewayd.https.csrf import CsrfTokens
 from gatewayd.https.flow import Channels, RequestFlow, audit_fields, respond
 from gatewayd.https.forms import FormError, read_form
+from gatewayd.https.guard import GATEWAY_PAGE_HEADERS, NO_STORE, PROXIED
 from gatewayd.tasks import within
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ EXPORT_BATCH: Final = 500  # records fetched per index call while streaming an e
 EXPORT_MAX_RECORDS: Final = 1_000_000  # a download stops here (the CLI exists for more)
 CHUNKS_PER_HOP: Final = 256  # export chunks rendered per worker-thread call
 CHAIN_MAX_LINES: Final = 2_000_000  # lines one chain view reads; the next view goes on
+REPORT_CSP: Final = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                     "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 RESULTS: Final = ("success", "failure")
 FORM_KEYS: Final = ("user", "device", "event", "service", "result", "session", "source_ip",
                     "text", "from", "to")
@@ -641,7 +644,11 @@ class AuditConsole:
         label, since, until = parse_month(reader.request.query.get("month"),
                                           self._ctx.wall_clock().astimezone(zone))
         try:
-            from gatewayd.report import build_usage, render_html  # noqa: PLC0415
+            from gatewayd.report import (  # noqa: PLC0415 - a large module, rarely used
+                EmptyPeriodError,
+                build_usage,
+                render_html,
+            )
         except ImportError:
             return respond(reader.request, 404, title="No usage report",
                            message="The usage report is not installed on this gateway.",
@@ -654,9 +661,23 @@ class AuditConsole:
                                  seats=settings.sessions.max_concurrent, zone=zone)
             return str(render_html(report))
 
-        body = await within(asyncio.to_thread(build), REPORT_TIMEOUT)
+        try:
+            body = await within(asyncio.to_thread(build), REPORT_TIMEOUT)
+        except EmptyPeriodError:
+            return respond(reader.request, 404, title="No usage in that month",
+                           message=f"The audit log has no records for {label}.",
+                           error="not_found")
         self._audit_read(reader, "report", month=label)
-        return web.Response(text=body, content_type="text/html")
+        response = web.Response(text=body, content_type="text/html")
+        # The report is one self-contained document whose styles (and matplotlib's SVG) are
+        # inline, which the gateway's page CSP forbids: it gets the same headers with inline
+        # styles allowed (still no script, no requests, no framing) — set here, in full,
+        # because the response hook leaves the headers of a response so marked alone.
+        reader.request[PROXIED] = True
+        response.headers.update(GATEWAY_PAGE_HEADERS)
+        response.headers["Content-Security-Policy"] = REPORT_CSP
+        response.headers["Cache-Control"] = NO_STORE
+        return response
 
     async def _stylesheet(self, reader: _Reader) -> web.StreamResponse:
         response = web.Response(text=CONSOLE_CSS, content_type="text/css")
