@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -536,3 +537,21 @@ async def test_pages_of_a_log_with_seqs_out_of_order_never_repeat(
     found, _ = collect(index, RecordFilter(), 4)
     seqs = [r["seq"] for r in found]
     assert len(seqs) == len(set(seqs))
+
+
+def test_big_log_search_memory_is_bounded(big_log: BigLog) -> None:
+    """Peak memory of a search does not grow with the records examined: one block at a time."""
+    index = AuditIndex(big_log.live, big_log.index_dir, max_scan=20_000)
+    index.refresh()
+    peaks = []
+    for _ in range(2):
+        tracemalloc.start()
+        try:
+            page = index.search(RecordFilter(text="no such text"))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert page.scanned == 20_000
+    # 20,000 records are about 7 MB of log; a block is 512 of them.
+    print(f"\nsearch peak memory {max(peaks) / 1024:.0f} KiB")
+    assert max(peaks) < 3 * 1024 * 1024, peaks
