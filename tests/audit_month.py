@@ -324,10 +324,10 @@ class _Simulation:
         """The process dies: no session.end; the sessions end when the gateway last wrote."""
         assert self.log is not None
         log = self.log
-        if log._task is not None:  # noqa: SLF001 - a killed process runs no periodic task
-            log._task.cancel()  # noqa: SLF001
-        log._close_file()  # noqa: SLF001 - the kernel closes the file of a dead process …
-        log._release_writer_lock()  # noqa: SLF001 - … and drops its flock
+        if log._task is not None:  # a killed process runs no periodic task
+            log._task.cancel()
+        log._close_file()  # the kernel closes the file of a dead process …
+        log._release_writer_lock()  # … and drops its flock
         died = self.last_written
         survivors: list[tuple[str, int]] = []
         for session in list(self.sessions.values()):

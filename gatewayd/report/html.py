@@ -210,8 +210,10 @@ def _figure(height: float) -> Figure:
 
 def _svg(figure: Figure) -> str:
     buffer = io.StringIO()
-    # Date: None keeps the output free of the rendering time (reproducible files).
-    figure.savefig(buffer, format="svg", metadata={"Date": None})
+    # No metadata block: it would carry the rendering time and RDF/Dublin Core namespace URIs
+    # that look like external references; the chart needs none of it.
+    figure.savefig(buffer, format="svg",
+                   metadata={"Date": None, "Format": None, "Type": None, "Creator": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: inline SVG in HTML
 
