@@ -5,19 +5,20 @@ Owns the console's pages (server-rendered Jinja2 templates in ``gatewayd/templat
 autoescaped, no script at all), their input validation, the ``audit.read`` records and the
 console's session kill. Routes, all below ``CONSOLE_PREFIX``:
 
-======================== ====== ==================================================================
-path                     method what
-======================== ====== ==================================================================
-``""``                   GET    search form; with a query, results newest first (``before_seq``
-                                pages to older records)
-``records/<seq>``        GET    one record, every field, links to its session / user / device
-``sessions``             GET    who is connected now, with an "end session" form per session
-``sessions/kill``        POST   end one session (CSRF token + reason required)
-``chain``                GET    last signed checkpoint, verified with the log's public key
-``export.csv`` / ``.jsonl``  GET  the current search as a streamed download
-``report``               GET    the monthly usage report (``?month=YYYY-MM``)
-``console.css``          GET    the console's table styles (the portal stylesheet is narrow)
-======================== ====== ==================================================================
+============================== ====== ============================================================
+path                           method what
+============================== ====== ============================================================
+``""``                         GET    search form; with a query, results newest first
+                                      (``before_seq`` pages to older records)
+``records/<seq>``              GET    one record, every field, links to its session / user /
+                                      device
+``sessions``                   GET    who is connected now, an "end session" form per session
+``sessions/kill``              POST   end one session (CSRF token + reason required)
+``chain``                      GET    last signed checkpoint, verified with the public key
+``export.{csv,jsonl}``         GET    the current search as a streamed download
+``report``                     GET    the monthly usage report (``?month=YYYY-MM``)
+``console.css``                GET    the console's table styles (the portal's are narrow)
+============================== ====== ============================================================
 
 **Authorisation is the policy's, not the console's.** Every console request runs through the
 same `RequestFlow` as a proxied request (`_ConsoleFlow` overrides only the final step: instead
