@@ -209,3 +209,16 @@ def test_bad_arguments_exit_2(logs: list[Path], capsys: pytest.CaptureFixture[st
         main(["report", "usage", *(str(p) for p in logs), *args])
     assert exited.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_an_invalid_default_config_is_noted_and_ignored(
+        logs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    default = tmp_path / "default.toml"
+    default.write_text("[sessions]\nmax_concurrent = -3\n")
+    monkeypatch.setenv("GATEWAYD_CONFIG", str(default))
+    status, out, err = run(capsys, *logs, "--seats", "9")
+    assert status == 0 and "peak 2 of 9 seats" in out
+    assert "note: ignoring" in err
+    status, _, err = run(capsys, *logs, "--config", default)  # named explicitly: an error
+    assert status == 2 and "max_concurrent" in err

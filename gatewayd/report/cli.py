@@ -125,12 +125,25 @@ def _positive(text: str) -> int:
 
 
 def _settings(path: Path | None) -> Settings | None:
-    """The config named by --config (must load), or the default one only if it exists."""
+    """The config named by --config (must load), or the default one if it exists and loads.
+
+    The default config is only a convenience: one this user may not read (it is usually
+    root:gatewayd 0640) or that does not validate is reported and then ignored, so that
+    ``--seats`` and ``--tz`` still work for staff without access to it.
+    """
     if path is None:
         default = default_config_path()
         if not default.is_file():
             return None
-        path = default
+        try:
+            return _load(default)
+        except _UsageError as exc:
+            print(f"{_PROG}: note: ignoring {display_text(str(exc))}", file=sys.stderr)
+            return None
+    return _load(path)
+
+
+def _load(path: Path) -> Settings:
     try:
         return load_settings(path)
     except ConfigError as exc:
