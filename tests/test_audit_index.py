@@ -555,3 +555,22 @@ def test_big_log_search_memory_is_bounded(big_log: BigLog) -> None:
     # 20,000 records are about 7 MB of log; a block is 512 of them.
     print(f"\nsearch peak memory {max(peaks) / 1024:.0f} KiB")
     assert max(peaks) < 3 * 1024 * 1024, peaks
+
+
+async def test_refresh_with_a_time_budget_indexes_newest_files_first(
+    rotated_log: Path, index_dir: Path
+) -> None:
+    chain = log_files(rotated_log)
+    index = AuditIndex(rotated_log, index_dir)
+    index.refresh(max_seconds=0)  # one file per call: the budget is checked between files
+    assert not index.complete
+    newest = list(reversed(all_records(rotated_log)))
+    live_only = list(reversed(list(query_records([chain[-1]], RecordFilter()))))
+    assert collect(index, RecordFilter(), 50)[0] == live_only
+    calls = 1
+    while not index.complete:
+        index.refresh(max_seconds=0)
+        calls += 1
+        assert calls <= len(chain)
+    assert calls == len(chain)  # one file per call, newest first
+    assert collect(index, RecordFilter(), 50)[0] == newest
