@@ -12,13 +12,15 @@ the way a collector can leave without losing what the kernel already acknowledge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trustme
@@ -113,9 +115,10 @@ class _Connection(asyncio.Protocol):
         self.transport.write_eof()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.collector.connections.add(self)
+        if not self.collector.reading:
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.tls is None:
@@ -175,16 +178,28 @@ class Collector:
     tls_errors: list[ssl.SSLError] = field(default_factory=list)
     accepted: int = 0
     server: asyncio.Server | None = None
+    reading: bool = True  # False: connections are accepted but not read (a stalled collector)
+    receive_buffer: int | None = None  # SO_RCVBUF of accepted connections
 
     async def up(self) -> None:
         def connection() -> _Connection:
             self.accepted += 1
             return _Connection(self, self.accepted)
 
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.receive_buffer is not None:  # set before listen(): inherited, no autotuning
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        listener.bind(("127.0.0.1", self.port))
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(connection, "127.0.0.1", self.port,
-                                               reuse_address=True)
+        self.server = await loop.create_server(connection, sock=listener)
         self.port = self.server.sockets[0].getsockname()[1]
+
+    def resume(self) -> None:
+        self.reading = True
+        for connection in self.connections:
+            assert connection.transport is not None
+            connection.transport.resume_reading()
 
     async def down(self) -> None:
         """Stop listening; half-close every connection and read until the sender closed."""
@@ -285,8 +300,9 @@ class Setup:
         return value
 
 
-@pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+@contextlib.asynccontextmanager
+async def opened(tmp_path: Path) -> AsyncIterator[Setup]:
+    """A running AuditLog (16 KiB files, so records rotate often) and what a test needs."""
     (tmp_path / "state").mkdir()
     metrics = Metrics(events=EVENT_NAMES)
     audit = AuditLog(tmp_path / "log" / "audit.log", node="gw-forward-test",
@@ -298,6 +314,12 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         yield Setup(tmp_path, audit, metrics, Recorder())
     finally:
         await audit.close()
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    async with opened(tmp_path) as ready:
+        yield ready
 
 
 def tls_pair(ca: trustme.CA, trusted: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -354,8 +376,26 @@ def test_cursor_round_trip_and_damage(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["tcp", "tls"])
-async def test_collector_down_and_back_nothing_lost_order_kept(setup: Setup,
+async def test_collector_down_and_back_nothing_lost_order_kept(tmp_path: Path,
                                                                protocol: str) -> None:
+    async with opened(tmp_path) as setup:
+        await outage(setup, protocol)
+
+
+def test_collector_down_and_back_on_uvloop(tmp_path: Path) -> None:
+    """``gatewayd run`` uses uvloop when installed: its transports must do as well."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with opened(tmp_path) as setup:
+            await outage(setup, "tls")
+
+    uvloop.run(scenario())
+
+
+async def outage(setup: Setup, protocol: str) -> None:
+    """Records before, during and after an outage (spanning rotations) all arrive, in order;
+    the backlog gauge rises while the collector is away and falls back to 0."""
     ca = trustme.CA()
     server, client = tls_pair(ca, ca) if protocol == "tls" else (None, None)
     collector = Collector(context=server)
@@ -390,6 +430,31 @@ async def test_collector_down_and_back_nothing_lost_order_kept(setup: Setup,
     for frame in collector.frames:
         check_against_disk(frame.message, records)
     assert read_cursor(setup.cursor_path) == Cursor(max(records), records[max(records)]["hash"])
+
+
+async def test_records_the_collector_has_not_acknowledged_are_not_delivered(
+        setup: Setup) -> None:
+    """A collector that stops reading: its small receive window fills, the rest of what was
+    sent waits unacknowledged in our socket, and the cursor must not pass it."""
+    collector = Collector(reading=False, receive_buffer=4096)
+    await collector.up()
+    forwarder = setup.forwarder(collector.port)
+    await forwarder.start()
+    try:
+        setup.emit(400)
+        head = setup.seqs_on_disk()[-1]
+        await until(lambda: forwarder.delivered_through() > 0)
+        await asyncio.sleep(0.3)  # long enough for a send-counts-as-delivered bug to show
+        stalled_at = forwarder.delivered_through()
+        assert stalled_at < head - 100
+        assert setup.gauge("gatewayd_audit_forward_backlog") == head - stalled_at
+        collector.resume()
+        await until(lambda: forwarder.delivered_through() == head)
+    finally:
+        await forwarder.close(2)
+        await collector.down()
+    assert check_no_gap_in_order(collector.frames, setup.seqs_on_disk()) == 0
+    assert len(collector.frames) == len(setup.seqs_on_disk())
 
 
 async def test_restart_resumes_after_the_cursor(setup: Setup) -> None:

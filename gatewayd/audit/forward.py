@@ -523,6 +523,9 @@ class Link:
         except (OSError, ssl.SSLError) as exc:
             link.abort()
             raise LinkRefusedError(str(exc) or type(exc).__name__) from None
+        except BaseException:  # cancelled while connecting (a stop): leave no socket behind
+            link.abort()
+            raise
         return link
 
     async def _connect(self, host: str, port: int) -> None:
@@ -530,7 +533,7 @@ class Link:
         transport, _ = await loop.create_connection(lambda: self._protocol, host, port)
         self._transport = transport
         sock = transport.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError, NotImplementedError):  # uvloop's sock
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _TCP_USER_TIMEOUT_MS)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if self._tls is not None:
@@ -756,6 +759,10 @@ class AuditForwarder:
                 self._went_down(str(exc))
             except (OSError, ValueError) as exc:  # a file or socket surprise: retry later
                 self._went_down(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug must not end forwarding for good: log, retry
+                self._log.error("audit forwarding failed unexpectedly; retrying",
+                                error=type(exc).__name__, exc_info=True)
+                self._went_down(type(exc).__name__)
             finally:
                 self._drop_link()
             await asyncio.sleep(self._reconnect)
@@ -790,24 +797,25 @@ class AuditForwarder:
 
     async def _send_udp(self) -> None:
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_DGRAM)
-        family, _, _, _, address = infos[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=(self._host, self._port))
+        try:
             self._came_up()
             while True:
                 batch = await asyncio.to_thread(self._reader.read_batch, BATCH_RECORDS,
                                                 BATCH_BYTES)
                 self._report_skips()
                 for entry in batch:
-                    await loop.sock_sendto(sock, udp_datagram(entry.message), address)
-                    # UDP cannot know more: sent counts as delivered.
+                    transport.sendto(udp_datagram(entry.message))
+                    # UDP cannot know more: handed to the kernel counts as delivered.
                     self._delivered, self._delivered_at = Cursor(entry.seq, entry.hash), entry.after
                     self._head = max(self._head, entry.seq)
                 self._update_backlog()
                 await self._persist()
                 if not batch:
                     await self._pause(self._poll, None)
+        finally:
+            transport.close()
 
     async def _pause(self, seconds: float, link: Link | None) -> None:
         """Sleep until woken, until the link changes, or ``seconds``."""
