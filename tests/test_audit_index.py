@@ -574,3 +574,25 @@ async def test_refresh_with_a_time_budget_indexes_newest_files_first(
         assert calls <= len(chain)
     assert calls == len(chain)  # one file per call, newest first
     assert collect(index, RecordFilter(), 50)[0] == newest
+
+
+async def test_refresh_and_search_in_threads_while_the_log_is_written(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    log = new_log(tmp_path / "logs", Clock(), rotate_bytes=3000, checkpoint_every=7)
+    await log.start()
+    index = AuditIndex(log.path, index_dir)
+
+    def look() -> list[int]:
+        index.refresh()
+        return [r["seq"] for r in index.search(RecordFilter(), limit=30).records]
+
+    for round_ in range(15):
+        emit_some(log, 7, start=round_ * 7)
+        seqs, (low, high) = await asyncio.gather(
+            asyncio.to_thread(look), asyncio.to_thread(lambda: index.bounds() or (0, 0)))
+        assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == len(seqs)
+        assert low <= high
+    await log.close()
+    index.refresh()
+    assert collect(index, RecordFilter(), 40)[0] == list(reversed(all_records(log.path)))
