@@ -1,7 +1,9 @@
 """Searching audit files for security staff: filters, streaming, and the table layout.
 
-Owns `query_files` (a streaming filter over records; files are read line by line in chain
-order, never whole) and the aligned table the CLI prints. Query does not check integrity —
+Owns `RecordFilter` (shared by the CLI, the export and the console's `index.AuditIndex`), the
+result vocabulary (`record_result`), `query_records`/`query_files` (a streaming filter over
+records; files are read line by line in chain order, never whole) and the aligned table the
+CLI prints. Query does not check integrity —
 run `verify_files` (``gatewayd audit verify``) for that; lines that are not records are skipped
 and reported through ``on_malformed``.
 
