@@ -27,9 +27,10 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -48,9 +49,9 @@ from gatewayd.report.html import render_html
 from gatewayd.report.model import UsageReport
 from gatewayd.report.render import render_csv, render_json, render_text
 
-RENDERERS: Final[dict[str, Callable[[UsageReport], str]]] = {
+RENDERERS: Final[Mapping[str, Callable[[UsageReport], str]]] = MappingProxyType({
     "text": render_text, "csv": render_csv, "json": render_json, "html": render_html,
-}
+})
 _PROG: Final = "gatewayd report usage"
 _REPORT_MODE: Final = 0o640
 # Public keys, quarantined torn lines, temporary and lock files (as in gatewayd.audit.cli).

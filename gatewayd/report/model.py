@@ -23,7 +23,7 @@ class DayUsage:
     peak_at: datetime | None  # first moment the peak was reached; None on an empty day
     p95: int
     users: int  # distinct users connected at any time of the day
-    devices: int  # distinct issued devices connected at any time of the day
+    devices: int  # distinct devices (the sessions' ``device``) connected that day
     sessions: int  # sessions started that day
     refusals: int  # logins refused because every seat was taken (auth.failure seats_full)
     seat_hours: float
