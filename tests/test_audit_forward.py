@@ -31,6 +31,7 @@ from gatewayd.audit.forward import (
     UDP_MAX_BYTES,
     AuditForwarder,
     Cursor,
+    RecordReader,
     chain_files,
     header_token,
     read_cursor,
@@ -370,6 +371,42 @@ def test_cursor_round_trip_and_damage(tmp_path: Path) -> None:
     path.write_text('{"seq": "7"}')
     with pytest.raises(ValueError, match="no valid seq"):
         read_cursor(path)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def crafted(seq: int) -> bytes:
+    record = {"seq": seq, "hash": f"{seq:064x}", "event": "access.allow",
+              "ts": "2026-11-27T09:00:00.000000+09:00", "node": "n", "prev": "0" * 64}
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_reader_streams_across_every_rotated_file_in_one_go(tmp_path: Path) -> None:
+    live = tmp_path / "audit.log"
+    for number, seqs in enumerate([(1, 2), (3, 4), (5,)]):
+        name = f"audit.log.20261127T0{number}0000.000000"
+        (tmp_path / name).write_bytes(b"".join(crafted(n) + b"\n" for n in seqs))
+    live.write_bytes(crafted(6) + b"\n")
+    reader = RecordReader(live, facility="authpriv", app_name="gatewayd")
+    assert reader.locate(Cursor(2, f"{2:064x}")).problem is None
+    assert [entry.seq for entry in reader.read_batch(100, 1 << 20)] == [3, 4, 5, 6]
+    reader.close()
+
+
+def test_reader_leaves_a_line_being_written_for_later(tmp_path: Path) -> None:
+    live = tmp_path / "audit.log"
+    line = crafted(2)
+    live.write_bytes(crafted(1) + b"\n" + line[:20])
+    reader = RecordReader(live, facility="authpriv", app_name="gatewayd")
+    reader.locate(None)
+    assert [entry.seq for entry in reader.read_batch(100, 1 << 20)] == [1]
+    assert reader.read_batch(100, 1 << 20) == []
+    with live.open("ab") as stream:
+        stream.write(line[20:] + b"\nnot a record\n")
+    assert [entry.seq for entry in reader.read_batch(100, 1 << 20)] == [2]
+    assert reader.skipped == 1
+    reader.close()
 
 
 # --------------------------------------------------------------------------- TCP / TLS

@@ -378,9 +378,11 @@ class RecordReader:
                 if len(line) > files.MAX_LINE_BYTES:
                     self._skip_long_line()
                     continue
-                if self._at_end_of_sealed_file():
-                    self.close()  # on to the next file of the chain
+                if self._sealed:
+                    self.close()  # complete: on to the next file of the chain
                     continue
+                if self._check_sealed():
+                    continue  # read once more before leaving it (see `_check_sealed`)
                 return None
             self._offset += len(line)
             entry = self._entry(line[:-1])
@@ -397,17 +399,15 @@ class RecordReader:
                 return
         self._stream.seek(self._offset)
 
-    def _at_end_of_sealed_file(self) -> bool:
-        """At the end of the open file: is it complete? (Only once it stopped being the live
-        file, and after one more read past the moment we noticed, since the writer renames
-        a file only after its last write.)"""
-        if self._sealed:
-            return True
+    def _check_sealed(self) -> bool:
+        """At the end of the open file: has it stopped being the live file? The writer renames
+        a file only after its last write, so one more read after this turned True sees all
+        of it; the file is left only at the end of that read."""
         try:
             self._sealed = _file_id(self._live.stat()) != self._file_id
         except FileNotFoundError:
             self._sealed = True
-        return False  # read once more before leaving it
+        return self._sealed
 
     def _entry(self, line: bytes) -> Entry | None:
         record = _record_keys(line)
