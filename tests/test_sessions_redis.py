@@ -518,3 +518,18 @@ async def test_no_node_is_judged_by_a_node_that_only_just_began_beating(
         await asyncio.sleep(1.5)  # but "a" has beaten for less than its own TTL
         assert ssh in await live_handles(redis)
         await until(lambda: (ssh, "node_lost") in a.ended, limit=3.0)
+
+
+async def test_a_stalled_node_closes_the_ssh_sessions_the_others_ended(
+        redis: RedisServer) -> None:
+    async with node(redis, "a", heartbeat_ttl=TTL) as a, \
+            node(redis, "b", heartbeat_ttl=TTL) as b:
+        _, ssh = await a.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7")
+        closed: list[str] = []
+        ssh.add_closer(closed.append)  # the SSH connection on node a
+        a.registry.store.heartbeat_interval = 3600  # a stalls: no beat after the next one
+        await until(lambda: (ssh.handle, "node_lost") in b.ended, limit=3 * TTL + 2)
+        # Node a is alive (subscribed): told, it closes the connection, without a record.
+        await until(lambda: closed == ["node_lost"], limit=2.0)
+        assert a.ended == [] and a.remote == [(ssh.handle, "node_lost")]
+        assert a.registry.by_handle(ssh.handle) is None

@@ -23,7 +23,7 @@ from redis_server import RedisServer, running_redis
 
 from gatewayd.config import ConfigError, settings_from_mapping
 from gatewayd.state import MemoryState, StateUnavailable, build_state
-from gatewayd.state.redis import RedisState, _milliseconds
+from gatewayd.state.redis import OPERATIONS, RedisState, _milliseconds
 
 PASSWORD = "redis-test-password-7f3a"
 ACL_PASSWORD = "acl-user-password-91bc"
@@ -202,6 +202,38 @@ async def test_killed_server_raises_quickly_and_the_same_object_recovers(
         await store.check()
         assert await store.get_int("k") == 0  # no persistence: a restart forgets
         assert await store.add_once("k", 60) is True
+        assert await store.incr("c", 60) == 1
+    finally:
+        await store.close()
+
+
+async def test_the_observer_hears_each_call_by_its_operation(
+        outage_server: RedisServer) -> None:
+    store = RedisState(outage_server.url, timeout=0.5)
+    heard: list[tuple[str, bool]] = []
+    store.observer = lambda operation, ok: heard.append((operation, ok))
+    try:
+        await store.add_once("k", 60)
+        await store.incr("c", 60)
+        await store.remaining("k")
+        await store.check()
+        assert heard == [("add_once", True), ("counter", True), ("counter", True),
+                         ("ping", True)]
+        heard.clear()
+        outage_server.kill()
+        with pytest.raises(StateUnavailable):
+            await store.incr("c", 60)
+        with pytest.raises(StateUnavailable):
+            await store.run(store.client.ping, "lookup")
+        store.report("subscribe", False)
+        assert heard == [("counter", False), ("lookup", False), ("subscribe", False)]
+        assert {operation for operation, _ in heard} <= OPERATIONS
+
+        def broken(operation: str, ok: bool) -> None:
+            raise RuntimeError("a broken observer")
+
+        store.observer = broken  # must not turn into the caller's error
+        outage_server.start()
         assert await store.incr("c", 60) == 1
     finally:
         await store.close()
