@@ -65,10 +65,11 @@ Known edges: two nodes that decide the same explicit end at the same moment (bot
 the directory) write ``session.end`` once, but a node that could not reach Redis may write a
 second one after an outage; an SSH certificate sign-in within milliseconds of its portal
 sign-in on another node may not find the portal session in the replica yet (`by_handle` is
-synchronous) and take a seat of its own; a node that stops while Redis is down cannot end its SSH sessions there
-nor remove its heartbeat, so a survivor later ends them again as ``node_lost`` (a second
-``session.end`` for those sessions); a node stalled (not crashed) for longer than the
-heartbeat TTL has its SSH sessions ended by the others — it closes them when it wakes.
+synchronous) and take a seat of its own; a node that stops while Redis is down cannot end
+its SSH sessions there nor remove its heartbeat, so a survivor later ends them again as
+``node_lost`` (a second ``session.end`` for those sessions); a node stalled (not crashed)
+for longer than the heartbeat TTL has its SSH sessions ended by the others — it closes them
+when it wakes.
 """
 
 from __future__ import annotations
