@@ -389,13 +389,20 @@ class Gateway:
                 try:  # verifying a year of files is blocking work: off the loop, time-bounded
                     await within(asyncio.to_thread(
                         run_retention, self.audit, retention, self._wall_clock(), self.log,
-                        budget_seconds=AUDIT_RETENTION_BUDGET, stop=cancelled.is_set,
+                        may_remove=self._collector_has, budget_seconds=AUDIT_RETENTION_BUDGET,
+                        stop=cancelled.is_set,
                     ), AUDIT_RETENTION_BUDGET + 60)
                 except Exception:  # keep the schedule: a bad run must not end retention
                     self.log.exception("audit retention failed")
                 await asyncio.sleep(AUDIT_RETENTION_INTERVAL)
         finally:
             cancelled.set()  # a run still going in its thread stops at the next file
+
+    def _collector_has(self, last_seq: int) -> bool:
+        """Retention's hold: with forwarding on, a file goes only once the collector has it
+        (called from the retention thread; ``delivered_through`` only reads one attribute)."""
+        forwarder = self.audit_forward
+        return forwarder is None or last_seq <= forwarder.delivered_through()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=name)

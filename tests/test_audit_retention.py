@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -408,7 +409,8 @@ async def test_implausible_retention_record_explains_nothing(
 # --------------------------------------------------------------------------- the gateway
 
 
-def write_config(tmp_path: Path, retention: str) -> Path:
+def write_config(tmp_path: Path, retention: str,
+                 forward: dict[str, object] | None = None) -> Path:
     policies = tmp_path / "policies"
     shutil.copytree(REPO / "policies", policies)
     sections: dict[str, dict[str, object]] = {
@@ -421,6 +423,8 @@ def write_config(tmp_path: Path, retention: str) -> Path:
         "https": {"enabled": False},
         "ssh": {"enabled": False},
     }
+    if forward is not None:
+        sections["audit.forward"] = forward
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -468,6 +472,30 @@ async def test_gateway_removes_expired_files_at_start(tmp_path: Path) -> None:
     result = verify_files(remaining, require_complete=True)
     assert result.ok, result.problem
     assert [r.file for r in result.removed] == [files[0].name, files[1].name]
+
+
+async def test_gateway_keeps_expired_files_the_collector_does_not_have(tmp_path: Path) -> None:
+    # Forwarding on, collector unreachable (a port nobody listens on): nothing was delivered,
+    # so nothing may go, however old — the collector's copy would be lost with the file.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    files = await old_log(tmp_path / "log")
+    path = write_config(tmp_path, "7d", forward={
+        "enabled": True, "protocol": "tcp", "address": f"127.0.0.1:{closed_port}",
+        "reconnect_interval": "10s"})
+    gw = Gateway(load_settings(path), config_path=path,
+                 wall_clock=lambda: datetime(2030, 1, 1, tzinfo=JST))
+    await gw.start()
+    try:
+        await wait_until(lambda: any(
+            task.get_name() == "gatewayd-audit-retention" for task in asyncio.all_tasks()))
+        await asyncio.sleep(0.5)  # the run at start has planned by now
+        assert gw._collector_has(1) is False
+    finally:
+        await gw.stop()
+    assert all(p.exists() for p in files)
+    assert b"audit.retention" not in (tmp_path / "log" / "audit.log").read_bytes()
 
 
 async def test_gateway_with_zero_retention_keeps_everything(tmp_path: Path) -> None:
