@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any, BinaryIO, Final, TextIO
+from typing import Any, BinaryIO, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from gatewayd.audit import files
 from gatewayd.audit.events import display_text
 from gatewayd.audit.export import iter_csv, iter_jsonl
 from gatewayd.audit.query import (
@@ -50,10 +50,6 @@ from gatewayd.audit.signing import AuditKeyError
 from gatewayd.audit.verify import VerifyResult, verify_files
 from gatewayd.audit.writer import DEFAULT_TIMEZONE
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK, EXIT_USAGE
-
-_NOT_A_LOG: Final = re.compile(
-    r".*(\.pub|\.pub\.[0-9a-f]{16}|\.torn-[0-9T.]+(-\d+)?|\.tmp|\.lock)"
-)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -200,28 +196,27 @@ def _shown(path: Path | str) -> str:
     return display_text(str(path))
 
 
-def _log_files(paths: list[Path], command: str, err: TextIO) -> list[Path] | None:
-    """Drop key/quarantine files picked up by a glob; None (after a message) on usage error."""
+def log_files(paths: list[Path], prog: str, err: TextIO) -> list[Path] | None:
+    """Drop key/lock/quarantine files a glob picked up (with a note); None (after a message)
+    when a file is missing or unreadable or no log is left. Also used by `gatewayd report`."""
     logs: list[Path] = []
     for path in paths:
-        if _NOT_A_LOG.fullmatch(path.name):
-            print(f"gatewayd audit {command}: skipping {_shown(path)} (not an audit log)",
-                  file=err)
+        if not files.is_log_name(path.name):
+            print(f"{prog}: skipping {_shown(path)} (not an audit log)", file=err)
             continue
         if not path.is_file() or not os.access(path, os.R_OK):
-            print(f"gatewayd audit {command}: error: {_shown(path)}: no such readable file",
-                  file=err)
+            print(f"{prog}: error: {_shown(path)}: no such readable file", file=err)
             return None
         logs.append(path)
     if not logs:
-        print(f"gatewayd audit {command}: error: no audit log files given", file=err)
+        print(f"{prog}: error: no audit log files given", file=err)
         return None
     return logs
 
 
 def run_verify(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr
-    paths = _log_files(args.files, "verify", err)
+    paths = log_files(args.files, "gatewayd audit verify", err)
     if paths is None:
         return EXIT_USAGE
     try:
@@ -274,7 +269,7 @@ def _filter_or_error(args: argparse.Namespace, command: str, err: TextIO) -> Rec
 
 def run_query(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr
-    paths = _log_files(args.files, "query", err)
+    paths = log_files(args.files, "gatewayd audit query", err)
     wanted = _filter_or_error(args, "query", err)
     if paths is None or wanted is None:
         return EXIT_USAGE
@@ -319,7 +314,7 @@ class _Counted:
 
 def run_export(args: argparse.Namespace) -> int:
     err = sys.stderr
-    paths = _log_files(args.files, "export", err)
+    paths = log_files(args.files, "gatewayd audit export", err)
     wanted = _filter_or_error(args, "export", err)
     if paths is None or wanted is None:
         return EXIT_USAGE

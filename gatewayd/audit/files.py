@@ -35,6 +35,11 @@ _READ_CHUNK: Final = 64 * 1024
 _STAMP_FORMAT: Final = "%Y%m%dT%H%M%S.%f"
 _STAMP_PATTERN: Final = r"\d{8}T\d{6}\.\d{6}"
 _ORDER_PROBE_LINES: Final = 64
+# What a shell glob such as ``audit.log*`` also picks up beside the log files: public keys,
+# the writer's lock, quarantined torn lines, an atomic write's temporary file.
+_NOT_A_LOG: Final = re.compile(
+    r".*(\.pub|\.pub\.[0-9a-f]{16}|\.torn-[0-9T.]+(-\d+)?|\.tmp|\.lock)"
+)
 
 
 @dataclass(frozen=True)
@@ -201,3 +206,8 @@ def order_by_chain(paths: Sequence[Path]) -> list[Path]:
         return (seq is None, seq or 0, str(path))
 
     return sorted(paths, key=key)
+
+
+def is_log_name(name: str) -> bool:
+    """False for the files that live beside the log but hold no records (see `_NOT_A_LOG`)."""
+    return _NOT_A_LOG.fullmatch(name) is None

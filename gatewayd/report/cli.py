@@ -24,8 +24,6 @@ quarantined torn lines picked up by a glob (``audit.log*``) are skipped with a n
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time, timedelta
@@ -34,6 +32,7 @@ from types import MappingProxyType
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from gatewayd.audit.cli import log_files
 from gatewayd.audit.events import display_text
 from gatewayd.audit.writer import DEFAULT_TIMEZONE
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
@@ -55,10 +54,6 @@ RENDERERS: Final[Mapping[str, Callable[[UsageReport], str]]] = MappingProxyType(
 _PROG: Final = "gatewayd report usage"
 _REPORT_MODE: Final = 0o640
 # Public keys, quarantined torn lines, temporary and lock files (as in gatewayd.audit.cli).
-_NOT_A_LOG: Final = re.compile(
-    r".*(\.pub|\.pub\.[0-9a-f]{16}|\.torn-[0-9T.]+(-\d+)?|\.tmp|\.lock)"
-)
-
 
 class _UsageError(Exception):
     """A problem with the command line or its inputs: one message, exit 2."""
@@ -164,7 +159,7 @@ def _period(args: argparse.Namespace, zone: ZoneInfo) -> tuple[datetime | None, 
 
 def run_usage(args: argparse.Namespace) -> int:
     err = sys.stderr
-    paths = _log_files(args.files)
+    paths = log_files(args.files, _PROG, sys.stderr)
     if paths is None:
         return EXIT_USAGE
     try:
@@ -190,27 +185,6 @@ def run_usage(args: argparse.Namespace) -> int:
         print(f"{_PROG}: error: {display_text(where + (exc.strerror or str(exc)))}", file=err)
         return EXIT_USAGE
     return EXIT_OK
-
-
-def _log_files(paths: list[Path]) -> list[Path] | None:
-    """Drop key/lock/quarantine files a glob picked up; None (after a message) on usage error.
-
-    The same rule as ``gatewayd audit`` (`gatewayd.audit.cli`), with this command's name.
-    """
-    logs: list[Path] = []
-    for path in paths:
-        shown = display_text(str(path))
-        if _NOT_A_LOG.fullmatch(path.name):
-            print(f"{_PROG}: skipping {shown} (not an audit log)", file=sys.stderr)
-            continue
-        if not path.is_file() or not os.access(path, os.R_OK):
-            print(f"{_PROG}: error: {shown}: no such readable file", file=sys.stderr)
-            return None
-        logs.append(path)
-    if not logs:
-        print(f"{_PROG}: error: no audit log files given", file=sys.stderr)
-        return None
-    return logs
 
 
 def _warn_malformed(path: Path, line: int) -> None:
