@@ -513,8 +513,8 @@ async def test_redis_killed_then_restarted_empty(net: Cluster) -> None:
             "state_unavailable"]
     async with ssh_session(net, net.gw2, racer(17)) as ssh:
         assert ssh.stderr is not None
-        errors = (await asyncio.wait_for(ssh.stderr.read(), 15)).decode()
-        assert "temporarily unavailable" in errors
+        said = (await asyncio.wait_for(ssh.stderr.read(), 15)).decode()
+        assert "temporarily unavailable" in said
     assert net.gw1.metric("gatewayd_state_up") == net.gw2.metric("gatewayd_state_up") == 0
     errors = net.gw2.samples("gatewayd_state_errors_total")
     grown = {dict(k)["operation"] for k, v in errors.items() if v > errors_before[k]}
