@@ -165,6 +165,7 @@ class SharedSessionRegistry(SessionRegistry):
         self._unsent_ends: dict[str, str] = {}  # handle -> reason, ended while Redis was down
         self._confirmed = float("-inf")  # when Redis last confirmed the whole replica
         self._subscribed = False
+        self._channel_lost = False  # logged as lost, not yet subscribed again
         self._writes: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._heartbeat: asyncio.Task[None] | None = None
@@ -698,8 +699,9 @@ class SharedSessionRegistry(SessionRegistry):
     # --- internals: the channel ----------------------------------------------------------------
 
     async def _listen_forever(self) -> None:
-        """Subscribe, re-validate, then apply every message; reconnect whenever it breaks."""
-        down_since: float | None = None
+        """Subscribe, re-validate, then apply every message; reconnect whenever it breaks.
+
+        The loss is logged once per outage (`_listen` logs the return)."""
         while True:
             try:
                 await self._listen()
@@ -708,8 +710,8 @@ class SharedSessionRegistry(SessionRegistry):
             except (RedisError, OSError, StateUnavailable) as exc:
                 if not isinstance(exc, StateUnavailable):  # those were counted where raised
                     self.store.report("subscribe", False)
-                if down_since is None:
-                    down_since = self._clock()
+                if not self._channel_lost:
+                    self._channel_lost = True
                     log.warning("session channel lost (%s); reconnecting", exc)
             except Exception:
                 log.exception("session channel failed; reconnecting")
@@ -724,6 +726,9 @@ class SharedSessionRegistry(SessionRegistry):
             await within(pubsub.subscribe(self.store.channel), self.store.timeout)
             self.store.report("subscribe", True)
             self._subscribed = True
+            if self._channel_lost:
+                self._channel_lost = False
+                log.warning("session channel subscribed again; re-validating the sessions")
             await self.resync()
             last_resync = last_pong = loop.time()
             pinged = False
