@@ -25,7 +25,8 @@ socket, so each test starts with all seats free. What is asserted:
   recorded once), new logins work again, neither process restarted; the state metrics moved;
 * ``kill -9`` of ``gw2`` holding an SSH session: ``gw1`` ends it (``session.end`` reason
   ``node_lost``) and frees its seat within the heartbeat TTL plus two beats, while a browser
-  session made on ``gw2`` lives on, served by ``gw1``.
+  session made on ``gw2`` lives on, served by ``gw1``; ``gw2`` started again under its name
+  brings nothing of its earlier life back and serves that browser session again.
 
 Measured times (dead-node detection, kill latency across processes) are printed with ``-s``.
 """
@@ -590,3 +591,12 @@ async def test_a_node_killed_with_sigkill_loses_its_ssh_session_not_its_browser_
         assert (await fetch(client, net.gw1.https + "/groupware/inbox"))[0] == 200
         await until(lambda: net.gw1.metric("gatewayd_state_nodes") == 1,
                     limit=2 * HEARTBEAT_INTERVAL + 1)
+    # gw2 comes back under the same name: nothing of its earlier life returns with it.
+    net.gw2.start()
+    await asyncio.to_thread(net.gw2.wait_ready)
+    await until(lambda: net.gw1.metric("gatewayd_state_nodes") == 2,
+                limit=2 * HEARTBEAT_INTERVAL + 1)
+    assert await sessions_on(net.gw2, ssh_user) == await sessions_on(net.gw1, ssh_user) == []
+    assert [r["frontend"] for r in await sessions_on(net.gw2, web_user)] == ["https"]
+    assert (await fetch(client, net.gw2.https + "/groupware/inbox"))[0] == 200
+    assert len([r for r in net.gw1.audit("session.end") if r["user"] == ssh_user]) == 1
