@@ -285,7 +285,7 @@ def test_unknown_end_reason_is_a_programming_error() -> None:
 
 
 def test_end_reasons_are_the_contract() -> None:
-    assert {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown", "replaced", "directory_revoked", "device_revoked", "user_disabled", "disconnected", "state_lost"} == END_REASONS
+    assert {"logout", "idle_timeout", "expired", "admin_kill", "policy_changed", "shutdown", "replaced", "directory_revoked", "device_revoked", "user_disabled", "disconnected", "state_lost", "node_lost"} == END_REASONS
 
 
 def test_end_user_and_end_all() -> None:
