@@ -318,6 +318,9 @@ async def test_the_documented_acl_user_may_do_everything_needed(
         registry.end(second, "logout")
         await until(lambda: ended == ["replaced", "logout"])
         assert await state.incr("login:fail:x", 10) == 1  # and the StateStore operations
+        await until(lambda: registry.live_nodes == 1)  # the heartbeat script ran (and reaps)
+        beat = await registry.store.heartbeat(reap=True)
+        assert beat.nodes == 1
     finally:
         await registry.close()
         await state.close()
