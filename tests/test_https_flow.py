@@ -4,14 +4,16 @@ real gateway and a real upstream on 127.0.0.1 (see https_harness)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from https_harness import Harness, csrf_token, running_gateway
+from https_harness import REPO, Harness, csrf_token, running_gateway
 
 from gatewayd.certs import issue_device_cert, new_device_ca, save_pair
 from gatewayd.https import pages
@@ -323,10 +325,20 @@ async def test_a_get_that_needs_step_up_redirects_with_the_url_itself(gw: Harnes
             "/.gatewayd/stepup?next=%2F.gatewayd%2Fadmin%2Fsessions%3Fx%3D1")
 
 
-async def test_a_service_without_upstream_is_a_502(gw: Harness) -> None:
-    client = await gw.signed_in("carol")  # admin: allowed, but no upstream configured
-    async with client.get(gw.base + "/.gatewayd/admin/", headers=JSON) as resp:
-        assert resp.status == 502
+async def test_a_service_without_upstream_is_a_502(tmp_path: Path) -> None:
+    # A service the policy routes and allows, but no [upstreams.intranet] section: the policy
+    # set and the config disagree, and the answer says so instead of hanging or a 500.
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    (tmp_path / "policies" / "50-intranet.yaml").write_text(
+        "services:\n  intranet: {kind: http, prefixes: /intranet/}\n"
+        "rules:\n  - id: staff-intranet\n    effect: allow\n"
+        "    subjects: {roles: [staff]}\n    services: intranet\n")
+    async with contextlib.aclosing(running_gateway(tmp_path)) as harnesses:
+        async for gw in harnesses:
+            client = await gw.signed_in("alice")
+            async with client.get(gw.base + "/intranet/", headers=JSON) as resp:
+                assert resp.status == 502
+                assert (await resp.json())["error"] == "upstream_not_configured"
 
 
 async def test_unrouted_and_ambiguous_paths(gw: Harness) -> None:
