@@ -136,8 +136,9 @@ th, td { border-bottom: 1px solid var(--line); padding: .3rem .5rem; text-align:
          vertical-align: top; overflow-wrap: anywhere; }
 th { font-weight: 600; }
 td.num { text-align: right; white-space: nowrap; }
+#sessions th, #sessions td { white-space: nowrap; overflow-wrap: normal; }
 form.kill { display: flex; gap: .5rem; align-items: center; }
-form.kill input[type=text] { width: 14rem; padding: .3rem; }
+form.kill input[type=text] { width: 10rem; padding: .3rem; }
 form.kill button { margin: 0; padding: .3rem .8rem; background: #b00020; }
 .ok { border-left: 4px solid #2e7d32; padding: .5rem .75rem; background: #2e7d3214; }
 """
