@@ -182,7 +182,7 @@ def test_seats_full_refusals_are_counted_per_hour() -> None:
     assert [(h.hour, h.refusals, h.users) for h in report.seats_full_hours] == [
         (at("09:00"), 3, 2), (at("10:00"), 1, 1)]
     assert report.refusals == 4 and day_row(report).refusals == 4
-    assert "exhausted in 2 hour(s) (4 login(s) refused): consider more seats" in (
+    assert "exhausted in 2 hours (4 logins refused): consider more seats" in (
         report.recommendation)
 
 

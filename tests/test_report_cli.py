@@ -87,7 +87,7 @@ def test_text_report_skips_key_and_lock_files(
     status, out, err = run(capsys, *logs, "--seats", "5")
     assert status == 0
     assert "peak 2 of 5 seats" in out
-    assert "Seats were exhausted in 1 hour(s) (1 login(s) refused)" in out
+    assert "Seats were exhausted in 1 hour (1 login refused)" in out
     assert "2026-11-17 09:00  1 refused, 1 user(s)" in out
     assert "skipping" in err and "audit.log.pub" in err
 

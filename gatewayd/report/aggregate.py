@@ -529,6 +529,11 @@ def _step_rows(steps: _Steps, local: Any) -> tuple[ConcurrencyStep, ...]:
     return tuple(rows)
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 hour``, ``8 hours``: the line is read by people, not parsed."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def recommendation(*, peak: int, p95: int, seats: int | None, issued: tuple[str, ...] | None,
                    unused: tuple[str, ...] | None, full_hours: int, refusals: int) -> str:
     """The one line a manager reads: use against the contract, idle PCs, exhausted hours."""
@@ -539,8 +544,8 @@ def recommendation(*, peak: int, p95: int, seats: int | None, issued: tuple[str,
         parts.append(f"{len(issued)} PCs issued, {len(unused)} never used in this period")
     line = "; ".join(parts)
     if full_hours:
-        line += (f". Seats were exhausted in {full_hours} hour(s) ({refusals} login(s) "
-                 "refused): consider more seats")
+        line += (f". Seats were exhausted in {plural(full_hours, 'hour')} "
+                 f"({plural(refusals, 'login')} refused): consider more seats")
     elif seats is not None and peak < seats:
         enough = max(1, math.ceil(peak * (1 + HEADROOM)))
         if enough < seats:
