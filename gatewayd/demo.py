@@ -359,6 +359,7 @@ def welcome_lines(gateway: Gateway, state_dir: Path, description: Mapping[str, o
         f"  Next code: gatewayd mfa code USER --state-dir {state_dir}   (demo only)",
         *directory_lines(gateway, state_dir),
         *ssh_lines(state_dir, description),
+        f"  Console:   {url}.gatewayd/admin/   (audit console: carol; usage report there too)",
         f"  Metrics:   {gateway.listeners.metrics_url}",
         f"  Audit log: {gateway.settings.audit.path}",
         f"             gatewayd audit verify {gateway.settings.audit.path}",
