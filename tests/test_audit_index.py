@@ -215,6 +215,66 @@ async def test_rotation_reuses_the_index_of_the_renamed_live_file(
     await log.close()
 
 
+async def test_a_search_without_refresh_after_rotation_still_finds_everything(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    """The live file renamed by rotation is found by its inode, page after page, without a
+    refresh in between (as the console's export pages): nothing silently left out."""
+    clock = Clock()
+    log = new_log(tmp_path / "logs", clock, rotate_daily=True)
+    await log.start()
+    emit_some(log, 40)
+    index = AuditIndex(log.path, index_dir, block_records=16)
+    index.refresh()
+    flt = RecordFilter(event="access.allow")
+    expected = list(reversed(all_records(log.path, flt)))
+    first = index.search(flt, limit=5)
+    assert first.records == expected[:5] and first.complete
+    clock.now += timedelta(days=1)
+    emit_some(log, 1)  # a new day: the live file is renamed, a new one started
+    assert len(log_files(log.path)) == 2
+    rest: list[dict[str, Any]] = []
+    before = first.next_before_seq
+    while before is not None:  # no refresh: the index still names the old live file
+        page = index.search(flt, before_seq=before, limit=7)
+        assert page.complete
+        rest.extend(page.records)
+        before = page.next_before_seq
+    assert first.records + rest == expected
+    page = index.search(flt, limit=1000)
+    assert page.records == expected and page.complete
+    await log.close()
+
+
+async def test_a_file_removed_before_refresh_makes_the_page_incomplete(
+    rotated_log: Path, index_dir: Path
+) -> None:
+    index = AuditIndex(rotated_log, index_dir)
+    index.refresh()
+    log_files(rotated_log)[0].unlink()  # retention, between refresh and search
+    page = index.search(RecordFilter(), limit=1000)
+    assert not page.complete  # fewer records, and it says so
+    assert page.records == list(reversed(all_records(rotated_log)))
+    index.refresh()
+    assert index.search(RecordFilter(), limit=1000).complete
+
+
+async def test_an_unfinished_refresh_says_how_far_it_got(
+    rotated_log: Path, index_dir: Path
+) -> None:
+    index = AuditIndex(rotated_log, index_dir)
+    index.refresh(max_seconds=0)  # one file, the live one, then it stops
+    assert not index.complete and 0 < index.progress < 1
+    page = index.search(RecordFilter(), limit=1000)
+    assert not page.complete and page.next_before_seq is None
+    full = index.search(RecordFilter(), limit=1)  # a full page, from indexed files only
+    assert full.complete
+    while not index.complete:
+        index.refresh(max_seconds=0)
+    assert index.progress == 1.0
+    assert index.search(RecordFilter(), limit=1000).complete
+
+
 async def test_refresh_is_cheap_when_nothing_changed(
     rotated_log: Path, index_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -289,6 +349,7 @@ async def test_a_same_size_rewrite_is_caught_when_read(tmp_path: Path, index_dir
     os.utime(live, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     page = index.search(RecordFilter())
     assert page.records == []  # nothing is returned from a block that no longer fits
+    assert not page.complete  # ... and the page says records are missing
     index.refresh()  # the file was marked stale: rebuilt from the bytes now there
     assert collect(index, RecordFilter(), 50)[0] == list(reversed(all_records(live)))
 

@@ -21,10 +21,14 @@ complete lines are indexed; a torn final line is left until it is completed. A f
 rewritten, truncated or replaced (different inode, first record, or last indexed record) is
 re-indexed from scratch. A live file renamed by rotation keeps its inode and first record, so
 its index is reused under the new name. Files removed (retention) lose their index file.
+Between refreshes, a search reads each indexed file by its device and inode, not by its name:
+a live file renamed by rotation since the last `refresh` is found under its new name (the
+rotated siblings are looked through for that inode), so a search that does not refresh
+between pages (the console's export) still reads every record it indexed.
 Indexing parses every line once (about 40-70 MB, 100-200k records, per second on the
 development VM), so the first `refresh` of a large log takes a while: ``max_seconds`` spreads
 it over several calls, newest files first, and `complete` tells the caller (the console can
-say "indexing older records…").
+say "indexing older records…"; `progress` is the share of the log's bytes indexed).
 
 **Index files** (one per audit file, ``<sha256>.idx``): a JSON header line with a format
 `VERSION` and the log path, then the block table as little-endian int64s. They are written to
@@ -32,14 +36,19 @@ a temporary file and renamed (atomic; no fsync — a file lost in a crash is jus
 file that is unreadable, of another version, of another log, or inconsistent is removed and
 its audit file re-indexed. The index only says *where to look*: records returned are always
 parsed from the audit file itself, and a block whose bytes do not start and end on a line
-boundary marks its file for re-indexing at the next `refresh`.
+boundary (or whose file is gone) marks its file for re-indexing at the next `refresh`.
 
 **Search** (`search`) walks files and blocks newest first, skips blocks that cannot hold a
 record in the time window or below ``before_seq`` using the block table alone, and reads each
 remaining block backwards in memory (one block at a time). Work per call is bounded: at most
 ``max_scan`` records (default `MAX_SCAN`, 200,000) are examined; if the cap is reached the
 page holds what was found so far and ``next_before_seq`` lets the caller continue below the
-last examined record. ``next_before_seq`` is None only when nothing older remains. Search is
+last examined record. ``next_before_seq`` is None only when nothing older remains *in what
+could be read*: a search never silently returns fewer records — ``SearchPage.complete`` is
+False when a block could not be read as the index describes it (its file was removed or
+rewritten since the last `refresh`) or when the scan reached the end of an index that does
+not yet cover every file (a `refresh` with ``max_seconds`` that did not finish); the caller
+refreshes and searches again, or says the result is incomplete. Search is
 not verification (the console shows chain status separately); lines that are not records, or
 records without an integer ``seq``, are skipped and counted in ``SearchPage.malformed``.
 
@@ -97,6 +106,10 @@ class SearchPage:
     next_before_seq: int | None  # None when there is nothing older
     scanned: int  # records examined (the console shows "searched N records")
     malformed: int = 0  # lines skipped because they are not records (or have no seq)
+    # False: records may be missing — part of the log could not be read as the index says
+    # (a file removed or rewritten since the last refresh), or the index does not cover
+    # every file yet and the scan reached its end. Refresh and search again.
+    complete: bool = True
 
 
 @dataclass
@@ -218,6 +231,7 @@ class _Scan:
     scanned: int = 0
     malformed: int = 0
     lowest_examined: int | None = None
+    unreadable: bool = False  # a block or block table could not be read: records missing
 
     @property
     def done(self) -> bool:
@@ -276,6 +290,8 @@ class AuditIndex:
         self._entries: dict[str, _FileEntry] = {}  # by audit file name
         self._loaded = False
         self._complete = False
+        self._progress = 0.0
+        self._moved: dict[tuple[int, int], Path] = {}  # renamed since the last refresh
         self.bytes_read = 0  # audit-file bytes read by search/record (tests, diagnostics)
 
     # ------------------------------------------------------------------ public API
@@ -294,21 +310,39 @@ class AuditIndex:
         with self._lock:
             self._ensure_dir()
             self._load_once()
+            self._moved.clear()
             current = self._stat_audit_files()
             self._reconcile(current)
             self._complete = False
-            worked = False
-            for path in self._newest_first(current):
-                if (worked and max_seconds is not None
-                        and time.monotonic() - started > max_seconds):
-                    return  # at least one file progressed: every call moves forward
-                worked = self._refresh_file(path, current[path]) or worked
-            self._complete = True
+            try:
+                worked = False
+                for path in self._newest_first(current):
+                    if (worked and max_seconds is not None
+                            and time.monotonic() - started > max_seconds):
+                        return  # at least one file progressed: every call moves forward
+                    worked = self._refresh_file(path, current[path]) or worked
+                self._complete = True
+            finally:
+                self._progress = self._indexed_share(current)
 
     @property
     def complete(self) -> bool:
         """Whether the last `refresh` brought every file of the log up to date."""
         return self._complete
+
+    @property
+    def progress(self) -> float:
+        """Share (0.0-1.0) of the log's bytes that the last `refresh` left indexed."""
+        return 1.0 if self._complete else self._progress
+
+    def _indexed_share(self, current: dict[Path, os.stat_result]) -> float:
+        total = sum(st.st_size for st in current.values())
+        done = 0
+        for path, st in current.items():
+            entry = self._entries.get(path.name)
+            if entry is not None and not entry.stale and entry.ino == st.st_ino:
+                done += min(entry.indexed_end, st.st_size)
+        return 1.0 if total == 0 else done / total
 
     def search(self, flt: RecordFilter, *, before_seq: int | None = None,
                limit: int = DEFAULT_LIMIT) -> SearchPage:
@@ -325,8 +359,11 @@ class AuditIndex:
         with self._lock:
             self._ensure_loaded()
             exhausted = self._scan_newest_first(scan)
+            # Unindexed files are the oldest (refresh goes newest first): only a scan that
+            # reached the end of the index can have missed records in them.
+            complete = not scan.unreadable and (self._complete or not exhausted)
         return SearchPage(records=scan.found, next_before_seq=self._next_before(scan, exhausted),
-                          scanned=scan.scanned, malformed=scan.malformed)
+                          scanned=scan.scanned, malformed=scan.malformed, complete=complete)
 
     def record(self, seq: int) -> dict[str, Any] | None:
         """The record with this ``seq``, read from its audit file via the index; or None."""
@@ -340,7 +377,7 @@ class AuditIndex:
                     _, _, low, high, _, _ = table[position]
                     if not low <= seq <= high:
                         continue
-                    for record in self._read_block(entry, table, position):
+                    for record in self._read_block(entry, table, position) or ():
                         if record is not None and _record_seq(record) == seq:
                             return record
         return None
@@ -372,6 +409,8 @@ class AuditIndex:
             if scan.before_seq is not None and entry.min_seq >= scan.before_seq:
                 continue
             table = self._read_block_table(entry)
+            if len(table) != entry.blocks:
+                scan.unreadable = True  # its index file is gone or damaged: refresh
             for position in range(len(table) - 1, -1, -1):
                 if not scan.block_may_match(table[position]):
                     continue
@@ -382,7 +421,11 @@ class AuditIndex:
     def _scan_block(self, entry: _FileEntry, table: _Table, position: int,
                     scan: _Scan) -> bool:
         """Examine one block newest first; False when the page is full or the cap reached."""
-        for record in reversed(list(self._read_block(entry, table, position))):
+        lines = self._read_block(entry, table, position)
+        if lines is None:
+            scan.unreadable = True  # never silently fewer records: the page says so
+            return True
+        for record in reversed(lines):
             seq = _record_seq(record)
             if record is None or seq is None:
                 scan.malformed += 1
@@ -408,39 +451,56 @@ class AuditIndex:
         return scan.lowest_examined
 
     def _read_block(self, entry: _FileEntry, table: _Table,
-                    position: int) -> list[dict[str, Any] | None]:
+                    position: int) -> list[dict[str, Any] | None] | None:
         """The lines of one block parsed from the audit file (None for a line that is no
-        record). A block that no longer starts and ends on line boundaries marks the file
-        stale and yields nothing: the index is a hint, never the evidence."""
+        record). A block that no longer starts and ends on line boundaries, or whose file is
+        gone, marks the file stale and gives None (the caller must say records are missing):
+        the index is a hint, never the evidence."""
         offset, lines = table[position][0], table[position][1]
         end = table[position + 1][0] if position + 1 < len(table) else entry.indexed_end
         parsed: list[dict[str, Any] | None] = []
         try:
-            with self._log_path.with_name(entry.name).open("rb") as stream:
+            with self._open_audit_file(entry) as stream:
                 if offset > 0:
                     stream.seek(offset - 1)
                     self.bytes_read += 1
                     if stream.read(1) != b"\n":
                         entry.stale = True
-                        return []
+                        return None
                 while stream.tell() < end:
                     chunk = stream.readline(min(files.MAX_LINE_BYTES + 1, end - stream.tell()))
                     self.bytes_read += len(chunk)
                     if not chunk.endswith(b"\n"):
                         if len(chunk) <= files.MAX_LINE_BYTES:
                             entry.stale = True  # cut short: the file changed under us
-                            return []
+                            return None
                         _skip_line(stream, end)
                         parsed.append(None)
                         continue
                     parsed.append(parse_line(chunk[:-1]))
         except OSError:
             entry.stale = True
-            return []
+            return None
         if len(parsed) != lines:
             entry.stale = True
-            return []
+            return None
         return parsed
+
+    def _open_audit_file(self, entry: _FileEntry) -> IO[bytes]:
+        """The audit file ``entry`` indexed, found by device and inode: under its name, or —
+        renamed by rotation since the last `refresh` — under its new one. OSError if gone."""
+        identity = (entry.dev, entry.ino)
+        moved = self._moved.get(identity)
+        for path in (self._log_path.with_name(entry.name), *([moved] if moved else [])):
+            stream = _open_if_same(path, identity)
+            if stream is not None:
+                return stream
+        for path in [*files.rotated_siblings(self._log_path), self._log_path]:
+            stream = _open_if_same(path, identity)
+            if stream is not None:
+                self._moved[identity] = path
+                return stream
+        raise FileNotFoundError(f"{entry.name} (inode {entry.ino}) is no longer in the log")
 
     # ------------------------------------------------------------------ block tables
 
@@ -663,6 +723,22 @@ class AuditIndex:
     def _remove(self, path: Path) -> None:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _open_if_same(path: Path, identity: tuple[int, int]) -> IO[bytes] | None:
+    """``path`` opened for reading if it is the file with this (device, inode), else None."""
+    try:
+        stream = path.open("rb")
+    except OSError:
+        return None
+    try:
+        st = os.fstat(stream.fileno())
+    except OSError:
+        st = None
+    if st is not None and (st.st_dev, st.st_ino) == identity:
+        return stream
+    stream.close()
+    return None
 
 
 def _store(blocks: list[list[int]], block: _Block) -> None:
