@@ -59,7 +59,7 @@ from gatewayd.identity.authenticator import (
 from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.identity.principal import Principal
 from gatewayd.metrics import Metrics, metrics_app, serve_metrics
-from gatewayd.oplog import make_operational_logger
+from gatewayd.oplog import StdlibLogging, make_operational_logger
 from gatewayd.policy import Policy, PolicyError, load_policy
 from gatewayd.sdnotify import SystemdNotifier
 from gatewayd.sessions import Session, SessionRegistry, per_user_cap
@@ -83,12 +83,21 @@ class GatewayError(Exception):
 
 def make_logger(settings: Settings) -> Any:
     """Operational log (stderr, journald-friendly: see `gatewayd.oplog`), separate from the
-    audit log. Built per Gateway: nothing global is changed (tests run several gateways in one
-    process).
+    audit log. Built per Gateway: structlog's global configuration is not changed (tests run
+    several gateways in one process). The stdlib loggers' handler: `attach_stdlib_logging`.
     """
     gateway = settings.gateway
     return make_operational_logger(level=gateway.log_level, log_format=gateway.log_format,
                                    node=gateway.node)
+
+
+def attach_stdlib_logging(hold: StdlibLogging, settings: Settings) -> None:
+    """The stdlib ``logging`` of the process (gatewayd's modules, asyncssh, aiohttp, asyncio)
+    in the operational log's format at its level, through ``hold`` (`gatewayd.oplog`).
+    A Gateway attaches at ``start`` (again at each reload) and detaches at ``stop``.
+    """
+    gateway = settings.gateway
+    hold.attach(level=gateway.log_level, log_format=gateway.log_format, node=gateway.node)
 
 
 def build_session_registry(
@@ -245,6 +254,7 @@ class Gateway:
         self.settings = settings
         self.config_path = config_path
         self.log = make_logger(settings)
+        self.stdlib_log = StdlibLogging()  # attached from start() to stop()
         self.policy = load_policy_or_raise(settings)
         self.metrics = Metrics(services=self.policy.services, events=EVENT_NAMES)
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
@@ -303,7 +313,12 @@ class Gateway:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.audit.start()
+        attach_stdlib_logging(self.stdlib_log, self.settings)
+        try:
+            await self.audit.start()
+        except BaseException:
+            self.stdlib_log.detach()
+            raise
         try:
             if self.audit_forward is not None:
                 await self.audit_forward.start()
@@ -311,6 +326,7 @@ class Gateway:
             await self._start_listeners()
         except BaseException:
             await self._close_everything()
+            self.stdlib_log.detach()
             raise
         self._started = True
         self._set_reload_ok(True)
@@ -458,9 +474,12 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, drain, end sessions, close upstreams, close the audit log last."""
         self._started = False
-        await self._drain()
-        await self._close_everything()
-        self.log.info("gateway stopped")
+        try:
+            await self._drain()
+            await self._close_everything()
+            self.log.info("gateway stopped")
+        finally:
+            self.stdlib_log.detach()  # the stdlib handler goes with this gateway
 
     async def _drain(self) -> None:
         """Stop accepting everywhere, then give what is in flight ``gateway.shutdown_grace``.
@@ -642,6 +661,8 @@ class Gateway:
             return self._reject_reload([f"reload failed: {type(exc).__name__}"])
         self.settings, self.policy = settings, policy
         self.log = make_logger(settings)
+        if self.stdlib_log.attached:
+            attach_stdlib_logging(self.stdlib_log, settings)
         self.metrics.set_services(policy.services)
         self.metrics.seats_limit.set(settings.sessions.max_concurrent)
         # Lower limits apply to new sign-ins only: nobody signed in is pushed out by them.
