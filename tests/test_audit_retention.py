@@ -315,6 +315,98 @@ async def test_two_successive_runs(five_days: tuple[AuditLog, Clock]) -> None:
     assert result.removed[-1].last_seq == second.removed[-1].last_seq
 
 
+def retention_notes(paths: list[Path]) -> list[dict[str, Any]]:
+    return [r for path in paths for r in records(path) if r["event"] == "audit.retention"]
+
+
+async def daily_log(directory: Path) -> tuple[AuditLog, Clock]:
+    clock = Clock()
+    log = new_log(directory, clock)
+    await log.start()
+    write_day(log, -1)
+    return log, clock
+
+
+@pytest.mark.parametrize("held_days", [(), (10, 11, 12)])
+async def test_retention_run_daily_for_four_periods_keeps_the_log_verifiable(
+    tmp_path: Path, held_days: tuple[int, ...],
+) -> None:
+    """Daily files, 7 days' retention, retention run daily for 30 days (> 2 x retention).
+
+    The retention records explaining the first removals are written into the live file of
+    that day, which expires in its turn: their coverage must be carried forward, or the
+    untouched log stops verifying on day 18. With ``held_days`` the forwarder holds files
+    for a few days, so the coverage of one file's records is split across two files.
+    """
+    log, clock = await daily_log(tmp_path)
+    removed: list[Path] = []
+    delivered_through = 10**9
+    for day in range(30):
+        clock.advance(days=1)
+        write_day(log, day)
+        if day in held_days and delivered_through == 10**9:
+            delivered_through = records(log_files(log)[-2])[0]["seq"]  # hold from here on
+        elif day not in held_days:
+            delivered_through = 10**9
+        limit = delivered_through
+        outcome = run_retention(log, WEEK, clock.now, quiet_logger(),
+                                may_remove=lambda seq, limit=limit: seq <= limit)
+        assert outcome.error is None and outcome.plan.problem is None
+        removed += [r.path for r in outcome.removed]
+        result = verify_files(log_files(log), require_complete=True)
+        assert result.ok, f"day {day + 1}: {result.problem}"
+    assert len(removed) >= 20 and not any(p.exists() for p in removed)
+    assert result.removed[0].first_seq == 1
+    # The file holding the first removal's record is long gone; its coverage lives on.
+    notes = retention_notes(log_files(log))
+    assert not any(n["reason"] == "expired" and n["file"] == removed[0].name for n in notes)
+    assert any(n["reason"] == "carried" and n["first_seq"] == 1 for n in notes)
+    await log.close()
+
+
+async def test_a_head_deleted_by_hand_is_never_carried_forward(tmp_path: Path) -> None:
+    """Coverage is carried only from signed retention records, never from a file's header:
+    a log whose first files were deleted without a record never verifies as complete."""
+    log, clock = await daily_log(tmp_path)
+    await days_of_log(log, clock, 3)
+    first_files = rotated(log)[:2]
+    for path in first_files:
+        path.unlink()
+    for day in range(30):
+        clock.advance(days=1)
+        write_day(log, day)
+        run_retention(log, WEEK, clock.now, quiet_logger())
+        result = verify_files(log_files(log), require_complete=True)
+        assert (result.ok, result.kind, result.first_bad_seq) == (
+            False, Problem.MISSING_FILE, 1), f"day {day + 1}"
+    notes = retention_notes(log_files(log))
+    assert notes and all(n["first_seq"] > 1 for n in notes)
+    await log.close()
+
+
+async def test_only_honoured_retention_records_are_carried(
+    five_days: tuple[AuditLog, Clock],
+) -> None:
+    """A file's retention records are carried only if verify would honour them (plausible)."""
+    log, clock = five_days
+    files = rotated(log)
+    file0_last = records(files[0])[-1]["seq"]
+    retain(log, clock, 8.05)  # file 0; its record goes into the live file of day 8
+    host = log.path
+    file1_last = records(files[1])[-1]
+    # A signed but implausible record in the same file (retention shorter than 7 days).
+    log.emit("audit.retention", reason="expired", file=files[1].name, first_seq=1,
+             last_seq=file1_last["seq"], last_hash=file1_last["hash"],
+             last_ts=file1_last["ts"], records=5, retention="1d")
+    await days_of_log(log, clock, 1)  # the day 8 file rotates
+    host_rotated = rotated(log)[-1]
+    assert records(host_rotated)[0]["seq"] > file1_last["seq"]
+    assert host == log.path
+    plan = plan_retention(log.path, WEEK, at(40))
+    (removal,) = [r for r in plan.removals if r.path == host_rotated]
+    assert [(c.first_seq, c.last_seq) for c in removal.carried] == [(1, file0_last)]
+
+
 # --------------------------------------------------------------------------- verify
 
 

@@ -564,6 +564,60 @@ async def test_a_retention_record_with_bad_values_explains_nothing(
     assert "audit.retention seq" in result.problem
 
 
+async def test_carried_coverage_may_overlap_and_counts_like_an_expired_record(
+    tmp_path: Path,
+) -> None:
+    """Removing a file restates the coverage of the retention records inside it (carried):
+    the ranges of the records given then overlap, and together they still cover seq 1 on."""
+    log, rotated = await aged_log(tmp_path)
+    record_removal(log, rotated[0])
+    first_end = record(lines(rotated[0])[-1])["seq"]
+    last = record(lines(rotated[1])[-1])
+    record_removal(log, rotated[1], reason="carried", first_seq=1,
+                   file=f"{rotated[0].name} … {rotated[1].name}")
+    await log.close()
+    for path in rotated[:2]:
+        path.unlink()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert result.ok, result.problem
+    assert [(r.reason, r.first_seq, r.last_seq) for r in result.removed] == [
+        ("carried", 1, last["seq"])]
+    assert [(r.first_seq, r.last_seq) for r in result.retentions] == [
+        (1, first_end), (1, last["seq"])]
+    assert any("earlier removals carried forward" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("override", [
+    {"reason": "carried", "retention": "3d"},  # a carried range is held to the same rules
+    {"reason": "housekeeping"},  # not a reason retention writes
+])
+async def test_a_carried_or_unknown_retention_record_follows_the_rules(
+    tmp_path: Path, override: dict[str, str],
+) -> None:
+    log, rotated = await aged_log(tmp_path)
+    record_removal(log, rotated[0], **override)
+    await log.close()
+    rotated[0].unlink()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert_problem(result, Problem.MISSING_FILE, 1)
+    assert result.retentions == ()
+
+
+async def test_a_retention_range_reaching_into_the_files_given_explains_nothing(
+    tmp_path: Path,
+) -> None:
+    """A signed record claiming seq 1..N removed while the first file given continues from a
+    seq before N claims coverage it cannot have."""
+    log, rotated = await aged_log(tmp_path)
+    beyond = record(lines(rotated[1])[-1])
+    record_removal(log, rotated[0], last_seq=beyond["seq"], last_hash=beyond["hash"])
+    await log.close()
+    rotated[0].unlink()
+    result = verify_files(log_files(tmp_path), require_complete=True)
+    assert_problem(result, Problem.MISSING_FILE, 1)
+    assert f"{rotated[1].name} continues from seq" in result.problem
+
+
 async def test_retention_record_of_a_file_still_present_is_no_problem(tmp_path: Path) -> None:
     """The record is written before the removal; a removal that then failed leaves both."""
     log, rotated = await aged_log(tmp_path)

@@ -18,15 +18,26 @@ removal is irreversible and a verifier must still be able to vouch for what is l
 * **Holds.** ``may_remove(last_seq)`` lets the gateway keep files the syslog forwarder has not
   delivered yet; a file whose successor does not exist yet (the live file after a rotation
   before its first record) is held too. Held files are not problems (`RetentionPlan.held`).
-* **Written before removed.** `apply_plan` first writes one ``audit.retention`` record per
-  file through the live `AuditLog` (``file``, ``first_seq``, ``last_seq``, ``last_hash``,
+* **Written before removed.** `apply_plan` first writes the ``audit.retention`` records of
+  each file through the live `AuditLog` (``file``, ``first_seq``, ``last_seq``, ``last_hash``,
   ``last_ts``, ``records``, ``retention``, ``reason="expired"``), then a checkpoint that signs
   them (`verify` honours only signed retention records), then fsyncs the live file; only then
-  are the files unlinked (the ``.pub`` keys stay). A file whose record could not be written,
+  are the files unlinked (the ``.pub`` keys stay). A file whose records could not be written,
   signed or synced is not removed. ``first_seq`` is the first seq the file accounts for: 1 for
   the file that starts the log, else its header's ``prev_seq`` + 1 (normally its first
   record's seq), so that the retention records of successive removals cover seq 1 on without
   a hole; `verify` accepts the missing head of the log exactly then.
+* **Coverage is carried forward.** The retention records explaining earlier removals live in
+  whatever file was live when they were written, and that file expires in its turn. So
+  before a file's ``expired`` record, `apply_plan` restates the coverage of the retention
+  records *inside* that file as ``reason="carried"`` records (overlapping and adjacent ranges
+  merged: normally a single record, seq 1 to the file's ``prev_seq``; ``file`` names the
+  first and last file of the range, ``last_hash``/``last_ts`` those of its last record,
+  ``records`` their sum). Only records that `verify` honours are carried: the file has just
+  verified on its own, sealed, so they are signed, and each must be plausible (stated
+  retention >= 7 days, old enough at its own ``ts``). Nothing is ever carried from a file's
+  header or name: a file whose predecessors were deleted by hand, without retention records,
+  carries nothing, and the log keeps failing ``verify --complete`` however long it runs.
 
 Planning and removal are blocking file work: the gateway runs them with `asyncio.to_thread`.
 """
@@ -45,7 +56,13 @@ from gatewayd.audit import files
 from gatewayd.audit.chain import GENESIS_PREV, is_hash, parse_line
 from gatewayd.audit.events import EventName
 from gatewayd.audit.signing import AuditKeyError, default_public_key_paths
-from gatewayd.audit.verify import verify_files
+from gatewayd.audit.verify import (
+    RETENTION_CARRIED,
+    RETENTION_EXPIRED,
+    RemovedRange,
+    VerifyResult,
+    verify_files,
+)
 from gatewayd.audit.writer import AuditLog, AuditWriteError, OperationalLogger, describe_os_error
 from gatewayd.files import fsync_directory
 
@@ -58,6 +75,19 @@ MayRemove = Callable[[int], bool]  # given a file's last seq: may it go (e.g. de
 
 
 @dataclass(frozen=True)
+class Carried:
+    """Earlier removals a file's own retention records accounted for: restated before it goes."""
+
+    file: str  # "first … last" when several removed files are merged
+    first_seq: int
+    last_seq: int
+    last_hash: str
+    last_ts: str
+    records: int
+    retention: str  # as the (last) record carried stated it
+
+
+@dataclass(frozen=True)
 class Removal:
     """A rotated file that has expired, verifies, and may be removed."""
 
@@ -67,6 +97,7 @@ class Removal:
     last_hash: str
     last_ts: str
     records: int
+    carried: tuple[Carried, ...] = ()  # coverage of the retention records inside it
 
 
 @dataclass(frozen=True)
@@ -133,8 +164,8 @@ def _is_expired(last: dict[str, Any], cutoff: datetime) -> bool:
     return moment < cutoff
 
 
-def _check_sealed(path: Path, last: dict[str, Any], keys: Sequence[Path]) -> int:
-    """Verify the file on its own; return its record count. Raises _KeepFileError if it fails."""
+def _check_sealed(path: Path, last: dict[str, Any], keys: Sequence[Path]) -> VerifyResult:
+    """Verify the file on its own and return the result. Raises _KeepFileError if it fails."""
     try:
         result = verify_files([path], list(keys), require_sealed=True)
     except (AuditKeyError, OSError) as exc:
@@ -145,7 +176,40 @@ def _check_sealed(path: Path, last: dict[str, Any], keys: Sequence[Path]) -> int
     if (last["event"] != _CHECKPOINT or checkpoint is None or checkpoint.seq != last["seq"]
             or result.last_seq != last["seq"]):
         raise _KeepFileError("its last record is not a signed checkpoint covering the file")
-    return result.records
+    return result
+
+
+def _file_label(name: str, *, first: bool) -> str:
+    parts = name.split(" … ")
+    return parts[0] if first else parts[-1]
+
+
+def _carried(retentions: Sequence[RemovedRange], first_seq: int) -> tuple[Carried, ...]:
+    """The coverage of a file's honoured retention records (`VerifyResult.retentions`), merged.
+
+    Only ranges before the file's own ``first_seq`` (all of them, in an honest log). Ranges
+    that overlap (a removal recorded twice) or touch are merged into one.
+    """
+    ranges = sorted((r for r in retentions if r.last_seq < first_seq),
+                    key=lambda r: (r.first_seq, r.last_seq))
+    merged: list[list[RemovedRange]] = []
+    for removed in ranges:
+        if merged and removed.first_seq <= max(r.last_seq for r in merged[-1]) + 1:
+            merged[-1].append(removed)
+        else:
+            merged.append([removed])
+    carried: list[Carried] = []
+    for group in merged:
+        last = max(group, key=lambda r: (r.last_seq, r.seq))
+        distinct = {(r.first_seq, r.last_seq): r.records for r in group}
+        first_file = _file_label(group[0].file, first=True)
+        last_file = _file_label(last.file, first=False)
+        carried.append(Carried(
+            file=first_file if first_file == last_file else f"{first_file} … {last_file}",
+            first_seq=group[0].first_seq, last_seq=last.last_seq, last_hash=last.last_hash,
+            last_ts=last.last_ts, records=sum(distinct.values()), retention=last.retention,
+        ))
+    return tuple(carried)
 
 
 def _first_accounted_seq(header: dict[str, Any]) -> int:
@@ -190,7 +254,7 @@ def _removal(
     last = _last_record(path)
     if not _is_expired(last, cutoff):
         return None
-    records = _check_sealed(path, last, keys)
+    verified = _check_sealed(path, last, keys)
     header = _record(files.read_first_line(path), "first line")
     first_seq = _first_accounted_seq(header)
     _check_links(header, before)
@@ -200,7 +264,8 @@ def _removal(
     if may_remove is not None and not may_remove(last["seq"]):
         raise _KeepFileError(f"held: seq {last['seq']} not yet delivered", problem=False)
     return Removal(path=path, first_seq=first_seq, last_seq=last["seq"],
-                   last_hash=last["hash"], last_ts=last["ts"], records=records)
+                   last_hash=last["hash"], last_ts=last["ts"], records=verified.records,
+                   carried=_carried(verified.retentions, first_seq))
 
 
 def plan_retention(
@@ -255,20 +320,26 @@ def plan_removals(
 def _record_removals(
     audit: AuditLog, removals: Sequence[Removal], retention: timedelta
 ) -> tuple[list[Removal], str | None]:
-    """Write one audit.retention record per removal; stop at the first that is not written."""
+    """Write each removal's carried and expired records; stop at the first not written."""
     recorded: list[Removal] = []
     for removal in removals:
-        try:
-            written = audit.emit(
-                _RETENTION, reason="expired", file=removal.path.name,
-                first_seq=removal.first_seq, last_seq=removal.last_seq,
-                last_hash=removal.last_hash, last_ts=removal.last_ts, records=removal.records,
-                retention=format_retention(retention),
-            )
-        except (AuditWriteError, RuntimeError) as exc:  # RuntimeError: the log was closed
-            return recorded, f"audit.retention for {removal.path.name} not written: {exc}"
-        if written is None:
-            return recorded, f"audit.retention for {removal.path.name} not written"
+        notes: list[dict[str, Any]] = [
+            {"reason": RETENTION_CARRIED, "file": c.file, "first_seq": c.first_seq,
+             "last_seq": c.last_seq, "last_hash": c.last_hash, "last_ts": c.last_ts,
+             "records": c.records, "retention": c.retention}
+            for c in removal.carried
+        ]
+        notes.append({"reason": RETENTION_EXPIRED, "file": removal.path.name,
+                      "first_seq": removal.first_seq, "last_seq": removal.last_seq,
+                      "last_hash": removal.last_hash, "last_ts": removal.last_ts,
+                      "records": removal.records, "retention": format_retention(retention)})
+        for note in notes:
+            try:
+                written = audit.emit(_RETENTION, **note)
+            except (AuditWriteError, RuntimeError) as exc:  # RuntimeError: the log was closed
+                return recorded, f"audit.retention for {removal.path.name} not written: {exc}"
+            if written is None:
+                return recorded, f"audit.retention for {removal.path.name} not written"
         recorded.append(removal)
     return recorded, None
 
@@ -322,7 +393,8 @@ def apply_plan(
         removed.append(removal)
         logger.info("audit file removed by retention", file=str(removal.path),
                     first_seq=removal.first_seq, last_seq=removal.last_seq,
-                    last_ts=removal.last_ts)
+                    last_ts=removal.last_ts,
+                    carried=[[c.first_seq, c.last_seq] for c in removal.carried])
     if removed:
         try:
             fsync_directory(audit.path.parent)

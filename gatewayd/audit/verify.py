@@ -56,16 +56,25 @@ Not problems, but reported as warnings (the result stays ok):
   ``missing_file`` problem instead (first_bad_seq: 1), unless retention explains it:
 * **files removed by retention** (see `retention`). The oldest file given begins with
   ``audit.continue`` (``prev_seq`` P, ``prev`` H) and the files given hold ``audit.retention``
-  records whose ranges (``first_seq``-``last_seq``) together cover seq 1-P without a hole or
-  overlap, the one ending at P naming ``last_hash`` = H. Such a missing head is accepted and
-  reported as a note (in ``warnings`` and, itemised, in ``removed``). A retention record counts
-  only if a valid checkpoint later in the files signs it — the hash chain alone is unkeyed, so
-  anyone able to write the live file could append an unsigned "retention" record to excuse a
-  deleted file — and only if it is plausible: its stated ``retention`` is at least 7 days and
-  the removed file's last record (``last_ts``) was at least that old at the record's own
-  ``ts``. A retention record that fails these rules explains nothing: the head is reported as
-  missing as before, with the reason. The retention records are themselves in the chain, so
-  deleting them breaks the chain.
+  records whose ranges (``first_seq``-``last_seq``) together cover every seq 1-P, every one
+  of them ending at P naming ``last_hash`` = H. Ranges may overlap (a removal recorded twice
+  because the first attempt failed) but none may reach past P into the records given. Such a
+  missing head is accepted and reported as a note (in ``warnings`` and, itemised, in
+  ``removed``). A retention record counts only if a valid checkpoint later in the files signs
+  it — the hash chain alone is unkeyed, so anyone able to write the live file could append an
+  unsigned "retention" record to excuse a deleted file — and only if it is plausible: its
+  stated ``retention`` is at least 7 days and the removed records' last ``ts`` (``last_ts``)
+  was at least that old at the record's own ``ts``. A retention record that fails these rules
+  explains nothing: the head is reported as missing as before, with the reason. The retention
+  records are themselves in the chain, so deleting them breaks the chain.
+  Two reasons are honoured: ``expired`` (one removed file, ``first_seq`` = its own first seq)
+  and ``carried`` (the coverage of retention records that were *inside* a file being removed,
+  restated in the live file just before that file's own ``expired`` record, so that removing
+  the file that explains earlier removals does not remove the explanation). The verifier
+  cannot see the records a ``carried`` range stood for — they went with the file — so it holds
+  it to the same rules (signed, plausible); `retention` writes one only from the verified,
+  signed, plausible retention records of the file it removes, never from the file's header.
+  `VerifyResult.retentions` lists the retention records that met these rules.
 """
 
 from __future__ import annotations
@@ -97,6 +106,11 @@ _RECOVERY = EventName.AUDIT_RECOVERY.value
 _RETENTION = EventName.AUDIT_RETENTION.value
 # The shortest retention the configuration accepts; a record claiming less is implausible.
 MIN_RETENTION: Final = timedelta(days=7)
+# audit.retention reasons: a file removed, or the coverage of the retention records that were
+# inside a removed file, restated in the live file (see the module docstring).
+RETENTION_EXPIRED: Final = "expired"
+RETENTION_CARRIED: Final = "carried"
+_RETENTION_REASONS: Final = frozenset({RETENTION_EXPIRED, RETENTION_CARRIED})
 
 
 class Problem(enum.StrEnum):
@@ -129,19 +143,22 @@ class RemovedRange:
 
     seq: int  # the audit.retention record's own seq
     ts: str  # when it was removed (the retention record's ts)
-    file: str  # the removed file's name
+    file: str  # the removed file's name ("first … last" for a carried range of several)
     first_seq: int
     last_seq: int
     last_hash: str
     last_ts: str  # ts of the removed file's last record
     retention: str
     recorded_in: Path  # the file holding the retention record
+    reason: str = RETENTION_EXPIRED  # or RETENTION_CARRIED
+    records: int = 0  # records the removed range held (as the record states)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seq": self.seq, "ts": self.ts, "file": self.file, "first_seq": self.first_seq,
             "last_seq": self.last_seq, "last_hash": self.last_hash, "last_ts": self.last_ts,
             "retention": self.retention, "recorded_in": str(self.recorded_in),
+            "reason": self.reason, "records": self.records,
         }
 
 
@@ -164,6 +181,8 @@ class VerifyResult:
     warnings: tuple[str, ...] = ()
     key_ids: tuple[str, ...] = ()
     removed: tuple[RemovedRange, ...] = ()  # files before the first given, removed by retention
+    # Every audit.retention record in the files that is signed and plausible (chain order).
+    retentions: tuple[RemovedRange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         cp = self.last_checkpoint
@@ -288,16 +307,18 @@ class _ChainState:
 def _removed_range(record: Mapping[str, Any], path: Path) -> RemovedRange | None:
     """The range an audit.retention record names, or None if it lacks a field (ignored)."""
     values = {name: record.get(name) for name in
-              ("first_seq", "last_seq", "last_hash", "last_ts", "retention", "file")}
-    first, last = values["first_seq"], values["last_seq"]
+              ("first_seq", "last_seq", "last_hash", "last_ts", "retention", "file", "records")}
+    first, last, count = values["first_seq"], values["last_seq"], values["records"]
+    reason = record.get("reason")
     if not (isinstance(first, int) and isinstance(last, int) and 0 < first <= last
-            and is_hash(values["last_hash"])
+            and is_hash(values["last_hash"]) and reason in _RETENTION_REASONS
             and all(isinstance(values[k], str) for k in ("last_ts", "retention", "file"))):
         return None
     return RemovedRange(
         seq=record["seq"], ts=record["ts"], file=str(values["file"]), first_seq=first,
         last_seq=last, last_hash=str(values["last_hash"]), last_ts=str(values["last_ts"]),
-        retention=str(values["retention"]), recorded_in=path,
+        retention=str(values["retention"]), recorded_in=path, reason=str(reason),
+        records=count if isinstance(count, int) and not isinstance(count, bool) else 0,
     )
 
 
@@ -325,18 +346,13 @@ def _implausible(removed: RemovedRange) -> str | None:
     return None
 
 
-def _removal_chain(state: _ChainState, head: _Head) -> list[RemovedRange] | str:
-    """The retention records that together removed seq 1..head.prev_seq, or why there are none.
-
-    They must be signed by a later checkpoint, plausible (`_implausible`), cover 1..prev_seq
-    exactly, one after the other, and the last must end with the hash the head chains to.
-    """
-    if head.prev_seq is None:
-        return f"{head.path.name} does not begin with audit.continue"
-    signed_through = state.last_checkpoint.covers_seq if state.last_checkpoint else 0
-    by_first: dict[int, RemovedRange] = {}
+def _honoured(
+    retentions: Sequence[RemovedRange], signed_through: int
+) -> tuple[list[RemovedRange], list[str]]:
+    """The retention records that count (signed by a checkpoint, plausible), and why not others."""
+    honoured: list[RemovedRange] = []
     reasons: list[str] = []
-    for removed in state.retentions:
+    for removed in retentions:
         if removed.seq > signed_through:
             reasons.append(f"audit.retention seq {removed.seq} is not yet signed by a checkpoint")
             continue
@@ -344,20 +360,48 @@ def _removal_chain(state: _ChainState, head: _Head) -> list[RemovedRange] | str:
         if why is not None:
             reasons.append(why)
             continue
-        by_first.setdefault(removed.first_seq, removed)
+        honoured.append(removed)
+    return honoured, reasons
+
+
+def _removal_chain(state: _ChainState, head: _Head) -> list[RemovedRange] | str:
+    """The retention records that together removed seq 1..head.prev_seq, or why there are none.
+
+    They must be signed by a later checkpoint and plausible (`_honoured`); their ranges must
+    together cover every seq in 1..prev_seq (overlaps allowed: a removal recorded twice), none
+    may reach past prev_seq, and every one ending at prev_seq must name the hash the head
+    chains to. Returned: the records of a cover, by ``first_seq``.
+    """
+    if head.prev_seq is None:
+        return f"{head.path.name} does not begin with audit.continue"
+    prev_seq = head.prev_seq
+    signed_through = state.last_checkpoint.covers_seq if state.last_checkpoint else 0
+    honoured, reasons = _honoured(state.retentions, signed_through)
+    usable: list[RemovedRange] = []
+    for removed in honoured:
+        if removed.first_seq > prev_seq:
+            continue  # a removal recorded but not done: that file is among those given
+        if removed.last_seq > prev_seq:
+            reasons.append(f"audit.retention seq {removed.seq} claims seq "
+                           f"{removed.first_seq}-{removed.last_seq} removed, but "
+                           f"{head.path.name} continues from seq {prev_seq}")
+            continue
+        if removed.last_seq == prev_seq and removed.last_hash != head.prev:
+            reasons.append(f"audit.retention seq {removed.seq} names a last hash "
+                           f"{_short(removed.last_hash)}, not the {_short(head.prev)} that "
+                           f"{head.path.name} chains to")
+            return "; ".join(reasons)
+        usable.append(removed)
     chain: list[RemovedRange] = []
     cursor = 1
-    while cursor <= head.prev_seq:
-        step = by_first.get(cursor)
-        if step is None or step.last_seq > head.prev_seq:
-            reasons.append(f"no audit.retention record accounts for seq {cursor} on")
-            return "; ".join(reasons)
-        chain.append(step)
-        cursor = step.last_seq + 1
-    if chain[-1].last_hash != head.prev:
-        reasons.append(f"audit.retention seq {chain[-1].seq} names a last hash "
-                       f"{_short(chain[-1].last_hash)}, not the {_short(head.prev)} that "
-                       f"{head.path.name} chains to")
+    for removed in sorted(usable, key=lambda r: (r.first_seq, -r.last_seq, r.seq)):
+        if removed.first_seq > cursor:
+            break
+        if removed.last_seq >= cursor:
+            chain.append(removed)
+            cursor = removed.last_seq + 1
+    if cursor <= prev_seq:
+        reasons.append(f"no audit.retention record accounts for seq {cursor} on")
         return "; ".join(reasons)
     return chain
 
@@ -386,11 +430,15 @@ def _settle_head(state: _ChainState, *, require_complete: bool) -> _Found | None
 
 def _retention_note(chain: Sequence[RemovedRange]) -> str:
     first, last = chain[0], chain[-1]
-    files_text = "1 file" if len(chain) == 1 else f"{len(chain)} files"
+    expired = sum(1 for r in chain if r.reason == RETENTION_EXPIRED)
+    files_text = "1 file" if expired == 1 else f"{expired} files"
+    if expired < len(chain):
+        files_text += " and the earlier removals carried forward"
     by = (f"audit.retention seq {first.seq}" if len(chain) == 1
           else f"audit.retention seq {first.seq}, …, {last.seq}")
+    newest = max(chain, key=lambda r: r.seq)
     return (f"records 1-{last.last_seq:,} ({files_text}, the newest record of {last.last_ts}) "
-            f"were removed by retention ({last.retention}), the last on {last.ts} ({by}); "
+            f"were removed by retention ({last.retention}), the last on {newest.ts} ({by}); "
             "the chain is verified from there")
 
 
@@ -656,6 +704,7 @@ def _result(
     found: _Found | None, path: Path | None, line: int | None,
 ) -> VerifyResult:
     where = f"{path.name}:{line}: " if path is not None and line is not None else ""
+    signed_through = state.last_checkpoint.covers_seq if state.last_checkpoint else 0
     return VerifyResult(
         ok=found is None,
         records=state.records,
@@ -674,4 +723,5 @@ def _result(
         warnings=tuple(state.warnings),
         key_ids=tuple(keyring),
         removed=tuple(state.removed),
+        retentions=tuple(_honoured(state.retentions, signed_through)[0]),
     )
