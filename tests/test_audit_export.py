@@ -102,6 +102,24 @@ def test_csv_is_rfc4180_with_crlf(records: list[dict[str, Any]]) -> None:
     (None, ""),
     ("\u202eevil", "\\u202eevil"),  # a bidi override from a tampered file is shown escaped
     ("\ud800", "\\ud800"),  # a lone surrogate cannot break the UTF-8 encoding
+    # Full-width starters, which Excel on Japanese Windows runs like their ASCII forms:
+    ("\uff1dHYPERLINK(\"x\")", "'\uff1dHYPERLINK(\"x\")"),
+    ("\uff0b1", "'\uff0b1"),
+    ("\uff0d2", "'\uff0d2"),
+    ("\uff20SUM(A1)", "'\uff20SUM(A1)"),
+    # A starter after leading whitespace:
+    (" =1+1", "' =1+1"),
+    ("   +1", "'   +1"),
+    ("\u3000\uff1d1", "'\u3000\uff1d1"),  # ideographic space, full-width equals
+    ("\u00a0@x", "'\u00a0@x"),
+    ("\n=1", "'\\x0a=1"),  # LF is escaped for display, and prefixed
+    # Harmless: a starter that is not the first non-blank character, or no starter at all.
+    ("a\uff1db", "a\uff1db"),
+    ("\u7530\u4e2d \uff0b1", "\u7530\u4e2d \uff0b1"),
+    (" alice", " alice"),
+    ("\u3000", "\u3000"),
+    ("", ""),
+    ("'=x", "'=x"),  # already a text cell in a spreadsheet
 ])
 def test_safe_cell(value: object, cell: str) -> None:
     assert safe_cell(value) == cell

@@ -397,6 +397,29 @@ def test_csv_cells_cannot_run_as_formulas() -> None:
     assert "'=cmd|' /C calc'!A0" in subjects
 
 
+@pytest.mark.parametrize(("user", "cell"), [
+    ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"),
+    ("@SUM(A1)", "'@SUM(A1)"),
+    ("-2+3", "'-2+3"),
+    # Full-width starters, which Excel on Japanese Windows runs like their ASCII forms:
+    ("\uff1dHYPERLINK(\"http://x\")", "'\uff1dHYPERLINK(\"http://x\")"),
+    ("\uff0b1", "'\uff0b1"),
+    ("\uff0d1", "'\uff0d1"),
+    ("\uff20SUM(A1)", "'\uff20SUM(A1)"),
+    # A starter after leading whitespace:
+    (" =1+1", "' =1+1"),
+    ("\u3000\uff1d1", "'\u3000\uff1d1"),
+    # Harmless:
+    ("\u7530\u4e2d", "\u7530\u4e2d"),
+    ("a=b", "a=b"),
+    ("\u7530\u4e2d\uff0b1", "\u7530\u4e2d\uff0b1"),
+])
+def test_csv_user_names_that_look_like_formulas(user: str, cell: str) -> None:
+    report = report_of([start("a", at("09:00"), user), end("a", at("10:00"), user)])
+    subjects = {row[2] for row in _csv_safe_cells(report) if row[0] == "attendance"}
+    assert subjects == {cell}
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",

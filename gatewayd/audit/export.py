@@ -22,12 +22,16 @@ dest, rule, reason, status, bytes_up, bytes_down, duration_ms, other, prev, hash
   the CLI and the console show them (`events.display_text`).
 * **Formula injection** (CWE-1236): spreadsheets run a cell that starts with ``=``, ``+``,
   ``-``, ``@``, TAB or CR as a formula, and user names, paths and reasons are chosen by the
-  people being audited (``=HYPERLINK(...)`` as a user name). Such a text cell is written with
-  a leading ``'`` (which Excel and LibreOffice do not show). Integer cells (``seq``,
+  people being audited (``=HYPERLINK(...)`` as a user name). Excel on Japanese Windows also
+  takes the full-width equals, plus, hyphen-minus and at sign (U+FF1D, U+FF0B, U+FF0D,
+  U+FF20) for their ASCII forms, and a starter after leading whitespace (``" =1+1"``, or after an
+  ideographic space U+3000) counts too (`looks_like_formula`). Such a text cell is written
+  with a leading ``'`` (which Excel and LibreOffice do not show). Integer cells (``seq``,
   ``status`` codes, byte counts) are never prefixed. To recover an exact value, drop one
-  leading ``'`` from a text cell that starts with ``'`` followed by one of those characters,
-  or use JSON Lines. (CSV cannot tell the text ``"200"`` from the integer 200 either; JSON
-  Lines is the exact format.)
+  leading ``'`` from a text cell that starts with ``'`` followed by (whitespace and) one of
+  those characters, or use JSON Lines. (CSV cannot tell the text ``"200"`` from the integer
+  200 either; JSON Lines is the exact format.) `safe_cell` is also what the usage report's
+  CSV (`gatewayd.report.render`) writes its cells with.
 * **Encoding**: UTF-8 **with a byte order mark** (U+FEFF as the first character). Excel on
   Japanese Windows opens a CSV without a BOM as Shift_JIS (CP932) and shows names such as
   ``田中`` as mojibake; with the BOM it reads UTF-8. LibreOffice, Python
@@ -57,20 +61,31 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
 OTHER_COLUMN: Final = "other"
 BOM: Final = "\ufeff"
 CHUNK_CHARS: Final = 64 * 1024
-FORMULA_STARTERS: Final = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_STARTERS: Final = ("=", "+", "-", "@", "\t", "\r",
+                           "\uff1d", "\uff0b", "\uff0d", "\uff20")  # full-width = + - @
 
 _NAMED_COLUMNS: Final = frozenset(CSV_COLUMNS) - {OTHER_COLUMN}
 
 
+def looks_like_formula(text: str) -> bool:
+    """Whether a spreadsheet could run ``text`` as a formula: it starts with one of
+    `FORMULA_STARTERS` (ASCII or full-width), possibly after whitespace (any ``str.isspace``
+    character: space, NBSP, the ideographic space U+3000, LF, …).
+    """
+    return text.startswith(FORMULA_STARTERS) or text.lstrip().startswith(FORMULA_STARTERS)
+
+
 def safe_cell(value: object) -> str:
-    """One CSV cell: text escaped for display and defused against formula injection."""
+    """One CSV cell: text escaped for display and defused against formula injection
+    (a leading ``'`` when `looks_like_formula`). Integers are written as they are.
+    """
     if value is None:
         return ""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     text = value if isinstance(value, str) else str(value)
     # Checked before escaping too: display_text turns a leading TAB/CR into "\x09"/"\x0d".
-    if text.startswith(FORMULA_STARTERS):
+    if looks_like_formula(text):
         return "'" + display_text(text)
     return display_text(text)
 

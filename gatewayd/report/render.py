@@ -2,8 +2,11 @@
 
 Owns the text layout and the CSV contract. Values from the log (user names, service and
 device ids) are untrusted: the text form passes them through `display_text` so a tampered log
-cannot drive a terminal; CSV cells that a spreadsheet would run as a formula are prefixed with
-``'``; JSON escapes as `gatewayd.audit.query.json_line` does.
+cannot drive a terminal; CSV cells are written by the audit export's
+`gatewayd.audit.export.safe_cell` — one that a spreadsheet would run as a formula (``=``, ``+``,
+``-``, ``@``, their full-width forms, also after leading whitespace; TAB, CR) is prefixed with
+``'``, and controls are escaped as the audit export escapes them; JSON escapes as
+`gatewayd.audit.query.json_line` does.
 
 CSV layout (stable; a long "tidy" table that pivots in any spreadsheet). Header::
 
@@ -41,11 +44,11 @@ from datetime import datetime
 from typing import Final
 
 from gatewayd.audit.events import display_text
+from gatewayd.audit.export import safe_cell
 from gatewayd.audit.query import json_line
 from gatewayd.report.model import UsageReport
 
 CSV_HEADER: Final = ("section", "period", "subject", "metric", "value")
-_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 _MAX_TEXT_ATTENDANCE: Final = 40  # rows of attendance shown by the text form; CSV/JSON have all
 
 Row = tuple[str, str, str, str, str]
@@ -114,18 +117,13 @@ def csv_rows(report: UsageReport) -> Iterator[Row]:
         yield ("unused", "", device, "issued_unused", "1")
 
 
-def _csv_cell(value: str) -> str:
-    # A cell starting like a formula would run in Excel/LibreOffice (CSV injection).
-    return "'" + value if value.startswith(_FORMULA_START) else value
-
-
 def render_csv(report: UsageReport) -> str:
     """The report as CSV (see the module docstring for the layout)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_HEADER)
     for row in csv_rows(report):
-        writer.writerow([_csv_cell(cell) for cell in row])
+        writer.writerow([safe_cell(cell) for cell in row])  # no formula runs (CWE-1236)
     return buffer.getvalue()
 
 
