@@ -182,6 +182,48 @@ async def test_verify_sealed_fails_on_unsigned_tail(
     assert "unsealed" in out_err(capsys)[0]
 
 
+async def test_verify_of_the_whole_log_requires_its_beginning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The live file and all its rotated files given (a glob): checked as the whole log, so
+    rotated files deleted from the front without an audit.retention record fail (exit 1)."""
+    await write_log(tmp_path, rotate_bytes=1500)
+    everything = shell_glob(tmp_path, "audit.log*")
+    assert run(["audit", "verify", *everything]) == 0
+    assert "checked as: the whole log (the live file and all" in out_err(capsys)[0]
+    rotated = sorted(tmp_path.glob("audit.log.2*"))
+    assert len(rotated) >= 3
+    for path in rotated[:2]:
+        path.unlink()
+    remaining = shell_glob(tmp_path, "audit.log*")
+    assert run(["audit", "verify", *remaining]) == 1
+    out = out_err(capsys)[0]
+    assert out.startswith("TAMPERED: first bad seq 1: missing_file")
+    assert "no audit.retention record accounts for seq 1 on" in out
+    assert run(["audit", "verify", "--json", *remaining]) == 1
+    verdict = json.loads(out_err(capsys)[0])
+    assert (verdict["kind"], verdict["complete"]) == ("missing_file", True)
+    # Asked for a subset: only a warning, and the output says so.
+    assert run(["audit", "verify", "--partial", *remaining]) == 0
+    out = out_err(capsys)[0]
+    assert out.startswith("OK: ") and "checked as: a subset" in out
+    assert "earlier files were not given" in out
+
+
+async def test_verify_of_a_subset_warns_unless_complete_is_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await write_log(tmp_path, rotate_bytes=1500)
+    rotated = sorted(tmp_path.glob("audit.log.2*"))
+    subset = [str(p) for p in rotated[1:]]  # the live file not given: a subset by default
+    assert run(["audit", "verify", *subset]) == 0
+    assert "checked as: a subset" in out_err(capsys)[0]
+    assert run(["audit", "verify", "--complete", *subset]) == 1
+    out = out_err(capsys)[0]
+    assert "missing_file" in out and "checked as: the whole log (--complete)" in out
+    assert run(["audit", "verify", "--complete", "--partial", *subset]) == 2
+
+
 @pytest.mark.parametrize(
     "argv",
     [

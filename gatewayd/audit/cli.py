@@ -18,6 +18,13 @@ JSON Lines) and the exit status is 1. Formats: see `export`.
 default ``audit.timezone``): records are written in the log's time zone, so that is the zone
 in which security staff read and type times — never the server's local time.
 
+``verify`` checks **the whole log** — a missing beginning is then tampering (``missing_file``,
+exit 1) unless signed ``audit.retention`` records account for it — when ``--complete`` is
+given, or by default when the files given are the live log and every rotated file next to it
+(``audit.log*``: what an operator means by "verify the log"). ``--partial`` checks a chosen
+subset instead: a chain starting mid-way is then only a warning. The output says which
+(``checked as:`` line; ``"complete"`` in ``--json``).
+
 Arguments may come from a shell glob such as ``audit.log*``: public-key files (``*.pub``,
 ``*.pub.<id>``), the writer's lock file (``*.lock``) and quarantined torn lines (``*.torn-*``)
 are skipped with a note on stderr.
@@ -79,6 +86,17 @@ def _add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     verify.add_argument(
         "--sealed", action="store_true",
         help="the log is closed/archived: records after the last checkpoint are an error",
+    )
+    scope = verify.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--complete", action="store_true",
+        help="the files are the whole log: a missing beginning not accounted for by signed "
+        "audit.retention records is an error (default when the files are the live log and "
+        "all its rotated files)",
+    )
+    scope.add_argument(
+        "--partial", action="store_true",
+        help="the files are a subset: a chain starting mid-way is only a warning",
     )
     verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
     verify.set_defaults(func=run_verify)
@@ -220,15 +238,40 @@ def run_verify(args: argparse.Namespace) -> int:
     if paths is None:
         return EXIT_USAGE
     try:
-        result = verify_files(paths, args.key, require_sealed=args.sealed)
+        complete = args.complete or (not args.partial and is_whole_log(paths))
+        result = verify_files(paths, args.key, require_sealed=args.sealed,
+                              require_complete=complete)
     except (AuditKeyError, OSError) as exc:
         print(f"gatewayd audit verify: error: {display_text(str(exc))}", file=err)
         return EXIT_USAGE
     if args.json:
-        print(json_line(result.to_json()), file=out)
+        print(json_line({**result.to_json(), "complete": complete}), file=out)
     else:
         _print_verdict(result, out)
+        print(f"  checked as: {_scope_text(complete, forced=args.complete)}", file=out)
     return EXIT_OK if result.ok else EXIT_NEGATIVE
+
+
+def is_whole_log(paths: list[Path]) -> bool:
+    """Whether ``paths`` are one live log and every rotated file beside it (nothing missing).
+
+    Raises OSError if a directory cannot be listed or a path cannot be resolved.
+    """
+    given = {path.resolve() for path in paths}
+    lives = {files.live_path_of(path).resolve() for path in paths}
+    if len(lives) != 1:
+        return False
+    (live,) = lives
+    return given == {live, *(p.resolve() for p in files.rotated_siblings(live))}
+
+
+def _scope_text(complete: bool, *, forced: bool) -> str:
+    if complete:
+        why = "--complete" if forced else "the live file and all its rotated files were given"
+        return (f"the whole log ({why}): a missing beginning must be accounted for by signed "
+                "audit.retention records")
+    return ("a subset (--partial, or not the live file with all its rotated files): a "
+            "missing beginning is only a warning; --complete to require the whole log")
 
 
 def _print_verdict(result: VerifyResult, out: TextIO) -> None:

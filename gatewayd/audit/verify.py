@@ -416,12 +416,12 @@ def _settle_head(state: _ChainState, *, require_complete: bool) -> _Found | None
         state.removed = chain
         state.warnings.append(_retention_note(chain))
         return None
-    state.warnings.append(
-        f"the chain starts at seq {head.seq} in {head.path.name}, not at the beginning of the "
-        "log: earlier files were not given and are not checked"
-        + (f" (not removed by retention: {chain})" if state.retentions else "")
-    )
     if not require_complete:
+        state.warnings.append(
+            f"the chain starts at seq {head.seq} in {head.path.name}, not at the beginning of "
+            "the log: earlier files were not given and are not checked"
+            + (f" (not removed by retention: {chain})" if state.retentions else "")
+        )
         return None
     return _Found(Problem.MISSING_FILE, 1,
                   f"the log begins with {head.path.name} at seq {head.seq}, chained to earlier "
