@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import os
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -30,9 +34,11 @@ from gatewayd.audit.chain import check_line
 from gatewayd.audit.forward import (
     UDP_MAX_BYTES,
     AuditForwarder,
+    ChainBreakError,
     Cursor,
     RecordReader,
     chain_files,
+    client_context,
     header_token,
     read_cursor,
     sd_param_value,
@@ -378,7 +384,7 @@ def test_cursor_round_trip_and_damage(tmp_path: Path) -> None:
 
 def crafted(seq: int) -> bytes:
     record = {"seq": seq, "hash": f"{seq:064x}", "event": "access.allow",
-              "ts": "2026-11-27T09:00:00.000000+09:00", "node": "n", "prev": "0" * 64}
+              "ts": "2026-11-27T09:00:00.000000+09:00", "node": "n", "prev": f"{seq - 1:064x}"}
     return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -654,3 +660,184 @@ async def test_gateway_forwards_every_record_by_the_time_it_stopped(tmp_path: Pa
     assert all(m["host"] == "https-test" for m in received)
     cursor = read_cursor(gateway.settings.gateway.state_dir / "audit-forward.cursor")
     assert cursor == Cursor(records[-1]["seq"], records[-1]["hash"])
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+async def test_a_write_rolled_back_after_it_was_read_leaves_no_gap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync = "always": a line is written, the forwarder reads and sends it, the fsync fails
+    and the writer cuts the file back; the next record is written where it stood. Every record
+    that IS in the log still reaches the collector (the rolled-back one was sent and cannot be
+    taken back: documented)."""
+    (tmp_path / "state").mkdir()
+    audit = AuditLog(tmp_path / "log" / "audit.log", node="gw-rollback",
+                     signing_key_path=tmp_path / "state" / "audit.key", fsync="always",
+                     checkpoint_interval=3600, on_failure="continue", logger=Recorder())
+    await audit.start()
+    setup = Setup(tmp_path, audit, Metrics(events=EVENT_NAMES), Recorder())
+    collector = Collector()
+    await collector.up()
+    forwarder = setup.forwarder(collector.port)
+    real_fsync = os.fsync
+    armed: list[int] = []
+
+    def failing_fsync(fd: int) -> None:
+        if armed and os.path.samestat(os.fstat(fd), os.stat(audit.path)):
+            seq = armed.pop()
+            deadline = time.monotonic() + 5  # the forwarder reads and sends it meanwhile
+            while forwarder.delivered_through() < seq and time.monotonic() < deadline:
+                time.sleep(0.005)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    await forwarder.start()
+    try:
+        setup.emit(3)
+        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
+        lost = setup.seqs_on_disk()[-1] + 1
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        armed.append(lost)
+        assert await asyncio.to_thread(audit.emit, "access.allow", user="u",
+                                       path="/a-much-longer-path" * 8) is None
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        await asyncio.to_thread(setup.emit, 3)
+        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
+    finally:
+        await forwarder.close(2)
+        await collector.down()
+        await audit.close()
+    kept = setup.seqs_on_disk()
+    assert lost not in kept and lost in collector.seqs()  # sent, then rolled back
+    received = [seq for seq in collector.seqs() if seq != lost]
+    assert sorted(set(received)) == [seq for seq in kept if seq <= max(received)]
+    assert setup.log.said("changed under the reader")
+
+
+def test_reader_notices_a_file_cut_back_below_its_position(tmp_path: Path) -> None:
+    live = tmp_path / "audit.log"
+    live.write_bytes(b"".join(crafted(n) + b"\n" for n in (1, 2, 3)))
+    reader = RecordReader(live, facility="authpriv", app_name="gatewayd")
+    reader.locate(None)
+    assert [entry.seq for entry in reader.read_batch(100, 1 << 20)] == [1, 2, 3]
+    with live.open("r+b") as stream:
+        stream.truncate(len(crafted(1)) + 1)
+    with pytest.raises(ChainBreakError, match="shrank"):
+        reader.read_batch(100, 1 << 20)
+    located = reader.locate(Cursor(1, f"{1:064x}"))
+    assert located.problem is None
+    with live.open("ab") as stream:
+        stream.write(crafted(2) + b"\n")
+    assert [entry.seq for entry in reader.read_batch(100, 1 << 20)] == [2]
+    reader.close()
+
+
+def test_seek_refuses_a_newer_file_that_reuses_the_inode(tmp_path: Path) -> None:
+    live = tmp_path / "audit.log"
+    live.write_bytes(b"".join(crafted(n) + b"\n" for n in (1, 2)))
+    reader = RecordReader(live, facility="authpriv", app_name="gatewayd")
+    reader.locate(None)
+    entries = reader.read_batch(1, 1 << 20)
+    reader.close()
+    # Retention removed that file; the new live file has the same inode, newer records.
+    with live.open("r+b") as stream:
+        stream.truncate(0)
+        stream.write(b"".join(crafted(n) + b"\n" for n in (7, 8, 9)))
+    assert not reader.seek(entries[0].after)
+
+
+async def test_a_cursor_that_does_not_match_is_not_counted_as_delivered(setup: Setup) -> None:
+    setup.emit(5)
+    write_cursor(setup.cursor_path, Cursor(3, "ab" * 32))  # another log's cursor
+    forwarder = setup.forwarder(1)  # nobody listens
+    await forwarder.start()
+    try:
+        await until(lambda: bool(setup.log.said("starting again")))
+        await until(lambda: forwarder.backlog == setup.seqs_on_disk()[-1])
+        assert forwarder.delivered_through() == 0  # the log's first record is on disk
+        assert setup.gauge("gatewayd_audit_forward_backlog") == setup.seqs_on_disk()[-1]
+    finally:
+        await forwarder.close(0)
+
+
+async def test_a_cursor_ahead_of_the_log_resumes_at_its_end(setup: Setup) -> None:
+    """A power cut with fsync = "interval": the cursor (fsynced) names records the log lost."""
+    setup.emit(5)
+    records = on_disk(setup.audit.path)
+    head = records[-1]
+    write_cursor(setup.cursor_path, Cursor(head["seq"] + 2, "ab" * 32, "cd" * 32))
+    collector = Collector()
+    await collector.up()
+    forwarder = setup.forwarder(collector.port)
+    await forwarder.start()
+    try:
+        await until(lambda: bool(setup.log.said("does not match the audit log exactly")))
+        assert forwarder.delivered_through() == head["seq"]
+        setup.emit(2)
+        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
+    finally:
+        await forwarder.close(2)
+        await collector.down()
+    assert collector.seqs() == [seq for seq in setup.seqs_on_disk() if seq > head["seq"]]
+    assert not setup.log.said("starting again")
+
+
+async def test_a_cursor_whose_record_the_log_lost_resumes_after_its_predecessor(
+        setup: Setup) -> None:
+    """After a restart: the collector has seq N, which the log does not have (rolled back, or
+    lost in a crash and the seq written again), but the record N chained from is there, right
+    before the log's next record: resume after it, not from the oldest record."""
+    setup.emit(8)
+    records = on_disk(setup.audit.path)
+    before = records[4]
+    write_cursor(setup.cursor_path, Cursor(before["seq"] + 1, "ef" * 32, before["hash"]))
+    collector = Collector()
+    await collector.up()
+    forwarder = setup.forwarder(collector.port)
+    await forwarder.start()
+    try:
+        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
+    finally:
+        await forwarder.close(2)
+        await collector.down()
+    assert not setup.log.said("starting again")
+    assert setup.log.said("does not match the audit log exactly")
+    assert collector.seqs() == [seq for seq in setup.seqs_on_disk() if seq > before["seq"]]
+
+
+def test_tls_trusts_only_ca_file_not_the_system_store(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    collector_ca, other_ca = trustme.CA(), trustme.CA()
+    collector_ca.cert_pem.write_to_path(str(tmp_path / "collector-ca.pem"))
+    other_ca.cert_pem.write_to_path(str(tmp_path / "system-store.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "system-store.pem"))  # the system store
+    forward = SimpleNamespace(ca_file=tmp_path / "collector-ca.pem", cert_file=None,
+                              key_file=None)
+    context = client_context(cast(Any, forward))
+    assert context.cert_store_stats()["x509_ca"] == 1
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+async def test_a_collector_that_hangs_up_after_connecting_is_down_once(setup: Setup) -> None:
+    """TLS 1.3: a collector that wants a client certificate we do not have accepts the
+    handshake and then refuses. Not "connected" each time, and the reason is said once."""
+    ca = trustme.CA()
+    server, client = tls_pair(ca, ca)
+    server.verify_mode = ssl.CERT_REQUIRED
+    trustme.CA().configure_trust(server)
+    collector = Collector(context=server)
+    await collector.up()
+    forwarder = setup.forwarder(collector.port, "tls", client)
+    await forwarder.start()
+    try:
+        setup.emit(3)
+        await until(lambda: collector.accepted >= 3)
+    finally:
+        await forwarder.close(0)
+        await collector.down()
+    assert not setup.log.said("collector connected")
+    down = setup.log.said("collector unreachable")
+    assert len(down) == 1 and "certificate" in down[0]["reason"]
+    assert setup.gauge("gatewayd_audit_forward_connected") == 0

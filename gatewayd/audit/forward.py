@@ -76,7 +76,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -176,10 +176,14 @@ def udp_datagram(message: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Cursor:
-    """The last record the collector has."""
+    """The last record the collector has: its ``seq``, ``hash`` and (when known) ``prev``, the
+    hash it chained from. ``prev`` finds where to resume when that record is not in the log
+    (a write the log rolled back, see `RecordReader.locate`); it does not take part in
+    comparisons."""
 
     seq: int
     hash: str
+    prev: str | None = field(default=None, compare=False)
 
 
 def read_cursor(path: Path) -> Cursor | None:
@@ -196,12 +200,16 @@ def read_cursor(path: Path) -> Cursor | None:
     digest = value.get("hash") if isinstance(value, dict) else None
     if not (isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 and is_hash(digest)):
         raise ValueError(f"{path}: no valid seq/hash")
-    return Cursor(seq, str(digest))
+    prev = value.get("prev")  # absent from cursors written before it was kept
+    return Cursor(seq, str(digest), str(prev) if is_hash(prev) else None)
 
 
 def write_cursor(path: Path, cursor: Cursor) -> None:
     """Atomically and durably (tmp, fsync, rename, fsync of the directory)."""
-    data = json.dumps({"seq": cursor.seq, "hash": cursor.hash}).encode() + b"\n"
+    value = {"seq": cursor.seq, "hash": cursor.hash}
+    if cursor.prev is not None:
+        value["prev"] = cursor.prev
+    data = json.dumps(value).encode() + b"\n"
     atomic_write(path, data, mode=0o640, overwrite=True)
 
 
@@ -224,8 +232,13 @@ class Entry:
 
     seq: int
     hash: str
+    prev: str
     message: bytes  # the RFC 5424 message (unframed)
     after: Position
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.seq, self.hash, self.prev)
 
 
 @dataclass(frozen=True)
@@ -233,8 +246,21 @@ class Located:
     """Where `RecordReader.locate` put the reader, and why."""
 
     position: Position | None  # None: the log has no file yet
-    problem: str | None = None  # the cursor could not be used: what happened
+    problem: str | None = None  # the cursor could not be used (restarted at the oldest record)
     missing: int = 0  # records the collector can never get (retention removed them)
+    notice: str | None = None  # the cursor was used, but not as it stood: what happened
+    # What the collector has of this log, when that is not the cursor (`replaces_delivered`):
+    # after a problem the record before the oldest one on disk (None if unknown), for a
+    # cursor ahead of the log the log's last record.
+    delivered: Cursor | None = None
+    replaces_delivered: bool = False
+
+
+class ChainBreakError(Exception):
+    """What the reader read no longer follows on from what it read before: the file was cut
+    back (the writer rolled back a write whose fsync failed, or someone truncated it), or a
+    position pointed into another file. Reading must start again from the delivered cursor
+    (`RecordReader.locate`)."""
 
 
 def chain_files(live: Path) -> list[Path]:
@@ -249,6 +275,13 @@ def _file_id(stat: os.stat_result) -> tuple[int, int]:
     return (stat.st_dev, stat.st_ino)
 
 
+def _live_id(live: Path) -> tuple[int, int] | None:
+    try:
+        return _file_id(live.stat())
+    except FileNotFoundError:
+        return None
+
+
 def _record_keys(line: bytes) -> dict[str, Any] | None:
     record = parse_line(line)
     if record is None:
@@ -259,12 +292,56 @@ def _record_keys(line: bytes) -> dict[str, Any] | None:
     return record if is_hash(record.get("hash")) else None
 
 
+_PROBE_LINES: Final = 64  # as many as `files.first_seq` looks at
+
+
+def _first_record(path: Path) -> dict[str, Any] | None:
+    """The first record among the first lines of ``path`` (as `files.first_seq` finds it)."""
+    for line in files.iter_lines(path):
+        if line.number > _PROBE_LINES:
+            return None
+        record = (_record_keys(line.data) if line.data is not None and line.terminated
+                  else None)
+        if record is not None:
+            return record
+    return None
+
+
+def _cursor_before(record: Mapping[str, Any]) -> Cursor | None:
+    """The record ``record`` chains from, as a cursor (None for the log's first record)."""
+    prev, seq = record.get("prev"), record["seq"]
+    prev_seq = record.get("prev_seq")  # an audit.continue header names it
+    if not (isinstance(prev_seq, int) and not isinstance(prev_seq, bool) and prev_seq > 0):
+        prev_seq = seq - 1
+    return Cursor(prev_seq, str(prev)) if prev_seq > 0 and is_hash(prev) else None
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A record met while looking for a cursor, and the offset just after its line."""
+
+    seq: int
+    hash: str
+    offset: int
+
+
 class RecordReader:
     """Streams records after a position, across rotation; blocking: call it from a thread.
 
     Only complete lines are consumed (a line being written is read on a later call); a file
     that is no longer the live one (rotated, or moved away) is read to its end before the
     next file of the chain (the one whose first record follows the last read) is opened.
+
+    Every record read must chain from the one read before it (its ``prev`` is that record's
+    ``hash``; a seq the writer lost leaves the chain intact), and the open file must not
+    shrink below the position: otherwise `read_batch` raises `ChainBreakError`. That is how a
+    write the writer rolled back is noticed (``fsync = "always"``: the line was written, the
+    fsync failed, the file was cut back and the next record written where it stood). The
+    reader may have read that line in between — nothing tells a reader how far the writer's
+    data is durable, so it cannot wait for that without help from the writer — and a record
+    already sent cannot be taken back: the collector may then hold a record the log does not
+    (the log's ``audit.recovery`` record names its seq). Records that are in the log are not
+    skipped: the caller locates the delivered cursor again and reads on from there.
     """
 
     def __init__(self, live: Path, *, facility: str, app_name: str) -> None:
@@ -277,6 +354,7 @@ class RecordReader:
         self._last: Cursor | None = None
         self._sealed = False  # the open file is no longer the live one
         self.skipped = 0  # lines that were not records (reported by the caller)
+        self._skipped_at_last = 0  # `skipped` when the last record was read
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -289,53 +367,111 @@ class RecordReader:
     # --- positioning
 
     def locate(self, cursor: Cursor | None) -> Located:
-        """Put the reader just after ``cursor`` (or at the oldest record; see the docstring)."""
+        """Put the reader just after ``cursor``, or where the module docstring says when the
+        cursor cannot be used as it stands:
+
+        * its record is not in the log, but the record it chained from is, directly before
+          the next record of the log (a write rolled back after it was sent, or lost with the
+          writer's last unsynced lines): just after that record (`Located.notice`);
+        * it is past the log's last record (a power cut took the log's last records and the
+          fsynced cursor survived): at the log's last record (`Located.notice`);
+        * its record is gone (retention) or does not match (another log's cursor): at the
+          oldest record (`Located.problem`). When the gone record is exactly the one before
+          the oldest (by its hash), nothing is missing and it is no problem.
+
+        A rotation while this looks can make the cursor look foreign: then it looks once more.
+        """
+        before = _live_id(self._live)
+        try:
+            located = self._locate_once(cursor)
+        except FileNotFoundError:  # a file rotated away while listed: look once more
+            located = None
+        if located is None or (located.problem is not None and _live_id(self._live) != before):
+            located = self._locate_once(cursor)
+        return located
+
+    def _locate_once(self, cursor: Cursor | None) -> Located:
         self.close()
         chain = chain_files(self._live)
         if not chain:
             self._last = cursor
             return Located(None)
-        if cursor is not None:
-            for path in reversed(chain):
-                first = files.first_seq(path)
-                if first is not None and first <= cursor.seq:
-                    found = self._find_in(path, cursor)
-                    if found is not None:
-                        return Located(found)
-                    return self._restart(chain, f"cursor seq {cursor.seq} (hash "
-                                         f"{cursor.hash[:12]}…) does not match the audit log")
-            oldest = files.first_seq(chain[0]) or cursor.seq + 1
-            return self._restart(chain, f"the record after cursor seq {cursor.seq} is no longer "
-                                 "on disk", missing=max(0, oldest - cursor.seq - 1))
-        return self._restart(chain, None)
+        if cursor is None:
+            return self._restart(chain, None)
+        for index in reversed(range(len(chain))):
+            first = files.first_seq(chain[index])
+            if first is not None and first <= cursor.seq:
+                return self._find_in(chain, index, cursor)
+        oldest = _first_record(chain[0])
+        if oldest is not None and oldest.get("prev") == cursor.hash:
+            self._open(chain[0], 0, cursor)  # the cursor's record was the one before it
+            return Located(self.tell())
+        oldest_seq = oldest["seq"] if oldest is not None else cursor.seq + 1
+        return self._restart(chain, f"the record after cursor seq {cursor.seq} is no longer "
+                             "on disk", missing=max(0, oldest_seq - cursor.seq - 1))
 
     def _restart(self, chain: list[Path], problem: str | None, missing: int = 0) -> Located:
         self._open(chain[0], 0, None)
-        return Located(self.tell(), problem, missing)
+        oldest = _first_record(chain[0])
+        return Located(self.tell(), problem, missing,
+                       delivered=_cursor_before(oldest) if oldest is not None else None,
+                       replaces_delivered=problem is not None)
 
-    def _find_in(self, path: Path, cursor: Cursor) -> Position | None:
-        """Open ``path`` just after the record ``cursor`` if it is there with that hash."""
+    def _find_in(self, chain: list[Path], index: int, cursor: Cursor) -> Located:
+        """Open ``chain[index]`` just after the record ``cursor`` (see `locate`)."""
+        path = chain[index]
+        mismatch = (f"cursor seq {cursor.seq} (hash {cursor.hash[:12]}…) does not match the "
+                    "audit log")
+        seen: _Seen | None = None  # the last record before the cursor's seq
         with path.open("rb") as stream:
             offset = 0
             for line in iter(lambda: stream.readline(files.MAX_LINE_BYTES + 1), b""):
                 offset += len(line)
                 if not line.endswith(b"\n"):
-                    return None
+                    break
                 record = _record_keys(line[:-1])
-                if record is not None and record["seq"] >= cursor.seq:
-                    if record["seq"] != cursor.seq or record["hash"] != cursor.hash:
-                        return None
+                if record is None:
+                    continue
+                if record["seq"] < cursor.seq:
+                    seen = _Seen(record["seq"], record["hash"], offset)
+                    continue
+                if record["seq"] == cursor.seq and record["hash"] == cursor.hash:
                     self._open(path, offset, cursor)
-                    return self.tell()
-        return None
+                    return Located(self.tell())
+                if (cursor.prev is not None and seen is not None and seen.hash == cursor.prev
+                        and record.get("prev") == seen.hash):
+                    self._open(path, seen.offset, Cursor(seen.seq, seen.hash))
+                    return Located(self.tell(), notice=(
+                        f"the collector has seq {cursor.seq}, which the audit log does not "
+                        "(written, then lost: see the log's audit.recovery record); resuming "
+                        f"after seq {seen.seq}, the record it followed"))
+                return self._restart(chain, mismatch)
+        contradicts = (seen is not None and seen.seq == cursor.seq - 1
+                       and cursor.prev not in (None, seen.hash))
+        if index == len(chain) - 1 and seen is not None and not contradicts:
+            head = Cursor(seen.seq, seen.hash)  # the log ends before the cursor
+            self._open(path, seen.offset, head)
+            return Located(self.tell(), notice=(
+                f"the cursor (seq {cursor.seq}) is ahead of the audit log, which ends at seq "
+                f"{seen.seq}: its last records are not in the log (a write rolled back, or "
+                'lost by a power cut with fsync = "interval"); resuming at the end of the log'),
+                delivered=head, replaces_delivered=True)
+        return self._restart(chain, mismatch)
 
     def seek(self, position: Position) -> bool:
-        """Back to an earlier position of this run; False if its file is gone."""
+        """Back to an earlier position of this run; False if its file is gone (or a file that
+        now has its inode does not begin before ``position.last``: not the same file)."""
         self.close()
+        last = position.last
+        if last is None:
+            return False  # the start of a file: `locate` finds it by seq
         for path in chain_files(self._live):
             with contextlib.suppress(OSError):
                 if _file_id(path.stat()) == position.file_id:
-                    self._open(path, position.offset, position.last)
+                    first = files.first_seq(path)
+                    if first is None or first > last.seq:
+                        return False  # inode reused by a newer file
+                    self._open(path, position.offset, last)
                     return _file_id(os.fstat(self._fileno())) == position.file_id
         return False
 
@@ -348,6 +484,7 @@ class RecordReader:
         self._offset = offset
         self._last = last
         self._sealed = False
+        self._skipped_at_last = self.skipped
 
     def _fileno(self) -> int:
         assert self._stream is not None
@@ -356,15 +493,21 @@ class RecordReader:
     # --- reading
 
     def read_batch(self, max_records: int, max_bytes: int) -> list[Entry]:
-        """Up to ``max_records`` records (about ``max_bytes`` at most) after the position."""
+        """Up to ``max_records`` records (about ``max_bytes`` at most) after the position.
+        Raises `ChainBreakError` (see the class docstring); the reader is then closed."""
         batch: list[Entry] = []
         size = 0
-        while len(batch) < max_records and size < max_bytes:
-            entry = self._next()
-            if entry is None:
-                break
-            batch.append(entry)
-            size += len(entry.message)
+        try:
+            while len(batch) < max_records and size < max_bytes:
+                entry = self._next()
+                if entry is None:
+                    break
+                batch.append(entry)
+                size += len(entry.message)
+        except ChainBreakError:
+            self.skipped = self._skipped_at_last  # what followed the break was a fragment
+            self.close()
+            raise
         return batch
 
     def _next(self) -> Entry | None:
@@ -378,6 +521,10 @@ class RecordReader:
                 if len(line) > files.MAX_LINE_BYTES:
                     self._skip_long_line()
                     continue
+                size = os.fstat(self._fileno()).st_size
+                if size < self._offset:
+                    raise ChainBreakError(f"the audit file shrank to {size} bytes, below the "
+                                          f"reading position {self._offset}")
                 if self._sealed:
                     self.close()  # complete: on to the next file of the chain
                     continue
@@ -414,11 +561,17 @@ class RecordReader:
         if record is None:
             self.skipped += 1
             return None
-        if self._last is not None and record["seq"] <= self._last.seq:
+        last = self._last
+        if last is not None and record["seq"] <= last.seq:
             return None  # already read (a file listed twice while it was being rotated)
-        self._last = Cursor(record["seq"], record["hash"])
+        prev = record.get("prev")
+        if last is not None and prev != last.hash:
+            raise ChainBreakError(f"seq {record['seq']} does not chain from seq {last.seq} "
+                                  "read before it")
+        self._last = Cursor(record["seq"], record["hash"], prev if is_hash(prev) else None)
+        self._skipped_at_last = self.skipped
         message = format_message(record, line, facility=self._facility, app_name=self._app_name)
-        return Entry(record["seq"], record["hash"], message,
+        return Entry(record["seq"], record["hash"], str(prev), message,
                      Position(self._file_id, self._offset, self._last))
 
     def _open_next(self) -> bool:
@@ -533,8 +686,10 @@ class Link:
         transport, _ = await loop.create_connection(lambda: self._protocol, host, port)
         self._transport = transport
         sock = transport.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError, NotImplementedError):  # uvloop's sock
+        # Each on its own: one the platform (or uvloop's socket) refuses must not cost the other.
+        with contextlib.suppress(OSError, AttributeError, NotImplementedError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _TCP_USER_TIMEOUT_MS)
+        with contextlib.suppress(OSError, AttributeError, NotImplementedError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if self._tls is not None:
             await self._handshake(self._tls)
@@ -650,12 +805,26 @@ POLL_INTERVAL: Final = 0.15  # seconds between looks at the live file when caugh
 ACK_POLL_INTERVAL: Final = 0.02  # ... and at SIOCOUTQ while records wait for their ACK
 PERSIST_INTERVAL: Final = 1.0
 CONNECT_TIMEOUT: Final = 10.0
+UP_AFTER: Final = 10.0  # seconds a connection must last to count as up without an ACK
+
+
+def _closed_early(reason: str, *, tls: bool) -> str:
+    """Why a connection ended before the collector acknowledged anything: a collector that
+    accepts and then hangs up at once (a TLS 1.3 collector refusing us for want of a client
+    certificate without an alert, a load balancer with no backend) says nothing more."""
+    if reason not in ("the collector closed the connection", "the collector closed the TLS "
+                      "session", "connection closed") and not reason.startswith("connection "
+                                                                                 "lost"):
+        return reason  # it names its cause (e.g. a TLS alert)
+    if tls:
+        return (f"{reason} right after the TLS handshake, before acknowledging any record — "
+                "does it require a client certificate?")
+    return f"{reason} before acknowledging any record"
 
 
 @dataclass
 class _InFlight:
-    seq: int
-    hash: str
+    cursor: Cursor
     end: int  # stream offset where the record's bytes end
     after: Position
 
@@ -773,22 +942,34 @@ class AuditForwarder:
             return
         self._link = await Link.open(self._host, self._port, context=self._context,
                                      server_name=self._server_name, seconds=CONNECT_TIMEOUT)
-        self._came_up()
         await self._pump(self._link)
 
     async def _pump(self, link: Link) -> None:
+        """Send and confirm until the link fails. The collector counts as up (logged, gauge)
+        only once it acknowledged a record or the connection lasted `UP_AFTER` seconds: one
+        that accepts and hangs up at once is still down, and why is said once."""
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
         while True:
             if link.closed is not None:
-                raise LinkError(link.closed)
-            self._confirm(link.acknowledged())
+                raise LinkError(link.closed if self._up
+                                else _closed_early(link.closed, tls=self._context is not None))
+            confirmed = self._confirm(link.acknowledged())
+            if not self._up and (confirmed or loop.time() - opened >= UP_AFTER):
+                self._came_up()
             await self._persist()
             room = WINDOW_RECORDS - len(self._in_flight)
-            batch = (await asyncio.to_thread(self._reader.read_batch, min(room, BATCH_RECORDS),
-                                             BATCH_BYTES) if room > 0 else [])
+            try:
+                batch = (await asyncio.to_thread(self._reader.read_batch,
+                                                 min(room, BATCH_RECORDS), BATCH_BYTES)
+                         if room > 0 else [])
+            except ChainBreakError as exc:
+                await self._relocate(exc)  # in flight: sent again (the collector dedups)
+                continue
             self._report_skips()
             for entry in batch:
                 end = link.send(octet_frame(entry.message))
-                self._in_flight.append(_InFlight(entry.seq, entry.hash, end, entry.after))
+                self._in_flight.append(_InFlight(entry.cursor, end, entry.after))
                 self._head = max(self._head, entry.seq)
             if batch:
                 await link.drain()
@@ -802,13 +983,17 @@ class AuditForwarder:
         try:
             self._came_up()
             while True:
-                batch = await asyncio.to_thread(self._reader.read_batch, BATCH_RECORDS,
-                                                BATCH_BYTES)
+                try:
+                    batch = await asyncio.to_thread(self._reader.read_batch, BATCH_RECORDS,
+                                                    BATCH_BYTES)
+                except ChainBreakError as exc:
+                    await self._relocate(exc)
+                    continue
                 self._report_skips()
                 for entry in batch:
                     transport.sendto(udp_datagram(entry.message))
                     # UDP cannot know more: handed to the kernel counts as delivered.
-                    self._delivered, self._delivered_at = Cursor(entry.seq, entry.hash), entry.after
+                    self._delivered, self._delivered_at = entry.cursor, entry.after
                     self._head = max(self._head, entry.seq)
                 self._update_backlog()
                 await self._persist()
@@ -830,13 +1015,17 @@ class AuditForwarder:
         if link is not None and link.closed is None:
             link.changed.clear()
 
-    def _confirm(self, acknowledged: int) -> None:
-        """Everything whose bytes the collector acknowledged is delivered."""
+    def _confirm(self, acknowledged: int) -> bool:
+        """Everything whose bytes the collector acknowledged is delivered (True: something
+        was)."""
         flight = self._in_flight
+        confirmed = False
         while flight and flight[0].end <= acknowledged:
             done = flight.popleft()
-            self._delivered, self._delivered_at = Cursor(done.seq, done.hash), done.after
+            self._delivered, self._delivered_at = done.cursor, done.after
+            confirmed = True
         self._update_backlog()
+        return confirmed
 
     async def _rewind(self) -> None:
         """Back to just after the last delivered record: what was in flight is sent again."""
@@ -844,7 +1033,19 @@ class AuditForwarder:
         located = await asyncio.to_thread(self._seek_delivered)
         if located is not None:
             self._report_located(located)
+            if located.replaces_delivered:  # the cursor said more than the collector has
+                self._delivered = located.delivered
             self._delivered_at = located.position
+            self._update_backlog()
+
+    async def _relocate(self, exc: ChainBreakError) -> None:
+        """The file changed under the reader (`ChainBreakError`): find the delivered record
+        again by seq and hash, and read on from there."""
+        self._log.warning("audit forwarding: the audit file changed under the reader (a write "
+                          "rolled back?); reading again after the last delivered record",
+                          problem=str(exc), delivered_seq=self.delivered_through())
+        self._delivered_at = None  # a position taken before the change may be wrong now
+        await self._rewind()
 
     def _seek_delivered(self) -> Located | None:
         position = self._delivered_at
@@ -894,7 +1095,9 @@ class AuditForwarder:
             if head is not None:
                 self._head = max(self._head, head)
             self._update_backlog()
-            if self.backlog == 0 or not self.connected:
+            link = self._link
+            linked = link is not None and link.closed is None
+            if self.backlog == 0 or not (linked or self.connected):
                 return  # nothing left, or nobody to give it to (next start sends it)
             self.wake()
             await asyncio.sleep(ACK_POLL_INTERVAL)
@@ -932,6 +1135,9 @@ class AuditForwarder:
         if located.problem is not None:
             self._log.warning("audit forwarding: starting again from the oldest record on disk",
                               problem=located.problem, missing_records=located.missing)
+        if located.notice is not None:
+            self._log.warning("audit forwarding: the cursor does not match the audit log "
+                              "exactly", notice=located.notice)
 
     def _report_skips(self) -> None:
         skipped = self._reader.skipped
@@ -957,9 +1163,12 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 def client_context(forward: AuditForwardSettings) -> ssl.SSLContext:
-    """TLS 1.2+ towards the collector: its certificate must chain to ``ca_file`` and name
-    ``server_name`` (or the host); our own certificate if the collector wants one."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    """TLS 1.2+ towards the collector: its certificate must chain to ``ca_file`` — only to it,
+    the system's CA store is not loaded — and name ``server_name`` (or the host); our own
+    certificate if the collector wants one."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no default CAs, unlike
+    context.check_hostname = True  # create_default_context (both already the defaults here,
+    context.verify_mode = ssl.CERT_REQUIRED  # said so nobody has to look it up)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_verify_locations(cafile=forward.ca_file)
