@@ -109,7 +109,7 @@ CONTEXT_FIELDS: Final[Mapping[str, FieldKind]] = MappingProxyType(
         "duration_ms": _N,
         # audit.retention: a rotated file removed after its retention period (see `retention`).
         "file": _T,  # the removed file's name
-        "first_seq": _N,  # first seq the removed file accounted for (its header's prev_seq + 1)
+        "first_seq": _N,  # expired: the removed file's first seq; carried: start of the range
         "last_seq": _N,  # seq of its last record (its final, signed checkpoint)
         "last_hash": _T,  # hash of that record: the next file's header chains to it
         "last_ts": _T,  # ts of that record: what the file's age was measured from
