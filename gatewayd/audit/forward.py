@@ -2,7 +2,8 @@
 
 Owns the forwarder: reading records from the audit files in chain order, turning each into an
 RFC 5424 message, sending it over UDP (RFC 5426), TCP (RFC 6587 octet counting) or TCP+TLS
-(RFC 5425, octet counting too), and remembering what the collector has.
+(RFC 5425, octet counting too; the collector's certificate must chain to ``ca_file`` alone,
+the system CA store is not used), and remembering what the collector has.
 
 **The audit files are the disk buffer.** Nothing is queued in memory: records are streamed
 from disk in batches, at most `WINDOW_RECORDS` of them sent and not yet acknowledged. The last
@@ -11,7 +12,15 @@ record the collector has (``seq`` and ``hash``) is kept in ``STATE_DIR/audit-for
 sending resumes right after it, in order, following rotation into rotated files. A first start
 (no cursor) sends every record on disk. A cursor whose record no longer exists (retention
 removed its file) or does not match the log (another log's cursor) restarts from the oldest
-record on disk, with a warning naming how many records the collector can never get.
+record on disk, with a warning naming how many records the collector can never get; the
+collector then counts as having only the record before the oldest one on disk (retention and
+the backlog follow). A cursor past the log's last record (a power cut with ``fsync =
+"interval"``: the cursor was fsynced, the log's last records were not) resumes at the log's
+end, with a warning; a foreign cursor with a higher seq than the whole log cannot be told
+from that. A cursor whose record the log does not have, but whose predecessor (its ``prev``,
+kept in the cursor) directly precedes the log's next record, resumes after that predecessor.
+Other cases — e.g. a power cut that lost several records after which the writer wrote the
+same seqs again — count as a mismatch: everything on disk is sent again (duplicates, no gap).
 
 **Delivery: at least once, in order; duplicates possible, gaps not.** Syslog has no
 application-level acknowledgement, so with TCP and TLS the kernel's is used: on Linux
@@ -29,6 +38,15 @@ acknowledged arrives twice. Collectors deduplicate by ``seq`` (with ``node``; th
 data carries both ``seq`` and ``hash``). What the kernel acknowledged but a collector that
 crashed never read is lost to it — a limit of syslog itself (RELP would be needed); the audit
 file still has it, and `delivered_through` is only as good as that acknowledgement.
+
+**A write the log rolled back** (``fsync = "always"``, the fsync failed after a complete
+write, the writer cut the file back and wrote the next record where it stood): the reader may
+have read and sent that line in between — it cannot know how far the writer's data is durable
+without the writer's help — and a sent record cannot be taken back, so the collector may hold
+a record the log does not (the log's ``audit.recovery`` record names its seq). Records that
+are in the log are never skipped: every record read must chain from the one before it, the
+file must not shrink below the reading position, and otherwise reading starts again after
+the delivered record (see `RecordReader`).
 
 **UDP** cannot know delivery at all: a record counts as delivered once the datagram is sent.
 One datagram per record, cut at `UDP_MAX_BYTES` (2048, the size RFC 5426 §3.2 says every
@@ -54,8 +72,12 @@ severity               events
 and any record with ``status = "failure"`` is at least a warning (a rejected reload).
 
 **Operational log** (the logger passed in): collector up (with the backlog and how long it
-was down) and down (once per outage, with the reason and the backlog), a refused TLS
-certificate, a lost cursor. Never a record's content. Metrics: ``gatewayd_audit_forward_backlog``
+was down; a TCP/TLS collector counts as up once it acknowledged a record or the connection
+lasted `UP_AFTER` seconds, so one that accepts and hangs up at once stays down) and down
+(once per outage, with the reason and the backlog; a hang-up before any acknowledgement right
+after the TLS handshake asks whether the collector requires a client certificate), a refused
+TLS certificate, a lost or mismatched cursor, a file that changed under the reader. Never a
+record's content. Metrics: ``gatewayd_audit_forward_backlog``
 (records written to the audit log and not yet delivered; a seq lost by a failed write counts
 until a later record is delivered) and ``gatewayd_audit_forward_connected``.
 
