@@ -54,8 +54,15 @@ Redis (`gatewayd.state.sessions.RedisSessions`):
   itself, so after a Redis outage every live node has renewed its heartbeat first; a node
   restarted under the same name is a new "boot" and never adopts its previous life's
   sessions (they are ended as ``node_lost`` too); a partitioned node that comes back finds
-  its reaped sessions' tombstones and closes them. The heartbeat also counts the live nodes
-  (`live_nodes`, the ``gatewayd_state_nodes`` gauge).
+  its reaped sessions' tombstones and closes them. A node whose heartbeat key is gone is
+  judged only if its beat count also stood still for a TTL on the judge's own monotonic
+  clock (a wall-clock step of the Redis host may expire every key at once; see
+  `gatewayd.state.sessions`). The endings a node's scripts make (reaped, and replaced by its
+  admissions) come back in every heartbeat until acknowledged, so a lost answer never loses
+  their ``session.end``; an admission whose answer was lost is undone (the client was told
+  it failed). The heartbeat also counts the live nodes (`live_nodes`, the
+  ``gatewayd_state_nodes`` gauge): 0 until this node's first beat (a moment after start),
+  and during an outage the count of the last beat that succeeded (it is not reset).
 
 A session that vanished from Redis without a word why (Redis lost its data in a restart
 without persistence) ends everywhere too, with reason ``state_lost`` (or its timeout, if it
@@ -69,7 +76,8 @@ synchronous) and take a seat of its own; a node that stops while Redis is down c
 its SSH sessions there nor remove its heartbeat, so a survivor later ends them again as
 ``node_lost`` (a second ``session.end`` for those sessions); a node stalled (not crashed)
 for longer than the heartbeat TTL has its SSH sessions ended by the others — it closes them
-when it wakes.
+when it wakes; a node that dies after auditing an ending from its outbox but before
+acknowledging it audits it again in its next run under the same name.
 """
 
 from __future__ import annotations
@@ -95,7 +103,7 @@ from gatewayd.sessions import (
     SessionRegistry,
     hash_session_id,
 )
-from gatewayd.state.sessions import Beat, Record, RedisSessions, Refused
+from gatewayd.state.sessions import Beat, Record, RedisSessions, Refused, parse_outboxed
 from gatewayd.state.store import StateUnavailable
 from gatewayd.tasks import cancel_and_wait, within
 
@@ -163,6 +171,9 @@ class SharedSessionRegistry(SessionRegistry):
         self._synced: dict[str, _Synced] = {}
         self._rotating: set[str] = set()  # handles whose new id Redis does not have yet
         self._unsent_ends: dict[str, str] = {}  # handle -> reason, ended while Redis was down
+        self._unsent_cancels: set[str] = set()  # handles of admissions whose answer was lost
+        self._audited: set[str] = set()  # outbox members audited here, maybe not yet removed
+        self._foreign = False  # another process beats as this node (logged once)
         self._confirmed = float("-inf")  # when Redis last confirmed the whole replica
         self._subscribed = False
         self._channel_lost = False  # logged as lost, not yet subscribed again
@@ -273,10 +284,18 @@ class SharedSessionRegistry(SessionRegistry):
             if refused.why == "seats_full":
                 raise SeatsFull(self.max_concurrent) from None
             raise PerUserLimit(cap) from None
+        except StateUnavailable:
+            # The script may have run all the same (only its answer lost): the caller is told
+            # the sign-in failed, so the session must not keep a seat. Undone now or by the
+            # sync loop once Redis answers; the sessions it replaced reach the heartbeat's
+            # outbox (and are audited here) either way.
+            self._unsent_cancels.add(handle)
+            self._write(self._send_cancel(handle), "cancel")
+            raise
         now = self._clock()
         self._confirm_one()
-        for gone in replaced:
-            self._replaced(gone)
+        for member in replaced:
+            self._outboxed(member)
         session = Session(
             id_hash=id_hash, principal=principal, frontend=frontend, source_ip=source_ip,
             device=device, device_user=device_user, created=now, last_seen=now,
@@ -511,6 +530,11 @@ class SharedSessionRegistry(SessionRegistry):
         self._take_totals(session, ended, unflushed)
         self._hook(self._on_end, session, reason)
 
+    async def _send_cancel(self, handle: str) -> None:
+        with contextlib.suppress(StateUnavailable):  # the sync loop tries again
+            await self.store.cancel(handle)
+            self._unsent_cancels.discard(handle)
+
     async def _send_rotation(self, session: Session) -> None:
         try:
             await self.store.rotate(session.handle, session.id_hash)
@@ -590,6 +614,9 @@ class SharedSessionRegistry(SessionRegistry):
         for handle, reason in list(self._unsent_ends.items()):
             await self.store.end(handle, reason)
             self._unsent_ends.pop(handle, None)
+        for handle in list(self._unsent_cancels):
+            await self.store.cancel(handle)
+            self._unsent_cancels.discard(handle)
         now = self._clock()
         due = [s for s in list(self._by_hash.values()) if self._due(s, now)]
         for session in due:
@@ -647,18 +674,43 @@ class SharedSessionRegistry(SessionRegistry):
         make a node look dead. A gap in this node's own beats longer than the TTL (Redis
         away, the loop stalled) starts the streak over: the others may not have been able to
         beat either.
+
+        A node whose heartbeat key is gone is judged dead only if its beat count (in Redis)
+        also stood still for a whole TTL on this node's own monotonic clock: a step of the
+        Redis host's wall clock may expire every heartbeat key at once, but it does not stop
+        the counts of the live nodes. Everything a beat brings is handled inside the guard:
+        nothing in it may end this task (the other nodes would then take this node for dead).
         """
         loop = asyncio.get_running_loop()
         ttl = self.store.heartbeat_ttl
         streak: float | None = None  # when the current unbroken run of beats began
         last_beat = float("-inf")
         first = True
+        # node -> (its beat count, when this node first saw that count), on the loop's clock
+        counts: dict[str, tuple[int, float]] = {}
         while True:
             now = loop.time()
             if streak is not None and now - last_beat > ttl:
                 streak = None
+            if streak is None:
+                counts.clear()  # seen before a gap: not evidence of standing still
             try:
-                beat = await self.store.heartbeat(reap=streak is not None and now - streak >= ttl)
+                judge = streak is not None and now - streak >= ttl
+                still = {name: count for name, (count, since) in counts.items()
+                         if now - since >= ttl} if judge else {}
+                acks = set(self._audited)
+                beat = await self.store.heartbeat(reap=judge, acks=acks, still=still)
+                if streak is None:
+                    streak = now
+                last_beat = now
+                seen = loop.time()
+                for name, count in beat.watch.items():
+                    if counts.get(name, (None, 0.0))[0] != count:
+                        counts[name] = (count, seen)
+                for name in set(counts) - set(beat.watch):
+                    del counts[name]
+                self._after_beat(beat, acks, first=first)
+                first = False
             except asyncio.CancelledError:
                 raise
             except StateUnavailable:
@@ -666,27 +718,39 @@ class SharedSessionRegistry(SessionRegistry):
             except Exception:
                 streak = None
                 log.exception("node heartbeat failed")
-            else:
-                if streak is None:
-                    streak = now
-                last_beat = now
-                self._after_beat(beat, first=first)
-                first = False
             await asyncio.sleep(self.store.heartbeat_interval)
 
-    def _after_beat(self, beat: Beat, *, first: bool) -> None:
+    def _after_beat(self, beat: Beat, acks: set[str], *, first: bool) -> None:
         self.live_nodes = beat.nodes
-        if beat.previous and beat.previous != self.store.boot:
-            if first:
-                log.info("node %s restarted: the SSH sessions of its previous run end "
-                         "(node_lost)", self.node)
-            else:
-                log.warning("another gatewayd process runs as node %s (its heartbeat "
-                            "replaced ours): gateway.node must be unique per node", self.node)
-        for record in beat.reaped:
-            self._reaped(record)
+        foreign = bool(beat.previous) and beat.previous != self.store.boot
+        if foreign and first:
+            log.info("node %s restarted: the SSH sessions of its previous run end "
+                     "(node_lost)", self.node)
+        elif foreign and not self._foreign:
+            log.warning("another gatewayd process runs as node %s (its heartbeat replaced "
+                        "ours): gateway.node must be unique per node", self.node)
+        self._foreign = foreign and not first
+        waiting = set(beat.outbox)
+        self._audited -= acks - waiting  # acknowledged: Redis no longer has them
+        for member in beat.outbox:
+            self._outboxed(member)
 
-    def _reaped(self, record: Record) -> None:
+    def _outboxed(self, member: str) -> None:
+        """An ending this node's script made (a replaced or reaped session): audit it here,
+        once per member (the heartbeat then acknowledges it). A malformed one is skipped."""
+        if member in self._audited:
+            return
+        self._audited.add(member)
+        try:
+            reason, record = parse_outboxed(member)
+            if reason == "replaced":
+                self._replaced(record)
+            else:
+                self._reaped(record, reason)
+        except Exception:
+            log.exception("ignoring a malformed session ending from the state store")
+
+    def _reaped(self, record: Record, reason: str) -> None:
         """This node's heartbeat ended a dead node's SSH session: audit it here (once)."""
         session = self._by_handle.get(record.get("handle", ""))
         if session is None:
@@ -694,7 +758,7 @@ class SharedSessionRegistry(SessionRegistry):
         self._take_totals(session, record, (0, 0))
         log.warning("session %s of user %s ended: its node %s stopped answering",
                     session.handle, session.user, record.get("node", "?"))
-        self._ended_by_us(session, "node_lost")
+        self._ended_by_us(session, reason if reason in END_REASONS else "node_lost")
 
     # --- internals: the channel ----------------------------------------------------------------
 

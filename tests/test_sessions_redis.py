@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -25,7 +26,7 @@ from gatewayd.identity.principal import Principal
 from gatewayd.sessions import PerUserLimit, SeatsFull, Session, hash_session_id
 from gatewayd.sessions_shared import SharedSessionRegistry
 from gatewayd.state.redis import RedisState
-from gatewayd.state.sessions import EXPIRY_GRACE, Beat, RedisSessions, heartbeat_ttl
+from gatewayd.state.sessions import EXPIRY_GRACE, Beat, RedisSessions, Refused, heartbeat_ttl
 from gatewayd.state.store import StateUnavailable
 
 PREFIX = "ward-test:"
@@ -340,10 +341,10 @@ async def test_activity_is_written_every_few_seconds_not_per_request(
         beats = 0
         beat = a.registry.store.heartbeat
 
-        async def counted(*, reap: bool) -> Beat:
+        async def counted(**options: Any) -> Beat:
             nonlocal beats
             beats += 1
-            return await beat(reap=reap)
+            return await beat(**options)
 
         a.registry.store.heartbeat = counted  # type: ignore[method-assign]
         try:
@@ -536,3 +537,142 @@ async def test_a_stalled_node_closes_the_ssh_sessions_the_others_ended(
         await until(lambda: closed == ["node_lost"], limit=2.0)
         assert a.ended == [] and a.remote == [(ssh.handle, "node_lost")]
         assert a.registry.by_handle(ssh.handle) is None
+
+
+def slow_answers(store: RedisSessions, name: str, when: Callable[[str], bool],
+                 delay: float = 1.0) -> list[str]:
+    """Make the script ``store._<name>`` answer after ``delay`` (past ``state.timeout``) the
+    first time its answer satisfies ``when`` — the script ran, only its answer came too late.
+    Returns the delayed answers."""
+    real = getattr(store, "_" + name)
+    delayed: list[str] = []
+
+    def script(args: list[Any]) -> Any:
+        async def run() -> Any:
+            result = await real(args=args)
+            text = result.decode() if isinstance(result, bytes) else str(result)
+            if not delayed and when(text):
+                delayed.append(text)
+                await asyncio.sleep(delay)
+            return result
+        return run()
+
+    setattr(store, "_" + name, script)
+    return delayed
+
+
+async def test_a_reaping_beat_whose_answer_is_lost_still_audits_the_sessions_once(
+        redis: RedisServer) -> None:
+    ssh = await crashed_node_session(redis, "gone", "ssh")
+    async with node(redis, "a", heartbeat_ttl=TTL) as a:
+        delayed = slow_answers(a.registry.store, "heartbeat", lambda text: ssh in text)
+        await until(lambda: bool(delayed), limit=10.0)
+        assert ssh not in await live_handles(redis)  # ended in Redis, the answer lost
+        await until(lambda: (ssh, "node_lost") in a.ended, limit=5.0)  # from the outbox
+        await asyncio.sleep(5 * a.registry.store.heartbeat_interval)
+        assert a.ended == [(ssh, "node_lost")]  # once, though the outbox was read again
+        client = Redis.from_url(redis.url)
+        try:
+            assert await client.zcard(PREFIX + "outbox:a") == 0  # acknowledged
+        finally:
+            await client.aclose()
+
+
+async def test_an_admission_whose_answer_is_lost_is_undone_and_its_replaced_audited(
+        redis: RedisServer) -> None:
+    async with node(redis, "a", heartbeat_ttl=TTL) as a:
+        _, old = await login(a)
+        delayed = slow_answers(a.registry.store, "admit", lambda text: "replaced" in text
+                               and old.handle in text)
+        with pytest.raises(StateUnavailable):
+            await login(a)  # told it failed…
+        assert delayed
+        # …so the new session does not keep a seat; the one it replaced is recorded once.
+        await until(lambda: a.ended == [(old.handle, "replaced")], limit=5.0)
+        await until(lambda: not a.registry._unsent_cancels, limit=5.0)
+        assert await live_handles(redis) == set()
+        await asyncio.sleep(5 * a.registry.store.heartbeat_interval)
+        assert a.ended == [(old.handle, "replaced")]
+        await login(a)  # the seat is free
+
+
+async def test_an_admission_arriving_after_its_cancel_is_refused(redis: RedisServer) -> None:
+    async with node(redis, "a") as a:
+        store = a.registry.store
+        store.idle_timeout, store.absolute_timeout = 600, 3600
+        await store.cancel("00000000000000aa")  # nothing stored yet: a tombstone
+        record = {"handle": "00000000000000aa", "id": "f" * 64, "user": "bob", "groups": "[]",
+                  "attributes": "{}", "frontend": "ssh", "source_ip": "192.0.2.9",
+                  "node": "a"}
+        with pytest.raises(Refused):
+            await store.admit(record, max_concurrent=10, cap=5, replace_oldest=False,
+                              seat_of=None)
+        assert await live_handles(redis) == set()
+
+
+async def test_a_malformed_reaped_record_does_not_stop_the_heartbeat(
+        redis: RedisServer) -> None:
+    client = Redis.from_url(redis.url)
+    try:  # an SSH record of a dead node without a user (as the old and new index see it)
+        await client.hset(PREFIX + "s:00000000000000bb", mapping={
+            "handle": "00000000000000bb", "id": "e" * 64, "frontend": "ssh", "node": "gone",
+            "boot": "b0", "groups": "not json"})
+        await client.zadd(PREFIX + "live", {"00000000000000bb": 0})
+        await client.zadd(PREFIX + "ssh:b0", {"00000000000000bb": 0})
+        await client.zadd(PREFIX + "bound", {"b0:gone": 0})
+        async with node(redis, "a", heartbeat_ttl=TTL) as a:
+            await until(lambda: a.registry.live_nodes != 0)
+            later = await crashed_node_session(redis, "gone2", "ssh")
+            await until(lambda: (later, "node_lost") in a.ended, limit=10.0)
+            assert a.registry._heartbeat is not None and not a.registry._heartbeat.done()
+            assert await client.exists(PREFIX + "s:00000000000000bb") == 0
+    finally:
+        await client.aclose()
+
+
+async def test_reaping_reads_only_the_ssh_sessions_of_nodes_with_any(
+        redis: RedisServer) -> None:
+    client = Redis.from_url(redis.url)
+    try:
+        async with node(redis, "a", max_concurrent=500, per_user=500) as a:
+            for i in range(200):  # browser sessions are never a dead node's
+                await login(a, Principal(f"user{i}"))
+            _, ssh = await a.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7")
+            await client.config_resetstat()
+            await a.registry.store.heartbeat(reap=True)
+            stats = await client.info("commandstats")
+        calls = sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+                    for name in ("hmget", "hgetall", "hget", "get"))
+        assert calls <= 4, calls  # not one per session
+        assert ssh.ended is None
+    finally:
+        await client.aclose()
+
+
+async def test_a_missing_heartbeat_of_a_node_still_beating_is_no_verdict(
+        redis: RedisServer) -> None:
+    # The Redis host's clock steps forward: every heartbeat key expires at once. The nodes'
+    # beat counts keep moving, so nobody's SSH sessions end.
+    async with node(redis, "a", heartbeat_ttl=TTL) as a, \
+            node(redis, "b", heartbeat_ttl=TTL) as b:
+        _, ssh = await b.registry.admit(ALICE, frontend="ssh", source_ip="192.0.2.7")
+        client = Redis.from_url(redis.url)
+        try:
+            await a.registry.store.heartbeat(reap=True)
+            given_up = time.monotonic() + 3 * TTL + 1.0
+            while time.monotonic() < given_up:  # b's key keeps vanishing
+                await client.delete(PREFIX + "hb:b")
+                await a.registry.store.heartbeat(reap=True)  # a judge without evidence
+                await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+        assert ssh.ended is None and a.ended == b.ended == []
+        assert await live_handles(redis) == {ssh.handle}
+
+
+async def test_a_node_running_twice_is_reported_once(
+        redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    async with node(redis, "a", heartbeat_ttl=TTL), node(redis, "a", heartbeat_ttl=TTL):
+        await asyncio.sleep(6 * TTL / 5 + 0.5)  # several beats of each
+    twice = [r for r in caplog.records if "another gatewayd process" in r.getMessage()]
+    assert 1 <= len(twice) <= 2, len(twice)

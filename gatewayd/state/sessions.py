@@ -17,7 +17,15 @@ the design as a whole); here is only what lives on the server and how it changes
   Redis was away learns the reason when it re-validates.
 * ``hb:<node>`` — the node's heartbeat: the random ``boot`` token of the running process,
   expiring after the heartbeat TTL (see `HEARTBEAT`); ``nodes`` — a sorted set of node names
-  scored by when their heartbeat expires (what ``gatewayd_state_nodes`` counts).
+  scored by when their heartbeat expires (what ``gatewayd_state_nodes`` counts);
+  ``beats`` — a hash: node name → how many times it has beaten (never expires; see below).
+* ``ssh:<boot>`` — a sorted set of the handles of the SSH (node-bound) sessions one process
+  admitted, and ``bound`` — a sorted set of ``<boot>:<node>`` for every such set: what the
+  heartbeat looks at instead of every session. `ADMIT` adds, every ending (``finish``)
+  removes (and drops an emptied set), atomically with the record.
+* ``outbox:<node>`` — a sorted set of the endings a node's scripts made that the node must
+  audit (sessions it replaced or reaped), each ``{"r": reason, "rec": record}``, until the
+  node acknowledges them in a heartbeat (expires 10 minutes after the last addition).
 
 **Scripts.** Each change is one Lua script, so nodes racing on the same seats stay correct:
 `ADMIT` counts the seats of every node, applies ``per_user`` (ending the user's oldest
@@ -27,7 +35,8 @@ node's activity (last seen, step-up time, byte counters), decides idle/absolute 
 server's clock, and extends the expiry; `END` ends a session exactly once (only the caller
 that deleted it is told so — that node audits ``session.end``); `ROTATE` moves a session to a
 new id; `HEARTBEAT` keeps a node alive and ends the node-bound sessions of dead nodes
-(below). Every ending publishes ``{"op": "end", ...}`` and every change ``{"op": "up", ...}``
+(below); `CANCEL` undoes an admission whose answer was lost.
+Every ending publishes ``{"op": "end", ...}`` and every change ``{"op": "up", ...}``
 on the channel ``<prefix>sessions``.
 
 **Expiry grace.** Records outlive their timeout by `EXPIRY_GRACE` so that a node's `REFRESH`
@@ -42,8 +51,34 @@ once it has itself been beating for a whole TTL (so that after a Redis outage ev
 node has had its chance to beat again before anyone is judged), ends every SSH session whose
 node's heartbeat is gone or names another boot — crashed, ``kill -9``, partitioned away,
 or restarted under the same name. The script ends each with ``finish`` (so exactly one node
-of the deployment gets the record back and audits ``session.end`` reason ``node_lost``); the
-seats are free at once. HTTPS sessions are not bound to a node (the browser may continue on
+of the deployment audits ``session.end`` reason ``node_lost``); the seats are free at once.
+Only the sets of SSH sessions per boot are read (``bound``: one entry per process with SSH
+sessions), so a beat costs the same with 20,000 browser sessions as with none.
+
+**Lost answers.** A script's answer may arrive after ``state.timeout`` (or never) although the
+script ran. So the endings a node must audit do not travel in the answer alone: `ADMIT` and
+`HEARTBEAT` also put them in the node's ``outbox``, every heartbeat returns the outbox, and
+the node audits each member once (it remembers what it audited) and acknowledges it in its
+next beat (removed then). An admission whose answer was lost is undone (`CANCEL`, repeated
+until Redis answers): it ends the session if stored, else leaves a tombstone that makes the
+late `ADMIT` refuse — the client was told the sign-in failed, so it must not hold a seat. A
+node that dies between auditing and acknowledging may audit those endings again in its next
+life under the same name (a second ``session.end``), never none (unless it stays away longer
+than the outbox's 10 minutes).
+
+**Clock steps.** All heartbeat arithmetic uses Redis ``TIME`` and ``PX``, so the nodes'
+clocks never matter, but key expiry follows the Redis host's wall clock: a forward step
+(an NTP step, a VM resumed) may expire every ``hb:`` key at once. A missing heartbeat alone
+is therefore no verdict: the judging node must also have seen the node's beat count
+(``beats``, returned by every heartbeat as ``watch``) stand still for a whole TTL on its own
+monotonic clock, and passes the count it saw; the script reaps only if the count is still
+that. A heartbeat that names another boot is a verdict by itself (a restart; no clock step
+makes one).
+
+Sessions admitted by a version without the per-boot sets (a rolling upgrade) are not in
+them and are not reaped as ``node_lost``; their idle timeout ends them.
+
+HTTPS sessions are not bound to a node (the browser may continue on
 another) and are left alone. A restarted node draws a new boot token, so sessions of its
 previous life are never taken for its own; a partitioned node that comes back learns from
 the tombstone (``end:<handle>``) that its sessions ended.
@@ -56,7 +91,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -96,17 +131,34 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function unbind(h, boot, node)
+  local set = p .. 'ssh:' .. boot
+  redis.call('ZREM', set, h)
+  if redis.call('ZCARD', set) == 0 then
+    redis.call('DEL', set)
+    redis.call('ZREM', p .. 'bound', boot .. ':' .. node)
+  end
+end
 local function finish(h, reason, node)
   local k = p .. 's:' .. h
-  local id = redis.call('HGET', k, 'id')
+  local f = redis.call('HMGET', k, 'id', 'frontend', 'boot', 'node')
+  local id = f[1]
   if not id then return false end
   local record = redis.call('HGETALL', k)
   redis.call('DEL', k, p .. 'id:' .. id)
   redis.call('ZREM', p .. 'live', h)
+  if f[2] == 'ssh' and f[3] and f[4] then unbind(h, f[3], f[4]) end
   redis.call('SET', p .. 'end:' .. h, reason, 'PX', TOMBSTONE_MS)
   redis.call('PUBLISH', p .. 'sessions',
              cjson.encode({op = 'end', h = h, r = reason, n = node}))
   return record
+end
+local function outbox(node, reason, record)
+  local box = p .. 'outbox:' .. node
+  local member = cjson.encode({r = reason, rec = record})
+  redis.call('ZADD', box, now_ms(), member)
+  redis.call('PEXPIRE', box, TOMBSTONE_MS)
+  return member
 end
 """.replace("TOMBSTONE_MS", str(TOMBSTONE_MS))
 
@@ -114,8 +166,10 @@ end
 #       idle_ms, absolute_ms, grace_ms, heartbeat_ms, then the new record's field/value pairs
 #       (with 'boot': the admitting process's token, whose heartbeat this renews — a session
 #       admitted before the node's first beat must not look like a dead node's).
-# Returns JSON: {"ok": seat, "created": ms, "replaced": [[field, value, ...], ...]}
-#            or {"refused": "seats_full" | "per_user"}.
+# Returns JSON: {"ok": seat, "created": ms, "replaced": [outbox member, ...]}
+#            or {"refused": "seats_full" | "per_user" | "cancelled" (see `_CANCEL`)}.
+# The replaced sessions also stay in ``outbox:<node>`` until the node acknowledges them (in a
+# heartbeat), so that they are audited even if this answer is lost.
 _ADMIT = _COMMON + """
 local node, max_seats, cap = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local replace, seat_of = ARGV[5] == '1', ARGV[6]
@@ -123,6 +177,7 @@ local idle, absolute, grace = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARG
 local record = {}
 for i = 11, #ARGV, 2 do record[ARGV[i]] = ARGV[i + 1] end
 local user, h = record['user'], record['handle']
+if redis.call('GET', p .. 'end:' .. h) then return cjson.encode({refused = 'cancelled'}) end
 local seats, mine = {}, {}
 for _, other in ipairs(redis.call('ZRANGE', p .. 'live', 0, -1)) do
   local f = redis.call('HMGET', p .. 's:' .. other, 'seat', 'user', 'created')
@@ -151,7 +206,7 @@ if not seat then
     while #mine > 0 and user_seats() >= cap do
       local oldest = table.remove(mine, 1)
       local gone = finish(oldest[1], 'replaced', node)
-      if gone then table.insert(replaced, gone) end
+      if gone then table.insert(replaced, outbox(node, 'replaced', gone)) end
       seats[oldest[3]] = seats[oldest[3]] - 1
       if seats[oldest[3]] <= 0 then seats[oldest[3]] = nil end
     end
@@ -170,9 +225,14 @@ local ttl = math.min(idle, absolute) + grace
 redis.call('PEXPIRE', k, ttl)
 redis.call('SET', p .. 'id:' .. record['id'], h, 'PX', ttl)
 redis.call('ZADD', p .. 'live', now, h)
+if record['frontend'] == 'ssh' then
+  redis.call('ZADD', p .. 'ssh:' .. record['boot'], now, h)
+  redis.call('ZADD', p .. 'bound', 0, record['boot'] .. ':' .. node)
+end
 local beat = tonumber(ARGV[10])
 redis.call('SET', p .. 'hb:' .. node, record['boot'], 'PX', beat)
 redis.call('ZADD', p .. 'nodes', now + beat, node)
+redis.call('HINCRBY', p .. 'beats', node, 1)
 redis.call('PUBLISH', p .. 'sessions', cjson.encode({op = 'up', h = h, n = node}))
 return cjson.encode({ok = seat, created = now, replaced = replaced})
 """
@@ -246,37 +306,64 @@ redis.call('PUBLISH', p .. 'sessions', cjson.encode({op = 'up', h = h, n = ARGV[
 return 1
 """
 
-# ARGV: prefix, node, boot token, heartbeat_ms, reap (0/1).
-# Renews this node's heartbeat; with reap = 1 ends (reason node_lost) every SSH session whose
-# node's heartbeat is gone or belongs to another boot of that node.
+# ARGV: prefix, node, boot token, heartbeat_ms, reap (0/1), n, then n acknowledged members of
+#       this node's outbox (audited: removed), then node/beat-count pairs the caller has seen
+#       standing still for a whole TTL on its own clock.
+# Renews this node's heartbeat and counts the beat; with reap = 1 ends (reason node_lost) the
+# SSH sessions of every boot whose node's heartbeat names another boot, or is gone while the
+# node's beat count is still the one the caller says stood still. Only the per-boot sets of
+# SSH sessions are looked at (``bound``, ``ssh:<boot>``), never every session.
 # Returns JSON: {"nodes": live node count, "previous": the boot token the key held ('' none),
-#                "reaped": [[field, value, ...], ...]}.
+#                "outbox": [member, ...] (this node's unacknowledged endings, the reaped ones
+#                included), "watch": {node: beat count} (every other node with SSH sessions)}.
 _HEARTBEAT = _COMMON + """
 local node, boot, beat, reap = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
+local acks = tonumber(ARGV[6])
 local key = p .. 'hb:' .. node
 local previous = redis.call('GET', key) or ''
 local now = now_ms()
 redis.call('SET', key, boot, 'PX', beat)
 redis.call('ZADD', p .. 'nodes', now + beat, node)
 redis.call('ZREMRANGEBYSCORE', p .. 'nodes', '-inf', now)
-local reaped = {}
-if reap then
-  local alive = {}
-  for _, h in ipairs(redis.call('ZRANGE', p .. 'live', 0, -1)) do
-    local f = redis.call('HMGET', p .. 's:' .. h, 'frontend', 'node', 'boot')
-    if f[1] == 'ssh' and f[2] then
-      if alive[f[2]] == nil then alive[f[2]] = redis.call('GET', p .. 'hb:' .. f[2]) or '' end
-      local held = alive[f[2]]
-      if held == '' or (f[3] and f[3] ~= '' and f[3] ~= held) then
+redis.call('HINCRBY', p .. 'beats', node, 1)
+local box = p .. 'outbox:' .. node
+for i = 7, 6 + acks do redis.call('ZREM', box, ARGV[i]) end
+local still = {}
+for i = 7 + acks, #ARGV, 2 do still[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local held, watch = {}, {}
+for _, member in ipairs(redis.call('ZRANGE', p .. 'bound', 0, -1)) do
+  local b, n = string.match(member, '^([^:]*):(.*)$')
+  if b then
+    if held[n] == nil then held[n] = redis.call('GET', p .. 'hb:' .. n) or '' end
+    local count = tonumber(redis.call('HGET', p .. 'beats', n) or '0')
+    if n ~= node then watch[n] = count end
+    local dead = held[n] ~= '' and held[n] ~= b
+    if held[n] == '' and still[n] ~= nil and still[n] == count then dead = true end
+    if reap and dead then
+      local set = p .. 'ssh:' .. b
+      for _, h in ipairs(redis.call('ZRANGE', set, 0, -1)) do
         local gone = finish(h, 'node_lost', node)
-        if gone then table.insert(reaped, gone) end
+        if gone then outbox(node, 'node_lost', gone) end
       end
+      redis.call('DEL', set)
+      redis.call('ZREM', p .. 'bound', member)
     end
   end
 end
 return cjson.encode({nodes = redis.call('ZCARD', p .. 'nodes'), previous = previous,
-                     reaped = reaped})
+                     outbox = redis.call('ZRANGE', box, 0, -1), watch = watch})
 """
+
+# ARGV: prefix, node, handle. An admission whose answer never came (timed out): end the
+# session if it was stored, else leave a tombstone so that a late `ADMIT` refuses it.
+# Nobody audits it (the client was told the sign-in failed; no ``session.start`` was written).
+_CANCEL = _COMMON + """
+if not finish(ARGV[3], 'state_lost', ARGV[2]) and not redis.call('GET', p .. 'end:' .. ARGV[3])
+then
+  redis.call('SET', p .. 'end:' .. ARGV[3], 'state_lost', 'PX', TOMBSTONE_MS)
+end
+return 1
+""".replace("TOMBSTONE_MS", str(TOMBSTONE_MS))
 
 # ARGV: prefix, node, boot token. A clean stop: drop the heartbeat if it is still this
 # process's (a successor under the same name may already have replaced it).
@@ -313,13 +400,29 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def parse_outboxed(member: str) -> tuple[str, Record]:
+    """An outbox member (``{"r": reason, "rec": [field, value, ...]}``) as (reason, record);
+    `ValueError` if it is not one."""
+    try:
+        entry = json.loads(member)
+        reason, flat = entry["r"], entry["rec"]
+        if not isinstance(reason, str) or not isinstance(flat, list) or len(flat) % 2:
+            raise ValueError("not an outbox entry")
+        return reason, _pairs(flat)
+    except (KeyError, TypeError) as exc:
+        raise ValueError("not an outbox entry") from exc
+
+
 @dataclass(frozen=True)
 class Beat:
     """What one `RedisSessions.heartbeat` found."""
 
     nodes: int  # live nodes (their heartbeats unexpired), this one included
     previous: str  # the boot token the node's key held before ('' none)
-    reaped: list[Record]  # sessions of dead nodes this call ended (this node audits them)
+    # This node's unacknowledged endings (`parse_outboxed`): the sessions it replaced or
+    # reaped, this call's reaped ones included. The node audits each once and acknowledges it.
+    outbox: list[str]
+    watch: dict[str, int]  # every other node with SSH sessions: its beat count now
 
 
 class RedisSessions:
@@ -345,6 +448,7 @@ class RedisSessions:
         self._claim: AsyncScript = redis.register_script(_CLAIM)
         self._heartbeat: AsyncScript = redis.register_script(_HEARTBEAT)
         self._depart: AsyncScript = redis.register_script(_DEPART)
+        self._cancel: AsyncScript = redis.register_script(_CANCEL)
 
     @property
     def client(self) -> Redis:
@@ -375,11 +479,12 @@ class RedisSessions:
 
     async def admit(self, record: Mapping[str, str], *, max_concurrent: int, cap: int,
                     replace_oldest: bool, seat_of: str | None
-                    ) -> tuple[str, float, list[Record]]:
+                    ) -> tuple[str, float, list[str]]:
         """Store a new session if the deployment's limits allow it (see `_ADMIT`).
 
-        Returns ``(seat, created wall seconds, records of sessions it replaced)``; raises
-        `Refused` or `StateUnavailable`.
+        Returns ``(seat, created wall seconds, outbox members of the sessions it replaced)``;
+        raises `Refused` or `StateUnavailable` (then the session may have been stored all
+        the same: `cancel` it).
         """
         idle, absolute, grace = self._ms()
         args: list[str | int] = [self._state.key_prefix, self.node, max_concurrent, cap,
@@ -390,8 +495,13 @@ class RedisSessions:
         answer = await self._call(self._admit, args, "admit")
         if "refused" in answer:
             raise Refused(str(answer["refused"]))
-        replaced = [_pairs(flat) for flat in answer.get("replaced") or []]
+        replaced = [_text(member) for member in answer.get("replaced") or []]
         return str(answer["ok"]), float(answer["created"]) / 1000, replaced
+
+    async def cancel(self, handle: str) -> None:
+        """Undo an admission whose answer was lost (see `_CANCEL`); idempotent."""
+        await self._state.run(lambda: self._cancel(
+            args=[self._state.key_prefix, self.node, handle]), "end")
 
     async def refresh(self, handle: str, *, last_seen: float, mfa_at: float, bytes_up: int,
                       bytes_down: int) -> dict[str, Any]:
@@ -419,14 +529,27 @@ class RedisSessions:
             args=[self._state.key_prefix, self.node, handle, id_hash]), "rotate")
         return bool(int(cast(int, done)))
 
-    async def heartbeat(self, *, reap: bool) -> Beat:
-        """Renew this node's heartbeat; with ``reap``, end the SSH sessions of dead nodes."""
-        answer = await self._call(self._heartbeat, [
-            self._state.key_prefix, self.node, self.boot,
-            round(self.heartbeat_ttl * 1000), int(reap)], "heartbeat")
+    async def heartbeat(self, *, reap: bool, acks: Collection[str] = (),
+                        still: Mapping[str, int] | None = None) -> Beat:
+        """Renew this node's heartbeat (see `_HEARTBEAT`).
+
+        ``acks``: outbox members this node has audited (removed now). With ``reap``, end the
+        SSH sessions of dead nodes: of another boot of their node, or of a node whose
+        heartbeat is gone and whose beat count is still the one ``still`` names (the caller
+        saw it stand still for a whole TTL on its own clock).
+        """
+        args: list[str | int] = [self._state.key_prefix, self.node, self.boot,
+                                 round(self.heartbeat_ttl * 1000), int(reap), len(acks),
+                                 *acks]
+        for name, count in (still or {}).items():
+            args += [name, count]
+        answer = await self._call(self._heartbeat, args, "heartbeat")
+        watch = answer.get("watch")
         return Beat(nodes=int(answer.get("nodes") or 0),
                     previous=str(answer.get("previous") or ""),
-                    reaped=[_pairs(flat) for flat in answer.get("reaped") or []])
+                    outbox=[_text(member) for member in answer.get("outbox") or []],
+                    watch={str(k): int(v) for k, v in watch.items()}
+                    if isinstance(watch, dict) else {})
 
     async def depart(self) -> bool:
         """A clean stop: remove this node's heartbeat (True if it was still this process's)."""
