@@ -10,7 +10,9 @@ import csv
 import io
 import json
 import re
+import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ import aiohttp
 import pytest
 from https_harness import Harness, csrf_token, running_gateway
 
+import gatewayd.https.console as console_module
 from gatewayd.audit import AuditLog, AuditWriteError
+from gatewayd.audit.index import AuditIndex, SearchPage
 from gatewayd.https.console import ChainWatch
 
 ADMIN = "/.gatewayd/admin/"
@@ -191,6 +195,14 @@ async def test_search_filters_by_device_event_result_text_and_time(gw: Harness) 
     ("?text=" + "x" * 201, "text: at most 200 characters"),
     ("?user=%07bell", "user: control characters"),
     ("?user=alice&before_seq=-1", "before_seq: expected a record number"),
+    # Unicode digits: "²".isdigit() is True but int("²") raises; "٣" would be read as 3.
+    ("?user=alice&before_seq=%C2%B2", "before_seq: expected a record number"),
+    ("?user=alice&before_seq=%D9%A3", "before_seq: expected a record number"),
+    ("export.csv?user=alice&before_seq=%C2%B2", "before_seq: expected a record number"),
+    ("export.jsonl?user=alice&before_seq=%C2%B2", "before_seq: expected a record number"),
+    ("report?month=%D9%A2%D9%A0%D9%A2%D9%A6-11", "month: expected a month"),
+    ("report?month=9999-12", "month: expected a month"),  # past datetime's last year
+    ("report?month=3000-01", "month: expected a month"),
 ])
 async def test_bad_search_input_is_a_400_page(gw: Harness, query: str, message: str) -> None:
     carol = await gw.signed_in("carol")
@@ -265,7 +277,8 @@ async def test_nothing_is_shown_when_audit_read_cannot_be_written(
         return real_emit(event, **fields)
 
     monkeypatch.setattr(audit, "emit", failing_emit)
-    for path in ("?user=alice", "records/1", "export.csv?user=alice"):
+    for path in ("?user=alice", "records/1", "export.csv?user=alice", "chain",
+                 "report?month=2001-01"):
         status, body, _ = await get(carol, gw, path)
         assert status == 503, path
         assert "/groupware/" not in body
@@ -372,6 +385,8 @@ async def test_chain_status_shows_the_last_verified_checkpoint(gw: Harness) -> N
     status, body, _ = await get(carol, gw, "chain")
     assert status == 200 and 'id="chain-ok"' in body
     assert f"seq {checkpoint['seq']}, covers up to {checkpoint['covers_seq']}" in body
+    read = reads(gw)[-1]  # seqs, checkpoint and problems are audit data: the view is recorded
+    assert (read["view"], read["user"]) == ("chain", "carol")
 
 
 def test_chain_watch_reads_only_new_bytes_and_catches_an_edit(tmp_path: Path) -> None:
@@ -419,3 +434,173 @@ async def test_the_usage_report_is_linked_shown_and_audited(gw: Harness) -> None
     assert status == 400 and "month: expected a month" in body
     status, _, _ = await get(carol, gw, "report?month=2001-01")
     assert status == 404
+    read = reads(gw)[-1]  # a read that found nothing is still a read
+    assert (read["view"], read["month"], read["records"]) == ("report", "2001-01", 0)
+    status, _, _ = await get(carol, gw, "records/%C2%B2")
+    assert status == 404  # not a record number: no such page
+
+
+# --- bounded work: timeouts, busy, incomplete results -----------------------------------
+
+
+async def test_an_export_that_times_out_mid_stream_ends_with_a_visible_marker(
+        gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    emit_many(gw, 12, user="alice")
+    carol = await gw.signed_in("carol")
+    release, calls = threading.Event(), []
+    real_search = AuditIndex.search
+
+    def search(self: AuditIndex, *args: Any, **kwargs: Any) -> SearchPage:
+        calls.append(kwargs.get("before_seq"))
+        if len(calls) == 2:  # the second batch hangs (a slow disk, a huge scan)
+            release.wait(10)
+        return real_search(self, *args, **kwargs)
+
+    monkeypatch.setattr(AuditIndex, "search", search)
+    monkeypatch.setattr(console_module, "EXPORT_BATCH", 5)
+    monkeypatch.setattr(console_module, "SEARCH_TIMEOUT", 0.3)
+    for suffix in ("csv", "jsonl"):
+        calls.clear()
+        release.clear()
+        async with asyncio.timeout(8):  # the old code never ended the body: the client hung
+            status, body, _ = await get(carol, gw, f"export.{suffix}?user=alice")
+        assert status == 200
+        lines = body.removeprefix("\ufeff").splitlines()
+        if suffix == "csv":
+            assert lines[0].startswith("ts,seq,") and len(lines) == 1 + 5 + 1
+            assert lines[-1].startswith("EXPORT INCOMPLETE: the audit log could not be read "
+                                        "in time. 5 records were written above")
+        else:
+            assert len(lines) == 5 + 1
+            assert json.loads(lines[-1]) == {"export_incomplete": True, "records": 5,
+                                             "reason": "the audit log could not be read in "
+                                                       "time"}
+        release.set()
+        # The next index work waits for the hung call to return; nothing else ran for the
+        # export (its scan stopped with the download).
+        status, _, _ = await get(carol, gw, "?user=alice")
+        assert status == 200 and len(calls) == 3
+
+
+async def test_an_export_cut_at_the_record_limit_says_so(
+        gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    emit_many(gw, 13, user="alice")
+    carol = await gw.signed_in("carol")
+    monkeypatch.setattr(console_module, "EXPORT_MAX_RECORDS", 7)
+    monkeypatch.setattr(console_module, "EXPORT_BATCH", 5)
+    status, body, _ = await get(carol, gw, "export.csv?user=alice")
+    rows = list(csv.reader(io.StringIO(body.removeprefix("\ufeff"))))
+    assert status == 200 and len(rows) == 1 + 7 + 1
+    assert rows[-1] == ["EXPORT INCOMPLETE: stopped at 7 records, the most one download holds "
+                        "(gatewayd audit export has no limit). 7 records were written above; "
+                        "the rest of the search is missing."]
+    status, body, _ = await get(carol, gw, "export.jsonl?user=alice")
+    assert json.loads(body.splitlines()[-1])["export_incomplete"] is True
+    monkeypatch.setattr(console_module, "EXPORT_MAX_RECORDS", 10_000)
+    status, body, _ = await get(carol, gw, "export.jsonl?user=alice")
+    assert "export_incomplete" not in body and len(body.splitlines()) >= 13
+
+
+async def test_slow_console_work_does_not_delay_logins(
+        gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reviewer's probe: slow index work plus many console requests used to fill the
+    loop's default executor, and a login (TOTP in a thread) then failed after 5 s."""
+    carol = await gw.signed_in("carol")
+    release, entered = threading.Event(), threading.Event()
+    real_refresh = AuditIndex.refresh
+    seen: list[float | None] = []
+
+    def slow_refresh(self: AuditIndex, *, max_seconds: float | None = None) -> None:
+        seen.append(max_seconds)
+        entered.set()
+        release.wait(10)  # stands for the first indexing of a large log
+        real_refresh(self, max_seconds=max_seconds)
+
+    monkeypatch.setattr(AuditIndex, "refresh", slow_refresh)
+    monkeypatch.setattr(console_module, "BUSY_WAIT", 0.0)
+    first = asyncio.create_task(get(carol, gw, "?user=u0"))
+    await asyncio.to_thread(entered.wait, 5)
+    try:
+        others = await asyncio.gather(*(get(carol, gw, f"?user=u{n}") for n in range(1, 40)))
+        assert {status for status, _, _ in others} == {503}  # busy: not queued in threads
+        assert "Try again" in others[0][1]
+        assert others[0][2].headers["Retry-After"] == "5"
+        status, body, _ = await gw.login(gw.client(), "bob")
+        assert status == 303, body  # the old code: 503 after the login's 5 s timeout
+    finally:
+        release.set()
+    status, _, _ = await first
+    assert status == 200 and seen == [console_module.REFRESH_SECONDS]
+
+
+async def test_an_unfinished_index_is_shown_and_refuses_exports(
+        gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    emit_many(gw, 3, user="alice")
+    carol = await gw.signed_in("carol")
+    monkeypatch.setattr(AuditIndex, "complete", property(lambda self: False))
+    monkeypatch.setattr(AuditIndex, "progress", property(lambda self: 0.426))
+    status, body, _ = await get(carol, gw, "?user=alice")
+    assert status == 200 and "Indexing the audit log: 42 % done" in body
+    status, body, _ = await get(carol, gw, "export.csv?user=alice")
+    assert status == 503 and "still being indexed (42 % done)" in body
+    monkeypatch.undo()
+    real_search = AuditIndex.search
+
+    def lossy(self: AuditIndex, *args: Any, **kwargs: Any) -> SearchPage:
+        return replace(real_search(self, *args, **kwargs), complete=False)
+
+    monkeypatch.setattr(AuditIndex, "search", lossy)
+    status, body, _ = await get(carol, gw, "?user=alice")
+    assert status == 200 and 'id="incomplete"' in body and "records may be missing" in body
+    status, body, _ = await get(carol, gw, "export.jsonl?user=alice")
+    assert status == 200
+    assert json.loads(body.splitlines()[-1])["reason"].startswith(
+        "part of the audit log changed while it was read")
+
+
+async def test_reports_are_built_one_at_a_time_cached_and_survive_a_rotation_race(
+        gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = pytest.importorskip("gatewayd.report")
+    carol = await gw.signed_in("carol")
+    month = gw.audit_events()[0]["ts"][:7]
+    real_build = report.build_usage
+    builds: list[str] = []
+    mode = {"fail": 0}
+    release, entered = threading.Event(), threading.Event()
+    release.set()
+
+    def build(paths: Any, **kwargs: Any) -> Any:
+        builds.append(kwargs["since"].strftime("%Y-%m"))
+        entered.set()
+        release.wait(10)
+        if mode["fail"]:
+            mode["fail"] -= 1
+            raise FileNotFoundError(2, "No such file or directory", str(paths[0]))
+        return real_build(paths, **kwargs)
+
+    monkeypatch.setattr(report, "build_usage", build)
+    # A month before the live file began: built once, then served from the cache.
+    for _ in range(2):
+        status, _, _ = await get(carol, gw, "report?month=2001-01")
+        assert status == 404
+    assert builds == ["2001-01"]
+    # Retention removed a file between listing and reading: one retry, then a 503.
+    mode["fail"] = 1
+    status, _, _ = await get(carol, gw, f"report?month={month}")
+    assert status == 200 and builds[-2:] == [month, month]
+    mode["fail"] = 2
+    status, body, _ = await get(carol, gw, f"report?month={month}")
+    assert status == 503 and "files changed while the report was being built" in body
+    # One build at a time: a second report request does not queue a thread.
+    monkeypatch.setattr(console_module, "BUSY_WAIT", 0.0)
+    release.clear()
+    entered.clear()
+    first = asyncio.create_task(get(carol, gw, f"report?month={month}"))
+    await asyncio.to_thread(entered.wait, 5)
+    try:
+        status, body, _ = await get(carol, gw, "report?month=2002-02")
+        assert status == 503 and "busy" in body
+    finally:
+        release.set()
+    status, _, _ = await first
+    assert status == 200

@@ -28,12 +28,19 @@ pages and the step-up redirect when the rule's ``mfa_max_age`` is exceeded. A pa
 routes to any other service is a 404 here. ``[console] enabled = false`` makes every console
 URL a 404 for everyone.
 
-**Reading is audited, before it is shown.** A search, a record view, an export and a report
-view each write ``audit.read`` (the reader's session fields, ``view``, the filter as
-``filter_*`` fields, ``records`` returned) *before* the page is sent; if it cannot be written
-the answer is 503, whatever ``audit.on_failure`` says (a reader nobody can later name is what
-the rule is there to prevent). An export is recorded before its first byte, so its record
-carries the filter but not the count.
+**Reading is audited, before it is shown.** A search, a record view, an export, a chain view
+and a report view each write ``audit.read`` (the reader's session fields, ``view``, the
+filter as ``filter_*`` fields, ``records`` returned) *before* the page is sent — also when it
+found nothing (a record that does not exist, a month without records: a read that found
+nothing is still a read); if it cannot be written the answer is 503, whatever
+``audit.on_failure`` says (a reader nobody can later name is what the rule is there to
+prevent). An export is recorded before its first byte, so its record carries the filter but
+not the count. The sessions page shows the gateway's live state, not the audit log, and is
+not recorded (as the admin socket's session list).
+
+**Input.** Every number in a URL (``before_seq``, ``records/<seq>``, a report month) is
+ASCII digits, `SEQ_DIGITS` / ``YYYY-MM`` (``\\d`` and ``str.isdigit`` also accept other
+Unicode digits); a report year lies in `MONTH_YEARS`. Bad input is a 400 page, never a 500.
 
 **Kill.** The same audit record and end reason as the admin socket's ``POST /v1/kill``:
 ``admin.session_kill`` (``operator`` = the auditor's user name, ``via = "console"``) via
@@ -49,24 +56,48 @@ that it covers the record just before it). The first view after start reads the 
 once (it is bounded by ``audit.rotate_size`` and by the daily rotation); rotation restarts
 the watch on the new file. It never re-reads the whole log per page view.
 
+**Threads.** Blocking work (index, chain, report) runs in the console's *own* small thread
+pool (`WORKERS` threads, never the loop's default executor, which logins use for TOTP and
+directory look-ups), in one `_Lane` per kind: at most one index call, one chain check and
+one report build at a time. A request whose kind of work is running waits on the event loop
+(no thread) up to `BUSY_WAIT`, then gets 503 "busy, try again"; work that outlives its
+timeout (``SEARCH_TIMEOUT``, ``CHAIN_TIMEOUT``, ``REPORT_TIMEOUT`` → 503) keeps its lane busy
+until its thread returns, so slow work never piles up threads. `AuditConsole.close` shuts
+the pool down (the gateway's stop should call it; otherwise it goes with the console).
+
 The search index (`gatewayd.audit.index.AuditIndex`, in ``state_dir/audit-index``) is one per
-console, i.e. per Gateway; it is refreshed (incrementally) and searched in a worker thread,
-one at a time, bounded by ``SEARCH_TIMEOUT``.
+console, i.e. per Gateway; each request refreshes it incrementally with at most
+`REFRESH_SECONDS` of indexing, so a first indexing of a large log is spread over page views
+while the search page says "Indexing: N % done, results may be incomplete". A search page
+whose index read was incomplete (a file rotated away or removed meanwhile) says so.
+
+**Export** streams one index page per thread call (bounded by records scanned, not found).
+A CSV/JSONL download that cannot finish (a timeout, the log changed under it,
+`EXPORT_MAX_RECORDS`) ends with a visible ``EXPORT INCOMPLETE: <why>`` line (JSONL:
+``{"export_incomplete": true, ...}``) and a clean end of the body; nothing keeps scanning
+after the download ended. An export is refused (503) while the index is still being built.
+
+**Report**: one build at a time, kept per month (`REPORT_CACHE` months) while the log's files
+are unchanged (the live file's growth counts only while it may hold records of that month);
+a file removed by rotation or retention during a build means one retry, then a 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
-import contextlib
-import itertools
+import concurrent.futures
+import csv
+import io
+import json
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
@@ -76,7 +107,7 @@ from aiohttp import web
 from gatewayd.admin import session_view
 from gatewayd.audit import AuditWriteError
 from gatewayd.audit.chain import parse_line, record_hash
-from gatewayd.audit.files import rotated_siblings
+from gatewayd.audit.files import read_first_line, rotated_siblings
 from gatewayd.audit.query import RecordFilter, record_time
 from gatewayd.audit.signing import (
     AuditKeyError,
@@ -96,7 +127,10 @@ if TYPE_CHECKING:
     from gatewayd.audit.index import AuditIndex, SearchPage
     from gatewayd.certs import DeviceIdentity
     from gatewayd.policy import AccessRequest, Decision
+    from gatewayd.report import UsageReport
     from gatewayd.sessions import Session
+
+T = TypeVar("T")
 
 CONSOLE_PREFIX: Final = "/.gatewayd/admin/"
 SERVICE: Final = "admin"
@@ -108,20 +142,28 @@ MAX_TEXT_CHARS: Final = 200  # free-text search
 MAX_REASON_CHARS: Final = 200  # a kill's reason (the admin socket allows the same)
 MAX_FORM_BYTES: Final = 4096
 SEARCH_TIMEOUT: Final = 20.0  # seconds for one index refresh + search (a worker thread)
+REFRESH_SECONDS: Final = 5.0  # index refresh per request; a first indexing goes on next time
 CHAIN_TIMEOUT: Final = 20.0
 REPORT_TIMEOUT: Final = 60.0
-EXPORT_BATCH: Final = 500  # records fetched per index call while streaming an export
+REPORT_CACHE: Final = 12  # usage reports (months) kept rendered
+BUSY_WAIT: Final = 2.0  # seconds a request waits (on the loop) for its kind of work to free
+WORKERS: Final = 3  # the console's own threads: one per lane (index, chain, report)
+EXPORT_BATCH: Final = 500  # records fetched (and rendered) per worker-thread call
 EXPORT_MAX_RECORDS: Final = 1_000_000  # a download stops here (the CLI exists for more)
-CHUNKS_PER_HOP: Final = 256  # export chunks rendered per worker-thread call
 CHAIN_MAX_LINES: Final = 2_000_000  # lines one chain view reads; the next view goes on
 REPORT_CSP: Final = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
                      "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 RESULTS: Final = ("success", "failure")
 FORM_KEYS: Final = ("user", "device", "event", "service", "result", "session", "source_ip",
                     "text", "from", "to")
+# The one rule for a number in a URL: ASCII digits only (``\d`` and str.isdigit() also accept
+# other Unicode digits, which int() then refuses or reads differently).
+SEQ_DIGITS: Final = "[0-9]{1,19}"
+MONTH_YEARS: Final = (2000, 2999)  # a report month's year (a later one overflows datetime)
 _HANDLE = re.compile(r"[0-9a-f]{8,64}")
-_MONTH = re.compile(r"(\d{4})-(\d{2})")
-_RECORD = re.compile(r"records/(\d{1,19})")
+_SEQ = re.compile(SEQ_DIGITS)
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
+_RECORD = re.compile(rf"records/({SEQ_DIGITS})")
 
 # Wider pages and tables, on top of the portal's stylesheet (a file next to the templates
 # would not be packaged: pyproject packages templates/*.html only).
@@ -158,6 +200,10 @@ class ConsoleContext(FrontendContext, Protocol):
 
 class ConsoleInputError(ValueError):
     """A query or form value the console cannot use: a 400 page with this message."""
+
+
+class ConsoleBusyError(Exception):
+    """The console cannot take this work now (its kind of work is running): a 503 page."""
 
 
 # --- the search form -------------------------------------------------------------------------
@@ -263,7 +309,7 @@ class SearchForm:
 def _before_seq(value: str | None) -> int | None:
     if value is None or value == "":
         return None
-    if not value.isdigit() or len(value) > 19:
+    if _SEQ.fullmatch(value) is None:
         raise ConsoleInputError("before_seq: expected a record number")
     return int(value)
 
@@ -273,8 +319,11 @@ def parse_month(value: str | None, now: datetime) -> tuple[str, datetime, dateti
     if not value:
         value = now.strftime("%Y-%m")
     match = _MONTH.fullmatch(value)
-    if match is None or not 1 <= int(match.group(2)) <= 12 or int(match.group(1)) < 2000:
-        raise ConsoleInputError("month: expected a month such as 2026-11")
+    low, high = MONTH_YEARS
+    if (match is None or not 1 <= int(match.group(2)) <= 12
+            or not low <= int(match.group(1)) <= high):
+        raise ConsoleInputError(
+            f"month: expected a month such as 2026-11 (years {low}-{high})")
     year, month = int(match.group(1)), int(match.group(2))
     start = datetime(year, month, 1, tzinfo=now.tzinfo)
     days = calendar.monthrange(year, month)[1]
@@ -394,6 +443,72 @@ class ChainWatch:
             self._problem = problem
 
 
+# --- the console's threads ---------------------------------------------------------------------
+
+
+class _Lane:
+    """One kind of console work (index, chain, report) in the console's own executor, at most
+    one at a time. A request whose kind of work is running waits for it *on the event loop*
+    (no thread held) for up to ``wait`` seconds, then gets ConsoleBusyError (503). Work that
+    outlives its timeout keeps its lane busy until its thread returns, so threads never pile
+    up behind a slow call, and the loop's default executor (logins: TOTP, directory look-ups)
+    is never used by the console."""
+
+    def __init__(self, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._executor = executor
+        self._running: concurrent.futures.Future[Any] | None = None
+
+    async def run(self, work: Callable[[], T], seconds: float, *, wait: float) -> T:
+        """``work()`` in a thread of this lane, bounded by ``seconds`` (TimeoutError)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self._running is not None and not self._running.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ConsoleBusyError
+            await asyncio.wait([asyncio.wrap_future(self._running)], timeout=remaining)
+        try:
+            future = self._executor.submit(work)
+        except RuntimeError:  # shut down: the gateway is stopping
+            raise ConsoleBusyError from None
+        self._running = future
+        return await within(asyncio.wrap_future(future), seconds)
+
+
+class _ExportText:
+    """An export rendered batch by batch (one worker-thread call each): the CSV header once,
+    and the final line that says an export is incomplete."""
+
+    def __init__(self, suffix: str) -> None:
+        from gatewayd.audit import export  # noqa: PLC0415 - the index's sibling
+
+        self.csv = suffix == "csv"
+        self._iter_csv, self._iter_jsonl = export.iter_csv, export.iter_jsonl
+        self._header = "".join(export.iter_csv((), bom=False)) if self.csv else ""
+        self._first = True
+
+    def batch(self, records: Iterable[Mapping[str, Any]]) -> str:
+        if not self.csv:
+            return "".join(self._iter_jsonl(records))
+        text = "".join(self._iter_csv(records, bom=self._first))
+        if not self._first:
+            text = text.removeprefix(self._header)
+        self._first = False
+        return text
+
+    def incomplete(self, reason: str, written: int) -> str:
+        """The last line of an export that stopped early: visible in any viewer."""
+        head = self.batch(()) if self.csv and self._first else ""
+        message = (f"EXPORT INCOMPLETE: {reason}. {written} records were written above; "
+                   "the rest of the search is missing.")
+        if not self.csv:
+            return json.dumps({"export_incomplete": True, "reason": reason,
+                               "records": written}, sort_keys=True) + "\n"
+        buffer = io.StringIO()
+        csv.writer(buffer, dialect="excel", lineterminator="\r\n").writerow([message])
+        return head + buffer.getvalue()
+
+
 # --- the console -----------------------------------------------------------------------------
 
 
@@ -441,8 +556,26 @@ class AuditConsole:
             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
             lstrip_blocks=True)
         self._index: AuditIndex | None = None
-        self._index_lock = threading.Lock()  # one refresh/search at a time, in threads
         self._chain = ChainWatch()
+        # The console's own threads (never the loop's default executor, which logins use),
+        # one lane per kind of work; shut down by `close` (or when the console is dropped).
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=WORKERS, thread_name_prefix="gatewayd-console")
+        weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        self._index_lane = _Lane(self._executor)
+        self._chain_lane = _Lane(self._executor)
+        self._report_lane = _Lane(self._executor)
+        self._exports: set[threading.Event] = set()  # the stop flag of each running export
+        # month → (what the log's files looked like, the rendered report or None: empty);
+        # used only in the report lane.
+        self._reports: dict[str, tuple[tuple[object, ...], str | None]] = {}
+
+    def close(self) -> None:
+        """Stop the console's work: running exports end after their current batch, queued
+        work is dropped, and the threads end when their current call returns (no wait)."""
+        for stop in list(self._exports):
+            stop.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, request: web.Request, session: Session,
                      device: DeviceIdentity | None) -> web.StreamResponse:
@@ -496,6 +629,13 @@ class AuditConsole:
                            error="bad_request")
         except AuditWriteError:
             return _unaudited(request)
+        except ConsoleBusyError as busy:
+            response = respond(
+                request, 503, title="The console is busy",
+                message=str(busy) or "Another search or report is running. Try again in a "
+                                     "few seconds.", error="busy")
+            response.headers["Retry-After"] = "5"
+            return response
         except TimeoutError:
             return respond(request, 503, title="Search took too long",
                            message="The audit log could not be searched in time. Narrow the "
@@ -508,17 +648,19 @@ class AuditConsole:
         zone = self._ctx.settings.audit.zone
         form = SearchForm.parse(reader.request.query, zone)
         page: SearchPage | None = None
+        indexing: int | None = None
         if form.submitted:
-            page = await self._in_index(lambda index: index.search(
+            found, indexing = await self._in_index(lambda index: (index.search(
                 form.record_filter(), before_seq=form.before_seq,
-                limit=self._ctx.settings.console.page_size))
-            self._audit_read(reader, "search", records=len(page.records),
+                limit=self._ctx.settings.console.page_size), _indexing(index)))
+            self._audit_read(reader, "search", records=len(found.records),
                              **form.audit_fields())
+            page = found
         rows = [_row(record, zone) for record in page.records] if page else []
         older = (form.query_string(page.next_before_seq)
                  if page is not None and page.next_before_seq is not None else None)
         return self._html("search.html", reader, form=form.raw, page=page, rows=rows,
-                          older=older, query=form.query_string(),
+                          older=older, query=form.query_string(), indexing=indexing,
                           paged=form.before_seq is not None, results=RESULTS,
                           zone=zone.key, report_month=self._ctx.wall_clock().astimezone(
                               zone).strftime("%Y-%m"))
@@ -537,60 +679,91 @@ class AuditConsole:
     # --- export --------------------------------------------------------------------------
 
     async def _export_csv(self, reader: _Reader) -> web.StreamResponse:
-        from gatewayd.audit.export import iter_csv  # noqa: PLC0415 - the index's sibling
-
-        return await self._export(reader, "csv", "text/csv", iter_csv)
+        return await self._export(reader, "csv", "text/csv")
 
     async def _export_jsonl(self, reader: _Reader) -> web.StreamResponse:
-        from gatewayd.audit.export import iter_jsonl  # noqa: PLC0415
+        return await self._export(reader, "jsonl", "application/x-ndjson")
 
-        return await self._export(reader, "jsonl", "application/x-ndjson", iter_jsonl)
-
-    async def _export(self, reader: _Reader, suffix: str, content_type: str,
-                      render: Callable[[Iterator[dict[str, Any]]], Iterator[str]]
+    async def _export(self, reader: _Reader, suffix: str, content_type: str
                       ) -> web.StreamResponse:
+        """The search as a streamed download, newest first, one index page per worker-thread
+        call (each bounded by the records it scans, not by what it finds). Once the first
+        byte is sent the status cannot change: an export that stops early (timeout, the log
+        changed under it, `EXPORT_MAX_RECORDS`) ends with an ``EXPORT INCOMPLETE`` line and a
+        clean end of the body, never a silent short file or a hung download."""
         form = SearchForm.parse(reader.request.query, self._ctx.settings.audit.zone)
         flt = form.record_filter()
-        await self._in_index(lambda index: index.bounds())  # refreshed once, up front
+        indexing = await self._in_index(_indexing)  # refreshed once, up front
+        if indexing is not None:
+            return respond(reader.request, 503, title="Still indexing",
+                           message=f"The audit log is still being indexed ({indexing} % "
+                                   "done); a download now would leave out older records. "
+                                   "Try again in a few minutes.", error="indexing")
         self._audit_read(reader, "export", format=suffix, **form.audit_fields())
         response = web.StreamResponse(headers={
             "Content-Type": f"{content_type}; charset=utf-8",
             "Content-Disposition": f'attachment; filename="audit-export.{suffix}"'})
         await response.prepare(reader.request)
-        # One renderer over every batch (so a CSV header comes once). The generator reads the
-        # index and formats, so it is advanced in worker threads, CHUNKS_PER_HOP at a time.
-        chunks = render(self._export_records(flt, form.before_seq))
+        text, stop = _ExportText(suffix), threading.Event()
+        self._exports.add(stop)
         try:
-            while True:
-                batch = await within(asyncio.to_thread(_take, chunks, CHUNKS_PER_HOP),
-                                     SEARCH_TIMEOUT)
-                if not batch:
-                    break
-                await response.write("".join(batch).encode("utf-8"))
+            problem, written = await self._stream_export(response, text, flt,
+                                                         form.before_seq, stop)
         finally:
-            close = getattr(chunks, "close", None)  # a generator: free what it holds
-            if close is not None:
-                with contextlib.suppress(ValueError):  # still running in a timed-out thread
-                    close()
+            stop.set()
+            self._exports.discard(stop)
+        if problem is not None:
+            await response.write(text.incomplete(problem, written).encode("utf-8"))
         await response.write_eof()
         return response
 
-    def _export_records(self, flt: RecordFilter, before_seq: int | None
-                        ) -> Iterator[dict[str, Any]]:
-        """Every record of the search, newest first, a batch per index call (blocking)."""
-        cursor, sent = before_seq, 0
-        while sent < EXPORT_MAX_RECORDS:
-            with self._index_lock:
-                page = self._open_index().search(flt, before_seq=cursor, limit=EXPORT_BATCH)
-            yield from page.records
-            sent += len(page.records)
-            if page.next_before_seq is None:
-                return
-            cursor = page.next_before_seq
+    async def _stream_export(self, response: web.StreamResponse, text: _ExportText,
+                             flt: RecordFilter, cursor: int | None, stop: threading.Event
+                             ) -> tuple[str | None, int]:
+        """Write the export's batches; (why it stopped early or None, records written)."""
+        written = 0
+        while True:
+            if written >= EXPORT_MAX_RECORDS:
+                return (f"stopped at {EXPORT_MAX_RECORDS} records, the most one download "
+                        "holds (gatewayd audit export has no limit)"), written
+            limit = min(EXPORT_BATCH, EXPORT_MAX_RECORDS - written)
+            before = cursor
+
+            def hop(before: int | None = before, limit: int = limit) -> tuple[
+                    str, int | None, int, bool]:
+                return self._export_hop(text, flt, before, limit, stop)
+
+            try:
+                # A search between two batches waits its turn; it never breaks the download.
+                chunk, cursor, count, complete = await self._index_lane.run(
+                    hop, SEARCH_TIMEOUT, wait=SEARCH_TIMEOUT)
+            except TimeoutError:
+                return "the audit log could not be read in time", written
+            except ConsoleBusyError:
+                return "the console was busy or the gateway is stopping", written
+            if chunk:
+                await response.write(chunk.encode("utf-8"))
+            written += count
+            if not complete:
+                return ("part of the audit log changed while it was read (rotation or "
+                        "retention); export again"), written
+            if cursor is None:
+                return None, written
+
+    def _export_hop(self, text: _ExportText, flt: RecordFilter, before_seq: int | None,
+                    limit: int, stop: threading.Event) -> tuple[str, int | None, int, bool]:
+        """One index page of the export, rendered (blocking): (text, next cursor, records,
+        complete). No refresh: the pages go down from where the export started."""
+        if stop.is_set():  # the download already ended
+            return "", None, 0, False
+        page = self._open_index().search(flt, before_seq=before_seq, limit=limit)
+        return text.batch(page.records), page.next_before_seq, len(page.records), page.complete
 
     # --- live sessions and kill ----------------------------------------------------------
 
     async def _sessions(self, reader: _Reader) -> web.StreamResponse:
+        """Who is connected now. This is the gateway's live state, not the audit log, so it
+        writes no ``audit.read`` (the admin socket's session list does not either)."""
         ctx = self._ctx
         now, wall = ctx.clock(), ctx.wall_clock()
         rows = sorted((session_view(s, now, wall) for s in ctx.sessions.sessions()),
@@ -637,7 +810,10 @@ class AuditConsole:
 
     async def _chain_page(self, reader: _Reader) -> web.StreamResponse:
         live = self._ctx.audit.path
-        status = await within(asyncio.to_thread(self._chain.status, live), CHAIN_TIMEOUT)
+        status = await self._chain_lane.run(lambda: self._chain.status(live), CHAIN_TIMEOUT,
+                                            wait=BUSY_WAIT)
+        # Seqs, the checkpoint and problem text are audit data: the view is recorded.
+        self._audit_read(reader, "chain", records=status.records_checked)
         return self._html("chain.html", reader, status=status)
 
     async def _report(self, reader: _Reader) -> web.StreamResponse:
@@ -656,16 +832,21 @@ class AuditConsole:
                            message="The usage report is not installed on this gateway.",
                            error="not_found")
         live = self._ctx.audit.path
-        paths = [*rotated_siblings(live), live]
 
-        def build() -> str:
-            report = build_usage(paths, since=since, until=until,
-                                 seats=settings.sessions.max_concurrent, zone=zone)
+        def build(paths: list[Path]) -> str | None:
+            try:
+                report: UsageReport = build_usage(
+                    paths, since=since, until=until, seats=settings.sessions.max_concurrent,
+                    zone=zone)
+            except EmptyPeriodError:
+                return None
             return str(render_html(report))
 
-        try:
-            body = await within(asyncio.to_thread(build), REPORT_TIMEOUT)
-        except EmptyPeriodError:
+        body = await self._report_lane.run(
+            lambda: self._report_body(label, live, until, build), REPORT_TIMEOUT,
+            wait=BUSY_WAIT)
+        if body is None:  # a read that found nothing is still a read
+            self._audit_read(reader, "report", month=label, records=0)
             return respond(reader.request, 404, title="No usage in that month",
                            message=f"The audit log has no records for {label}.",
                            error="not_found")
@@ -681,6 +862,29 @@ class AuditConsole:
         response.headers["Cache-Control"] = NO_STORE
         return response
 
+    def _report_body(self, label: str, live: Path, until: datetime,
+                     build: Callable[[list[Path]], str | None]) -> str | None:
+        """The month's report (None: no records), from the cache while the log's files are
+        as they were, else built (blocking; in the report lane, one at a time). A file that
+        rotation or retention removes mid-build means one more try, then a 503."""
+        for _ in range(2):
+            paths = [*rotated_siblings(live), live]
+            try:
+                shape = _log_shape(paths, live, until)
+                cached = self._reports.get(label)
+                if cached is not None and cached[0] == shape:
+                    return cached[1]
+                body = build(paths)
+            except OSError:
+                continue  # a file went away between listing and reading it
+            self._reports.pop(label, None)
+            self._reports[label] = (shape, body)
+            while len(self._reports) > REPORT_CACHE:
+                del self._reports[next(iter(self._reports))]  # the oldest built
+            return body
+        raise ConsoleBusyError("The audit log's files changed while the report was being "
+                               "built (rotation or retention). Try again.")
+
     async def _stylesheet(self, reader: _Reader) -> web.StreamResponse:
         response = web.Response(text=CONSOLE_CSS, content_type="text/css")
         response.headers["Cache-Control"] = "private, max-age=3600"
@@ -694,16 +898,17 @@ class AuditConsole:
         if written is None:  # on_failure = "continue" swallowed it: still refuse to show
             raise AuditWriteError("audit.read", None, OSError("audit.read was not written"))
 
-    async def _in_index(self, work: Callable[[AuditIndex], Any]) -> Any:
-        """Refresh the index (incremental) and run ``work`` on it, in a worker thread."""
+    async def _in_index(self, work: Callable[[AuditIndex], T]) -> T:
+        """Refresh the index (incremental, at most about `REFRESH_SECONDS` of indexing: a
+        first indexing of a large log goes on at the next request) and run ``work`` on it,
+        in the index lane."""
 
-        def run() -> Any:
-            with self._index_lock:
-                index = self._open_index()
-                index.refresh()
-                return work(index)
+        def run() -> T:
+            index = self._open_index()
+            index.refresh(max_seconds=REFRESH_SECONDS)
+            return work(index)
 
-        return await within(asyncio.to_thread(run), SEARCH_TIMEOUT)
+        return await self._index_lane.run(run, SEARCH_TIMEOUT, wait=BUSY_WAIT)
 
     def _open_index(self) -> AuditIndex:
         from gatewayd.audit.index import AuditIndex  # noqa: PLC0415 - only the console uses it
@@ -721,8 +926,26 @@ class AuditConsole:
         return web.Response(text=body, content_type="text/html")
 
 
-def _take(chunks: Iterator[str], count: int) -> list[str]:
-    return list(itertools.islice(chunks, count))
+def _indexing(index: AuditIndex) -> int | None:
+    """None when the index covers the whole log, else how far its indexing is (percent)."""
+    return None if index.complete else min(99, int(index.progress * 100))
+
+
+def _log_shape(paths: list[Path], live: Path, until: datetime) -> tuple[object, ...]:
+    """What a month's cached report depends on: every rotated file as it is, and the live
+    file — with its size only while it may hold records of the month (it started before the
+    month ended), so a past month's report is not rebuilt for every new record."""
+    first = read_first_line(live)
+    record = parse_line(first) if first is not None else None
+    started = record_time(record) if record is not None else None
+    shape: list[object] = []
+    for path in paths:
+        st = path.stat()
+        if path == live and started is not None and started >= until:
+            shape.append((path.name, st.st_dev, st.st_ino))
+        else:
+            shape.append((path.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(shape)
 
 
 # --- what the pages show ---------------------------------------------------------------------
