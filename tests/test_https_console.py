@@ -604,3 +604,18 @@ async def test_reports_are_built_one_at_a_time_cached_and_survive_a_rotation_rac
         release.set()
     status, _, _ = await first
     assert status == 200
+
+
+async def test_the_console_threads_end_with_the_gateway(gw: Harness) -> None:
+    client = await gw.signed_in("carol")
+    status, _, _ = await get(client, gw, "?user=alice")
+    assert status == 200
+    assert any(t.name.startswith("gatewayd-console") for t in threading.enumerate())
+    await gw.gateway.stop()
+    for _ in range(50):  # the pool is shut down at stop; idle workers exit at once
+        if not any(t.name.startswith("gatewayd-console") and t.is_alive()
+                   for t in threading.enumerate()):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(t.name.startswith("gatewayd-console") and t.is_alive()
+                   for t in threading.enumerate())

@@ -314,6 +314,8 @@ class HttpsFrontend:
         if task is not None:
             tasks.add(task)
         await cancel_and_wait(tasks)
+        if self._console is not None:  # exports still streaming end with their marker line
+            self._console.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
