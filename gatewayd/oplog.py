@@ -35,6 +35,7 @@ lives on the root logger — none in this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -165,10 +166,30 @@ class OperationalHandler(logging.StreamHandler[TextIO]):
     ``gatewayd`` logger's level to restore when the last holder lets go.
     """
 
-    def __init__(self, stream: TextIO, scope_level_before: int) -> None:
+    def __init__(self, stream: TextIO | None, scope_level_before: int) -> None:
+        self._fixed: TextIO | None = None
         super().__init__(stream)
+        self.use(stream)
         self.holders: set[StdlibLogging] = set()
         self.scope_level_before = scope_level_before
+
+    def use(self, stream: TextIO | None) -> None:
+        """Write to ``stream``, or (None) to whatever ``sys.stderr`` is at each write — as
+        logging's own last-resort handler does, so a replaced and closed stderr (a test's
+        capture, a daemon's redirection) is never written to after it is gone."""
+        self._fixed = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._fixed if self._fixed is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        self._fixed = value
+
+    def flush(self) -> None:
+        with contextlib.suppress(ValueError, OSError):  # a stream closed under us: nothing to do
+            super().flush()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not _in_scope(record.name) and record.levelno < max(FOREIGN_FLOOR, self.level):
@@ -201,10 +222,10 @@ class StdlibLogging:
         root, scope = logging.getLogger(), logging.getLogger(STDLIB_SCOPE)
         handler = next((h for h in root.handlers if isinstance(h, OperationalHandler)), None)
         if handler is None:
-            handler = OperationalHandler(out, scope_level_before=scope.level)
+            handler = OperationalHandler(stream, scope_level_before=scope.level)
             root.addHandler(handler)
-        elif handler.stream is not out:
-            handler.setStream(out)
+        else:
+            handler.use(stream)
         handler.setFormatter(make_stdlib_formatter(log_format=log_format, node=node,
                                                    journal=journal))
         handler.setLevel(number)

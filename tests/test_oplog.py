@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -122,6 +124,20 @@ def test_stdlib_lines_share_the_journal_format(stream: TextIO, hold: StdlibLoggi
     failed = json.loads(out[2][3:])
     assert failed["event"] == "node heartbeat failed" and failed["level"] == "error"
     assert "ZeroDivisionError" in failed["exception"]  # the traceback is a field of the line
+
+
+def test_without_a_stream_it_follows_stderr_as_it_is_now(
+        hold: StdlibLogging, monkeypatch: pytest.MonkeyPatch) -> None:
+    # stderr replaced after attach (a test's capture, a daemon's redirection) and the old one
+    # closed: lines go to the new one, and letting go does not trip over the closed one.
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    hold.attach(level="info", log_format="json", node="gw1", environ={})
+    monkeypatch.setattr(sys, "stderr", second)
+    first.close()
+    logging.getLogger("gatewayd.test").warning("after the swap")
+    hold.detach()
+    assert json.loads(second.getvalue().splitlines()[-1])["event"] == "after the swap"
 
 
 def test_other_libraries_only_from_warning(stream: TextIO, hold: StdlibLogging) -> None:
