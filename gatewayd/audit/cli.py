@@ -154,7 +154,7 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", type=_iso_time, metavar="ISO",
                         help="up to this time (exclusive); without an offset: in ZONE (--tz)")
     parser.add_argument(
-        "--tz", type=_zone, default=DEFAULT_TIMEZONE, metavar="ZONE",
+        "--tz", type=zone_argument, default=DEFAULT_TIMEZONE, metavar="ZONE",
         help="IANA time zone for --since/--until given without an offset (default: "
         f"{DEFAULT_TIMEZONE.key}, the default audit.timezone). Records are written in the "
         "log's audit.timezone, so pass that zone if it was changed. A time with an offset "
@@ -185,7 +185,7 @@ def _iso_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
 
 
-def _zone(name: str) -> ZoneInfo:
+def zone_argument(name: str) -> ZoneInfo:
     """argparse type: an IANA time zone name such as ``Asia/Tokyo`` or ``UTC``."""
     try:
         return ZoneInfo(name)

@@ -82,7 +82,7 @@ from typing import IO, Any, Final
 
 from gatewayd.audit import files
 from gatewayd.audit.chain import parse_line
-from gatewayd.audit.query import RecordFilter
+from gatewayd.audit.query import RecordFilter, record_time
 
 VERSION: Final = 1
 BLOCK_RECORDS: Final = 512
@@ -254,16 +254,8 @@ def _epoch_us(moment: datetime) -> int:
 
 
 def _record_ts_us(record: dict[str, Any]) -> int | None:
-    ts = record.get("ts")
-    if not isinstance(ts, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(ts)
-    except ValueError:
-        return None
-    if moment.utcoffset() is None:
-        return None
-    return _epoch_us(moment)
+    moment = record_time(record)
+    return None if moment is None else _epoch_us(moment)
 
 
 def _record_seq(record: dict[str, Any] | None) -> int | None:

@@ -51,6 +51,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
+from gatewayd.audit.query import record_time
 from gatewayd.report.model import (
     Attendance,
     ConcurrencyStep,
@@ -74,14 +75,8 @@ _REQUEST_EVENTS: Final = frozenset({"access.allow", "access.deny", "access.end",
 
 def parse_ts(record: Mapping[str, Any]) -> float | None:
     """The record's ``ts`` as POSIX seconds, or None when missing or not RFC 3339 with offset."""
-    ts = record.get("ts")
-    if not isinstance(ts, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(ts)
-    except ValueError:
-        return None
-    return moment.timestamp() if moment.utcoffset() is not None else None
+    moment = record_time(record)
+    return None if moment is None else moment.timestamp()
 
 
 def _text(record: Mapping[str, Any], key: str) -> str | None:

@@ -30,9 +30,9 @@ from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
-from gatewayd.audit.cli import log_files
+from gatewayd.audit.cli import log_files, zone_argument
 from gatewayd.audit.events import display_text
 from gatewayd.audit.writer import DEFAULT_TIMEZONE
 from gatewayd.config import ConfigError, Settings, default_config_path, load_settings
@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="first day, YYYY-MM-DD in ZONE (inclusive)")
     usage.add_argument("--to", dest="to_day", type=_day, metavar="DATE",
                        help="last day, YYYY-MM-DD in ZONE (inclusive)")
-    usage.add_argument("--tz", type=_zone, metavar="ZONE",
+    usage.add_argument("--tz", type=zone_argument, metavar="ZONE",
                        help="IANA zone for days and times (default: audit.timezone of the "
                        f"config, else {DEFAULT_TIMEZONE.key})")
     usage.add_argument("--seats", type=_positive, metavar="N",
@@ -100,14 +100,6 @@ def _day(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a day YYYY-MM-DD: {text!r}") from exc
-
-
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(
-            f"unknown time zone {name!r} (expected an IANA name like 'Asia/Tokyo')") from exc
 
 
 def _positive(text: str) -> int:
