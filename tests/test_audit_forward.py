@@ -525,6 +525,21 @@ async def test_restart_resumes_after_the_cursor(setup: Setup) -> None:
     assert resent == [seq for seq in setup.seqs_on_disk() if seq > cursor.seq]
 
 
+async def forward_everything(setup: Setup) -> Collector:
+    """Start a TCP collector and a forwarder, wait until the log's last record is delivered,
+    stop both; the collector (with what it received)."""
+    collector = Collector()
+    await collector.up()
+    forwarder = setup.forwarder(collector.port)
+    await forwarder.start()
+    try:
+        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
+    finally:
+        await forwarder.close(2)
+        await collector.down()
+    return collector
+
+
 async def test_cursor_whose_record_is_gone_restarts_at_the_oldest_record(
         setup: Setup) -> None:
     setup.emit(150)
@@ -537,15 +552,7 @@ async def test_cursor_whose_record_is_gone_restarts_at_the_oldest_record(
     gone.unlink()  # what retention does
     write_cursor(setup.cursor_path, Cursor(2, "cd" * 32))
     oldest = setup.seqs_on_disk()[0]
-    collector = Collector()
-    await collector.up()
-    forwarder = setup.forwarder(collector.port)
-    await forwarder.start()
-    try:
-        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
-    finally:
-        await forwarder.close(2)
-        await collector.down()
+    collector = await forward_everything(setup)
     assert collector.seqs() == setup.seqs_on_disk()
     assert collector.seqs()[0] == oldest == last_gone + 1
     warning = setup.log.said("starting again from the oldest record")
@@ -555,15 +562,7 @@ async def test_cursor_whose_record_is_gone_restarts_at_the_oldest_record(
 async def test_damaged_cursor_resends_everything(setup: Setup) -> None:
     setup.emit(5)
     setup.cursor_path.write_text("not json")
-    collector = Collector()
-    await collector.up()
-    forwarder = setup.forwarder(collector.port)
-    await forwarder.start()
-    try:
-        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
-    finally:
-        await forwarder.close(2)
-        await collector.down()
+    collector = await forward_everything(setup)
     assert collector.seqs() == setup.seqs_on_disk()
     assert setup.log.said("cursor unreadable")
 
@@ -792,15 +791,7 @@ async def test_a_cursor_whose_record_the_log_lost_resumes_after_its_predecessor(
     records = on_disk(setup.audit.path)
     before = records[4]
     write_cursor(setup.cursor_path, Cursor(before["seq"] + 1, "ef" * 32, before["hash"]))
-    collector = Collector()
-    await collector.up()
-    forwarder = setup.forwarder(collector.port)
-    await forwarder.start()
-    try:
-        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
-    finally:
-        await forwarder.close(2)
-        await collector.down()
+    collector = await forward_everything(setup)
     assert not setup.log.said("starting again")
     assert setup.log.said("does not match the audit log exactly")
     assert collector.seqs() == [seq for seq in setup.seqs_on_disk() if seq > before["seq"]]
