@@ -778,17 +778,17 @@ class EmergencyStop:
 
     # --- handshake refusals ----------------------------------------------------------------
 
-    def tls_refused(self, verify_code: int, verify_message: str) -> None:
+    def tls_refused(self, verify_code: int, verify_message: str, source_ip: str) -> None:
         """A client certificate failed verification in a TLS handshake: audit why.
 
-        Called by the HTTPS listener on the event loop, in the middle of asyncio's handshake
-        handling: never raises. The handshake is refused whatever happens here.
+        Called by the HTTPS listener on the event loop once asyncio's handshake with
+        ``source_ip`` failed (`ServerContext.report_refusal`): never raises.
         """
         reason = tls_refusal_reason(verify_code)
         try:
             if self._refusals.admit(reason):
                 self._emit("auth.failure", frontend="https", reason=reason,
-                           error=verify_message, status="failure")
+                           source_ip=source_ip, error=verify_message, status="failure")
         except AuditWriteError:
             log.error("audit write failed; refused device certificate (%s) not recorded",
                       reason)

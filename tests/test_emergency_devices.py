@@ -281,16 +281,16 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLCertVeri
 def refuse(stop: Stop, ca: Path, cert: Pair) -> ssl.SSLCertVerificationError:
     """Present ``cert`` to the listener's context; report the refusal as the listener does.
 
-    When gatewayd.https.tls calls the context's ``on_refused`` hook itself, the record is
-    already there and is not made twice.
+    An in-memory handshake has no listener: the test reports the refusal itself, through the
+    hook the gateway's listener calls (`ServerContext.report_refusal`).
     """
     before = len(stop.records)
     error = handshake(stop.context, client_context(ca, cert))
     assert error is not None, "the certificate was accepted"
-    if len(stop.records) == before:
-        hook = getattr(stop.context, "on_refused", None)
-        assert hook == stop.stop.tls_refused  # attach installed it
-        hook(error.verify_code, error.verify_message)
+    assert len(stop.records) == before  # nothing is audited without the listener's address
+    hook = getattr(stop.context, "on_refused", None)
+    assert hook == stop.stop.tls_refused  # attach installed it
+    hook(error.verify_code, error.verify_message, "192.0.2.7")
     return error
 
 
@@ -337,6 +337,7 @@ async def test_refused_device_certificates_are_audited_with_their_reason(
     assert [(f["frontend"], f["reason"], f["status"]) for f in failures] == [
         ("https", reason, "failure") for _, _, reason in cases]
     assert [f["error"] for f in failures] == [errors[name].verify_message for name, _, _ in cases]
+    assert {f["source_ip"] for f in failures} == {"192.0.2.7"}
     assert "revoked" in failures[0]["error"] and "expired" in failures[1]["error"]
 
 
@@ -352,9 +353,9 @@ async def test_a_flood_of_refusals_is_summed_up_not_recorded_one_by_one(
     await stop.stop.check()
     error = handshake(stop.context, client_context(ca, device_files(ca, "pc-0042")))
     assert error is not None
-    # The listener's handshake above was refused through the hook too: the first of 27.
-    for _ in range(TLS_AUDIT_BURST + 6):
-        stop.stop.tls_refused(error.verify_code, error.verify_message)
+    # What the listener reports for each refused handshake (from gatewayd.https.app): 27.
+    for _ in range(TLS_AUDIT_BURST + 7):
+        stop.stop.tls_refused(error.verify_code, error.verify_message, "192.0.2.7")
     assert len(stop.events("auth.failure")) == TLS_AUDIT_BURST
     await stop.stop.check()  # the window is not over: nothing summed up yet
     assert len(stop.events("auth.failure")) == TLS_AUDIT_BURST
@@ -363,7 +364,7 @@ async def test_a_flood_of_refusals_is_summed_up_not_recorded_one_by_one(
     summary = stop.events("auth.failure")[-1]
     assert summary["reason"] == "device_cert_refusals_unrecorded"
     assert "7 device_cert_revoked" in summary["error"]
-    stop.stop.tls_refused(error.verify_code, error.verify_message)  # a new window
+    stop.stop.tls_refused(error.verify_code, error.verify_message, "192.0.2.7")  # a new window
     assert stop.events("auth.failure")[-1]["reason"] == "device_cert_revoked"
     await stop.stop.check()
     assert len(stop.events("auth.failure")) == TLS_AUDIT_BURST + 2
@@ -381,7 +382,7 @@ def test_the_hook_never_raises_into_the_handshake(tmp_path: Path, ca: Path,
         return 0
 
     stop = EmergencyStop(settings, registry, emit=broken, refresh_directory=no_refresh)
-    stop.tls_refused(23, "certificate revoked")  # logged, not raised
+    stop.tls_refused(23, "certificate revoked", "192.0.2.7")  # logged, not raised
     assert "cannot audit a refused device certificate" in caplog.text
 
 

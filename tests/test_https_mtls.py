@@ -159,6 +159,15 @@ def verdict(server: ssl.SSLContext, gw: Harness, cert: Pair | None) -> str | Non
     return error.reason or str(error)
 
 
+async def until_recorded(gw: Harness, event: str) -> list[dict[str, object]]:
+    """The ``event`` records once there is at least one (at most 5 s)."""
+    for _ in range(100):
+        if records := gw.audit_events(event):
+            return records
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {event} record within 5 s")
+
+
 async def wait_for(gw: Harness, event: str, reason: str) -> float:
     """Seconds until an ``event`` record with ``reason`` is in the audit log (at most 5)."""
     loop = asyncio.get_running_loop()
@@ -194,6 +203,10 @@ async def test_the_handshake_refuses(gw: Harness, pki: Pki, which: str | None,
     assert await refused(gw, cert)
     if which is not None:  # the operator's log says why (the client only sees a closed line)
         assert f"TLS client certificate refused: {reason}" in caplog.text
+        # …and so does the audit log, with where the certificate came from.
+        failure = (await until_recorded(gw, "auth.failure"))[-1]
+        assert failure["source_ip"] == "127.0.0.1" and failure["error"] == reason
+        assert failure["reason"].startswith("device_cert_")
     assert gw.gateway.emergency.context is not None
     assert verdict(gw.gateway.emergency.context, gw, cert) == reason
     assert not await refused(gw, pki.alice)  # the listener itself is fine

@@ -78,7 +78,7 @@ from gatewayd.https.portal import portal_entries
 from gatewayd.https.proxy import defer_continue
 from gatewayd.https.redirects import safe_next
 from gatewayd.https.sshcert import SshCertificates
-from gatewayd.https.tls import ConnectionDevices, DeviceRevokedError
+from gatewayd.https.tls import ConnectionDevices, DeviceRevokedError, ServerContext
 from gatewayd.sessions import Session
 from gatewayd.ssh.admission import Admission
 from gatewayd.state.store import StateUnavailable
@@ -287,6 +287,9 @@ class HttpsFrontend:
             log.debug("https connection from %s failed its handshake: %s", source, exc)
             conn.close()
             release()
+            if isinstance(exc, ssl.SSLCertVerificationError) \
+                    and isinstance(ssl_context, ServerContext):
+                ssl_context.report_refusal(exc, source)  # audited, with the address
 
     async def stop_accepting(self) -> None:
         """Close the listening socket; requests in flight continue (see `close`)."""

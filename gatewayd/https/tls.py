@@ -173,10 +173,9 @@ class DeviceConnection(ssl.SSLObject):
         except ssl.SSLCertVerificationError as exc:
             # asyncio drops this error without a trace (and without sending OpenSSL's alert):
             # the help desk needs "certificate has expired" / "certificate revoked" somewhere.
+            # The audit record is written by the listener, which knows the peer's address
+            # (`ServerContext.report_refusal`, from gatewayd.https.app); this object does not.
             log.warning("TLS client certificate refused: %s", exc.verify_message)
-            context = self.context
-            if isinstance(context, ServerContext) and context.on_refused is not None:
-                context.on_refused(exc.verify_code, exc.verify_message)  # audited there
             raise
 
     def read(self, len: int = 1024, buffer: Any = None) -> bytes:
@@ -202,9 +201,14 @@ class ServerContext(ssl.SSLContext):
     crl: LoadedCrl | None = None
     revoked: frozenset[int] = frozenset()
     generation = 0  # bumped by every apply_crl: connections re-check their peer then
-    # Told (verify code, OpenSSL's text) of each refused device certificate, for the audit
-    # log (EmergencyStop.tls_refused); it never raises into the handshake.
-    on_refused: Callable[[int, str], None] | None = None
+    # Told (verify code, OpenSSL's text, the peer's address) of each refused device
+    # certificate, for the audit log (EmergencyStop.tls_refused); it never raises.
+    on_refused: Callable[[int, str, str], None] | None = None
+
+    def report_refusal(self, error: ssl.SSLCertVerificationError, source_ip: str) -> None:
+        """The listener's handshake with ``source_ip`` failed on the client certificate."""
+        if self.on_refused is not None:
+            self.on_refused(error.verify_code, error.verify_message, source_ip)
 
     def apply_crl(self, crl: LoadedCrl) -> None:
         """Give OpenSSL a verified list (blocking: a temporary file) and enforce it."""
