@@ -54,6 +54,7 @@ from gatewayd.https.tls import TlsConfigError, server_context
 from gatewayd.identity.authenticator import (
     DEFAULT_RESPONSE_FLOOR,
     Authenticator,
+    UserBlocked,
     build_authenticator,
 )
 from gatewayd.identity.directory import DirectoryUnavailable
@@ -276,7 +277,8 @@ class Gateway:
         )
         self.upstreams = UpstreamPool()
         self.emergency = EmergencyStop(settings, self.sessions, emit=self._emit_audit,
-                                       refresh_directory=self.refresh_principals)
+                                       refresh_directory=self.refresh_principals,
+                                       blocks=self.authenticator.blocks)
         self._signer: AssertionSigner | None = None
         self.https = HttpsFrontend(self, console=self) if settings.https.enabled else None
         self.ssh = SshFrontend(self) if settings.ssh.enabled else None
@@ -364,17 +366,21 @@ class Gateway:
         """Re-read every session's user from the directory; end those it no longer knows.
 
         A disabled or deleted account loses its sessions (and their WebSockets) here instead
-        of keeping them until the absolute timeout; changed groups or attributes apply to the
+        of keeping them until the absolute timeout (``directory_revoked``; an account the
+        gateway blocks: ``user_disabled``); changed groups or attributes apply to the
         next request. A directory that is down changes nothing (sessions stay as they were,
         new logins fail closed). Returns the number of sessions ended.
         """
-        directory = self.authenticator.directory
         ended = 0
         for user in sorted({session.user for session in self.sessions.sessions()}):
             try:
-                principal = await directory.lookup(user)
-            except DirectoryUnavailable:
-                self.log.warning("directory unavailable; sessions not refreshed")
+                principal = await self.authenticator.lookup(user)
+            except UserBlocked:  # `gatewayd users disable` (gatewayd.identity.blocks)
+                ended += self.sessions.end_user(user, "user_disabled")
+                continue
+            except (DirectoryUnavailable, StateUnavailable):
+                self.log.warning("directory or shared state unavailable; sessions not "
+                                 "refreshed")
                 return ended
             if principal is None or not still_entitled(self.policy, principal):
                 ended += self.sessions.end_user(user, "directory_revoked")

@@ -4,8 +4,10 @@ Two administrator commands feed it; both run where the daemon's audit log is out
 
 * ``gatewayd certs revoke DEVICE`` re-signs the device CRL (``https.crl_file``) and updates the
   ``index.json`` beside it (`gatewayd.ca`);
-* ``gatewayd users disable USER`` sets ``disabled = true`` in the users file (file backend) and
-  appends a request to the **disable journal** ``STATE_DIR/user-disable.json``.
+* ``gatewayd users disable USER`` sets ``disabled = true`` in the users file (file backend),
+  blocks USER in the gateway (``STATE_DIR/user-blocks.json``, every backend:
+  `gatewayd.identity.blocks`) and appends a request to the **disable journal**
+  ``STATE_DIR/user-disable.json``; ``gatewayd users enable USER`` lifts the block.
 
 `EmergencyStop.check` — run by the gateway every `WATCH_INTERVAL` seconds and on SIGHUP —
 picks both up:
@@ -28,7 +30,14 @@ picks both up:
    ``directory.refresh_interval`` (a hand edit that disables or deletes someone:
    ``directory_revoked``; `still_entitled` says whether a refreshed principal still holds
    any allowed group or name);
-4. certificates issued or revoked without an audit record yet get ``cert.issue`` /
+4. the gateway's user blocks (`gatewayd.identity.blocks.UserBlocks.sync`): pending changes
+   are published to the shared state (Redis, with ``state.backend = "redis"``) and the
+   cluster's list mirrored into this node's file; every open session of a blocked user on
+   this node ends (``user_disabled``) — blocks made on another node too; each lifted block
+   is audited as ``user.enable`` (user, operator, reason), then marked done. A list that
+   cannot be read or published is logged once and tried again next round (sign-ins that
+   need the shared list are refused meanwhile: ``state_unavailable``);
+5. certificates issued or revoked without an audit record yet get ``cert.issue`` /
    ``cert.revoke`` (from ``index.json`` beside the CRL, and the CRL itself, which is what the
    gateway enforces). The daemon cannot write into the CA directory, so which serials it has
    audited is kept in ``STATE_DIR/cert-audit.json``. A record is written before it is marked:
@@ -42,10 +51,11 @@ owner — the daemon's user — even when root runs the command)::
                    "requested_at": "2026-11-27T08:10:56Z", "reason": "laptop stolen",
                    "done": false}]}
 
-Writers hold an exclusive ``flock`` on ``user-disable.json.lock``. The command holds it across
-its users-file edit and the journal append, and the daemon reads the journal and the users
-file's signature under it: the daemon never sees the disabled account without the request that
-explains it, so those sessions end as ``user_disabled`` rather than ``directory_revoked``.
+Writers hold an exclusive ``flock`` on ``user-disable.json.lock`` (the blocks file's writers
+too). The command holds it across its users-file edit, the block and the journal append, and
+the daemon reads the journal and the users file's signature under it: the daemon never sees
+the disabled account without the request that explains it, so those sessions end as
+``user_disabled`` rather than ``directory_revoked``.
 
 Cert audit marks (``STATE_DIR/cert-audit.json``, ``0600``)::
 
@@ -88,7 +98,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -112,6 +122,10 @@ from gatewayd.identity.principal import Principal
 from gatewayd.policy import Policy
 from gatewayd.policy.conditions import SubjectsCondition
 from gatewayd.sessions import Session, SessionRegistry
+from gatewayd.state.store import StateUnavailable
+
+if TYPE_CHECKING:
+    from gatewayd.identity.blocks import UserBlocks
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +177,7 @@ class AuditEmit(Protocol):
     def __call__(self, event: str, /, **fields: object) -> object: ...
 
 
-def _state_dir_owner(state_dir: Path) -> tuple[int, int] | None:
+def state_dir_owner(state_dir: Path) -> tuple[int, int] | None:
     """When root writes into the daemon's state directory, the files go to its owner."""
     if os.geteuid() != 0:
         return None
@@ -216,7 +230,7 @@ class DisableJournal:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            owner = _state_dir_owner(self.state_dir)
+            owner = state_dir_owner(self.state_dir)
             if owner is not None:
                 os.fchown(fd, *owner)  # a lock file root made must stay usable by the daemon
             self._acquire(fd, wait)
@@ -283,7 +297,7 @@ class DisableJournal:
         data = {"format": JOURNAL_FORMAT, "requests": [r.to_json() for r in items]}
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         atomic_write(self.path, text.encode("utf-8"), mode=0o600, overwrite=True,
-                     owner=_state_dir_owner(self.state_dir))
+                     owner=state_dir_owner(self.state_dir))
 
 
 # --- which certificates the daemon has audited ----------------------------------------------
@@ -458,6 +472,8 @@ class Outcome:
     user_sessions: int = 0
     directory_sessions: int = 0
     audited: int = 0
+    blocked_sessions: int = 0  # sessions of users blocked by the gateway (user_disabled)
+    enabled: int = 0  # blocks lifted (user.enable written)
 
 
 def _signature(path: Path) -> FileSignature | None:
@@ -474,8 +490,10 @@ class EmergencyStop:
         self, settings: Settings, sessions: SessionRegistry, *, emit: AuditEmit,
         refresh_directory: Callable[[], Awaitable[int]],
         clock: Callable[[], float] = time.monotonic,
+        blocks: UserBlocks | None = None,
     ) -> None:
         self._https = settings.https
+        self._blocks = blocks
         self._sessions = sessions
         self._emit = emit
         self._refresh_directory = refresh_directory
@@ -606,6 +624,8 @@ class EmergencyStop:
         if polled.crl is not None:
             outcome.device_sessions = await self._apply_crl(polled.crl)
         outcome.user_sessions = await self._stop_users(polled.pending)
+        if self._blocks is not None:
+            outcome.blocked_sessions, outcome.enabled = await self._apply_blocks(self._blocks)
         if polled.users_signature != self._users_signature:
             first = self._users_signature is None
             self._users_signature = polled.users_signature
@@ -616,10 +636,12 @@ class EmergencyStop:
         self._audit_unrecorded_refusals()
         if self._crl_info is not None:
             self._warn_expiry(self._crl_info)  # at most daily while the list is close to lapsing
-        if outcome.device_sessions or outcome.user_sessions or outcome.directory_sessions:
+        if (outcome.device_sessions or outcome.user_sessions or outcome.directory_sessions
+                or outcome.blocked_sessions):
             log.warning("emergency stop ended sessions: %d of revoked devices, %d of disabled "
-                        "users, %d after a users-file change", outcome.device_sessions,
-                        outcome.user_sessions, outcome.directory_sessions)
+                        "users, %d after a users-file change, %d of blocked users",
+                        outcome.device_sessions, outcome.user_sessions,
+                        outcome.directory_sessions, outcome.blocked_sessions)
         return outcome
 
     def _poll(self, force: bool) -> _Polled:
@@ -739,6 +761,38 @@ class EmergencyStop:
                 # Re-done next round: ending no sessions and a second user.disable record.
                 log.error("cannot mark disable requests done: %s", exc)
         return ended
+
+    async def _apply_blocks(self, blocks: UserBlocks) -> tuple[int, int]:
+        """The gateway's blocks (`gatewayd.identity.blocks`): end blocked users' sessions,
+        audit lifted blocks as ``user.enable``, publish and mirror the list (5. above)."""
+        try:
+            sync = await blocks.sync()
+            self._reported.discard("blocks")
+        except (OSError, JournalError, StateUnavailable) as exc:
+            self._report_once("blocks", f"cannot update the user blocks: {exc}")
+            sync = None
+        # Whatever this node knows now, even when the shared list could not be read.
+        victims = [s for s in self._sessions.sessions() if blocks.blocked_locally(s.user)]
+        for session in victims:
+            self._sessions.end(session, "user_disabled")
+        if sync is None:
+            return len(victims), 0
+        done = [id_ for id_ in sync.published
+                if id_ not in {lift.id for lift in sync.lifts}]
+        for lift in sync.lifts:
+            try:
+                self._emit("user.enable", user=lift.user, operator=lift.operator,
+                           reason=lift.reason, status="success")
+            except AuditWriteError:
+                log.error("audit write failed; user.enable for %s will be retried", lift.user)
+                continue
+            done.append(lift.id)
+        try:
+            await blocks.finish(done, sync, lambda: self._journal.locked(wait=LOCK_WAIT))
+        except (OSError, TimeoutError, JournalError) as exc:
+            # Published again next round (idempotent) and user.enable written once more.
+            log.error("cannot update %s: %s", blocks.file.path, exc)
+        return len(victims), sum(1 for lift in sync.lifts if lift.id in done)
 
     async def _audit_certificates(self) -> int:
         """cert.issue / cert.revoke for what the index and the CRL show and no record has."""

@@ -14,13 +14,19 @@ from argon2 import PasswordHasher
 
 from gatewayd.audit import AuditWriteError
 from gatewayd.config import settings_from_mapping
-from gatewayd.identity.authenticator import Authenticator, LoginResult, build_authenticator
+from gatewayd.identity.authenticator import (
+    Authenticator,
+    LoginResult,
+    UserBlocked,
+    build_authenticator,
+)
+from gatewayd.identity.blocks import UserBlocks
 from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.identity.filedir import FileDirectory, UserEntry, hash_password, render_users
 from gatewayd.identity.principal import Principal
 from gatewayd.identity.regulation import RegulationPolicy, Regulator
 from gatewayd.identity.totp import SecretStore, TotpVerifier
-from gatewayd.state import MemoryState
+from gatewayd.state import MemoryState, StateUnavailable
 
 FAST = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 NOW = 1_790_000_000.0
@@ -341,3 +347,68 @@ async def test_build_authenticator_from_settings(tmp_path: Path, hashes: dict[st
     assert await auth.totp.flush_enrollments() == 3
     result = await auth.login("alice", "alice-password", world.code("alice"), SOURCE, NOW)
     assert result.ok
+
+
+# --- accounts the gateway blocks (gatewayd.identity.blocks) -------------------------------------
+
+
+def block(world: World, tmp_path: Path, name: str, shared: Any = None) -> UserBlocks:
+    blocks = UserBlocks(tmp_path / "state", shared)
+    blocks.file.record("block", name, operator="admin1", reason="laptop stolen")
+    world.auth.blocks = blocks
+    return blocks
+
+
+@pytest.mark.parametrize(("blocked", "typed"), [
+    ("alice", "alice"), ("alice", "ALICE"), ("Alice", "\uff41\uff4c\uff49\uff43\uff45"),
+    ("TOKYO\\ALICE", "alice"), ("alice", " Alice "),
+])
+async def test_a_blocked_account_fails_like_a_wrong_password(
+        world: World, tmp_path: Path, blocked: str, typed: str) -> None:
+    wrong = await world.login("alice", password="not-her-password")
+    block(world, tmp_path, blocked)
+    result = await world.auth.login(typed, "alice-password", world.code("alice", 1), SOURCE, NOW)
+    assert public(result) == public(wrong)
+    assert (result.user, result.detail) == ("alice", "user_blocked")
+    assert (await world.login("bob")).ok  # others are not affected
+
+
+async def test_a_blocked_account_cannot_step_up_nor_be_looked_up(world: World,
+                                                                   tmp_path: Path) -> None:
+    login = await world.login("bob")
+    assert login.principal is not None
+    block(world, tmp_path, "BOB")
+    result = await world.auth.step_up(login.principal, world.code("bob", 1), SOURCE, NOW)
+    assert (result.ok, result.reason, result.detail) == (False, "bad_credentials",
+                                                         "user_blocked")
+    with pytest.raises(UserBlocked):
+        await world.auth.lookup("bob")
+    assert await world.auth.lookup("alice") is not None
+
+
+class DownSharedBlocks:
+    async def any_of(self, keys: Any) -> bool:
+        raise StateUnavailable("redis: connection refused")
+
+    async def apply(self, changes: Any) -> None:
+        raise StateUnavailable("redis: connection refused")
+
+    async def all(self) -> dict[str, Any]:
+        raise StateUnavailable("redis: connection refused")
+
+
+async def test_an_unreadable_shared_block_list_fails_closed(world: World, tmp_path: Path) -> None:
+    world.auth.blocks = UserBlocks(tmp_path / "state", DownSharedBlocks())
+    result = await world.login("alice")  # every factor right
+    assert (result.ok, result.reason, result.detail) == (False, "directory_unavailable",
+                                                         "state_unavailable")
+    with pytest.raises(StateUnavailable):
+        await world.auth.lookup("alice")
+
+
+async def test_an_unreadable_blocks_file_at_start_fails_closed(world: World,
+                                                               tmp_path: Path) -> None:
+    (tmp_path / "state" / "user-blocks.json").write_text("{not json")
+    world.auth.blocks = UserBlocks(tmp_path / "state")
+    result = await world.login("alice")
+    assert (result.ok, result.detail) == (False, "state_unavailable")

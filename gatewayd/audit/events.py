@@ -54,6 +54,7 @@ class EventName(enum.StrEnum):
     CERT_ISSUE = "cert.issue"
     CERT_REVOKE = "cert.revoke"
     USER_DISABLE = "user.disable"  # `gatewayd users disable`: the account emergency stop
+    USER_ENABLE = "user.enable"  # `gatewayd users enable`: the gateway's block lifted
     SSH_CERT_ISSUE = "ssh_cert.issue"  # the portal issued an SSH user certificate
     AUDIT_READ = "audit.read"
     AUDIT_RETENTION = "audit.retention"

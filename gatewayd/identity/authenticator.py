@@ -18,11 +18,18 @@ frontends turn into pages and audit records. Rules:
 * **Regulation first**: a locked or throttled name/source is refused before any check
   (``locked`` / ``throttled`` with ``retry_after``); those reasons depend only on the typed
   name and the source, never on whether the account exists.
+* **Accounts the gateway blocks** (``gatewayd users disable``: `gatewayd.identity.blocks`)
+  fail like a wrong password (``bad_credentials``, the same page), with
+  ``detail="user_blocked"`` for the audit log — checked after the directory confirmed the
+  password, against the typed name and the directory's spelling of the account, in `login`,
+  `step_up` and `lookup` (the password-less check of SSH certificates and of the directory
+  refresh of open sessions), so every way in asks this one place.
 * **Fail closed**: a directory or TOTP store that cannot answer is ``directory_unavailable``
   and does not count as a failed attempt. So is a shared state store (Redis) that cannot
-  answer at any point of the attempt — regulation, the replay claim, settling the counters —
-  with ``detail="state_unavailable"``: without the counters and the replay cache the attempt
-  cannot be judged safely, so it is refused even when every factor was right. The frontends
+  answer at any point of the attempt — regulation, the block list, the replay claim, settling
+  the counters — with ``detail="state_unavailable"``: without the counters and the replay
+  cache the attempt cannot be judged safely, so it is refused even when every factor was
+  right. The frontends
   show it like a directory outage ("temporarily unavailable, try again"); the audit record's
   reason is ``state_unavailable``. What was already counted stays counted (errs strict).
 
@@ -39,6 +46,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, Literal
 
 from gatewayd.audit import AuditWriteError
+from gatewayd.identity.blocks import UserBlocks, for_state
 from gatewayd.identity.directory import Directory, DirectoryUnavailable
 from gatewayd.identity.principal import Principal
 from gatewayd.identity.regulation import (
@@ -74,8 +82,8 @@ class LoginResult:
         goes to the audit log's ``user`` field, which is kept for years.
     detail: finer cause for audit and operators, never for the person signing in:
         unknown_or_disabled_user, bad_password, bad_code, not_enrolled, replayed_code,
-        account_gone, directory_unavailable, totp_store_unavailable, audit_unavailable,
-        state_unavailable, locked, throttled.
+        account_gone, user_blocked, directory_unavailable, totp_store_unavailable,
+        audit_unavailable, state_unavailable, locked, throttled.
     lockout_started: this failure locked the account (write ``auth.locked`` once).
     """
 
@@ -97,8 +105,13 @@ def _unavailable(user: str, detail: str) -> LoginResult:
     return LoginResult(False, None, "directory_unavailable", user=user, detail=detail)
 
 
+class UserBlocked(Exception):  # noqa: N818 - reads as a condition, like TimeoutError
+    """The account is blocked by the gateway (`gatewayd.identity.blocks`)."""
+
+
 class Authenticator:
-    """Checks credentials against a `Directory` and `TotpVerifier`, regulated by `Regulator`."""
+    """Checks credentials against a `Directory` and `TotpVerifier`, regulated by `Regulator`,
+    and refuses accounts the gateway blocks (`UserBlocks`)."""
 
     def __init__(
         self,
@@ -106,6 +119,7 @@ class Authenticator:
         totp: TotpVerifier,
         regulator: Regulator,
         *,
+        blocks: UserBlocks | None = None,
         response_floor: float = DEFAULT_RESPONSE_FLOOR,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -113,7 +127,25 @@ class Authenticator:
         self.directory = directory
         self.totp = totp
         self.regulator = regulator
+        self.blocks = blocks
         self._pacer = ResponsePacer(response_floor, clock=clock, sleep=sleep)
+
+    async def lookup(self, username: str) -> Principal | None:
+        """The current principal of an enabled account the gateway does not block, else None.
+
+        For every check without a password — SSH certificates, the directory refresh of open
+        sessions: a blocked account raises `UserBlocked` (so the caller can say why). Raises
+        `DirectoryUnavailable` and `StateUnavailable` (the block list cannot be read) too.
+        """
+        if await self._blocked(username):
+            raise UserBlocked(username)
+        principal = await self.directory.lookup(username)
+        if principal is not None and await self._blocked(principal.user):
+            raise UserBlocked(username)
+        return principal
+
+    async def _blocked(self, *names: str) -> bool:
+        return self.blocks is not None and await self.blocks.blocked(*names)
 
     async def login(self, username: str, password: str, code: str, source_ip: str,
                     now: float) -> LoginResult:
@@ -199,6 +231,9 @@ class Authenticator:
             return (unavailable if principal else replace(unavailable, user="")), None
         if principal is None:
             return await self._login_failure(username), False
+        if await self._blocked(username, user):
+            return LoginResult(False, None, "bad_credentials", user=user,
+                               detail="user_blocked"), False
         if step is None and not await self.totp.enrolled(user):
             return LoginResult(False, None, "bad_credentials", user=user,
                                detail="not_enrolled"), False
@@ -231,6 +266,9 @@ class Authenticator:
         if current is None:
             return LoginResult(False, None, "bad_credentials", user=user,
                                detail="account_gone"), False
+        if await self._blocked(user, current.user):
+            return LoginResult(False, None, "bad_credentials", user=user,
+                               detail="user_blocked"), False
         return await self._second_factor(current, step)
 
     async def _code_step(self, user: str, code: str,
@@ -278,7 +316,9 @@ def build_authenticator(
     store = SecretStore(settings.gateway.state_dir, issuer=settings.mfa.issuer)
     verifier = TotpVerifier(store, state, audit_emit=audit_emit, timeout=timeout)
     regulator = Regulator(state, RegulationPolicy.from_settings(settings.login))
-    return Authenticator(directory, verifier, regulator, response_floor=response_floor)
+    blocks = for_state(settings.gateway.state_dir, state, redis=settings.state.backend == "redis")
+    return Authenticator(directory, verifier, regulator, blocks=blocks,
+                         response_floor=response_floor)
 
 
 def configured_directory(settings: Settings) -> Directory:

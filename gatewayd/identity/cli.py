@@ -16,7 +16,11 @@
     Prints USER's current code, for **demo state directories only** (the directory must hold
     the ``demo.json`` that ``gatewayd demo`` writes); a production state directory is refused.
 ``gatewayd users disable USER [--reason TEXT] [--config FILE]``
-    The account emergency stop: see `gatewayd.identity.disable`.
+    The account emergency stop (every directory backend): see `gatewayd.identity.disable`.
+``gatewayd users enable USER [--reason TEXT] [--config FILE]``
+    Lifts the gateway's block that ``users disable`` put on USER (not the directory's).
+``gatewayd users blocked [--config FILE]``
+    Lists the accounts the gateway blocks (user, since, operator, reason).
 ``gatewayd users hash-password [--stdin]``
     Reads a new password — from a hidden prompt (asked twice) or one line of stdin, never
     from the command line, where ``ps`` and shell history would show it — and prints its
@@ -49,7 +53,7 @@ from gatewayd.identity.directory import (
     lookup_key,
     normalize_password,
 )
-from gatewayd.identity.disable import disable_user
+from gatewayd.identity.disable import disable_user, enable_user, list_blocks
 from gatewayd.identity.filedir import UserEntry, UsersFileError, hash_password, load_users_file
 from gatewayd.identity.ldap import lookup_once
 from gatewayd.identity.totp import PERIOD, AlreadyEnrolled, SecretStore, TotpStoreError
@@ -102,8 +106,9 @@ def _register_mfa(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _register_users(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    users = subparsers.add_parser("users", help="helpers for the users file",
-                                  description="Helpers for the file directory backend.")
+    users = subparsers.add_parser("users", help="block / unblock accounts; users-file helpers",
+                                  description="Block and unblock accounts in the gateway; "
+                                              "helpers for the file directory backend.")
     commands = users.add_subparsers(dest="users_command", metavar="COMMAND", required=True)
     hash_cmd = commands.add_parser(
         "hash-password", help="print the argon2id hash of a password read from a prompt",
@@ -113,15 +118,30 @@ def _register_users(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
                           help="read the password as one line from standard input")
     hash_cmd.set_defaults(func=run_hash_password)
     disable = commands.add_parser(
-        "disable", help="emergency stop: disable an account and end its open sessions",
-        description="Set disabled = true for USER in the users file (file backend) and end "
-                    "USER's open sessions within seconds (a running gateway does it and writes "
-                    "the user.disable audit record).")
+        "disable", help="emergency stop: block an account and end its open sessions",
+        description="Block USER in the gateway (every directory backend; with the file "
+                    "backend also set disabled = true in the users file) and end USER's open "
+                    "sessions within seconds (a running gateway does it and writes the "
+                    "user.disable audit record).")
     disable.add_argument("user", metavar="USER", help="user name as in the directory")
     disable.add_argument("--reason", metavar="TEXT",
                          help="why, for the audit record (e.g. 'laptop stolen')")
     _add_config(disable)
     disable.set_defaults(func=run_disable)
+    enable = commands.add_parser(
+        "enable", help="lift the gateway's block of an account",
+        description="Lift the block that 'users disable' put on USER in the gateway (the "
+                    "directory and the users file are not changed); a running gateway writes "
+                    "the user.enable audit record.")
+    enable.add_argument("user", metavar="USER", help="user name as in the directory")
+    enable.add_argument("--reason", metavar="TEXT", help="why, for the audit record")
+    _add_config(enable)
+    enable.set_defaults(func=run_enable)
+    blocked = commands.add_parser(
+        "blocked", help="list the accounts the gateway blocks",
+        description="List the gateway's blocks: user, since (UTC), operator, reason.")
+    _add_config(blocked)
+    blocked.set_defaults(func=run_blocked)
 
 
 def run_disable(args: argparse.Namespace) -> int:
@@ -129,6 +149,20 @@ def run_disable(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_NEGATIVE
     return disable_user(settings, args.user, reason=args.reason, operator=operator_name())
+
+
+def run_enable(args: argparse.Namespace) -> int:
+    settings = _settings(args.config)
+    if settings is None:
+        return EXIT_NEGATIVE
+    return enable_user(settings, args.user, reason=args.reason, operator=operator_name())
+
+
+def run_blocked(args: argparse.Namespace) -> int:
+    settings = _settings(args.config)
+    if settings is None:
+        return EXIT_NEGATIVE
+    return list_blocks(settings)
 
 
 # --- mfa enroll / status ----------------------------------------------------------------------

@@ -1,20 +1,40 @@
-"""``gatewayd users disable USER``: the account emergency stop.
+"""``gatewayd users disable|enable|blocked``: the account emergency stop and its undo.
 
 ``gatewayd users disable USER [--reason TEXT] [--config FILE]``
-    File backend: sets ``disabled = true`` in USER's table of the users file — replaced
+    Blocks USER in the gateway (`gatewayd.identity.blocks`: ``STATE_DIR/user-blocks.json``,
+    shared through Redis with ``state.backend = "redis"``) for every directory backend: from
+    the next emergency-stop round (within about a second, on every node) each sign-in of USER
+    — the sign-in form, step-up, SSH keyboard-interactive, SSH certificates — fails like a
+    wrong password (audited ``auth.failure`` reason ``user_blocked``), and a running gateway
+    ends USER's open sessions (HTTP, WebSockets, SSH) and writes ``user.disable`` (user,
+    operator, reason) and ``session.end`` with reason ``user_disabled`` (`gatewayd.emergency`).
+
+    File backend: also sets ``disabled = true`` in USER's table of the users file — replaced
     atomically, keeping its owner, group and mode, and every other line as it was (comments
-    included). New sign-ins of USER fail at once. A running gateway ends USER's open sessions
-    (HTTP, WebSockets) within about a second and writes ``user.disable`` (user, operator,
-    reason) and ``session.end`` with reason ``user_disabled`` (`gatewayd.emergency`). To let
-    the person in again, set ``disabled = false`` (or delete the line).
+    included). The two layers are independent: either one keeps USER out.
 
-    Other backends (LDAP / Active Directory): gatewayd cannot disable the account itself. The
-    open sessions are still ended within about a second, then the command tells the
-    administrator to disable the account in the directory — until that is done the person can
-    sign in again — and exits 1.
+    Other backends (LDAP / Active Directory): gatewayd cannot disable the account in the
+    directory; the gateway's block keeps USER out of this gateway meanwhile, and the command
+    reminds the administrator to disable the account in the directory too. The name is
+    spelled as the directory spells it when the directory answers; when it does not (down, or
+    the account is unknown or already disabled there) the typed name is blocked all the same.
 
-Exit status: 0 disabled; 1 refused (unknown user, unreadable users file, directory backend);
-2 usage error.
+``gatewayd users enable USER [--reason TEXT] [--config FILE]``
+    Lifts the gateway's block of USER (any spelling); a running gateway writes
+    ``user.enable`` (user, operator, reason). It never changes the directory, nor the users
+    file: with the file backend, a ``disabled = true`` set by ``users disable`` (or by hand)
+    stays until the administrator sets ``disabled = false`` — the command says so.
+    Refused (exit 1) when USER is not blocked.
+
+``gatewayd users blocked [--config FILE]``
+    Lists the blocks, one per line: user, since (UTC), operator, reason. With Redis the list
+    is the cluster's, as the running gateway of this node last mirrored it.
+
+All three change or read the state directory under the disable journal's lock; run them as
+the daemon's user or as root (files stay owned by the state directory's owner).
+
+Exit status: 0 done; 1 refused (unknown user or unreadable users file with the file
+backend, unusable name, not blocked, state directory not writable); 2 usage error.
 
 Editing the file: the table ``[users.NAME]`` (``NAME`` bare or quoted) gets its ``disabled``
 line set to ``true`` or, without one, ``disabled = true`` right below the header. The result
@@ -39,8 +59,16 @@ from gatewayd.config import Settings
 from gatewayd.emergency import DisableJournal, JournalError
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.files import atomic_write
-from gatewayd.identity.directory import lookup_key
-from gatewayd.identity.filedir import UserEntry, UsersFileError, parse_users, render_users
+from gatewayd.identity.blocks import BlockFile, block_key
+from gatewayd.identity.directory import DirectoryUnavailable, lookup_key
+from gatewayd.identity.filedir import (
+    UserEntry,
+    UsersFileError,
+    load_users_file,
+    parse_users,
+    render_users,
+)
+from gatewayd.identity.ldap import lookup_once
 
 _LOCK_WAIT = 10.0  # seconds: the daemon holds the journal lock only for a moment
 
@@ -131,16 +159,21 @@ def _same(text: str, wanted: dict[str, tuple[object, ...]], source: str) -> bool
     return {k: _comparable(e) for k, e in after.items()} == wanted
 
 
-# --- the command ---------------------------------------------------------------------------
+# --- the commands --------------------------------------------------------------------------
 
 
 def disable_user(settings: Settings, user: str, *, reason: str | None, operator: str) -> int:
     """Disable ``user`` (see the module docstring); prints what happened."""
     journal = DisableJournal(settings.gateway.state_dir)
+    blocks = BlockFile(settings.gateway.state_dir)
     file_backend = settings.directory.backend == "file"
+    name, note = user, ""
+    if not file_backend:
+        name, note = _directory_spelling(settings, user)
+    elif block_key(user) is None:
+        return _fail(f"unusable user name {user!r}")
     try:
         with journal.locked(wait=_LOCK_WAIT):
-            name, note = user, ""
             if file_backend:
                 try:
                     outcome = disable_in_users_file(settings.directory.file, user)
@@ -150,20 +183,97 @@ def disable_user(settings: Settings, user: str, *, reason: str | None, operator:
                     return _fail(exc.errors[0])
                 name = outcome.user
                 note = _describe(outcome, settings.directory.file)
+            before, _ = blocks.record("block", name, operator=operator, reason=reason)
             journal.add(name, operator=operator, reason=reason)
     except (OSError, TimeoutError, JournalError) as exc:
-        return _fail(f"cannot record the request in {journal.path}: {exc}")
+        return _fail(f"cannot record the request in {settings.gateway.state_dir}: {exc}")
     if note:
         print(note)
+    if before is not None:
+        print(f"{name} was already blocked by the gateway (since {before.since}, by "
+              f"{before.operator}).")
+    else:
+        print(f"{name} is now blocked by the gateway: every sign-in fails, whatever the "
+              "directory says,\nuntil: gatewayd users enable " + name)
     print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
           "user.disable audit record\n(check: gatewayd audit query --event user.disable).")
     if not file_backend:
-        print(f"\ndirectory.backend = {settings.directory.backend!r}: gatewayd cannot disable "
-              f"the account itself.\nDisable {name} in the directory now (Active Directory: "
-              "Disable Account; OpenLDAP: pwdAccountLockedTime);\nuntil then they can sign "
-              "in again.", file=sys.stderr)
-        return EXIT_NEGATIVE
+        print(f"\ndirectory.backend = {settings.directory.backend!r}: the account itself is "
+              f"still enabled in the directory.\nDisable {name} there too (Active Directory: "
+              "Disable Account; OpenLDAP: pwdAccountLockedTime): the gateway's block\nstops "
+              "sign-ins through this gateway only.", file=sys.stderr)
     return EXIT_OK
+
+
+def enable_user(settings: Settings, user: str, *, reason: str | None, operator: str) -> int:
+    """Lift the gateway's block of ``user`` (see the module docstring); prints what happened."""
+    if block_key(user) is None:
+        return _fail(f"unusable user name {user!r}")
+    journal = DisableJournal(settings.gateway.state_dir)
+    blocks = BlockFile(settings.gateway.state_dir)
+    try:
+        with journal.locked(wait=_LOCK_WAIT):
+            found = blocks.read().find(user)
+            if found is not None:
+                blocks.record("lift", found.user, operator=operator, reason=reason)
+    except (OSError, TimeoutError, JournalError) as exc:
+        return _fail(f"cannot record the request in {settings.gateway.state_dir}: {exc}")
+    still = _still_disabled_in_file(settings, user)
+    if found is None:
+        if still:
+            print(still, file=sys.stderr)
+        return _fail(f"{user} is not blocked by the gateway (see: gatewayd users blocked)")
+    print(f"The gateway's block of {found.user} is lifted (a running gateway writes the "
+          "user.enable audit record\nwithin 2 seconds; check: gatewayd audit query --event "
+          "user.enable).")
+    if still:
+        print(still)
+    elif settings.directory.backend != "file":
+        print(f"{found.user} can sign in again if the account is enabled in the directory.")
+    return EXIT_OK
+
+
+def list_blocks(settings: Settings) -> int:
+    """``gatewayd users blocked``: one line per block (user, since, operator, reason)."""
+    try:
+        state = BlockFile(settings.gateway.state_dir).read()
+    except JournalError as exc:
+        return _fail(str(exc))
+    for block in sorted(state.blocked, key=lambda b: b.key):
+        print(f"{block.user}\tsince {block.since}\tby {block.operator}\t"
+              f"{block.reason or '-'}")
+    return EXIT_OK
+
+
+def _directory_spelling(settings: Settings, user: str) -> tuple[str, str]:
+    """The directory's spelling of ``user`` and a note, or the typed name when the directory
+    does not answer or knows no enabled account of that name (blocked all the same)."""
+    try:
+        principal = lookup_once(settings.directory, user)
+    except DirectoryUnavailable as exc:
+        return user, f"The directory did not answer ({exc}); blocking the name {user!r}."
+    except Exception as exc:  # an emergency stop must not fail on a lookup
+        return user, (f"The directory could not be asked ({type(exc).__name__}); blocking "
+                      f"the name {user!r}.")
+    if principal is None:
+        return user, (f"The directory has no enabled account {user!r} (unknown, or disabled "
+                      "there already); blocking the name all the same.")
+    return principal.user, ""
+
+
+def _still_disabled_in_file(settings: Settings, user: str) -> str:
+    if settings.directory.backend != "file":
+        return ""
+    try:
+        users = load_users_file(settings.directory.file)
+    except UsersFileError:
+        return ""
+    key = lookup_key(user)
+    entry = users.get(key) if key is not None else None
+    if entry is None or not entry.disabled:
+        return ""
+    return (f"{entry.name} is still disabled in {settings.directory.file}: to let them in "
+            f"again, set disabled = false in [users.{entry.name}].")
 
 
 def _describe(outcome: DisableOutcome, path: Path) -> str:
@@ -173,8 +283,8 @@ def _describe(outcome: DisableOutcome, path: Path) -> str:
     if outcome.backup is not None:
         lines.append(f"The file's layout could not be edited in place: it was rewritten "
                      f"(comments dropped); the old text is in {outcome.backup}.")
-    lines.append(f"To let {outcome.user} in again, set disabled = false in [users."
-                 f"{outcome.user}].")
+    lines.append(f"To let {outcome.user} in again: gatewayd users enable {outcome.user}, and set "
+                 f"disabled = false in [users.{outcome.user}].")
     return "\n".join(lines)
 
 

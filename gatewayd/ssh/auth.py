@@ -14,7 +14,8 @@ wires them to asyncssh and turns their verdicts into sessions and audit records)
   its validity window by the gateway's clock, key id ``"<user> <device or -> <portal session
   handle>"`` naming that same user, and the ``permit-port-forwarding`` extension and nothing
   else (`check_certificate`). The certificate proves the MFA of the portal login that issued
-  it; on top of that the account must still exist and be enabled (a directory lookup), the
+  it; on top of that the account must still exist and be enabled (a directory lookup) and
+  not be blocked by the gateway (``user_blocked``: `Authenticator.lookup`), the
   device the key id names must not be revoked (`device_revoked`: the device CRL in force
   and the CA index, as the HTTPS listener enforces them), and the portal session must not
   have been ended by a revocation (`RevokedSessions`: admin kill, sign-out, disable, device

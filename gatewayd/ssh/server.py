@@ -72,7 +72,8 @@ the portal session. So `GatewayServer.connection_made` wraps the connection's
 ``validate_public_key`` (the method asyncssh's public-key auth calls with the raw key blob)
 with a filter that runs `gatewayd.ssh.auth` first and lets asyncssh's own checks decide after.
 This adds a check; it replaces none of asyncssh's. The checks run for the unsigned query and
-again for the signed attempt (time, revocations, directory lookup), and once more, without
+again for the signed attempt (time, revocations, directory lookup, the gateway's user blocks:
+`Authenticator.lookup`), and once more, without
 an await in between, right before the session starts: a kill, disable or revocation between
 query and signature is not missed. Only refusals are remembered per connection, keyed by
 (user name, key). The wrapper is not public API, so it must not fail open: the filter marks
@@ -111,7 +112,7 @@ from asyncssh.kex import get_kex_algs
 
 from gatewayd.audit import AuditWriteError
 from gatewayd.files import exposure
-from gatewayd.identity.authenticator import LoginResult
+from gatewayd.identity.authenticator import LoginResult, UserBlocked
 from gatewayd.identity.directory import DirectoryUnavailable
 from gatewayd.identity.principal import Principal
 from gatewayd.sessions import PerUserLimit, SeatsFull, Session
@@ -613,10 +614,14 @@ class GatewayServer(asyncssh.SSHServer):
         return claims, principal
 
     async def _lookup(self, username: str) -> Principal | None:
-        directory = self._gateway.authenticator.directory
+        authenticator = self._gateway.authenticator
         timeout = self._gateway.settings.directory.timeout.total_seconds()
         try:
-            return await within(directory.lookup(username), timeout + 1)
+            return await within(authenticator.lookup(username), timeout + 1)
+        except UserBlocked:  # `gatewayd users disable`: refused like a disabled account
+            raise CertificateRefused("user_blocked") from None
+        except StateUnavailable:
+            raise CertificateRefused("state_unavailable") from None
         except (DirectoryUnavailable, TimeoutError):
             raise CertificateRefused("directory_unavailable") from None
 

@@ -60,9 +60,10 @@ T = TypeVar("T")
 # operations — "add_once" (lockouts, login waits, the TOTP replay cache), "counter" (failure
 # counters: incr/get/ttl/delete), "ping" (readiness, idle sync) — and the shared sessions'
 # (gatewayd.state.sessions): "admit", "lookup", "refresh", "end", "rotate", "heartbeat",
-# "subscribe" (the session channel).
+# "subscribe" (the session channel) — and "blocks" (the gateway's user blocks:
+# gatewayd.identity.blocks).
 OPERATIONS: Final = frozenset({"add_once", "counter", "ping", "admit", "lookup", "refresh",
-                               "end", "rotate", "heartbeat", "subscribe"})
+                               "end", "rotate", "heartbeat", "subscribe", "blocks"})
 Observer = Callable[[str, bool], None]
 
 POOL_SIZE: Final = 32  # connections per node; operations beyond wait (bounded by the timeout)
