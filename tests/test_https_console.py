@@ -619,3 +619,22 @@ async def test_the_console_threads_end_with_the_gateway(gw: Harness) -> None:
         await asyncio.sleep(0.05)
     assert not any(t.name.startswith("gatewayd-console") and t.is_alive()
                    for t in threading.enumerate())
+
+
+async def test_a_cached_report_is_not_served_after_the_seat_limit_changed(
+        gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("gatewayd.report")
+    # As for a past month: the files the report reads do not change between the two views
+    # (here the live file grows with each audit.read, so the shape is pinned).
+    monkeypatch.setattr(console_module, "_log_shape", lambda *_: ("unchanged",))
+    carol = await gw.signed_in("carol")
+    month = gw.audit_events()[0]["ts"][:7]
+    seats = gw.gateway.settings.sessions.max_concurrent
+    status, body, _ = await get(carol, gw, f"report?month={month}")
+    assert status == 200 and f"of {seats} seats" in body
+    # A reload changes the contract size; the same month's report must say the new one.
+    settings = gw.gateway.settings
+    gw.gateway.settings = settings.model_copy(update={
+        "sessions": settings.sessions.model_copy(update={"max_concurrent": seats + 7})})
+    status, body, _ = await get(carol, gw, f"report?month={month}")
+    assert status == 200 and f"of {seats + 7} seats" in body

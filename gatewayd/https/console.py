@@ -842,8 +842,11 @@ class AuditConsole:
                 return None
             return str(render_html(report))
 
+        # What the report depends on besides the files: the seat limit and the zone, both
+        # reloadable — a cached report of another contract size must not be served.
+        key = f"{label} seats={settings.sessions.max_concurrent} zone={zone.key}"
         body = await self._report_lane.run(
-            lambda: self._report_body(label, live, until, build), REPORT_TIMEOUT,
+            lambda: self._report_body(key, live, until, build), REPORT_TIMEOUT,
             wait=BUSY_WAIT)
         if body is None:  # a read that found nothing is still a read
             self._audit_read(reader, "report", month=label, records=0)
@@ -862,23 +865,24 @@ class AuditConsole:
         response.headers["Cache-Control"] = NO_STORE
         return response
 
-    def _report_body(self, label: str, live: Path, until: datetime,
+    def _report_body(self, key: str, live: Path, until: datetime,
                      build: Callable[[list[Path]], str | None]) -> str | None:
-        """The month's report (None: no records), from the cache while the log's files are
-        as they were, else built (blocking; in the report lane, one at a time). A file that
-        rotation or retention removes mid-build means one more try, then a 503."""
+        """The month's report (None: no records), from the cache (``key``: the month and the
+        settings the report shows) while the log's files are as they were, else built
+        (blocking; in the report lane, one at a time). A file that rotation or retention
+        removes mid-build means one more try, then a 503."""
         for _ in range(2):
             paths = [*rotated_siblings(live), live]
             try:
                 shape = _log_shape(paths, live, until)
-                cached = self._reports.get(label)
+                cached = self._reports.get(key)
                 if cached is not None and cached[0] == shape:
                     return cached[1]
                 body = build(paths)
             except OSError:
                 continue  # a file went away between listing and reading it
-            self._reports.pop(label, None)
-            self._reports[label] = (shape, body)
+            self._reports.pop(key, None)
+            self._reports[key] = (shape, body)
             while len(self._reports) > REPORT_CACHE:
                 del self._reports[next(iter(self._reports))]  # the oldest built
             return body
