@@ -218,7 +218,7 @@ def enable_user(settings: Settings, user: str, *, reason: str | None, operator: 
                 blocks.record("lift", found.user, operator=operator, reason=reason)
     except (OSError, TimeoutError, JournalError) as exc:
         return _fail(f"cannot record the request in {settings.gateway.state_dir}: {exc}")
-    still = _still_disabled_in_file(settings, user)
+    still = _still_disabled_in_file(settings, found.user if found is not None else user)
     if found is None:
         if still:
             print(still, file=sys.stderr)

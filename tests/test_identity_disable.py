@@ -1,0 +1,227 @@
+"""Tests for gatewayd.identity.disable (``gatewayd users disable|enable|blocked``) and the
+gateway-side blocks behind it (gatewayd.identity.blocks): the commands against a real state
+directory; a real gateway on the LDAP backend against a real slapd, where a block keeps a
+person whom the directory still lets in out of every way in; two gateways on one real
+redis-server, where a block made through node A's state directory stops a login on node B."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from https_harness import USERS, Harness, password_hash
+from ldap_server import Slapd, running_slapd
+from redis_server import RedisServer, running_redis
+from ssh_harness import SshHarness, running_ssh_gateway
+from test_multinode import sign_in, two_nodes
+
+from gatewayd.cli import main
+from gatewayd.identity.blocks import BlockFile, block_key
+from gatewayd.identity.ldap import LdapDirectory
+from gatewayd.state import StateUnavailable
+
+
+def config_file(tmp_path: Path, backend: str = "file") -> Path:
+    (tmp_path / "users.toml").write_text(
+        f'[users.alice]\npassword_hash = "{password_hash("alice-password")}"\n')
+    (tmp_path / "users.toml").chmod(0o600)
+    config = tmp_path / "gatewayd.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[directory]\nbackend = "{backend}"\nfile = "{tmp_path / "users.toml"}"\n')
+    return config
+
+
+def gw_password(user: str) -> str:
+    return USERS[user][0]
+
+
+def users(*args: str) -> int:
+    return main(["users", *args])
+
+
+# --- the commands against a state directory ------------------------------------------------------
+
+
+def test_disable_blocks_and_enable_lifts(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    config = str(config_file(tmp_path))
+    assert users("disable", "ALICE", "--reason", "laptop stolen", "--config", config) == 0
+    assert "alice is now blocked by the gateway" in capsys.readouterr().out
+    path = tmp_path / "state" / "user-blocks.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert users("blocked", "--config", config) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    user, since, operator, reason = line.split("\t")
+    assert (user, reason) == ("alice", "laptop stolen")
+    assert since.startswith("since 20") and operator.startswith("by ")
+    assert users("disable", "alice", "--config", config) == 0  # again: no second block
+    assert "already blocked" in capsys.readouterr().out
+    assert len(BlockFile(tmp_path / "state").read().blocked) == 1
+
+    assert users("enable", "TOKYO\\Alice", "--reason", "found", "--config", config) == 0
+    out = capsys.readouterr().out
+    assert "block of alice is lifted" in out
+    assert "still disabled in" in out  # the users file's own flag is the operator's call
+    assert BlockFile(tmp_path / "state").read().blocked == ()
+    assert users("blocked", "--config", config) == 0
+    assert capsys.readouterr().out == ""
+    changes = BlockFile(tmp_path / "state").read().changes
+    assert [(c.action, c.user, c.reason, c.done) for c in changes] == [
+        ("block", "alice", "laptop stolen", False), ("block", "alice", None, False),
+        ("lift", "alice", "found", False)]
+
+
+def test_enable_refuses_what_is_not_blocked_and_usage_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(config_file(tmp_path))
+    assert users("enable", "alice", "--config", config) == 1
+    assert "not blocked by the gateway" in capsys.readouterr().err
+    assert users("enable", "\x07", "--config", config) == 1
+    with pytest.raises(SystemExit) as exc:
+        users("enable", "--config", config)
+    assert exc.value.code == 2
+
+
+def test_the_ldap_backend_blocks_even_when_the_directory_does_not_answer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = config_file(tmp_path, "ldap")
+    text = config.read_text().replace("[directory]\n", '[directory]\ntimeout = "2s"\n') + (
+        '[directory.ldap]\nurls = ["ldap://127.0.0.1:1"]\nuser_base = "ou=people,dc=x"\n')
+    config.write_text(text)
+    assert users("disable", "TOKYO\\Alice", "--config", str(config)) == 0
+    captured = capsys.readouterr()
+    assert "blocking the name" in captured.out
+    assert "Disable TOKYO\\Alice there too" in captured.err
+    [blocked] = BlockFile(tmp_path / "state").read().blocked
+    assert blocked.key == "alice"
+
+
+@pytest.mark.parametrize("name", ["alice", "Alice", " ALICE ", "TOKYO\\alice",
+                                  "\uff21\uff4c\uff49\uff43\uff45"])
+def test_every_spelling_has_one_block_key(name: str) -> None:
+    assert block_key(name) == "alice"
+
+
+# --- a real gateway on LDAP ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def slapd(tmp_path: Path) -> Iterator[Slapd]:
+    with running_slapd(tmp_path / "slapd") as server:
+        yield server
+
+
+@pytest.fixture
+async def gw(tmp_path: Path, slapd: Slapd) -> AsyncIterator[SshHarness]:
+    directory = slapd.directory_settings()
+    del directory["ldap"]["attributes"]  # (the harness writes flat tables only)
+    (tmp_path / "gw").mkdir()
+    async for harness in running_ssh_gateway(tmp_path / "gw", directory=directory):
+        ldap = harness.gateway.authenticator.directory
+        assert isinstance(ldap, LdapDirectory)
+        yield harness
+    await ldap.close()
+
+
+async def cli(*args: str) -> int:
+    return await asyncio.to_thread(main, ["users", *args])
+
+
+async def form_login(https: Harness, user: str) -> int:
+    status, _, _ = await https.login(https.client(), user, password=gw_password("alice"),
+                                     code=https.code("alice"))
+    return status
+
+
+async def test_disable_on_ldap_ends_the_session_and_every_later_sign_in(
+        gw: SshHarness, capsys: pytest.CaptureFixture[str]) -> None:
+    https = gw.https
+    alice = await https.signed_in("alice")
+    config = str(https.config)
+    assert await cli("disable", "alice", "--reason", "phone stolen", "--config", config) == 0
+    assert "Disable alice there too" in capsys.readouterr().err
+    await gw.gateway.emergency.check()
+    async with alice.get(https.base + "/groupware/", allow_redirects=False,
+                         headers={"Accept": "application/json"}) as resp:
+        assert resp.status == 401
+    assert [(e["user"], e["reason"]) for e in https.audit_events("session.end")] == [
+        ("alice", "user_disabled")]
+
+    # The directory still has alice enabled and her password and code are right.
+    assert await gw.gateway.authenticator.directory.lookup("alice") is not None
+    for typed in ("alice", "Alice", "ALICE"):
+        assert await form_login(https, typed) == 401  # the generic wrong-password page
+    run = await gw.run("alice", code=gw.fresh_code("alice"))
+    assert run.returncode == 255 and "Permission denied" in run.stderr
+    key = gw.certificate("alice")
+    run = await gw.run("alice", key=key, options={"PreferredAuthentications": "publickey"})
+    assert run.returncode == 255
+    failures = [(e["frontend"], e.get("user"), e["reason"])
+                for e in https.audit_events("auth.failure")]
+    assert failures == [("https", "alice", "user_blocked")] * 3 + [
+        ("ssh", "alice", "user_blocked"),  # keyboard-interactive
+        ("ssh", None, "user_blocked")]  # the certificate (refused before a directory answer)
+    assert gw.sessions() == []
+
+    assert await cli("enable", "alice", "--reason", "phone found", "--config", config) == 0
+    await gw.gateway.emergency.check()
+    [enabled] = https.audit_events("user.enable")
+    assert (enabled["user"], enabled["reason"], enabled["status"]) == ("alice", "phone found",
+                                                                       "success")
+    gw.clock.advance(30)
+    assert await form_login(https, "alice") == 303
+    await gw.gateway.emergency.check()  # a later round writes no second user.enable
+    assert len(https.audit_events("user.enable")) == 1
+
+
+async def test_the_session_refresh_ends_a_blocked_users_sessions(gw: SshHarness) -> None:
+    https = gw.https
+    await https.signed_in("alice")
+    await https.signed_in("bob")
+    blocks = gw.gateway.authenticator.blocks
+    assert blocks is not None
+    blocks.file.record("block", "TOKYO\\alice", operator="admin1", reason=None)
+    await blocks.sync()  # what the emergency stop round reads (without its session sweep)
+    assert await gw.gateway.refresh_principals() == 1
+    assert [(e["user"], e["reason"]) for e in https.audit_events("session.end")] == [
+        ("alice", "user_disabled")]
+
+
+# --- two nodes on one Redis ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+async def test_a_block_made_on_node_a_stops_a_login_on_node_b(
+        tmp_path: Path, redis: RedisServer) -> None:
+    async with two_nodes(tmp_path, redis) as (a, b):
+        # Node A's own users file gets disabled = true; node B's copy does not: only the
+        # shared block can stop racer00 there.
+        assert await cli("disable", "racer00", "--config", str(a.config)) == 0
+        await a.gateway.emergency.check()  # published
+        assert (await sign_in(b, 0))[0] == 401
+        [failure] = b.audit_events("auth.failure")
+        assert (failure["user"], failure["reason"]) == ("racer00", "user_blocked")
+        assert (await sign_in(b, 1))[0] == 303  # only racer00
+
+        await b.gateway.emergency.check()  # node B mirrors the cluster's list
+        assert [x.user for x in BlockFile(b.gateway.settings.gateway.state_dir).read().blocked
+                ] == ["racer00"]
+        assert await cli("enable", "racer00", "--config", str(b.config)) == 0  # made on A
+        await b.gateway.emergency.check()
+        assert [e["user"] for e in b.audit_events("user.enable")] == ["racer00"]
+        await a.gateway.emergency.check()
+        assert BlockFile(a.gateway.settings.gateway.state_dir).read().blocked == ()
+        b.clock.advance(30)  # (node A's users file still says disabled = true: a node
+        assert (await sign_in(b, 0))[0] == 303  # each has its own copy of the file here)
+
+        redis.kill()
+        with pytest.raises(StateUnavailable):  # fail closed: the list cannot be read
+            await b.gateway.authenticator.lookup("racer02")
