@@ -23,10 +23,11 @@ FRONTENDS = frozenset({"https", "ssh", "admin"})
 AUTH_RESULTS = frozenset({"success", "failure", "locked", "step_up"})
 DECISIONS = frozenset({"allow", "deny", "step_up"})
 DIRECTIONS = frozenset({"up", "down"})
-# What a shared-state call was for (gatewayd.state.redis.OPERATIONS; repeated here so that
-# this module does not import the Redis client).
+# What a shared-state call was for: the closed label set of gatewayd_state_errors_total,
+# defined here (not beside the Redis client, which this module must not import) and used by
+# gatewayd.state.redis — see its docstring for what each one is.
 STATE_OPERATIONS = frozenset({"add_once", "counter", "ping", "admit", "lookup", "refresh",
-                              "end", "rotate", "heartbeat", "subscribe"})
+                              "end", "rotate", "heartbeat", "subscribe", "blocks"})
 OTHER = "other"
 
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, str]]]

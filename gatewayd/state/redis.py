@@ -51,6 +51,7 @@ from redis.credentials import CredentialProvider
 from redis.exceptions import AuthenticationError, RedisError
 
 from gatewayd.config import parse_redis_url
+from gatewayd.metrics import STATE_OPERATIONS
 from gatewayd.state.store import StateUnavailable, check_ttl
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,7 @@ T = TypeVar("T")
 # (gatewayd.state.sessions): "admit", "lookup", "refresh", "end", "rotate", "heartbeat",
 # "subscribe" (the session channel) — and "blocks" (the gateway's user blocks:
 # gatewayd.identity.blocks).
-OPERATIONS: Final = frozenset({"add_once", "counter", "ping", "admit", "lookup", "refresh",
-                               "end", "rotate", "heartbeat", "subscribe", "blocks"})
+OPERATIONS: Final = STATE_OPERATIONS
 Observer = Callable[[str, bool], None]
 
 POOL_SIZE: Final = 32  # connections per node; operations beyond wait (bounded by the timeout)
