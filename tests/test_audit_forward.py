@@ -760,12 +760,13 @@ async def test_a_cursor_that_does_not_match_is_not_counted_as_delivered(setup: S
         await forwarder.close(0)
 
 
-async def test_a_cursor_ahead_of_the_log_resumes_at_its_end(setup: Setup) -> None:
-    """A power cut with fsync = "interval": the cursor (fsynced) names records the log lost."""
+async def test_a_cursor_just_past_the_log_that_follows_it_resumes_at_its_end(
+        setup: Setup) -> None:
+    """A power cut with fsync = "interval" took the log's last record after it was sent: the
+    cursor (fsynced) names it, and its prev is the log's last record."""
     setup.emit(5)
-    records = on_disk(setup.audit.path)
-    head = records[-1]
-    write_cursor(setup.cursor_path, Cursor(head["seq"] + 2, "ab" * 32, "cd" * 32))
+    head = on_disk(setup.audit.path)[-1]
+    write_cursor(setup.cursor_path, Cursor(head["seq"] + 1, "ab" * 32, head["hash"]))
     collector = Collector()
     await collector.up()
     forwarder = setup.forwarder(collector.port)
@@ -780,6 +781,93 @@ async def test_a_cursor_ahead_of_the_log_resumes_at_its_end(setup: Setup) -> Non
         await collector.down()
     assert collector.seqs() == [seq for seq in setup.seqs_on_disk() if seq > head["seq"]]
     assert not setup.log.said("starting again")
+
+
+FOREIGN = Cursor(10**6, "ab" * 32, "cd" * 32)  # another node's state dir: a much higher seq
+
+
+@pytest.mark.parametrize("cursor_after", [
+    pytest.param(lambda head: FOREIGN, id="foreign"),
+    pytest.param(lambda head: Cursor(head["seq"] + 2, "ab" * 32, "cd" * 32), id="several-lost"),
+    pytest.param(lambda head: Cursor(head["seq"] + 1, "ab" * 32, "cd" * 32), id="wrong-prev"),
+    pytest.param(lambda head: Cursor(head["seq"] + 1, "ab" * 32), id="no-prev"),
+])
+async def test_a_cursor_past_the_log_that_does_not_follow_it_resends_everything(
+        setup: Setup, cursor_after: Callable[[dict[str, Any]], Cursor]) -> None:
+    """Past the log's end, not confirmed by its prev: a mismatch (duplicates, never a gap)."""
+    setup.emit(5)
+    write_cursor(setup.cursor_path, cursor_after(on_disk(setup.audit.path)[-1]))
+    collector = await forward_everything(setup)
+    assert collector.seqs() == setup.seqs_on_disk()
+    problem = setup.log.said("starting again from the oldest record")
+    assert problem and "past the audit log's last record" in problem[0]["problem"]
+    assert problem[0]["missing_records"] == 0
+
+
+async def test_a_foreign_cursor_ahead_of_the_log_does_not_skip_it(setup: Setup) -> None:
+    """Review probe: 21 records on disk and a foreign cursor with a much higher seq. The
+    forwarder used to resume at the log's end: the collector got only the records written
+    after the start, and delivered_through() covered all the others."""
+    setup.emit(20)
+    assert len(setup.seqs_on_disk()) == 21  # the log's start record and ours
+    write_cursor(setup.cursor_path, FOREIGN)
+    collector = Collector()
+    await collector.up()
+    forwarder = setup.forwarder(collector.port)
+    await forwarder.start()
+    try:
+        await until(lambda: bool(setup.log.said("starting again")
+                                 or setup.log.said("does not match")))  # located the cursor
+        setup.emit(2)
+        await until(lambda: forwarder.delivered_through() == setup.seqs_on_disk()[-1])
+    finally:
+        await forwarder.close(2)
+        await collector.down()
+    assert collector.seqs() == setup.seqs_on_disk()
+    assert check_no_gap_in_order(collector.frames, setup.seqs_on_disk()) == 0
+
+
+async def test_a_foreign_cursor_never_releases_a_file_retention_waits_for(
+        setup: Setup) -> None:
+    """Retention removes a rotated file once delivered_through() reaches its last seq: with a
+    foreign cursor ahead of the log, that must never cover a record the collector did not
+    get — neither while the collector is down nor at any moment while it catches up."""
+    setup.emit(150)
+    rotated = chain_files(setup.audit.path)[:-1]
+    assert len(rotated) >= 2
+    last_seqs = [list(query_files([path]))[-1]["seq"] for path in rotated]
+    write_cursor(setup.cursor_path, FOREIGN)
+
+    nobody = setup.forwarder(1)  # nobody listens
+    await nobody.start()
+    try:
+        await until(lambda: bool(setup.log.said("starting again")
+                                 or setup.log.said("does not match")))  # located the cursor
+        assert nobody.delivered_through() == 0  # the log's first record is on disk
+        await until(lambda: nobody.backlog == setup.seqs_on_disk()[-1])
+        assert not any(last <= nobody.delivered_through() for last in last_seqs)
+    finally:
+        await nobody.close(0)
+
+    collector = Collector()
+    await collector.up()
+    forwarder = setup.forwarder(collector.port)
+    seen: list[int] = []
+
+    def caught_up() -> bool:
+        seen.append(forwarder.delivered_through())
+        return seen[-1] == setup.seqs_on_disk()[-1]
+
+    await forwarder.start()
+    try:
+        await until(caught_up)
+    finally:
+        await forwarder.close(2)
+        await collector.down()
+    received = set(collector.seqs())
+    on_disk_seqs = setup.seqs_on_disk()
+    for delivered in seen:  # every value retention could have read
+        assert {seq for seq in on_disk_seqs if seq <= delivered} <= received, delivered
 
 
 async def test_a_cursor_whose_record_the_log_lost_resumes_after_its_predecessor(

@@ -14,13 +14,16 @@ sending resumes right after it, in order, following rotation into rotated files.
 removed its file) or does not match the log (another log's cursor) restarts from the oldest
 record on disk, with a warning naming how many records the collector can never get; the
 collector then counts as having only the record before the oldest one on disk (retention and
-the backlog follow). A cursor past the log's last record (a power cut with ``fsync =
-"interval"``: the cursor was fsynced, the log's last records were not) resumes at the log's
-end, with a warning; a foreign cursor with a higher seq than the whole log cannot be told
-from that. A cursor whose record the log does not have, but whose predecessor (its ``prev``,
-kept in the cursor) directly precedes the log's next record, resumes after that predecessor.
-Other cases — e.g. a power cut that lost several records after which the writer wrote the
-same seqs again — count as a mismatch: everything on disk is sent again (duplicates, no gap).
+the backlog follow). A cursor whose record the log does not have resumes without resending
+only when its ``prev`` (kept in the cursor) confirms where: the record it chained from is in
+the log, directly before the log's next record — resume after it — or is the log's last
+record (a write rolled back, or a power cut with ``fsync = "interval"`` that took the log's
+last record after it was sent: the cursor was fsynced, the log was not) — resume at the log's
+end; either with a warning. Every other cursor the log cannot confirm counts as a mismatch,
+and everything on disk is sent again (duplicates, no gap): a power cut that lost several
+records (whether or not the writer wrote the same seqs again), a cursor without ``prev``, and
+a cursor past the log's end that does not follow its last record — a foreign one (another
+node's or another log's state dir) with a higher seq than the whole log is one.
 
 **Delivery: at least once, in order; duplicates possible, gaps not.** Syslog has no
 application-level acknowledgement, so with TCP and TLS the kernel's is used: on Linux
@@ -273,7 +276,7 @@ class Located:
     notice: str | None = None  # the cursor was used, but not as it stood: what happened
     # What the collector has of this log, when that is not the cursor (`replaces_delivered`):
     # after a problem the record before the oldest one on disk (None if unknown), for a
-    # cursor ahead of the log the log's last record.
+    # cursor just past the log's end (its prev is the log's last record) that last record.
     delivered: Cursor | None = None
     replaces_delivered: bool = False
 
@@ -395,11 +398,14 @@ class RecordReader:
         * its record is not in the log, but the record it chained from is, directly before
           the next record of the log (a write rolled back after it was sent, or lost with the
           writer's last unsynced lines): just after that record (`Located.notice`);
-        * it is past the log's last record (a power cut took the log's last records and the
-          fsynced cursor survived): at the log's last record (`Located.notice`);
-        * its record is gone (retention) or does not match (another log's cursor): at the
-          oldest record (`Located.problem`). When the gone record is exactly the one before
-          the oldest (by its hash), nothing is missing and it is no problem.
+        * it is past the log's end and its ``prev`` is the hash of the log's last record (the
+          record right after the log's end was sent, then rolled back or lost by a power cut
+          while the fsynced cursor survived): at the log's last record (`Located.notice`);
+        * its record is gone (retention), does not match (another log's cursor), or it is
+          past the log's end without that confirmation (several records lost, a foreign
+          cursor, a cursor without ``prev``): at the oldest record (`Located.problem`). When
+          the gone record is exactly the one before the oldest (by its hash), nothing is
+          missing and it is no problem.
 
         A rotation while this looks can make the cursor look foreign: then it looks once more.
         """
@@ -468,17 +474,22 @@ class RecordReader:
                         "(written, then lost: see the log's audit.recovery record); resuming "
                         f"after seq {seen.seq}, the record it followed"))
                 return self._restart(chain, mismatch)
-        contradicts = (seen is not None and seen.seq == cursor.seq - 1
-                       and cursor.prev not in (None, seen.hash))
-        if index == len(chain) - 1 and seen is not None and not contradicts:
-            head = Cursor(seen.seq, seen.hash)  # the log ends before the cursor
+        if index != len(chain) - 1 or seen is None:
+            return self._restart(chain, mismatch)
+        if cursor.prev is not None and cursor.prev == seen.hash:
+            # The cursor's record followed the log's last one and the log lost it.
+            head = Cursor(seen.seq, seen.hash)
             self._open(path, seen.offset, head)
             return Located(self.tell(), notice=(
-                f"the cursor (seq {cursor.seq}) is ahead of the audit log, which ends at seq "
-                f"{seen.seq}: its last records are not in the log (a write rolled back, or "
-                'lost by a power cut with fsync = "interval"); resuming at the end of the log'),
+                f"the collector has seq {cursor.seq}, which follows the audit log's last "
+                f"record (seq {seen.seq}) but is not in the log (a write rolled back, or lost "
+                'by a power cut with fsync = "interval"); resuming at the end of the log'),
                 delivered=head, replaces_delivered=True)
-        return self._restart(chain, mismatch)
+        # Past the log's end and not confirmed by its prev: several records lost, or a foreign
+        # cursor (another node's or another log's state dir). Skipping to the end would be a gap.
+        return self._restart(chain, (
+            f"cursor seq {cursor.seq} is past the audit log's last record (seq {seen.seq}) "
+            "and does not follow it"))
 
     def seek(self, position: Position) -> bool:
         """Back to an earlier position of this run; False if its file is gone (or a file that
