@@ -68,7 +68,8 @@ severity               events
 3 err                  ``audit.recovery``
 4 warning              ``auth.failure``, ``auth.locked``, ``access.deny``, ``tunnel.deny``
 5 notice               ``admin.session_kill``, ``config.reload``, ``user.disable``,
-                       ``cert.revoke``, ``mfa.enroll``, ``audit.retention``, ``audit.read``
+                       ``user.enable``, ``cert.revoke``, ``mfa.enroll``, ``audit.retention``,
+                       ``audit.read``
 6 info                 every other event
 =====================  ============================================================
 
@@ -130,7 +131,7 @@ SEVERITY_BY_EVENT: Final[Mapping[str, int]] = MappingProxyType({
     "auth.failure": WARNING, "auth.locked": WARNING, "access.deny": WARNING,
     "tunnel.deny": WARNING,
     "admin.session_kill": NOTICE, "config.reload": NOTICE, "user.disable": NOTICE,
-    "cert.revoke": NOTICE, "mfa.enroll": NOTICE, "audit.retention": NOTICE,
+    "user.enable": NOTICE, "cert.revoke": NOTICE, "mfa.enroll": NOTICE, "audit.retention": NOTICE,
     "audit.read": NOTICE,
 })
 SD_ID: Final = "gatewayd@32473"  # 32473: the example enterprise number of RFC 5612
