@@ -190,7 +190,7 @@ async def test_verify_of_the_whole_log_requires_its_beginning(
     await write_log(tmp_path, rotate_bytes=1500)
     everything = shell_glob(tmp_path, "audit.log*")
     assert run(["audit", "verify", *everything]) == 0
-    assert "checked as: the whole log (the live file and all" in out_err(capsys)[0]
+    assert "checked as: the whole log (all its rotated files were given)" in out_err(capsys)[0]
     rotated = sorted(tmp_path.glob("audit.log.2*"))
     assert len(rotated) >= 3
     for path in rotated[:2]:
@@ -208,6 +208,57 @@ async def test_verify_of_the_whole_log_requires_its_beginning(
     out = out_err(capsys)[0]
     assert out.startswith("OK: ") and "checked as: a subset" in out
     assert "earlier files were not given" in out
+
+
+async def test_verify_of_the_whole_log_when_the_live_file_does_not_exist_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a rotation the live file is created only with its next record: a glob then
+    gives the rotated files alone, which are still the whole log."""
+    await write_log(tmp_path, rotate_bytes=1500)
+    rotated = sorted(tmp_path.glob("audit.log.2*"))
+    assert len(rotated) >= 3
+    (tmp_path / "audit.log").rename(tmp_path / "audit.log.20991231T000000.000000")
+    assert run(["audit", "verify", *shell_glob(tmp_path, "audit.log*")]) == 0
+    assert "checked as: the whole log" in out_err(capsys)[0]
+    for path in rotated[:2]:
+        path.unlink()
+    assert run(["audit", "verify", *shell_glob(tmp_path, "audit.log*")]) == 1
+    out = out_err(capsys)[0]
+    assert out.startswith("TAMPERED: first bad seq 1: missing_file")
+    assert "checked as: the whole log" in out
+
+
+@pytest.mark.parametrize("extra", ["audit.log.bak", "audit.log.1"])
+@pytest.mark.parametrize("content", ["empty", "copy"])
+async def test_an_extra_file_does_not_make_the_log_a_subset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, content: str,
+) -> None:
+    """Anyone able to write the directory can add a file a glob picks up; it is named in a
+    warning, and the log with its head deleted still fails as the whole log."""
+    await write_log(tmp_path, rotate_bytes=1500)
+    rotated = sorted(tmp_path.glob("audit.log.2*"))
+    for path in rotated[:2]:
+        path.unlink()
+    if content == "empty":
+        (tmp_path / extra).write_bytes(b"")
+    else:
+        shutil.copy(rotated[2], tmp_path / extra)
+    assert run(["audit", "verify", *shell_glob(tmp_path, "audit.log*")]) == 1
+    out, err = out_err(capsys)
+    assert out.startswith("TAMPERED: ") and "checked as: the whole log" in out
+    assert f"{extra} is neither the live file nor a rotated file of the log" in err
+
+
+async def test_an_empty_extra_file_fails_an_intact_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await write_log(tmp_path, rotate_bytes=1500)
+    (tmp_path / "audit.log.bak").write_bytes(b"")
+    assert run(["audit", "verify", *shell_glob(tmp_path, "audit.log*")]) == 1
+    out = out_err(capsys)[0]
+    assert out.startswith("TAMPERED: first bad seq None: malformed")
+    assert "audit.log.bak is empty" in out
 
 
 async def test_verify_of_a_subset_warns_unless_complete_is_asked_for(

@@ -18,7 +18,8 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gatewayd.app import Gateway
-from gatewayd.audit import AuditLog, AuditWriteError, Problem, canonical_json, verify_files
+from gatewayd.audit import AuditLog, Problem, canonical_json, verify_files
+from gatewayd.audit.chain import record_hash
 from gatewayd.audit.retention import (
     RetentionOutcome,
     RetentionPlan,
@@ -290,11 +291,17 @@ async def test_nothing_removed_when_the_signing_checkpoint_fails(
     log, clock = five_days
     before = log_files(log)
 
-    def failing_checkpoint() -> None:
-        raise AuditWriteError("audit.checkpoint", None, OSError(28, "No space left on device"))
+    real_write = os.write
 
-    monkeypatch.setattr(log, "checkpoint", failing_checkpoint)
+    def checkpoints_fail(fd: int, data: bytes) -> int:
+        line = bytes(data)
+        if b'"event":"audit.checkpoint"' in line and b'"reason":"retention"' in line:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", checkpoints_fail)
     outcome = retain(log, clock, 400)
+    monkeypatch.undo()
     assert outcome.removed == () and "checkpoint" in (outcome.error or "")
     assert present(before) == before
 
@@ -488,10 +495,11 @@ async def test_implausible_retention_record_explains_nothing(
     files = rotated(log)
     removal = plan_retention(log.path, timedelta(days=1), at(400)).removals[0]
     clock.now = last_ts(files[0]) + timedelta(days=age_days)
-    log.emit("audit.retention", reason="expired", file=removal.path.name, first_seq=1,
-             last_seq=removal.last_seq, last_hash=removal.last_hash, last_ts=removal.last_ts,
-             records=removal.records, retention=retention)
-    log.checkpoint()
+    assert log.record_retention([{
+        "reason": "expired", "file": removal.path.name, "first_seq": 1,
+        "last_seq": removal.last_seq, "last_hash": removal.last_hash,
+        "last_ts": removal.last_ts, "records": removal.records, "retention": retention,
+    }]).signed
     files[0].unlink()
     result = verify_files(log_files(log), require_complete=True)
     assert (result.ok, result.kind) == (False, Problem.MISSING_FILE)
@@ -611,3 +619,103 @@ async def test_a_stopped_run_removes_nothing(five_days: tuple[AuditLog, Clock]) 
     assert outcome.removed == () and outcome.plan.held is not None
     assert outcome.plan.held.reason == "stopped"
     assert log_files(log) == before
+
+
+# --------------------------------------------------------------------------- forged records
+
+
+def append_rehashed(path: Path, **fields: Any) -> None:
+    """Append a well-formed record chained to the file's last one (the chain is unkeyed)."""
+    last = records(path)[-1]
+    record: dict[str, Any] = {"ts": last["ts"], "seq": last["seq"] + 1, "node": last["node"],
+                              "prev": last["hash"], **fields}
+    record["hash"] = record_hash(record)
+    with path.open("ab") as stream:
+        stream.write(canonical_json(record).encode() + b"\n")
+
+
+async def test_a_forged_retention_record_signed_at_restart_explains_nothing(
+    tmp_path: Path,
+) -> None:
+    """Write access to the directory, no key: while the gateway is stopped, delete the two
+    oldest (not expired) files and append a re-hashed carried record covering them. The
+    restarted writer's start checkpoint signs it; it is still not retention's."""
+    clock = Clock()
+    log = new_log(tmp_path, clock)
+    await log.start()
+    write_day(log, -1)
+    await days_of_log(log, clock, 4)
+    await log.close()
+    files = rotated(log)
+    files[0].unlink()
+    files[1].unlink()
+    head = records(files[2])[0]
+    append_rehashed(log.path, event="audit.retention", reason="carried", file="audit.log.x",
+                    first_seq=1, last_seq=head["prev_seq"], last_hash=head["prev"],
+                    last_ts="2025-01-01T00:00:00.000000+09:00", records=head["prev_seq"],
+                    retention="7d")
+    again = new_log(tmp_path, clock)
+    await again.start()
+    write_day(again, 9)
+    await again.close()
+    result = verify_files(log_files(again), require_complete=True)
+    assert (result.ok, result.kind) == (False, Problem.MISSING_FILE)
+    assert "followed by a checkpoint with reason 'start'" in result.problem
+    assert result.retentions == () and result.removed == ()
+
+
+async def test_a_retention_record_signed_by_another_checkpoint_explains_nothing(
+    five_days: tuple[AuditLog, Clock],
+) -> None:
+    """A record written through emit (not by retention) and signed by an ordinary
+    checkpoint: only the reason="retention" checkpoint right after it counts."""
+    log, clock = five_days
+    files = rotated(log)
+    removal = plan_retention(log.path, WEEK, at(400)).removals[0]
+    clock.now = at(400)
+    log.emit("audit.retention", reason="expired", file=removal.path.name, first_seq=1,
+             last_seq=removal.last_seq, last_hash=removal.last_hash, last_ts=removal.last_ts,
+             records=removal.records, retention="7d")
+    log.checkpoint()
+    files[0].unlink()
+    result = verify_files(log_files(log), require_complete=True)
+    assert (result.ok, result.kind) == (False, Problem.MISSING_FILE)
+    assert "followed by a checkpoint with reason 'manual'" in result.problem
+
+
+async def test_a_retention_record_followed_by_another_record_explains_nothing(
+    five_days: tuple[AuditLog, Clock],
+) -> None:
+    """Only retention and recovery records may come between a retention record and
+    retention's checkpoint: a later honest run does not sign an earlier stray record."""
+    log, clock = five_days
+    files = rotated(log)
+    removal = plan_retention(log.path, WEEK, at(400)).removals[0]
+    clock.now = at(400)
+    fields: dict[str, object] = {
+        "reason": "expired", "file": removal.path.name, "first_seq": 1,
+        "last_seq": removal.last_seq, "last_hash": removal.last_hash,
+        "last_ts": removal.last_ts, "records": removal.records, "retention": "7d"}
+    log.emit("audit.retention", **fields)
+    write_day(log, 400, records=1)
+    assert log.record_retention([{**fields, "file": "later"}]).signed
+    files[0].unlink()
+    result = verify_files(log_files(log), require_complete=True)
+    assert result.ok, result.problem  # the later record, signed by retention, explains it
+    assert [r.file for r in result.retentions] == ["later"]
+
+
+async def test_retention_records_and_their_checkpoint_are_adjacent_across_a_day_change(
+    five_days: tuple[AuditLog, Clock],
+) -> None:
+    """Retention's records go into one file with their checkpoint right after them: a due
+    rotation comes first, and no count checkpoint comes between."""
+    log, clock = five_days
+    log._checkpoint_every = 1  # the threshold would be reached after every record
+    outcome = retain(log, clock, 400)
+    assert len(outcome.removed) == 4
+    tail = records(log.path)
+    assert tail[0]["event"] == "audit.continue"  # the day change rotated first
+    events = [(r["event"], r.get("reason")) for r in tail[1:]]
+    assert events == [("audit.retention", "expired")] * 4 + [("audit.checkpoint", "retention")]
+    assert verify_files(log_files(log), require_complete=True).ok

@@ -456,6 +456,25 @@ async def test_missing_middle_file(tmp_path: Path) -> None:
     assert "whole rotated file" in result.problem
 
 
+async def test_an_empty_file_is_malformed_unless_it_is_the_live_file(tmp_path: Path) -> None:
+    chain = await rotated_log(tmp_path)
+    live = tmp_path / "audit.log"
+    assert live in chain
+    live.write_bytes(b"")  # after a rotation, before the new file's first record
+    result = verify_files(chain)
+    assert result.ok, result.problem
+    assert any("audit.log is empty" in w for w in result.warnings)
+    for name in ("audit.log.bak", "audit.log.1"):
+        empty = tmp_path / name
+        empty.write_bytes(b"")
+        result = verify_files([*chain, empty])
+        assert (result.ok, result.kind, result.file) == (False, Problem.MALFORMED, empty)
+        assert f"{name} is empty" in result.problem
+        empty.unlink()
+    alone = verify_files([live], public_key=tmp_path / "audit.log.pub")
+    assert (alone.ok, alone.kind) == (False, Problem.MALFORMED)
+
+
 async def test_only_recent_files_verify_with_a_warning(tmp_path: Path) -> None:
     chain = await rotated_log(tmp_path)
     result = verify_files(chain[2:])
@@ -491,7 +510,8 @@ async def aged_log(directory: Path) -> tuple[AuditLog, list[Path]]:
 
 
 def record_removal(log: AuditLog, path: Path, **override: Any) -> None:
-    """Write the audit.retention record the retention task writes for ``path``."""
+    """Write the audit.retention record the retention task writes for ``path``, signed by
+    its reason="retention" checkpoint."""
     content = [record(line) for line in lines(path)]
     header, last = content[0], content[-1]
     fields: dict[str, Any] = {
@@ -500,14 +520,14 @@ def record_removal(log: AuditLog, path: Path, **override: Any) -> None:
         "last_hash": last["hash"], "last_ts": last["ts"], "records": len(content),
         "retention": "7d",
     }
-    log.emit("audit.retention", **{**fields, **override})
+    assert log.record_retention([{**fields, **override}]).signed
 
 
 async def test_head_removed_by_retention_verifies_with_a_note(tmp_path: Path) -> None:
     log, rotated = await aged_log(tmp_path)
     for path in rotated[:2]:
         record_removal(log, path)
-    await log.close()  # its close checkpoint signs the retention records
+    await log.close()
     first_end, last_removed = (record(lines(p)[-1])["seq"] for p in rotated[:2])
     for path in rotated[:2]:
         path.unlink()

@@ -20,10 +20,16 @@ in which security staff read and type times — never the server's local time.
 
 ``verify`` checks **the whole log** — a missing beginning is then tampering (``missing_file``,
 exit 1) unless signed ``audit.retention`` records account for it — when ``--complete`` is
-given, or by default when the files given are the live log and every rotated file next to it
-(``audit.log*``: what an operator means by "verify the log"). ``--partial`` checks a chosen
-subset instead: a chain starting mid-way is then only a warning. The output says which
-(``checked as:`` line; ``"complete"`` in ``--json``).
+given, or by default whenever every rotated file next to the log is among the files given
+(``audit.log*``: what an operator means by "verify the log"), whatever else is given and
+whether or not the live file exists (it does not between a rotation and the next record).
+Only a file set that leaves out a rotated file is checked as a subset by default; anyone able
+to write the directory can add files, but not make a glob leave one out. A file given that
+is neither the live file nor one of its rotated files (``audit.log.bak`` beside
+``audit.log``) is named in a warning on stderr and verified with the rest; verify reports an
+empty one as ``malformed``. ``--partial`` checks a chosen subset instead: a chain starting
+mid-way is then only a warning. The output says which (``checked as:`` line;
+``"complete"`` in ``--json``).
 
 Arguments may come from a shell glob such as ``audit.log*``: public-key files (``*.pub``,
 ``*.pub.<id>``), the writer's lock file (``*.lock``) and quarantined torn lines (``*.torn-*``)
@@ -91,8 +97,8 @@ def _add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     scope.add_argument(
         "--complete", action="store_true",
         help="the files are the whole log: a missing beginning not accounted for by signed "
-        "audit.retention records is an error (default when the files are the live log and "
-        "all its rotated files)",
+        "audit.retention records is an error (default when every rotated file of the log "
+        "is among the files given)",
     )
     scope.add_argument(
         "--partial", action="store_true",
@@ -238,6 +244,9 @@ def run_verify(args: argparse.Namespace) -> int:
     if paths is None:
         return EXIT_USAGE
     try:
+        for extra in foreign_files(paths):
+            print(f"gatewayd audit verify: warning: {_shown(extra)} is neither the live file "
+                  "nor a rotated file of the log; verified with the rest", file=err)
         complete = args.complete or (not args.partial and is_whole_log(paths))
         result = verify_files(paths, args.key, require_sealed=args.sealed,
                               require_complete=complete)
@@ -253,24 +262,32 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def is_whole_log(paths: list[Path]) -> bool:
-    """Whether ``paths`` are one live log and every rotated file beside it (nothing missing).
+    """Whether every rotated file of the log(s) ``paths`` belong to is among ``paths``.
 
-    Raises OSError if a directory cannot be listed or a path cannot be resolved.
+    Extra files and a live file that does not exist do not matter: only a file left out
+    makes the set a subset (see the module docstring). Raises OSError if a directory cannot
+    be listed or a path cannot be resolved.
     """
     given = {path.resolve() for path in paths}
-    lives = {files.live_path_of(path).resolve() for path in paths}
-    if len(lives) != 1:
-        return False
-    (live,) = lives
-    return given == {live, *(p.resolve() for p in files.rotated_siblings(live))}
+    lives = {files.live_path_of(path) for path in paths}
+    return all(p.resolve() in given for live in lives for p in files.rotated_siblings(live))
+
+
+def foreign_files(paths: list[Path]) -> list[Path]:
+    """The files given that only look like the log's: ``<log>.<anything>`` that is not a
+    rotated file name, where ``<log>`` is the live file of another file given."""
+    lives = {files.live_path_of(path) for path in paths}
+    return [path for path in paths if files.live_path_of(path) == path and any(
+        live != path and live.parent == path.parent and path.name.startswith(live.name + ".")
+        for live in lives)]
 
 
 def _scope_text(complete: bool, *, forced: bool) -> str:
     if complete:
-        why = "--complete" if forced else "the live file and all its rotated files were given"
+        why = "--complete" if forced else "all its rotated files were given"
         return (f"the whole log ({why}): a missing beginning must be accounted for by signed "
                 "audit.retention records")
-    return ("a subset (--partial, or not the live file with all its rotated files): a "
+    return ("a subset (--partial, or a rotated file of the log was not given): a "
             "missing beginning is only a warning; --complete to require the whole log")
 
 

@@ -20,10 +20,13 @@ removal is irreversible and a verifier must still be able to vouch for what is l
   before its first record) is held too. Held files are not problems (`RetentionPlan.held`).
 * **Written before removed.** `apply_plan` first writes the ``audit.retention`` records of
   each file through the live `AuditLog` (``file``, ``first_seq``, ``last_seq``, ``last_hash``,
-  ``last_ts``, ``records``, ``retention``, ``reason="expired"``), then a checkpoint that signs
-  them (`verify` honours only signed retention records), then fsyncs the live file; only then
-  are the files unlinked (the ``.pub`` keys stay). A file whose records could not be written,
-  signed or synced is not removed. ``first_seq`` is the first seq the file accounts for: 1 for
+  ``last_ts``, ``records``, ``retention``, ``reason="expired"``) and the checkpoint that signs
+  them, in one `AuditLog.record_retention` call: nothing comes between the records and that
+  ``reason="retention"`` checkpoint, and `verify` honours a retention record only when it is
+  so signed (a record someone else laid into the log, signed by a later ``start``
+  checkpoint, explains nothing). Then it fsyncs the live file; only then are the files
+  unlinked (the ``.pub`` keys stay). A file whose records could not all be written, signed
+  or synced is not removed. ``first_seq`` is the first seq the file accounts for: 1 for
   the file that starts the log, else its header's ``prev_seq`` + 1 (normally its first
   record's seq), so that the retention records of successive removals cover seq 1 on without
   a hole; `verify` accepts the missing head of the log exactly then.
@@ -63,7 +66,7 @@ from gatewayd.audit.verify import (
     VerifyResult,
     verify_files,
 )
-from gatewayd.audit.writer import AuditLog, AuditWriteError, OperationalLogger, describe_os_error
+from gatewayd.audit.writer import AuditLog, OperationalLogger, describe_os_error
 from gatewayd.files import fsync_directory
 
 _CHECKPOINT: Final = EventName.AUDIT_CHECKPOINT.value
@@ -317,41 +320,52 @@ def plan_removals(
     return list(plan_retention(log_path, retention, now, may_remove=may_remove).removals)
 
 
+def _notes(removal: Removal, retention: timedelta) -> list[dict[str, Any]]:
+    """A removal's audit.retention records: its carried ranges, then its own expired record."""
+    notes: list[dict[str, Any]] = [
+        {"reason": RETENTION_CARRIED, "file": c.file, "first_seq": c.first_seq,
+         "last_seq": c.last_seq, "last_hash": c.last_hash, "last_ts": c.last_ts,
+         "records": c.records, "retention": c.retention}
+        for c in removal.carried
+    ]
+    notes.append({"reason": RETENTION_EXPIRED, "file": removal.path.name,
+                  "first_seq": removal.first_seq, "last_seq": removal.last_seq,
+                  "last_hash": removal.last_hash, "last_ts": removal.last_ts,
+                  "records": removal.records, "retention": format_retention(retention)})
+    return notes
+
+
 def _record_removals(
     audit: AuditLog, removals: Sequence[Removal], retention: timedelta
 ) -> tuple[list[Removal], str | None]:
-    """Write each removal's carried and expired records; stop at the first not written."""
-    recorded: list[Removal] = []
-    for removal in removals:
-        notes: list[dict[str, Any]] = [
-            {"reason": RETENTION_CARRIED, "file": c.file, "first_seq": c.first_seq,
-             "last_seq": c.last_seq, "last_hash": c.last_hash, "last_ts": c.last_ts,
-             "records": c.records, "retention": c.retention}
-            for c in removal.carried
-        ]
-        notes.append({"reason": RETENTION_EXPIRED, "file": removal.path.name,
-                      "first_seq": removal.first_seq, "last_seq": removal.last_seq,
-                      "last_hash": removal.last_hash, "last_ts": removal.last_ts,
-                      "records": removal.records, "retention": format_retention(retention)})
-        for note in notes:
-            try:
-                written = audit.emit(_RETENTION, **note)
-            except (AuditWriteError, RuntimeError) as exc:  # RuntimeError: the log was closed
-                return recorded, f"audit.retention for {removal.path.name} not written: {exc}"
-            if written is None:
-                return recorded, f"audit.retention for {removal.path.name} not written"
-        recorded.append(removal)
-    return recorded, None
+    """Write and sign the removals' records; the removals all of whose records were signed.
 
-
-def _seal_records(audit: AuditLog) -> str | None:
-    """Sign the retention records and get them to the disk; an error text if that failed."""
+    One `AuditLog.record_retention` call: the records and their ``reason="retention"``
+    checkpoint, with nothing between them (the only way `verify` honours them).
+    """
+    per_removal = [_notes(removal, retention) for removal in removals]
     try:
-        audit.checkpoint()
-    except (AuditWriteError, RuntimeError) as exc:
-        return f"the checkpoint signing the retention records failed: {exc}"
-    if not audit.healthy:  # on_failure="continue": the checkpoint failed quietly
-        return "the checkpoint signing the retention records was not written"
+        outcome = audit.record_retention([note for notes in per_removal for note in notes])
+    except RuntimeError as exc:  # the log was closed
+        return [], f"audit.retention records not written: {exc}"
+    if not outcome.signed:
+        return [], outcome.error or "the audit.retention records were not signed"
+    recorded: list[Removal] = []
+    left = outcome.written
+    for removal, notes in zip(removals, per_removal, strict=True):
+        if left < len(notes):
+            break
+        left -= len(notes)
+        recorded.append(removal)
+    error = None
+    if len(recorded) < len(removals):
+        error = (f"audit.retention for {removals[len(recorded)].path.name} not written: "
+                 f"{outcome.error or 'unknown error'}")
+    return recorded, error
+
+
+def _sync_records(audit: AuditLog) -> str | None:
+    """Get the signed retention records to the disk; an error text if that failed."""
     try:
         # fsync through a descriptor of our own: it flushes the file, whoever wrote it, so
         # the records survive a crash even with fsync="interval".
@@ -377,7 +391,7 @@ def apply_plan(
         return RetentionOutcome(plan)
     recorded, error = _record_removals(audit, plan.removals, retention)
     if recorded:
-        sealed_error = _seal_records(audit)
+        sealed_error = _sync_records(audit)
         if sealed_error is not None:
             error, recorded = sealed_error, []
     if error is not None:

@@ -60,11 +60,20 @@ Not problems, but reported as warnings (the result stays ok):
   of them ending at P naming ``last_hash`` = H. Ranges may overlap (a removal recorded twice
   because the first attempt failed) but none may reach past P into the records given. Such a
   missing head is accepted and reported as a note (in ``warnings`` and, itemised, in
-  ``removed``). A retention record counts only if a valid checkpoint later in the files signs
-  it — the hash chain alone is unkeyed, so anyone able to write the live file could append an
-  unsigned "retention" record to excuse a deleted file — and only if it is plausible: its
-  stated ``retention`` is at least 7 days and the removed records' last ``ts`` (``last_ts``)
-  was at least that old at the record's own ``ts``. A retention record that fails these rules
+  ``removed``). A retention record counts only if it is **signed by retention's own
+  checkpoint**: the first ``audit.checkpoint`` after it in the chain has ``reason``
+  ``"retention"``, and every record between the two is another ``audit.retention`` or an
+  ``audit.recovery`` (no ``audit.start``, no ``audit.continue``, nothing else). That is
+  exactly what `AuditLog.record_retention` writes, under one hold of the writer's lock, and
+  files are removed only after that checkpoint is written, so an honest removal always
+  qualifies. The hash chain alone is unkeyed: anyone able to write the log directory can
+  append a re-hashed "retention" record to the live file while the gateway is stopped, and
+  the gateway's own ``start`` checkpoint (which signs what a crashed run left) or any later
+  checkpoint would then sign it; such a record is followed by ``audit.start`` or by a
+  checkpoint of another reason, and explains nothing. A retention record must also be
+  plausible: its stated ``retention`` is at least 7 days and the removed records' last
+  ``ts`` (``last_ts``) was at least that old at the record's own ``ts``. A retention record
+  that fails these rules
   explains nothing: the head is reported as missing as before, with the reason. The retention
   records are themselves in the chain, so deleting them breaks the chain.
   Two reasons are honoured: ``expired`` (one removed file, ``first_seq`` = its own first seq)
@@ -72,8 +81,10 @@ Not problems, but reported as warnings (the result stays ok):
   restated in the live file just before that file's own ``expired`` record, so that removing
   the file that explains earlier removals does not remove the explanation). The verifier
   cannot see the records a ``carried`` range stood for — they went with the file — so it holds
-  it to the same rules (signed, plausible); `retention` writes one only from the verified,
-  signed, plausible retention records of the file it removes, never from the file's header.
+  it to the same rules (signed by retention's checkpoint, plausible); `retention` writes one
+  only from the retention records of the file it removes that meet these rules there, never
+  from the file's header, and writes it in the same run as its ``expired`` record, signed by
+  the same ``reason="retention"`` checkpoint.
   `VerifyResult.retentions` lists the retention records that met these rules.
 """
 
@@ -110,6 +121,8 @@ MIN_RETENTION: Final = timedelta(days=7)
 # inside a removed file, restated in the live file (see the module docstring).
 RETENTION_EXPIRED: Final = "expired"
 RETENTION_CARRIED: Final = "carried"
+# The reason of the checkpoint that retention writes right after its records (writer.py).
+RETENTION_CHECKPOINT: Final = "retention"
 _RETENTION_REASONS: Final = frozenset({RETENTION_EXPIRED, RETENTION_CARRIED})
 
 
@@ -181,7 +194,8 @@ class VerifyResult:
     warnings: tuple[str, ...] = ()
     key_ids: tuple[str, ...] = ()
     removed: tuple[RemovedRange, ...] = ()  # files before the first given, removed by retention
-    # Every audit.retention record in the files that is signed and plausible (chain order).
+    # Every audit.retention record in the files that retention's checkpoint signs and that is
+    # plausible (chain order).
     retentions: tuple[RemovedRange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -249,7 +263,11 @@ class _ChainState:
     pending: dict[tuple[int, int], tuple[Path, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     head: _Head | None = None  # set when the chain starts mid-way
+    # audit.retention records signed by retention's own checkpoint (module docstring).
     retentions: list[RemovedRange] = field(default_factory=list)
+    # Those since the last checkpoint, waiting for it; and why others were refused.
+    awaiting: list[RemovedRange] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     removed: list[RemovedRange] = field(default_factory=list)  # those that explain the head
 
     @property
@@ -269,10 +287,7 @@ class _ChainState:
             self.first_seq = seq
         if record["event"] == _RECOVERY:
             self._explain(record, path)
-        if record["event"] == _RETENTION:
-            removed = _removed_range(record, path)
-            if removed is not None:
-                self.retentions.append(removed)
+        self._track_retention(record, path)
         if record["event"] == _CHECKPOINT:
             self.checkpoints += 1
             self.last_checkpoint = CheckpointInfo(
@@ -284,6 +299,27 @@ class _ChainState:
             self.unsigned += 1
             if self.first_unsigned is None:
                 self.first_unsigned = seq
+
+    def _track_retention(self, record: Mapping[str, Any], path: Path) -> None:
+        """Hold retention records until their checkpoint; honour them only if it is theirs."""
+        event = record["event"]
+        if event == _RETENTION:
+            removed = _removed_range(record, path)
+            if removed is not None:
+                self.awaiting.append(removed)
+            return
+        if event == _RECOVERY or not self.awaiting:
+            return
+        if event == _CHECKPOINT and self.last_reason == RETENTION_CHECKPOINT:
+            self.retentions.extend(self.awaiting)
+        else:
+            what = (f"a checkpoint with reason {self.last_reason!r}" if event == _CHECKPOINT
+                    else f"{event} seq {record['seq']}")
+            self.refused.extend(
+                f"audit.retention seq {r.seq} is followed by {what}, not by the "
+                f"reason={RETENTION_CHECKPOINT!r} checkpoint retention writes right after "
+                "its records: not written by retention" for r in self.awaiting)
+        self.awaiting.clear()
 
     def gap(self, first: int, last: int, path: Path, line: int) -> None:
         """Note a seq gap with an intact chain; it stays a problem until a recovery names it."""
@@ -346,16 +382,14 @@ def _implausible(removed: RemovedRange) -> str | None:
     return None
 
 
-def _honoured(
-    retentions: Sequence[RemovedRange], signed_through: int
-) -> tuple[list[RemovedRange], list[str]]:
-    """The retention records that count (signed by a checkpoint, plausible), and why not others."""
+def _honoured(state: _ChainState) -> tuple[list[RemovedRange], list[str]]:
+    """The retention records that count (signed by retention's checkpoint, plausible), and
+    why not others."""
     honoured: list[RemovedRange] = []
-    reasons: list[str] = []
-    for removed in retentions:
-        if removed.seq > signed_through:
-            reasons.append(f"audit.retention seq {removed.seq} is not yet signed by a checkpoint")
-            continue
+    reasons = list(state.refused)
+    reasons.extend(f"audit.retention seq {r.seq} is not yet signed by a checkpoint"
+                   for r in state.awaiting)
+    for removed in state.retentions:
         why = _implausible(removed)
         if why is not None:
             reasons.append(why)
@@ -367,7 +401,7 @@ def _honoured(
 def _removal_chain(state: _ChainState, head: _Head) -> list[RemovedRange] | str:
     """The retention records that together removed seq 1..head.prev_seq, or why there are none.
 
-    They must be signed by a later checkpoint and plausible (`_honoured`); their ranges must
+    They must be signed by retention's checkpoint and plausible (`_honoured`); their ranges must
     together cover every seq in 1..prev_seq (overlaps allowed: a removal recorded twice), none
     may reach past prev_seq, and every one ending at prev_seq must name the hash the head
     chains to. Returned: the records of a cover, by ``first_seq``.
@@ -375,8 +409,7 @@ def _removal_chain(state: _ChainState, head: _Head) -> list[RemovedRange] | str:
     if head.prev_seq is None:
         return f"{head.path.name} does not begin with audit.continue"
     prev_seq = head.prev_seq
-    signed_through = state.last_checkpoint.covers_seq if state.last_checkpoint else 0
-    honoured, reasons = _honoured(state.retentions, signed_through)
+    honoured, reasons = _honoured(state)
     usable: list[RemovedRange] = []
     for removed in honoured:
         if removed.first_seq > prev_seq:
@@ -420,7 +453,8 @@ def _settle_head(state: _ChainState, *, require_complete: bool) -> _Found | None
         state.warnings.append(
             f"the chain starts at seq {head.seq} in {head.path.name}, not at the beginning of "
             "the log: earlier files were not given and are not checked"
-            + (f" (not removed by retention: {chain})" if state.retentions else "")
+            + (f" (not removed by retention: {chain})"
+               if state.retentions or state.refused or state.awaiting else "")
         )
         return None
     return _Found(Problem.MISSING_FILE, 1,
@@ -632,13 +666,31 @@ def _keyring(
     return load_public_keys(key_paths)
 
 
-def _lines_in_chain_order(paths: Sequence[Path]) -> Iterator[tuple[Path, files.Line, bool]]:
-    """(file, line, is the first line of a file after the first file)."""
+def _lines_in_chain_order(
+    paths: Sequence[Path],
+) -> Iterator[tuple[Path, files.Line | None, bool]]:
+    """(file, line, is the first line of a file after the first file); line None: the file
+    is empty."""
     for index, path in enumerate(paths):
-        first = index > 0
+        empty = True
         for line in files.iter_lines(path):
-            yield path, line, first
-            first = False
+            yield path, line, index > 0 and empty
+            empty = False
+        if empty:
+            yield path, None, False
+
+
+def _empty_file(path: Path, paths: Sequence[Path], state: _ChainState) -> _Found | None:
+    """An empty file given as a log: a problem, unless it is the live file of a rotated file
+    given (the writer creates the live file after a rotation only with its first record, and
+    a failed first write leaves it empty)."""
+    if any(other != path and files.live_path_of(other) == path for other in paths):
+        state.warnings.append(f"{path.name} is empty: the live file has no records yet")
+        return None
+    return _Found(Problem.MALFORMED, None,
+                  f"{path.name} is empty: every audit file begins with a header record, and "
+                  "only the live file of the log may be empty (an empty file given as a log "
+                  "is not one of its files)")
 
 
 def verify_files(
@@ -663,11 +715,14 @@ def verify_files(
     ordered = tuple(files.order_by_chain(paths))
     verifier = _Verifier(keyring)
     for path, line, file_start in _lines_in_chain_order(ordered):
-        found = verifier.feed(path, line, file_start=file_start)
+        if line is None:
+            found = _empty_file(path, ordered, verifier.state)
+        else:
+            found = verifier.feed(path, line, file_start=file_start)
         if found is not None:
             _settle_head(verifier.state, require_complete=False)  # for its warning only
             return _result(verifier.state, ordered=ordered, keyring=keyring, found=found, path=path,
-                           line=line.number)
+                           line=None if line is None else line.number)
     state = verifier.state
     found = _settle_head(state, require_complete=require_complete)
     if found is not None and state.head is not None:
@@ -704,7 +759,6 @@ def _result(
     found: _Found | None, path: Path | None, line: int | None,
 ) -> VerifyResult:
     where = f"{path.name}:{line}: " if path is not None and line is not None else ""
-    signed_through = state.last_checkpoint.covers_seq if state.last_checkpoint else 0
     return VerifyResult(
         ok=found is None,
         records=state.records,
@@ -723,5 +777,5 @@ def _result(
         warnings=tuple(state.warnings),
         key_ids=tuple(keyring),
         removed=tuple(state.removed),
-        retentions=tuple(_honoured(state.retentions, signed_through)[0]),
+        retentions=tuple(_honoured(state)[0]),
     )

@@ -36,7 +36,10 @@ Guarantees and rules (security staff and operators rely on these):
   Ed25519 every ``checkpoint_interval`` seconds and every ``checkpoint_every`` records (only
   if something new was written), at start when the resumed log does not end in one
   (``reason="start"``: signs what a crashed run left), before rotation (``reason="rotation"``,
-  always the last record of a rotated file), and on close (``reason="close"``).
+  always the last record of a rotated file), on close (``reason="close"``), and right after
+  the ``audit.retention`` records of `record_retention` (``reason="retention"``: the only
+  checkpoint `verify_files` accepts as signing them, so a record laid into the log by someone
+  else and signed by a later ``start`` or ``interval`` checkpoint never excuses a removal).
 * **Rotation** by size (when the live file has reached ``rotate_bytes``) or by day (when a
   record's calendar day in ``timezone`` differs from the previous record's) renames the
   sealed file to ``<name>.<first record time>`` (see `files`) and continues the chain in a
@@ -79,7 +82,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from pathlib import Path
@@ -124,7 +127,19 @@ _RESTART_IN_NEW_FILE: Final = "restart: the live file was missing or empty"
 # another checkpoint, so that "ends with a close checkpoint" reliably means a clean shutdown.
 _SEALING_REASONS: Final = frozenset({"rotation", "close"})
 _ROTATION_RETRY_SECONDS: Final = 60.0
+_RETENTION: Final = EventName.AUDIT_RETENTION.value
+# The reason of the checkpoint `AuditLog.record_retention` writes right after its records.
+RETENTION_CHECKPOINT: Final = "retention"
 DEFAULT_TIMEZONE: Final = ZoneInfo("Asia/Tokyo")  # the office's zone; ZoneInfo is immutable
+
+
+@dataclass(frozen=True)
+class RetentionRecords:
+    """What `AuditLog.record_retention` wrote."""
+
+    written: int  # how many of the notes were written (the first ones, in order)
+    signed: bool  # the reason="retention" checkpoint right after them was written
+    error: str | None = None  # why not all were written and signed
 
 
 @dataclass(frozen=True)
@@ -425,6 +440,48 @@ class AuditLog:
                 return None
             self._after_success(now)
             return record
+
+    def record_retention(self, notes: Sequence[Mapping[str, object]]) -> RetentionRecords:
+        """Append one ``audit.retention`` record per note, then the checkpoint signing them.
+
+        All under one hold of the lock: no other record, no rotation and no other checkpoint
+        (count, interval) comes between the records and their ``reason="retention"``
+        checkpoint, which is what `verify_files` requires before it honours them. A rotation
+        that is due happens before the first record. Stops at the first note not written
+        (the checkpoint then signs those that were), and without a checkpoint if the live file
+        was moved or deleted meanwhile (the records would not be in one file with it). Never
+        raises for a failed write, whatever ``on_failure`` says: the caller removes files only
+        when `RetentionRecords.signed` is True and then only for the notes written. Unknown
+        fields raise (ValueError/TypeError) before anything is written.
+        """
+        name = check_event_name(_RETENTION)
+        cleaned = [normalize_fields(dict(note)) for note in notes]
+        with self._lock:
+            self._require_running()
+            now = self._now()
+            self._rotate_if_due(now)
+            written, error = 0, None
+            for fields in cleaned:
+                if written and self._starting_new_file():
+                    return RetentionRecords(written, False, f"the live file {self._path.name} "
+                                            "was moved or deleted while writing them")
+                try:
+                    self._write(name, fields, now)
+                except _AppendError as failed:
+                    self._note_write_failure(failed)
+                    error = f"audit.retention not written: {describe_os_error(failed.error)}"
+                    break
+                written += 1
+            if written == 0:
+                return RetentionRecords(0, False, error or "no records given")
+            if self._starting_new_file():
+                return RetentionRecords(written, False, f"the live file {self._path.name} "
+                                        "was moved or deleted while writing them")
+            failed_checkpoint = self._checkpoint_locked(RETENTION_CHECKPOINT, now)
+        if failed_checkpoint is not None:
+            return RetentionRecords(written, False, "the checkpoint signing them failed: "
+                                    f"{describe_os_error(failed_checkpoint.error)}")
+        return RetentionRecords(written, True, error)
 
     def checkpoint(self) -> None:
         """Write a signed checkpoint now (no-op if nothing was written since the last one)."""
