@@ -7,8 +7,11 @@ shell globs and out-of-order arguments work; the order used is reported.
 Verification stops at the FIRST problem and reports its kind (`Problem`), the first bad
 ``seq``, the file and line:
 
-* ``malformed`` — not a record: bad UTF-8/JSON, missing keys, over-long or torn final line.
-  first_bad_seq: the seq expected at that line.
+* ``malformed`` — not a record: bad UTF-8/JSON, missing keys, over-long or torn final line
+  (first_bad_seq: the seq expected at that line); or an empty file given as a log that is
+  not the live file of a rotated file also given (first_bad_seq None): every file the writer
+  starts begins with a header, and only the live file may be empty (after a rotation, before
+  its first record). An empty live file is a warning.
 * ``edited`` — the bytes no longer match the record's hash (first_bad_seq: that record), or a
   record was replaced and re-hashed so the next ``prev`` no longer matches (first_bad_seq: the
   replaced record).
