@@ -521,7 +521,7 @@ async def test_redis_killed_then_restarted_empty(net: Cluster) -> None:
     grown = {dict(k)["operation"] for k, v in errors.items() if v > errors_before[k]}
     assert "counter" in grown  # the login's brute-force counters could not be read
     assert grown <= {"counter", "add_once", "ping", "lookup", "refresh", "subscribe",
-                     "heartbeat"}, grown
+                     "heartbeat", "blocks"}, grown
     # …then, once session_cache has passed without a word from Redis: 503, never trusted.
     async def refused() -> bool:
         return (await fetch(holder, net.gw2.https + "/groupware/inbox"))[0] == 503
