@@ -91,6 +91,7 @@ import logging
 import os
 import secrets
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -185,6 +186,20 @@ def state_dir_owner(state_dir: Path) -> tuple[int, int] | None:
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
 
+def _check_lock_file(path: Path, st: os.stat_result, owner: tuple[int, int] | None) -> None:
+    """Refuse a lock file that is not our own plain file (JournalError).
+
+    Root runs ``users disable`` in a directory the daemon's account owns, and hands the lock
+    file to that account: a hard link planted under the lock's name (to ``/etc/shadow``, say)
+    must not be given away. So: a regular file with one link, owned by the directory's
+    owner, by root, or by whoever runs this.
+    """
+    allowed = {0, os.geteuid()} | ({owner[0]} if owner is not None else set())
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in allowed:
+        raise JournalError(f"refusing the lock {path}: not a plain file of the state "
+                           "directory's owner with one link (remove it)")
+
+
 # --- the disable journal (shared by `gatewayd users disable` and the daemon) ---------------
 
 
@@ -228,10 +243,18 @@ class DisableJournal:
     def locked(self, wait: float | None = None) -> Iterator[None]:
         """Hold the journal's exclusive lock; TimeoutError after ``wait`` seconds if given."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symlink, never blocking on a FIFO, never a terminal: the daemon's
+        # account owns this directory and may have planted anything under the lock's name.
+        flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                 | os.O_CLOEXEC)
+        try:
+            fd = os.open(self._lock_path, flags, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open the lock {self._lock_path}: {exc}") from None
         try:
             owner = state_dir_owner(self.state_dir)
-            if owner is not None:
+            _check_lock_file(self._lock_path, os.fstat(fd), owner)
+            if owner is not None and os.fstat(fd).st_uid != owner[0]:
                 os.fchown(fd, *owner)  # a lock file root made must stay usable by the daemon
             self._acquire(fd, wait)
             yield

@@ -16,8 +16,8 @@ from https_harness import Harness, running_gateway
 
 from gatewayd.audit import AuditWriteError
 from gatewayd.cli import main
-from gatewayd.config import settings_from_mapping
-from gatewayd.emergency import DisableJournal, EmergencyStop
+from gatewayd.config import Settings, settings_from_mapping
+from gatewayd.emergency import DisableJournal, EmergencyStop, JournalError
 from gatewayd.identity.disable import disable_in_users_file, disable_user, set_disabled_text
 from gatewayd.identity.filedir import load_users_file
 from gatewayd.sessions import SessionRegistry
@@ -211,3 +211,66 @@ def test_the_journal_is_private_and_well_formed(tmp_path: Path) -> None:
     assert stat.S_IMODE(journal.path.stat().st_mode) == 0o600
     journal.mark_done([first.id])
     assert journal.requests()[0].done
+
+
+def planted_state_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A state directory of another account (the daemon's, when root runs the tests) and a
+    root-owned file the daemon's account must never be handed."""
+    victim = tmp_path / "victim"
+    victim.write_text("root:x:0:0\n")
+    victim.chmod(0o644)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(state, 65534, 65534)
+    return state, victim
+
+
+def test_a_symlink_planted_as_the_lock_is_refused_not_followed(tmp_path: Path) -> None:
+    state, victim = planted_state_dir(tmp_path)
+    before = victim.stat()
+    (state / "user-disable.json.lock").symlink_to(victim)
+    with pytest.raises(JournalError), DisableJournal(state).locked(wait=0.1):
+        pass
+    after = victim.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid,
+                                                           before.st_mode)
+    assert disable_user(settings_for(tmp_path, state), "alice", reason="x", operator="root") == 1
+    assert victim.stat().st_uid == before.st_uid
+
+
+def test_a_hard_link_planted_as_the_lock_is_refused_not_handed_over(tmp_path: Path) -> None:
+    state, victim = planted_state_dir(tmp_path)
+    before = victim.stat()
+    os.link(victim, state / "user-disable.json.lock")
+    with pytest.raises(JournalError, match="one link"), DisableJournal(state).locked(wait=0.1):
+        pass
+    assert victim.stat().st_uid == before.st_uid
+
+
+def test_a_fifo_planted_as_the_lock_is_refused_without_hanging(tmp_path: Path) -> None:
+    state, _ = planted_state_dir(tmp_path)
+    os.mkfifo(state / "user-disable.json.lock")
+    with pytest.raises(JournalError), DisableJournal(state).locked(wait=0.1):
+        pass
+
+
+def test_root_hands_its_own_new_lock_and_files_to_the_directorys_owner(tmp_path: Path) -> None:
+    state, _ = planted_state_dir(tmp_path)
+    settings = settings_for(tmp_path, state)
+    assert disable_user(settings, "alice", reason="x", operator="root") == 0
+    owner = state.stat().st_uid
+    for name in ("user-disable.json.lock", "user-disable.json", "user-blocks.json"):
+        st = (state / name).stat()
+        assert st.st_uid == owner and st.st_nlink == 1, name
+        assert stat.S_IMODE(st.st_mode) == 0o600, name
+    assert disable_user(settings, "bob", reason="y", operator="root") == 0  # lock reused
+
+
+def settings_for(tmp_path: Path, state: Path) -> Settings:
+    users = tmp_path / "users.toml"
+    users.write_text(f"[users]\nalice = {{ password_hash = {HASH} }}\n"
+                     f"bob = {{ password_hash = {HASH} }}\n")
+    return settings_from_mapping({
+        "gateway": {"state_dir": str(state)},
+        "directory": {"backend": "file", "file": str(users)}})
