@@ -412,3 +412,21 @@ async def test_an_unreadable_blocks_file_at_start_fails_closed(world: World,
     world.auth.blocks = UserBlocks(tmp_path / "state")
     result = await world.login("alice")
     assert (result.ok, result.detail) == (False, "state_unavailable")
+
+
+@pytest.mark.parametrize("broken", ["file", "shared"])
+async def test_an_unreadable_block_list_is_no_password_oracle(
+        world: World, tmp_path: Path, broken: str) -> None:
+    """Reviewer's probe: with the list unreadable, a right password with a wrong code used to
+    get state_unavailable and a wrong password bad_credentials — telling which is right."""
+    if broken == "file":
+        (tmp_path / "state" / "user-blocks.json").write_text("{not json")
+        world.auth.blocks = UserBlocks(tmp_path / "state")
+    else:
+        world.auth.blocks = UserBlocks(tmp_path / "state", DownSharedBlocks())
+    wrong_password = await world.login("alice", password="guess-1", code="000000")
+    right_password = await world.login("alice", code="000000")  # the code is wrong
+    unknown = await world.login("nobody", password="guess-2", code="000000")
+    assert public(wrong_password) == public(right_password) == public(unknown)
+    assert {wrong_password.detail, right_password.detail, unknown.detail} == {
+        "state_unavailable"}

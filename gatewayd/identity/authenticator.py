@@ -20,8 +20,10 @@ frontends turn into pages and audit records. Rules:
   name and the source, never on whether the account exists.
 * **Accounts the gateway blocks** (``gatewayd users disable``: `gatewayd.identity.blocks`)
   fail like a wrong password (``bad_credentials``, the same page), with
-  ``detail="user_blocked"`` for the audit log — checked after the directory confirmed the
-  password, against the typed name and the directory's spelling of the account, in `login`,
+  ``detail="user_blocked"`` for the audit log — checked on every attempt whether or not the
+  password was right (so a block list that cannot be read answers ``state_unavailable`` to a
+  wrong password as to a right one: it is no password oracle), against the typed name and,
+  once the directory confirmed the password, its spelling of the account, in `login`,
   `step_up` and `lookup` (the password-less check of SSH certificates and of the directory
   refresh of open sessions), so every way in asks this one place.
 * **Fail closed**: a directory or TOTP store that cannot answer is ``directory_unavailable``
@@ -229,9 +231,13 @@ class Authenticator:
         if unavailable is not None:
             # Only a confirmed account's name may reach the audit log (see `LoginResult`).
             return (unavailable if principal else replace(unavailable, user="")), None
+        # Asked whatever the password was, in one call: a block list that cannot be read
+        # (StateUnavailable) must answer a wrong password exactly like a right one, or it
+        # would tell a guesser without the code which password is right.
+        blocked = await self._blocked(username, *((user,) if principal is not None else ()))
         if principal is None:
             return await self._login_failure(username), False
-        if await self._blocked(username, user):
+        if blocked:
             return LoginResult(False, None, "bad_credentials", user=user,
                                detail="user_blocked"), False
         if step is None and not await self.totp.enrolled(user):
