@@ -30,13 +30,15 @@ picks both up:
    ``directory.refresh_interval`` (a hand edit that disables or deletes someone:
    ``directory_revoked``; `still_entitled` says whether a refreshed principal still holds
    any allowed group or name);
-4. the gateway's user blocks (`gatewayd.identity.blocks.UserBlocks.sync`): pending changes
-   are published to the shared state (Redis, with ``state.backend = "redis"``) and the
-   cluster's list mirrored into this node's file; every open session of a blocked user on
-   this node ends (``user_disabled``) — blocks made on another node too; each lifted block
-   is audited as ``user.enable`` (user, operator, reason), then marked done. A list that
-   cannot be read or published is logged once and tried again next round (sign-ins that
-   need the shared list are refused meanwhile: ``state_unavailable``);
+4. the gateway's user blocks (`gatewayd.identity.blocks.UserBlocks.sync`): pending blocks
+   (and blocks the shared state lost) are published to the shared state (Redis, with
+   ``state.backend = "redis"``) and the cluster's list merged into this node's file; every
+   open session of a blocked user on this node ends (``user_disabled``) — blocks made on
+   another node too; each lifted block is audited as ``user.enable`` (user, operator,
+   reason) and only then takes effect (published, marked done). A list that cannot be read
+   or published is logged once and tried again next round (sign-ins that need the shared
+   list are refused meanwhile: ``state_unavailable``; with an unreadable local file the
+   cluster's blocks are still enforced);
 5. certificates issued or revoked without an audit record yet get ``cert.issue`` /
    ``cert.revoke`` (from ``index.json`` beside the CRL, and the CRL itself, which is what the
    gateway enforces). The daemon cannot write into the CA directory, so which serials it has
@@ -787,7 +789,7 @@ class EmergencyStop:
 
     async def _apply_blocks(self, blocks: UserBlocks) -> tuple[int, int]:
         """The gateway's blocks (`gatewayd.identity.blocks`): end blocked users' sessions,
-        audit lifted blocks as ``user.enable``, publish and mirror the list (5. above)."""
+        audit lifted blocks as ``user.enable``, publish and mirror the list (4. above)."""
         try:
             sync = await blocks.sync()
             self._reported.discard("blocks")

@@ -390,7 +390,7 @@ class DownSharedBlocks:
     async def any_of(self, keys: Any) -> bool:
         raise StateUnavailable("redis: connection refused")
 
-    async def apply(self, changes: Any) -> None:
+    async def publish(self, changes: Any, restore: Any = ()) -> list[int]:
         raise StateUnavailable("redis: connection refused")
 
     async def all(self) -> dict[str, Any]:

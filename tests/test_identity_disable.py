@@ -7,21 +7,34 @@ redis-server, where a block made through node A's state directory stops a login 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import stat
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from https_harness import USERS, Harness, password_hash
 from ldap_server import Slapd, running_slapd
+from redis.asyncio import Redis
 from redis_server import RedisServer, running_redis
 from ssh_harness import SshHarness, running_ssh_gateway
 from test_multinode import sign_in, two_nodes
 
 from gatewayd.cli import main
-from gatewayd.identity.blocks import BlockFile, block_key
+from gatewayd.emergency import DisableJournal, JournalError
+from gatewayd.identity.blocks import (
+    Action,
+    BlockFile,
+    RedisBlocks,
+    Sync,
+    UserBlocks,
+    block_key,
+)
 from gatewayd.identity.ldap import LdapDirectory
 from gatewayd.state import StateUnavailable
+from gatewayd.state.redis import RedisState
 
 
 def config_file(tmp_path: Path, backend: str = "file") -> Path:
@@ -225,3 +238,200 @@ async def test_a_block_made_on_node_a_stops_a_login_on_node_b(
         redis.kill()
         with pytest.raises(StateUnavailable):  # fail closed: the list cannot be read
             await b.gateway.authenticator.lookup("racer02")
+
+
+# --- the shared list under stress (UserBlocks on a real redis-server, two state dirs) ----------
+
+T0 = datetime(2026, 11, 27, 8, 0, 0, tzinfo=UTC)
+
+
+class Node:
+    """One gateway's blocks: its state directory and a `UserBlocks` on the shared Redis."""
+
+    def __init__(self, state_dir: Path, state: RedisState | None) -> None:
+        state_dir.mkdir(exist_ok=True)
+        self.dir = state_dir
+        self.state = state
+        self.blocks = UserBlocks(state_dir, RedisBlocks(state) if state is not None else None)
+        self.audited: list[str] = []
+
+    def restarted(self) -> Node:
+        node = Node(self.dir, self.state)
+        node.audited = self.audited
+        return node
+
+    def command(self, action: Action, user: str, at: datetime) -> None:
+        with DisableJournal(self.dir).locked(wait=2):
+            BlockFile(self.dir).record(action, user, operator="admin", reason=None, now=at)
+
+    async def round(self, *, audit: bool = True) -> Sync:
+        """What `EmergencyStop._apply_blocks` does: sync, audit the lifts, finish."""
+        sync = await self.blocks.sync()
+        lifts = {lift.id for lift in sync.lifts}
+        done = [i for i in sync.published if i not in lifts]
+        if audit:
+            self.audited += [lift.user for lift in sync.lifts]
+            done += lifts
+        await self.blocks.finish(done, sync, lambda: DisableJournal(self.dir).locked(wait=2))
+        return sync
+
+    def file(self) -> list[str]:
+        return [b.user for b in BlockFile(self.dir).read().blocked]
+
+
+@pytest.fixture
+async def shared(tmp_path: Path, redis: RedisServer) -> AsyncIterator[tuple[Node, Node]]:
+    states = [RedisState(redis.url, key_prefix="gw:", timeout=1.0) for _ in "ab"]
+    try:
+        yield Node(tmp_path / "a", states[0]), Node(tmp_path / "b", states[1])
+    finally:
+        for state in states:
+            await state.close()
+
+
+async def flushall(redis: RedisServer) -> None:
+    admin = Redis.from_url(redis.url)
+    try:
+        await admin.flushall()
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+async def test_blocks_survive_redis_losing_its_data(
+        shared: tuple[Node, Node], redis: RedisServer, loss: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Reviewer's probe 1: the hash was the whole truth, mirrored into every file — a Redis
+    without its data emptied every node's list and file, and the block failed open."""
+    a, b = shared
+    a.command("block", "alice", T0)
+    await a.round()
+    await b.round()
+    assert (a.file(), b.file()) == (["alice"], ["alice"])
+    if loss == "flushall":
+        await flushall(redis)
+    else:
+        redis.kill()
+        redis.start()
+    for node in (a, b):
+        with contextlib.suppress(StateUnavailable):  # the old connection may fail once
+            await node.round()
+    await a.round()
+    await b.round()
+    assert await a.blocks.blocked("alice") and await b.blocks.blocked("alice")
+    assert (a.file(), b.file()) == (["alice"], ["alice"])
+    assert await a.restarted().blocks.blocked("alice")
+    assert "shared state lacked" in caplog.text
+    fresh = Node(a.dir.parent / "c", a.state)  # a node with an empty file: the shared list
+    assert await fresh.blocks.blocked("alice")
+
+
+async def test_a_stale_lift_does_not_undo_a_newer_block(shared: tuple[Node, Node]) -> None:
+    """Reviewer's probe 2: node B's daemon is down when ``users enable bob`` runs there; bob is
+    blocked again through node A later; B comes back — the newer block must stay."""
+    a, b = shared
+    a.command("block", "bob", T0)
+    await a.round()
+    await b.round()
+    b.command("lift", "bob", T0 + timedelta(minutes=5))  # B's daemon is down
+    a.command("block", "bob", T0 + timedelta(minutes=10))  # the laptop is stolen again
+    await a.round()
+    b = b.restarted()
+    await b.round()  # the stale lift: audited (it was run) but superseded
+    await b.round()
+    await a.round()
+    assert b.audited == ["bob"]
+    assert await a.blocks.blocked("bob") and await b.blocks.blocked("bob")
+    assert (a.file(), b.file()) == (["bob"], ["bob"])
+    assert BlockFile(b.dir).read().changes[-1].done  # not re-applied every round
+
+
+async def test_an_old_block_does_not_undo_a_newer_lift(shared: tuple[Node, Node]) -> None:
+    a, b = shared
+    b.command("block", "carol", T0)  # B's daemon is down
+    a.command("block", "carol", T0 + timedelta(minutes=1))
+    await a.round()
+    a.command("lift", "carol", T0 + timedelta(minutes=2))
+    await a.round()
+    await b.round()
+    await a.round()
+    assert not await a.blocks.blocked("carol") and not await b.blocks.blocked("carol")
+    assert (a.file(), b.file()) == ([], [])
+
+
+async def test_a_lift_is_kept_as_a_tombstone_so_a_stale_file_cannot_resurrect_it(
+        shared: tuple[Node, Node]) -> None:
+    a, b = shared
+    a.command("block", "dave", T0)
+    await a.round()
+    await b.round()
+    a.command("lift", "dave", T0 + timedelta(minutes=1))
+    await a.round()
+    assert not await a.blocks.blocked("dave")
+    b = b.restarted()  # B still has dave in its file: the hash's tombstone wins
+    await b.round()
+    await a.round()
+    assert not await a.blocks.blocked("dave") and not await b.blocks.blocked("dave")
+    assert (a.file(), b.file()) == ([], [])
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_lift_takes_effect_only_once_audited(
+        shared: tuple[Node, Node], tmp_path: Path, backend: str) -> None:
+    a = shared[0] if backend == "redis" else Node(tmp_path / "m", None)
+    other = shared[1]
+    a.command("block", "erin", T0)
+    await a.round()
+    a.command("lift", "erin", T0 + timedelta(minutes=1))
+    assert a.file() == []  # `users blocked` no longer lists it
+    fresh = a.restarted()
+    assert await fresh.blocks.blocked("erin")  # a restarted node: not before the record
+    await a.round(audit=False)  # user.enable could not be written
+    assert await a.blocks.blocked("erin")
+    if backend == "redis":
+        await other.round()
+        assert await other.blocks.blocked("erin")
+    await a.round()
+    assert a.audited == ["erin"] and not await a.blocks.blocked("erin")
+    if backend == "redis":
+        await other.round()
+        assert not await other.blocks.blocked("erin")
+
+
+async def test_a_corrupt_local_file_does_not_stop_enforcing_the_shared_list(
+        shared: tuple[Node, Node]) -> None:
+    a, b = shared
+    await b.round()
+    (b.dir / "user-blocks.json").write_text("{not json")
+    a.command("block", "frank", T0)
+    await a.round()
+    with pytest.raises(JournalError, match="enforcing the shared list"):
+        await b.round()
+    assert b.blocks.blocked_locally("frank")  # its sessions on B end
+
+
+async def test_the_documented_acl_user_may_keep_the_shared_list(
+        redis: RedisServer, tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "CONFIGURATION.md").read_text()
+    line = re.search(r"^ACL SETUSER gatewayd .*$", doc, re.MULTILINE)
+    assert line is not None
+    admin = Redis.from_url(redis.url)
+    try:
+        await admin.execute_command(*line.group(0).replace(">PASSWORD", ">pw-123").split())
+    finally:
+        await admin.aclose()
+    secret = tmp_path / "redis-password"
+    secret.write_text("pw-123\n")
+    secret.chmod(0o600)
+    state = RedisState(redis.url, key_prefix="gatewayd:", timeout=1.0, username="gatewayd",
+                       password_file=secret)
+    try:
+        node = Node(tmp_path / "a", state)
+        node.command("block", "gina", T0)
+        await node.round()  # EVALSHA / SCRIPT LOAD (HGET, HSET), HGETALL
+        assert await node.blocks.blocked("gina")  # HMGET
+        node.command("lift", "gina", T0 + timedelta(minutes=1))
+        await node.round()
+        assert not await node.blocks.blocked("gina")
+    finally:
+        await state.close()

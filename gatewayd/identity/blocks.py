@@ -12,32 +12,54 @@ disable journal's lock (``user-disable.json.lock``, `gatewayd.emergency.DisableJ
 that ``users disable`` records the block and the disable request as one step::
 
     {"format": "gatewayd-user-blocks-v1",
-     "blocked": [{"user": "alice", "since": "2026-11-27T08:10:56Z",
+     "blocked": [{"user": "alice", "since": "2026-11-27T08:10:56.021374Z",
                   "operator": "admin1 (sudo as root)", "reason": "laptop stolen"}],
      "changes": [{"id": "<16 hex>", "action": "block" | "lift", "user": "alice",
-                  "operator": "…", "at": "2026-11-27T08:10:56Z", "reason": "…",
+                  "operator": "…", "at": "2026-11-27T08:10:56.021374Z", "reason": "…",
                   "done": false}]}
 
-``blocked`` is what the node enforces (the command changes it at once, so a restarted
-single node enforces it from its first login); ``changes`` are the commands' requests for the
-running gateway, which `UserBlocks.sync` picks up every emergency-stop round
-(`gatewayd.emergency.EmergencyStop`, every second and on SIGHUP): it publishes them to the
-shared state, and a ``lift`` is audited as ``user.enable`` (user, operator, reason) before it
-is marked done (a ``block`` is audited by the disable journal's ``user.disable``).
+``blocked`` is what the node enforces (``users disable`` adds to it at once, so a restarted
+single node enforces a block from its first login); ``changes`` are the commands' requests
+for the running gateway, which `UserBlocks.sync` picks up every emergency-stop round
+(`gatewayd.emergency.EmergencyStop`, every second and on SIGHUP). A ``block`` is published to
+the shared state at once (it is audited by the disable journal's ``user.disable``). A
+``lift`` leaves ``blocked`` at once (``users blocked`` no longer lists it) but takes effect
+only after the gateway has written its ``user.enable`` audit record (user, operator,
+reason): until then the account stays blocked (write before act — no sign-in without the
+record); then it is published and marked done. Of several pending changes of one account the
+last one decides.
 
 **Several nodes** (``state.backend = "redis"``): the Redis hash ``<key_prefix>user-blocks``
-(field: the block key, value: the record as JSON) is the cluster's list. Each round a node
-first applies its pending changes there (``HSET`` / ``HDEL``), then reads the whole hash
-(``HGETALL``) and writes it into its own ``blocked`` (a mirror; ``users blocked`` on any node
-shows the cluster's list). So a block made through node A's state directory stops a login on
-node B within a round, and ``users enable`` on node B lifts a block made on node A. Blocks
-made while a node ran on the memory backend are not published when it switches to Redis
-(only pending changes are): run ``users disable`` again after switching.
+is the cluster's list. Field: the block key; value: the newest command for that account as
+JSON, ``{"state": "block" | "lift", "user", "at", "id", "operator", "reason"}`` — a lift is
+kept as a tombstone, never deleted. A change is written only when it is newer than the
+stored record (``at``, to the microsecond; then a block before a lift of the same time,
+then ``id``; one Lua
+script of HGET/HSET, compare-and-set): a lift recorded on a node whose gateway was down, and
+published when it comes back, does not undo a newer block made elsewhere meanwhile (it is
+audited, and logged as superseded). Times are the nodes' clocks: keep them in sync (NTP).
+
+Each round a node publishes its pending blocks, then every block of its own file that the
+hash has no record of at all (neither block nor lift): after a Redis restart without
+persistence, ``FLUSHALL``, an eviction, or a changed ``state.key_prefix`` the nodes put their
+blocks back instead of dropping them (logged as a warning; so are blocks made while a node
+ran on the memory backend, on its first round on Redis). Then it reads the hash (``HGETALL``)
+and mirrors it into its file: the hash's blocks, plus its own blocks the hash lacks — only a
+lift removes a block from a node's file. Fail closed: a block lifted while a node was down
+and whose tombstone Redis then lost comes back from that node's file (lift it again).
+Tombstones are not expired — one small record per account ever lifted — so a stale file
+cannot resurrect a lift the hash still knows. So a block made through node A's state
+directory stops a login on node B within a round, ``users enable`` on node B lifts a block
+made on node A, and ``users blocked`` on any node shows the cluster's list.
+
+A blocks file that cannot be read does not stop the round: the node still adds the
+cluster's blocks to what it enforces (nothing is lifted) and the error is logged.
 
 **Enforcement** (`UserBlocks.blocked`, asked by the `Authenticator` for the sign-in form,
 step-up, SSH keyboard-interactive, SSH certificates and the directory refresh of open
-sessions): a name is blocked when its `block_key` is in this node's ``blocked`` or — with
-Redis — in the shared hash (``HMGET``, one round trip). Fail closed: a Redis that cannot
+sessions): a name is blocked when its `block_key` is in this node's list in force (its
+``blocked``, plus accounts whose lift is not audited yet) or — with Redis — has a block record
+in the shared hash (``HMGET``, one round trip). Fail closed: a Redis that cannot
 answer raises `StateUnavailable` (the sign-in is refused as ``state_unavailable``), and so
 does a blocks file that could not be read since the gateway started (a file that breaks
 later leaves the last list read in force, and the problem is logged).
@@ -46,6 +68,12 @@ later leaves the last list read in force, and the problem is logged).
 blanks) after dropping a down-level domain prefix: ``Alice``, ``ALICE`` typed full-width
 and ``TOKYO\\alice`` are one block. Both the name as typed and the directory's spelling of
 the account are compared.
+
+**Files root writes.** ``users disable|enable`` usually run as root in a directory the
+daemon's account owns: the lock is opened without following a symlink and handed to that
+account only when it is its own plain file with one link (`gatewayd.emergency`), and the
+files are replaced through a new temporary file (``O_EXCL | O_NOFOLLOW``, `atomic_write`), so
+nothing the daemon's account planted under these names is written through or given away.
 """
 
 from __future__ import annotations
@@ -93,7 +121,14 @@ def block_key(name: str) -> str | None:
 
 
 def _utc(now: datetime | None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A change's time, to the microsecond: changes of one account are ordered by it."""
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def shown(at: str) -> str:
+    """A change's time for people: to the second."""
+    head, dot, _ = at.partition(".")
+    return head + "Z" if dot else at
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,22 +265,128 @@ class BlockFile:
 # --- the shared list (Redis) ---------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One field of the shared hash: the newest ``block`` or ``lift`` of an account.
+
+    A lift stays as a tombstone (never deleted): a node that missed it must not publish the
+    block again as "lost" (see the module docstring).
+    """
+
+    state: Action
+    user: str
+    at: str
+    id: str
+    operator: str
+    reason: str | None
+
+    @classmethod
+    def of(cls, change: Change) -> Record:
+        return cls(change.action, change.user, change.at, change.id, change.operator,
+                   change.reason)
+
+    @classmethod
+    def restored(cls, block: Block) -> Record:
+        return cls("block", block.user, block.since, "", block.operator, block.reason)
+
+    def block(self) -> Block:
+        return Block(self.user, self.at, self.operator, self.reason)
+
+    def to_json(self) -> str:
+        return json.dumps({"state": self.state, "user": self.user, "at": self.at,
+                           "id": self.id, "operator": self.operator, "reason": self.reason},
+                          ensure_ascii=False, sort_keys=True)
+
+
+def _record(field: object, value: object, where: str) -> Record:
+    """A stored value; an older bare block record counts as a block; an unreadable one as a
+    block of its field (someone else's value under our prefix: fail closed)."""
+    try:
+        data = json.loads(cast(Any, value))
+        if isinstance(data, dict) and data.get("state") in ("block", "lift"):
+            texts = [data.get(k) for k in ("user", "at", "id", "operator")]
+            reason = data.get("reason")
+            if all(isinstance(t, str) for t in texts) and (reason is None
+                                                           or isinstance(reason, str)):
+                return Record("lift" if data["state"] == "lift" else "block", str(texts[0]),
+                              str(texts[1]), str(texts[2]), str(texts[3]), reason)
+        return Record.restored(_block(data, where))
+    except (JournalError, ValueError, TypeError):
+        key = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
+        return Record("block", key, "", "", "?", "unreadable record in the shared state")
+
+
+# KEYS[1]: the hash. ARGV: groups of (mode, field, value, at, rank, id); mode "cas" writes
+# when (at, rank, id) is newer than the stored record's (rank: block 1, lift 0 — at one
+# second a block wins), "absent" only when the field does not exist. Returns per group
+# 2 (written), 1 (not written: this record, or a newer one of the same state, is there) or
+# 0 (a newer record of the other state stays).
+_PUBLISH: Final = """
+local out = {}
+for i = 1, #ARGV, 6 do
+  local mode, field, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local at, rank, id = ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
+  local current = redis.call('HGET', KEYS[1], field)
+  local write, crank = false, 1
+  if current then
+    local ok, rec = pcall(cjson.decode, current)
+    if ok and type(rec) == 'table' and rec['state'] == 'lift' then crank = 0 end
+    if current == value then
+      write = false
+    elseif mode == 'cas' then
+      if ok and type(rec) == 'table' then
+        local cat = rec['at']
+        if cat == nil then cat = rec['since'] end
+        local cid = rec['id']
+        if cid == nil then cid = '' end
+        if type(cat) ~= 'string' or type(cid) ~= 'string' then
+          write = true
+        elseif at ~= cat then
+          write = at > cat
+        elseif rank ~= crank then
+          write = rank > crank
+        else
+          write = id > cid
+        end
+      else
+        write = true
+      end
+    end
+  else
+    write = true
+  end
+  if write then
+    redis.call('HSET', KEYS[1], field, value)
+    out[#out + 1] = 2
+  elseif current == value or crank == rank then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+
 class SharedBlocks(Protocol):
     """The cluster's list of blocks (every method raises StateUnavailable when it cannot)."""
 
     async def any_of(self, keys: Sequence[str]) -> bool: ...
 
-    async def apply(self, changes: Sequence[Change]) -> None: ...
+    async def publish(self, changes: Sequence[Change],
+                      restore: Sequence[Block] = ()) -> list[int]: ...
 
-    async def all(self) -> dict[str, Block]: ...
+    async def all(self) -> dict[str, Record]: ...
 
 
 class RedisBlocks:
-    """`SharedBlocks` on the Redis hash ``<key_prefix>user-blocks`` of a `RedisState`."""
+    """`SharedBlocks` on the Redis hash ``<key_prefix>user-blocks`` of a `RedisState`
+    (HMGET, HGETALL and one script of HGET / HSET: all in the documented ACL)."""
 
     def __init__(self, state: RedisState) -> None:
         self._state = state
         self._name = state.key_prefix + SHARED_KEY
+        self._publish = state.client.register_script(_PUBLISH)
 
     async def any_of(self, keys: Sequence[str]) -> bool:
         if not keys:
@@ -254,54 +395,61 @@ class RedisBlocks:
 
         found = await self._state.run(lambda: cast(
             Awaitable[list[Any]], client.hmget(name, list(keys))), "blocks")
-        return any(value is not None for value in found)
+        return any(value is not None and _record(key, value, name).state == "block"
+                   for key, value in zip(keys, found, strict=True))
 
-    async def apply(self, changes: Sequence[Change]) -> None:
-        client, name = self._state.client, self._name
+    async def publish(self, changes: Sequence[Change],
+                      restore: Sequence[Block] = ()) -> list[int]:
+        """Write each change unless the hash holds a newer one (2 written, 1 in effect already,
+        0 superseded by the other state), then each of ``restore`` where the hash has nothing
+        for its key."""
+        args: list[str] = []
+        for mode, key, record in [
+                *(("cas", block_key(c.user), Record.of(c)) for c in changes),
+                *(("absent", b.key, Record.restored(b)) for b in restore)]:
+            # An unusable name (None) goes to a field no check ever asks for.
+            args += [mode, key or "", record.to_json(), record.at,
+                     "1" if record.state == "block" else "0", record.id]
+        if not args:
+            return []
+        script, name = self._publish, self._name
+        result = await self._state.run(
+            lambda: cast(Awaitable[list[Any]], script(keys=[name], args=args)), "blocks")
+        return [int(x) for x in result]
 
-        async def transaction() -> None:
-            async with client.pipeline(transaction=True) as pipe:
-                for change in changes:
-                    key = block_key(change.user)
-                    if key is None:
-                        continue
-                    if change.action == "block":
-                        record = Block(change.user, change.at, change.operator, change.reason)
-                        pipe.hsetnx(name, key, json.dumps(record.to_json(), ensure_ascii=False))
-                    else:
-                        pipe.hdel(name, key)
-                await pipe.execute()
-
-        if changes:
-            await self._state.run(transaction, "blocks")
-
-    async def all(self) -> dict[str, Block]:
+    async def all(self) -> dict[str, Record]:
         client, name = self._state.client, self._name
 
         raw = await self._state.run(lambda: cast(
             Awaitable[dict[Any, Any]], client.hgetall(name)), "blocks")
-        blocks: dict[str, Block] = {}
+        records: dict[str, Record] = {}
         for field, value in raw.items():
-            try:
-                block = _block(json.loads(value), f"redis {name}")
-            except (JournalError, ValueError, TypeError):
-                # Someone else's value under our prefix: still a block (fail closed).
-                key = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
-                block = Block(key, "?", "?", "unreadable record in the shared state")
-            blocks[block.key] = block
-        return blocks
+            key = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
+            records[key] = _record(field, value, f"redis {name}")
+        return records
 
 
 # --- the gateway's view --------------------------------------------------------------------
+
+
+def _pending(changes: Iterable[Change]) -> tuple[dict[str, Change], frozenset[str]]:
+    """The last pending change per key (the one that decides) and the keys being lifted."""
+    last: dict[str, Change] = {}
+    for change in changes:
+        key = block_key(change.user)
+        if not change.done and key is not None:
+            last[key] = change
+    return last, frozenset(k for k, c in last.items() if c.action == "lift")
 
 
 @dataclass(frozen=True, slots=True)
 class Sync:
     """What one `UserBlocks.sync` found: the blocks in force and the changes to finish."""
 
-    blocked: dict[str, Block]
+    blocked: dict[str, Block]  # the list for the file (the cluster's, with Redis)
     lifts: tuple[Change, ...]  # pending lifts, to be audited as user.enable
-    published: tuple[str, ...]  # ids of pending changes now in force everywhere
+    published: tuple[str, ...]  # ids of pending changes taken care of (lifts: once audited)
+    effective: tuple[Change, ...] = ()  # the lifts to publish once audited (last per key)
 
 
 class UserBlocks:
@@ -313,7 +461,6 @@ class UserBlocks:
         self.shared = shared
         self._io_timeout = io_timeout
         self._local: frozenset[str] | None = None  # keys in force; None until first read
-        self._reported = False
 
     async def blocked(self, *names: str) -> bool:
         """Whether any of ``names`` is blocked (raises StateUnavailable: fail closed)."""
@@ -338,36 +485,76 @@ class UserBlocks:
         except (JournalError, TimeoutError) as exc:
             raise StateUnavailable(f"user blocks: {exc or 'no answer'}") from None
         if self._local is None:
-            self._local = frozenset(b.key for b in state.blocked)
+            # A lift is in force once audited (`finish`): until then the account stays blocked.
+            self._local = frozenset(b.key for b in state.blocked) | _pending(state.changes)[1]
 
     async def sync(self) -> Sync:
-        """One round: read the file, publish pending changes, read the cluster's list.
+        """One round: read the file, publish pending blocks (and local blocks the shared list
+        lacks), read the cluster's list. Lifts are published by `finish`, once audited.
 
-        Raises JournalError (the file) or StateUnavailable (Redis); the list in force stays.
+        Raises JournalError (the file: the cluster's blocks are still added to the list in
+        force) or StateUnavailable (Redis); nothing is lifted then.
         """
-        state = await asyncio.to_thread(self.file.read)
+        try:
+            state = await asyncio.to_thread(self.file.read)
+        except JournalError as exc:
+            if self.shared is None:
+                raise
+            records = await self.shared.all()
+            if self._local is not None:  # never read: sign-ins stay refused (fail closed)
+                self._local |= frozenset(k for k, r in records.items() if r.state == "block")
+            raise JournalError(f"{exc} (enforcing the shared list and the last list read "
+                               "from it; nothing is lifted until it is repaired)") from None
+        last, lifting = _pending(state.changes)
         pending = tuple(c for c in state.changes if not c.done)
-        blocked = {b.key: b for b in state.blocked}
+        local = {b.key: b for b in state.blocked}
+        blocked = dict(local)
         if self.shared is not None:
+            blocks = [c for c in last.values() if c.action == "block"]
             try:
-                await self.shared.apply(pending)
-                blocked = await self.shared.all()
+                results = await self.shared.publish(blocks, list(local.values()))
+                records = await self.shared.all()
             except StateUnavailable:
                 # Logins are refused meanwhile (the shared check fails too); this node's
                 # sessions of newly blocked users still end.
-                self._local = (self._local or frozenset()) | frozenset(blocked)
+                self._local = (self._local or frozenset()) | frozenset(local) | lifting
                 raise
-        self._local = frozenset(blocked)
+            _report(blocks, results[:len(blocks)], list(local.values()),
+                    results[len(blocks):])
+            # The cluster's list; a local block the hash still lacks stays (fail closed).
+            blocked = {k: r.block() for k, r in records.items() if r.state == "block"}
+            blocked.update({k: b for k, b in local.items() if k not in records})
+        self._local = frozenset(blocked) | lifting
         return Sync(blocked, tuple(c for c in pending if c.action == "lift"),
-                    tuple(c.id for c in pending))
+                    tuple(c.id for c in pending),
+                    tuple(c for c in last.values() if c.action == "lift"))
 
     async def finish(self, done: Iterable[str], sync: Sync,
                      locked: Callable[[], AbstractContextManager[object]]) -> None:
-        """Mark ``done`` changes done and (with Redis) mirror the cluster's list into the file.
+        """Publish the audited lifts, mark ``done`` changes done and (with Redis) mirror the
+        cluster's list into the file.
 
-        ``locked`` is the disable journal's lock (a context manager factory, blocking).
+        ``locked`` is the disable journal's lock (a context manager factory, blocking). A lift
+        that cannot be published stays pending (audited again next round).
         """
-        ids = frozenset(done)
+        ids = set(done)
+        lifted: set[str] = set()  # keys whose lift is now in force everywhere
+        publish = [c for c in sync.effective if c.id in ids]
+        if self.shared is not None and publish:
+            try:
+                results = await self.shared.publish(publish)
+            except StateUnavailable as exc:
+                log.error("cannot publish lifted user blocks (%s); tried again next round",
+                          exc)
+                ids -= {c.id for c in publish}
+            else:
+                for change, result in zip(publish, results, strict=True):
+                    if result:
+                        lifted.add(block_key(change.user) or change.user)
+                    else:
+                        log.warning("the lift of %s (%s, %s) came after a newer block of the "
+                                    "account elsewhere: the block stays", change.user,
+                                    change.operator, change.at)
         mirror = self.shared is not None
 
         def work() -> None:
@@ -376,19 +563,35 @@ class UserBlocks:
                 changes = tuple(Change(c.id, c.action, c.user, c.operator, c.at, c.reason,
                                        c.done or c.id in ids) for c in state.changes)
                 if mirror:
-                    # The cluster's list, plus whatever a command changed since the round began.
-                    blocked = dict(sync.blocked)
+                    # The cluster's list, less the lifts just published, plus whatever the
+                    # commands changed since (a pending lift leaves the file at once).
+                    blocked = {k: b for k, b in sync.blocked.items() if k not in lifted}
                     for change in changes:
-                        if not change.done and change.id not in sync.published:
+                        if not change.done:
                             _apply(blocked, change)
                     new = BlockState(tuple(blocked.values()), changes)
                 else:
                     new = BlockState(state.blocked, changes)
                 if new != state:
                     self.file.write(new)
-                self._local = frozenset(b.key for b in new.blocked)
+                self._local = frozenset(b.key for b in new.blocked) | _pending(changes)[1]
 
         await asyncio.to_thread(work)
+
+
+def _report(changes: Sequence[Change], results: Sequence[int], restored: Sequence[Block],
+            restore_results: Sequence[int]) -> None:
+    for change, result in zip(changes, results, strict=True):
+        if not result:
+            log.warning("the block of %s (%s, %s) came before a newer lift of the account "
+                        "elsewhere: it is not in force", change.user, change.operator,
+                        change.at)
+    again = [b.user for b, result in zip(restored, restore_results, strict=True) if result == 2]
+    if again:
+        log.warning("published %d block(s) of this node's file the shared state lacked "
+                    "(first round on Redis, a changed state.key_prefix, or Redis lost its "
+                    "data — a block lifted meanwhile is in force again: lift it again if "
+                    "so): %s", len(again), ", ".join(sorted(again)))
 
 
 def for_state(state_dir: Path, state: object, *, redis: bool) -> UserBlocks:

@@ -21,9 +21,11 @@
 
 ``gatewayd users enable USER [--reason TEXT] [--config FILE]``
     Lifts the gateway's block of USER (any spelling); a running gateway writes
-    ``user.enable`` (user, operator, reason). It never changes the directory, nor the users
-    file: with the file backend, a ``disabled = true`` set by ``users disable`` (or by hand)
-    stays until the administrator sets ``disabled = false`` — the command says so.
+    ``user.enable`` (user, operator, reason) and only then lets USER in again (with no
+    gateway running, the lift takes effect at its first round). It never changes the
+    directory, nor the users file: with the file backend, a ``disabled = true`` set by
+    ``users disable`` (or by hand) stays until the administrator sets ``disabled = false``
+    — the command says so.
     Refused (exit 1) when USER is not blocked.
 
 ``gatewayd users blocked [--config FILE]``
@@ -59,7 +61,7 @@ from gatewayd.config import Settings
 from gatewayd.emergency import DisableJournal, JournalError
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.files import atomic_write
-from gatewayd.identity.blocks import BlockFile, block_key
+from gatewayd.identity.blocks import BlockFile, block_key, shown
 from gatewayd.identity.directory import DirectoryUnavailable, lookup_key
 from gatewayd.identity.filedir import (
     UserEntry,
@@ -190,7 +192,7 @@ def disable_user(settings: Settings, user: str, *, reason: str | None, operator:
     if note:
         print(note)
     if before is not None:
-        print(f"{name} was already blocked by the gateway (since {before.since}, by "
+        print(f"{name} was already blocked by the gateway (since {shown(before.since)}, by "
               f"{before.operator}).")
     else:
         print(f"{name} is now blocked by the gateway: every sign-in fails, whatever the "
@@ -223,9 +225,9 @@ def enable_user(settings: Settings, user: str, *, reason: str | None, operator: 
         if still:
             print(still, file=sys.stderr)
         return _fail(f"{user} is not blocked by the gateway (see: gatewayd users blocked)")
-    print(f"The gateway's block of {found.user} is lifted (a running gateway writes the "
-          "user.enable audit record\nwithin 2 seconds; check: gatewayd audit query --event "
-          "user.enable).")
+    print(f"The gateway's block of {found.user} is lifted: it takes effect once the running "
+          "gateway has written\nthe user.enable audit record, within 2 seconds (check: "
+          "gatewayd audit query --event user.enable).")
     if still:
         print(still)
     elif settings.directory.backend != "file":
@@ -240,7 +242,7 @@ def list_blocks(settings: Settings) -> int:
     except JournalError as exc:
         return _fail(str(exc))
     for block in sorted(state.blocked, key=lambda b: b.key):
-        print(f"{block.user}\tsince {block.since}\tby {block.operator}\t"
+        print(f"{block.user}\tsince {shown(block.since)}\tby {block.operator}\t"
               f"{block.reason or '-'}")
     return EXIT_OK
 
