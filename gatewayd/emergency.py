@@ -188,6 +188,19 @@ def state_dir_owner(state_dir: Path) -> tuple[int, int] | None:
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
 
+def read_state_file(path: Path) -> str:
+    """The text of a state file (FileNotFoundError when absent; OSError / UnicodeDecodeError).
+
+    Root reads these too, in a directory the daemon's account owns: no symlink is followed
+    and only a regular file is read (a FIFO planted there must not hang the command).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return handle.read().decode("utf-8")
+
+
 def _check_lock_file(path: Path, st: os.stat_result, owner: tuple[int, int] | None) -> None:
     """Refuse a lock file that is not our own plain file (JournalError).
 
@@ -283,7 +296,7 @@ class DisableJournal:
     def requests(self) -> list[DisableRequest]:
         """Every request in the journal (hold the lock for a consistent view with edits)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            text = read_state_file(self.path)
         except FileNotFoundError:
             return []
         except (OSError, UnicodeDecodeError) as exc:

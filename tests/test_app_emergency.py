@@ -274,3 +274,15 @@ def settings_for(tmp_path: Path, state: Path) -> Settings:
     return settings_from_mapping({
         "gateway": {"state_dir": str(state)},
         "directory": {"backend": "file", "file": str(users)}})
+
+
+@pytest.mark.parametrize("name", ["user-disable.json", "user-blocks.json"])
+def test_state_files_planted_as_symlinks_or_fifos_are_not_read(tmp_path: Path,
+                                                               name: str) -> None:
+    state, victim = planted_state_dir(tmp_path)
+    settings = settings_for(tmp_path, state)
+    (state / name).symlink_to(victim)
+    assert disable_user(settings, "alice", reason="x", operator="root") == 1
+    (state / name).unlink()
+    os.mkfifo(state / name)
+    assert disable_user(settings, "alice", reason="x", operator="root") == 1  # no hang

@@ -89,7 +89,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast
 
-from gatewayd.emergency import JournalError, state_dir_owner
+from gatewayd.emergency import JournalError, read_state_file, state_dir_owner
 from gatewayd.files import atomic_write
 from gatewayd.identity.directory import lookup_key
 from gatewayd.state.store import StateUnavailable
@@ -220,7 +220,7 @@ class BlockFile:
     def read(self) -> BlockState:
         """The file's contents (empty when it does not exist); JournalError if unreadable."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            text = read_state_file(self.path)
         except FileNotFoundError:
             return BlockState()
         except (OSError, UnicodeDecodeError) as exc:
