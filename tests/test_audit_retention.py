@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -19,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gatewayd.app import Gateway
 from gatewayd.audit import AuditLog, Problem, canonical_json, verify_files
-from gatewayd.audit.chain import record_hash
+from gatewayd.audit.chain import GENESIS_PREV, record_hash
 from gatewayd.audit.retention import (
+    Removal,
     RetentionOutcome,
     RetentionPlan,
     apply_plan,
@@ -29,7 +31,11 @@ from gatewayd.audit.retention import (
     plan_retention,
     run_retention,
 )
-from gatewayd.audit.signing import sign_checkpoint
+from gatewayd.audit.signing import (
+    legacy_checkpoint_message,
+    load_or_create_signing_key,
+    sign_checkpoint,
+)
 from gatewayd.config import load_settings
 
 JST = ZoneInfo("Asia/Tokyo")
@@ -173,7 +179,7 @@ def forge_final_checkpoint(path: Path) -> None:
     final = json.loads(lines[-1])
     final["sig"] = sign_checkpoint(Ed25519PrivateKey.generate(), node=final["node"],
                                    seq=final["covers_seq"], hash_hex=final["covers_hash"],
-                                   ts=final["ts"])
+                                   ts=final["ts"], reason=final["reason"])
     lines[-1] = canonical_json(final).encode()
     path.write_bytes(b"".join(line + b"\n" for line in lines))
 
@@ -719,3 +725,169 @@ async def test_retention_records_and_their_checkpoint_are_adjacent_across_a_day_
     events = [(r["event"], r.get("reason")) for r in tail[1:]]
     assert events == [("audit.retention", "expired")] * 4 + [("audit.checkpoint", "retention")]
     assert verify_files(log_files(log), require_complete=True).ok
+
+
+async def test_a_start_checkpoint_whose_reason_is_rewritten_to_retention_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Reviewer's probe: after the forged record above has been signed by a restart's start
+    checkpoint, cut the live file right after that checkpoint and rewrite its reason to
+    "retention" (re-hashed; nothing signed follows it). The reason is signed (version 2), so
+    the checkpoint's signature no longer verifies."""
+    clock = Clock()
+    log = new_log(tmp_path, clock)
+    await log.start()
+    write_day(log, -1)
+    await days_of_log(log, clock, 4)
+    await log.close()
+    files = rotated(log)
+    files[0].unlink()
+    files[1].unlink()
+    head = records(files[2])[0]
+    append_rehashed(log.path, event="audit.retention", reason="carried", file="audit.log.x",
+                    first_seq=1, last_seq=head["prev_seq"], last_hash=head["prev"],
+                    last_ts="2025-01-01T00:00:00.000000+09:00", records=head["prev_seq"],
+                    retention="7d")
+    again = new_log(tmp_path, clock)
+    await again.start()
+    write_day(again, 9)
+    await again.close()
+    lines = log.path.read_bytes().splitlines()
+    start = next(i for i, line in enumerate(lines) if json.loads(line)["event"]
+                 == "audit.checkpoint" and json.loads(line)["reason"] == "start")
+    checkpoint = json.loads(lines[start])
+    checkpoint["reason"] = "retention"
+    del checkpoint["hash"]
+    checkpoint["hash"] = record_hash(checkpoint)
+    log.path.write_bytes(b"\n".join([*lines[:start], canonical_json(checkpoint).encode()])
+                         + b"\n")
+    third = new_log(tmp_path, clock)
+    await third.start()
+    write_day(third, 10)
+    await third.close()
+    result = verify_files(log_files(third), require_complete=True)
+    assert (result.ok, result.kind) == (False, Problem.BAD_SIGNATURE)
+    assert result.first_bad_seq == checkpoint["seq"]
+    assert result.removed == () and result.retentions == ()
+
+
+def resign_as_version_1(paths: list[Path], key_path: Path) -> None:
+    """Rewrite a log as gatewayd wrote it before version 2: every checkpoint signed over the
+    version 1 message, the chain re-linked (the hashes change with the signatures)."""
+    key = load_or_create_signing_key(key_path)
+    prev: str | None = None
+    for path in paths:
+        out = []
+        for record in records(path):
+            if prev is not None and record["prev"] != GENESIS_PREV:
+                record["prev"] = prev
+            if record["event"] == "audit.checkpoint":
+                record["covers_hash"] = record["prev"]
+                message = legacy_checkpoint_message(node=record["node"],
+                                                    seq=record["covers_seq"],
+                                                    hash_hex=record["prev"], ts=record["ts"])
+                record["sig"] = base64.b64encode(key.sign(message)).decode()
+            del record["hash"]
+            record["hash"] = prev = record_hash(record)
+            out.append(canonical_json(record).encode() + b"\n")
+        path.write_bytes(b"".join(out))
+
+
+async def test_a_log_signed_with_version_1_verifies_but_its_retention_counts_for_nothing(
+    five_days: tuple[AuditLog, Clock], tmp_path: Path,
+) -> None:
+    """Logs written before checkpoints signed their reason: their checkpoints still sign the
+    records (with a warning), but a version 1 retention checkpoint excuses no removal, since
+    its reason could have been rewritten."""
+    log, clock = five_days
+    outcome = retain(log, clock, 400)
+    assert len(outcome.removed) == 4
+    await log.close()
+    assert verify_files(log_files(log), require_complete=True).ok
+    resign_as_version_1(log_files(log), tmp_path / "keys" / "audit.key")
+    result = verify_files(log_files(log))
+    assert result.ok, result.problem
+    assert any("version 1 signature" in w for w in result.warnings)
+    assert result.retentions == ()
+    complete = verify_files(log_files(log), require_complete=True)
+    assert (complete.ok, complete.kind) == (False, Problem.MISSING_FILE)
+    assert "version 1 signature does not sign its reason 'retention'" in complete.problem
+
+
+async def test_a_long_run_is_recorded_in_batches_each_durable_before_its_files_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reviewer's probe: a run over a backlog held the writer's lock (and so every emit on
+    the event loop) for all its records, each fsynced. Now each lock hold writes at most one
+    batch and fsyncs once, and a batch's files go only after its checkpoint is on disk."""
+    clock = Clock()
+    log = AuditLog(tmp_path / "audit.log", node="gw-test", fsync="always", clock=clock,
+                   signing_key_path=tmp_path / "keys" / "audit.key", logger=quiet_logger())
+    await log.start()
+    backlog = tmp_path / "backlog"
+    backlog.mkdir()
+    removals = []
+    for n in range(120):
+        path = backlog / f"audit.log.{n:04d}"
+        path.write_bytes(b"x\n")
+        removals.append(Removal(path=path, first_seq=n * 10 + 1, last_seq=n * 10 + 10,
+                                last_hash=f"{n:064x}", last_ts="2025-01-01T00:00:00+09:00",
+                                records=10))
+    trace: list[tuple[str, str]] = []
+    real_write, real_fsync, real_unlink = log._write_all, os.fsync, Path.unlink
+
+    class TracingLock:
+        def __init__(self) -> None:
+            self.inner = log._lock
+
+        def __enter__(self) -> None:
+            self.inner.acquire()
+            trace.append(("acquire", ""))
+
+        def __exit__(self, *_: object) -> None:
+            trace.append(("release", ""))
+            self.inner.release()
+
+    def write(data: bytes) -> None:
+        record = json.loads(data)
+        trace.append(("record", f"{record['event']} {record.get('reason')}"))
+        real_write(data)
+
+    def fsync(fd: int) -> None:
+        trace.append(("fsync", ""))
+        real_fsync(fd)
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        trace.append(("unlink", path.name))
+        real_unlink(path, missing_ok)
+
+    monkeypatch.setattr(log, "_lock", TracingLock())
+    monkeypatch.setattr(log, "_write_all", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    outcome = apply_plan(log, RetentionPlan(tuple(removals)), WEEK, quiet_logger())
+    monkeypatch.undo()
+    assert outcome.error is None and len(outcome.removed) == 120
+    holds: list[list[str]] = []  # what happened under each hold of the lock
+    for kind, _ in trace:
+        if kind == "acquire":
+            holds.append([])
+        elif kind == "release":
+            holds.append([])  # what follows, until the next acquire, is outside the lock
+        elif holds:
+            holds[-1].append(kind)
+    under_lock = holds[0::2]
+    assert [h.count("record") for h in under_lock] == [51, 51, 21]  # notes + checkpoint
+    assert [h.count("fsync") for h in under_lock] == [1, 1, 1]
+    assert all(h.count("unlink") == 0 for h in under_lock)
+    # Write before act: every unlink comes after its batch's checkpoint and that fsync.
+    last_record = last_fsync = -1
+    for index, (kind, what) in enumerate(trace):
+        if kind == "record":
+            last_record = index
+            last_what = what
+        elif kind == "fsync":
+            last_fsync = index
+        elif kind == "unlink":
+            assert last_what == "audit.checkpoint retention" and last_fsync > last_record
+    assert not any(p.exists() for p in backlog.iterdir())
+    await log.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -14,10 +16,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gatewayd.audit.signing import (
     CHECKPOINT_DOMAIN,
+    CHECKPOINT_REASONS,
+    CHECKPOINT_VERSION,
+    LEGACY_CHECKPOINT_VERSION,
     AuditKeyError,
     checkpoint_message,
+    checkpoint_signature_version,
     default_public_key_paths,
     key_id,
+    legacy_checkpoint_message,
     load_or_create_signing_key,
     load_public_keys,
     public_key_path,
@@ -70,24 +77,70 @@ def test_key_id_is_sha256_of_raw_public_key() -> None:
     assert key_id(key.public_key()) == hashlib.sha256(raw).hexdigest()
 
 
-def test_signature_binds_node_seq_hash_and_ts() -> None:
+def test_signature_binds_every_signed_field() -> None:
     key = Ed25519PrivateKey.generate()
     pub = key.public_key()
-    sig = sign_checkpoint(key, node="gw1", seq=7, hash_hex=H, ts=TS)
-    assert signature_valid(pub, sig, node="gw1", seq=7, hash_hex=H, ts=TS)
-    assert not signature_valid(pub, sig, node="gw2", seq=7, hash_hex=H, ts=TS)
-    assert not signature_valid(pub, sig, node="gw1", seq=8, hash_hex=H, ts=TS)
-    assert not signature_valid(pub, sig, node="gw1", seq=7, hash_hex="cd" * 32, ts=TS)
-    assert not signature_valid(pub, sig, node="gw1", seq=7, hash_hex=H, ts=TS + "x")
-    assert not signature_valid(pub, "not base64!", node="gw1", seq=7, hash_hex=H, ts=TS)
-    other = Ed25519PrivateKey.generate().public_key()
-    assert not signature_valid(other, sig, node="gw1", seq=7, hash_hex=H, ts=TS)
+    sig = sign_checkpoint(key, node="gw1", seq=7, hash_hex=H, ts=TS, reason="start")
+    fields: dict[str, Any] = {"node": "gw1", "seq": 7, "hash_hex": H, "ts": TS, "reason": "start"}
+    assert checkpoint_signature_version(pub, sig, **fields) == CHECKPOINT_VERSION == 2
+    assert signature_valid(pub, sig, **fields)
+    for name, other in (("node", "gw2"), ("seq", 8), ("hash_hex", "cd" * 32), ("ts", TS + "x"),
+                        ("reason", "retention")):
+        assert checkpoint_signature_version(pub, sig, **{**fields, name: other}) is None, name
+        assert not signature_valid(pub, sig, **{**fields, name: other}), name
+    assert checkpoint_signature_version(pub, sig, **{**fields, "reason": None}) is None
+    assert not signature_valid(pub, "not base64!", **fields)
+    other_key = Ed25519PrivateKey.generate().public_key()
+    assert checkpoint_signature_version(other_key, sig, **fields) is None
+
+
+def test_signature_binds_the_key_id() -> None:
+    """The message names the signing key's id: the same bytes under another key id differ."""
+    key = Ed25519PrivateKey.generate()
+    fields: dict[str, Any] = {"node": "gw1", "seq": 7, "hash_hex": H, "ts": TS,
+                              "reason": "close"}
+    own = checkpoint_message(**fields, key_id=key_id(key.public_key()))
+    assert own != checkpoint_message(**fields, key_id="00" * 32)
+    signature = base64.b64decode(sign_checkpoint(key, **fields))
+    key.public_key().verify(signature, own)  # raises if the key id signed were another
+
+
+def test_signature_valid_without_a_reason_accepts_any_writer_reason() -> None:
+    """For callers that only ask whether the records were signed (the console's chain view)."""
+    key = Ed25519PrivateKey.generate()
+    for reason in sorted(CHECKPOINT_REASONS):
+        sig = sign_checkpoint(key, node="gw1", seq=7, hash_hex=H, ts=TS, reason=reason)
+        assert signature_valid(key.public_key(), sig, node="gw1", seq=7, hash_hex=H, ts=TS)
+        assert not signature_valid(key.public_key(), sig, node="gw1", seq=8, hash_hex=H, ts=TS)
+    odd = sign_checkpoint(key, node="gw1", seq=7, hash_hex=H, ts=TS, reason="made-up")
+    assert not signature_valid(key.public_key(), odd, node="gw1", seq=7, hash_hex=H, ts=TS)
+
+
+def test_version_1_signatures_are_recognised_as_such() -> None:
+    """A checkpoint signed before version 2: valid, but known not to sign its reason."""
+    key = Ed25519PrivateKey.generate()
+    legacy = base64.b64encode(key.sign(
+        legacy_checkpoint_message(node="gw1", seq=7, hash_hex=H, ts=TS))).decode()
+    for reason in ("start", "retention", None):
+        assert checkpoint_signature_version(
+            key.public_key(), legacy, node="gw1", seq=7, hash_hex=H, ts=TS, reason=reason,
+        ) == LEGACY_CHECKPOINT_VERSION == 1
+    assert signature_valid(key.public_key(), legacy, node="gw1", seq=7, hash_hex=H, ts=TS)
+    assert checkpoint_signature_version(key.public_key(), legacy, node="gw1", seq=8,
+                                        hash_hex=H, ts=TS, reason="start") is None
 
 
 def test_checkpoint_message_format() -> None:
-    message = checkpoint_message(node="gw1", seq=7, hash_hex=H, ts=TS)
+    kid = "12" * 32
+    message = checkpoint_message(node="gw1", seq=7, hash_hex=H, ts=TS, reason="retention",
+                                 key_id=kid)
+    assert CHECKPOINT_DOMAIN == b"gatewayd-audit-checkpoint-v2\n"
     assert message == CHECKPOINT_DOMAIN + (
-        f'{{"hash":"{H}","node":"gw1","seq":7,"ts":"{TS}"}}'.encode())
+        f'{{"covers_hash":"{H}","covers_seq":7,"key_id":"{kid}","node":"gw1",'
+        f'"reason":"retention","ts":"{TS}"}}'.encode())
+    assert legacy_checkpoint_message(node="gw1", seq=7, hash_hex=H, ts=TS) == (
+        b"gatewayd-audit-checkpoint-v1\n"
+        + f'{{"hash":"{H}","node":"gw1","seq":7,"ts":"{TS}"}}'.encode())
 
 
 def test_public_key_is_published_and_an_old_one_archived(tmp_path: Path) -> None:

@@ -302,7 +302,8 @@ async def test_forged_checkpoint_signature(log: AuditLog) -> None:
     assert checkpoint["event"] == "audit.checkpoint"
     forger = Ed25519PrivateKey.generate()
     checkpoint["sig"] = sign_checkpoint(forger, node="gw-test", seq=checkpoint["covers_seq"],
-                                        hash_hex=checkpoint["covers_hash"], ts=checkpoint["ts"])
+                                        hash_hex=checkpoint["covers_hash"], ts=checkpoint["ts"],
+                                        reason=checkpoint["reason"])
     content[5] = rehashed(checkpoint)  # keeps the real key_id: claims the real key signed it
     write_lines(log.path, content)
     result = verify_files([log.path])
@@ -315,7 +316,8 @@ async def test_checkpoint_by_unknown_key(log: AuditLog) -> None:
     checkpoint = record(content[5])
     forger = Ed25519PrivateKey.generate()
     checkpoint["sig"] = sign_checkpoint(forger, node="gw-test", seq=checkpoint["covers_seq"],
-                                        hash_hex=checkpoint["covers_hash"], ts=checkpoint["ts"])
+                                        hash_hex=checkpoint["covers_hash"], ts=checkpoint["ts"],
+                                        reason=checkpoint["reason"])
     checkpoint["key_id"] = key_id(forger.public_key())
     content[5] = rehashed(checkpoint)
     write_lines(log.path, content)

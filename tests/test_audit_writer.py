@@ -39,6 +39,7 @@ from gatewayd.audit import (
 )
 from gatewayd.audit.events import unescape_text
 from gatewayd.audit.signing import checkpoint_message, key_id
+from gatewayd.audit.writer import MAX_RETENTION_RECORDS
 from gatewayd.metrics import Metrics
 
 JST = ZoneInfo("Asia/Tokyo")
@@ -330,7 +331,8 @@ async def test_checkpoint_every_n_records_is_signed(tmp_path: Path) -> None:
         assert cp["covers_hash"] == cp["prev"] == records[cp["covers_seq"] - 1]["hash"]
         assert cp["key_id"] == key_id(pub) == log.key_id
         message = checkpoint_message(node=cp["node"], seq=cp["covers_seq"],
-                                     hash_hex=cp["covers_hash"], ts=cp["ts"])
+                                     hash_hex=cp["covers_hash"], ts=cp["ts"],
+                                     reason=cp["reason"], key_id=cp["key_id"])
         pub.verify(base64.b64decode(cp["sig"]), message)  # raises if invalid
 
 
@@ -1124,3 +1126,78 @@ def test_intervals_must_be_positive_finite_seconds(
                        rf"number of seconds, got {re.escape(repr(value))}") as caught:
         make_log(tmp_path, fsync="interval", **{name: value})
     assert isinstance(caught.value, ValueError)  # callers catching ValueError keep working
+
+
+# --------------------------------------------------------------------------- retention records
+
+RETENTION_NOTE: dict[str, object] = {
+    "reason": "expired", "file": "audit.log.x", "first_seq": 1, "last_seq": 10,
+    "last_hash": "a" * 64, "last_ts": "2025-01-01T00:00:00.000000+09:00", "records": 10,
+    "retention": "7d"}
+
+
+async def test_record_retention_fsyncs_once_per_call_and_caps_its_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even with fsync="always": the records and their checkpoint, then one fsync (the
+    emits waiting for the lock wait for one, not one per record); too many notes refused."""
+    log = make_log(tmp_path, fsync="always")
+    await log.start()
+    real_fsync = os.fsync
+    audit_fsyncs: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if is_audit_fd(fd):
+            audit_fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    outcome = log.record_retention([RETENTION_NOTE] * MAX_RETENTION_RECORDS)
+    assert (outcome.written, outcome.signed) == (MAX_RETENTION_RECORDS, True)
+    assert len(audit_fsyncs) == 1
+    tail = records_of(log.path)[-MAX_RETENTION_RECORDS - 1:]
+    assert [r["event"] for r in tail] == (["audit.retention"] * MAX_RETENTION_RECORDS
+                                          + ["audit.checkpoint"])
+    with pytest.raises(ValueError, match="at most"):
+        log.record_retention([RETENTION_NOTE] * (MAX_RETENTION_RECORDS + 1))
+    log.emit("access.allow", user="u")
+    assert len(audit_fsyncs) == 2  # ordinary records are fsynced one by one again
+    await log.close()
+    assert verify_files([log.path]).ok
+
+
+async def test_record_retention_is_not_signed_when_its_fsync_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = make_log(tmp_path, fsync="always", on_failure="continue")
+    await log.start()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if is_audit_fd(fd):
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    outcome = log.record_retention([RETENTION_NOTE])
+    assert not outcome.signed and "syncing" in (outcome.error or "")
+    assert not log.healthy
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    await log.close()
+
+
+async def test_a_checkpoint_that_starts_a_new_live_file_signs_its_header(
+        tmp_path: Path) -> None:
+    """The live file deleted while open: the checkpoint's new file begins with its header and
+    the checkpoint signs up to that header (it used to sign the record before it)."""
+    log = make_log(tmp_path)
+    await log.start()
+    log.emit("access.allow", user="u")
+    log.path.unlink()
+    log.checkpoint()
+    await log.close()
+    events = [(r["event"], r.get("reason")) for r in records_of(log.path)]
+    assert events[0][0] == "audit.continue"
+    assert events[-1] == ("audit.checkpoint", "close")
+    manual = next(r for r in records_of(log.path) if r.get("reason") == "manual")
+    assert manual["covers_seq"] == manual["seq"] - 1
+    result = verify_files([log.path])
+    assert result.ok, result.problem

@@ -24,9 +24,15 @@ removal is irreversible and a verifier must still be able to vouch for what is l
   them, in one `AuditLog.record_retention` call: nothing comes between the records and that
   ``reason="retention"`` checkpoint, and `verify` honours a retention record only when it is
   so signed (a record someone else laid into the log, signed by a later ``start``
-  checkpoint, explains nothing). Then it fsyncs the live file; only then are the files
-  unlinked (the ``.pub`` keys stay). A file whose records could not all be written, signed
-  or synced is not removed. ``first_seq`` is the first seq the file accounts for: 1 for
+  checkpoint, explains nothing). That call returns only once the records and the checkpoint
+  are fsynced; only then are the files unlinked (the ``.pub`` keys stay). A file whose
+  records could not all be written, signed or synced is not removed. **In batches:** one
+  call covers at most `BATCH_REMOVALS` (50) files and `writer.MAX_RETENTION_RECORDS` (100)
+  records, each batch with its own checkpoint and one fsync, its files removed before the
+  next batch is written, so the writer's lock (which every `AuditLog.emit` on the event loop
+  waits for) is never held for a whole run. A failed batch ends the run; a file whose
+  carried records alone exceed one call is kept, with an error. ``first_seq`` is the first
+  seq the file accounts for: 1 for
   the file that starts the log, else its header's ``prev_seq`` + 1 (normally its first
   record's seq), so that the retention records of successive removals cover seq 1 on without
   a hole; `verify` accepts the missing head of the log exactly then.
@@ -47,7 +53,6 @@ Planning and removal are blocking file work: the gateway runs them with `asyncio
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,13 +71,22 @@ from gatewayd.audit.verify import (
     VerifyResult,
     verify_files,
 )
-from gatewayd.audit.writer import AuditLog, OperationalLogger, describe_os_error
+from gatewayd.audit.writer import (
+    MAX_RETENTION_RECORDS,
+    AuditLog,
+    OperationalLogger,
+    describe_os_error,
+)
 from gatewayd.files import fsync_directory
 
 _CHECKPOINT: Final = EventName.AUDIT_CHECKPOINT.value
 _START: Final = EventName.AUDIT_START.value
 _CONTINUE: Final = EventName.AUDIT_CONTINUE.value
 _RETENTION: Final = EventName.AUDIT_RETENTION.value
+
+# Files removed per `AuditLog.record_retention` call (each with its own checkpoint and fsync):
+# the writer's lock, and so every emit, waits for one call, never for a whole run.
+BATCH_REMOVALS: Final = 50
 
 MayRemove = Callable[[int], bool]  # given a file's last seq: may it go (e.g. delivered)?
 
@@ -335,27 +349,45 @@ def _notes(removal: Removal, retention: timedelta) -> list[dict[str, Any]]:
     return notes
 
 
-def _record_removals(
-    audit: AuditLog, removals: Sequence[Removal], retention: timedelta
+def _batches(
+    removals: Sequence[Removal], retention: timedelta
+) -> list[tuple[list[Removal], list[dict[str, Any]]]]:
+    """Consecutive removals, at most `BATCH_REMOVALS` and `MAX_RETENTION_RECORDS` notes each
+    (a removal's notes never split); a removal with too many notes on its own ends the list."""
+    batches: list[tuple[list[Removal], list[dict[str, Any]]]] = []
+    for removal in removals:
+        notes = _notes(removal, retention)
+        if len(notes) > MAX_RETENTION_RECORDS:
+            break
+        if (not batches or len(batches[-1][0]) >= BATCH_REMOVALS
+                or len(batches[-1][1]) + len(notes) > MAX_RETENTION_RECORDS):
+            batches.append(([], []))
+        batches[-1][0].append(removal)
+        batches[-1][1].extend(notes)
+    return batches
+
+
+def _record_batch(
+    audit: AuditLog, removals: Sequence[Removal], notes: Sequence[dict[str, Any]]
 ) -> tuple[list[Removal], str | None]:
-    """Write and sign the removals' records; the removals all of whose records were signed.
+    """Write, sign and sync one batch's records; the removals all of whose records are on disk.
 
     One `AuditLog.record_retention` call: the records and their ``reason="retention"``
-    checkpoint, with nothing between them (the only way `verify` honours them).
+    checkpoint, with nothing between them (the only way `verify` honours them), fsynced.
     """
-    per_removal = [_notes(removal, retention) for removal in removals]
     try:
-        outcome = audit.record_retention([note for notes in per_removal for note in notes])
+        outcome = audit.record_retention(notes)
     except RuntimeError as exc:  # the log was closed
         return [], f"audit.retention records not written: {exc}"
     if not outcome.signed:
         return [], outcome.error or "the audit.retention records were not signed"
     recorded: list[Removal] = []
     left = outcome.written
-    for removal, notes in zip(removals, per_removal, strict=True):
-        if left < len(notes):
+    for removal in removals:
+        count = len(removal.carried) + 1  # its notes (`_notes`)
+        if left < count:
             break
-        left -= len(notes)
+        left -= count
         recorded.append(removal)
     error = None
     if len(recorded) < len(removals):
@@ -364,40 +396,9 @@ def _record_removals(
     return recorded, error
 
 
-def _sync_records(audit: AuditLog) -> str | None:
-    """Get the signed retention records to the disk; an error text if that failed."""
-    try:
-        # fsync through a descriptor of our own: it flushes the file, whoever wrote it, so
-        # the records survive a crash even with fsync="interval".
-        fd = os.open(audit.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        return f"syncing {audit.path.name} failed: {describe_os_error(exc)}"
-    return None
-
-
-def apply_plan(
-    audit: AuditLog, plan: RetentionPlan, retention: timedelta, logger: OperationalLogger
-) -> RetentionOutcome:
-    """Record, sign and sync the removals, then remove the files (see the module docstring)."""
-    if plan.problem is not None:
-        logger.error("audit file kept: it does not verify, so retention will not remove it "
-                     "nor anything after it", file=str(plan.problem.path),
-                     reason=plan.problem.reason)
-    if not plan.removals:
-        return RetentionOutcome(plan)
-    recorded, error = _record_removals(audit, plan.removals, retention)
-    if recorded:
-        sealed_error = _sync_records(audit)
-        if sealed_error is not None:
-            error, recorded = sealed_error, []
-    if error is not None:
-        logger.error("audit retention stopped before removing files", error=error)
+def _remove(removals: Sequence[Removal], logger: OperationalLogger) -> list[Removal]:
     removed: list[Removal] = []
-    for removal in recorded:
+    for removal in removals:
         try:
             removal.path.unlink()
         except OSError as exc:
@@ -409,11 +410,46 @@ def apply_plan(
                     first_seq=removal.first_seq, last_seq=removal.last_seq,
                     last_ts=removal.last_ts,
                     carried=[[c.first_seq, c.last_seq] for c in removal.carried])
-    if removed:
-        try:
-            fsync_directory(audit.path.parent)
-        except OSError as exc:
-            logger.warning("fsync of the audit directory failed", error=describe_os_error(exc))
+    return removed
+
+
+def apply_plan(
+    audit: AuditLog, plan: RetentionPlan, retention: timedelta, logger: OperationalLogger
+) -> RetentionOutcome:
+    """Record, sign and sync the removals, then remove the files (see the module docstring).
+
+    Batch by batch (`_batches`): each batch's records and checkpoint are written in one
+    `AuditLog.record_retention` call, which returns only once they are on disk, and only then
+    are that batch's files removed; the writer's lock is free between batches. A batch that
+    fails stops the run (the files after it stay: removal is only ever from the front).
+    """
+    if plan.problem is not None:
+        logger.error("audit file kept: it does not verify, so retention will not remove it "
+                     "nor anything after it", file=str(plan.problem.path),
+                     reason=plan.problem.reason)
+    if not plan.removals:
+        return RetentionOutcome(plan)
+    removed: list[Removal] = []
+    error: str | None = None
+    batches = _batches(plan.removals, retention)
+    batched = sum(len(batch) for batch, _ in batches)
+    for batch, notes in batches:
+        recorded, error = _record_batch(audit, batch, notes)
+        done = _remove(recorded, logger)
+        removed.extend(done)
+        if done:
+            try:
+                fsync_directory(audit.path.parent)
+            except OSError as exc:
+                logger.warning("fsync of the audit directory failed",
+                               error=describe_os_error(exc))
+        if error is not None or len(done) < len(batch):
+            break
+    if error is None and batched < len(plan.removals):
+        error = (f"{plan.removals[batched].path.name} restates more earlier removals than "
+                 f"one call may record ({MAX_RETENTION_RECORDS} records): kept")
+    if error is not None:
+        logger.error("audit retention stopped before removing files", error=error)
     return RetentionOutcome(plan, tuple(removed), error)
 
 

@@ -14,9 +14,26 @@ Key files:
   should record it somewhere the gateway host cannot write: a key file next to the log proves
   nothing against someone who could replace both.
 
-Signed message (``checkpoint_message``): the ASCII line ``gatewayd-audit-checkpoint-v1``,
-a newline, then the canonical JSON of ``{"hash": covers_hash, "node": node,
-"seq": covers_seq, "ts": ts}`` (ts = the checkpoint record's own ``ts``), UTF-8 encoded.
+Signed message (``checkpoint_message``, version 2): the ASCII line
+``gatewayd-audit-checkpoint-v2``, a newline, then the canonical JSON (`chain.canonical_json`:
+sorted keys, no spaces) of ``{"covers_hash": covers_hash, "covers_seq": covers_seq,
+"key_id": key_id, "node": node, "reason": reason, "ts": ts}``, UTF-8 encoded. Every value is
+the checkpoint record's own field of that name (``ts``: the checkpoint's own time;
+``key_id``: the id of the signing key — a verifier takes it from the key that checks the
+signature, which is the key the record's ``key_id`` names). The record's other fields are
+``seq``, ``prev`` and ``hash`` (the chain: the verifier requires ``prev`` = ``covers_hash``,
+and the next checkpoint's signature covers this record's ``hash``), ``event`` and ``sig``.
+``reason`` is signed because `verify` gives one reason meaning: only a ``reason="retention"``
+checkpoint makes the ``audit.retention`` records before it count.
+
+Version 1 (``legacy_checkpoint_message``, what gatewayd signed before version 2): the line
+``gatewayd-audit-checkpoint-v1``, a newline, then the canonical JSON of ``{"hash":
+covers_hash, "node": node, "seq": covers_seq, "ts": ts}`` — no ``reason``, no ``key_id``.
+Nothing writes it any more; `checkpoint_signature_version` still recognises it so that logs
+written before the change verify, and `verify` treats such a checkpoint as signing the
+records it covers but never as a retention checkpoint (its reason could have been
+rewritten). The two versions have distinct first lines, so a signature of one is never a
+signature of the other.
 """
 
 from __future__ import annotations
@@ -37,7 +54,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from gatewayd.audit.chain import canonical_json
 from gatewayd.files import exposure, fsync_directory
 
-CHECKPOINT_DOMAIN: Final = b"gatewayd-audit-checkpoint-v1\n"
+CHECKPOINT_DOMAIN: Final = b"gatewayd-audit-checkpoint-v2\n"
+LEGACY_CHECKPOINT_DOMAIN: Final = b"gatewayd-audit-checkpoint-v1\n"
+CHECKPOINT_VERSION: Final = 2
+LEGACY_CHECKPOINT_VERSION: Final = 1
+# Every reason the writer gives a checkpoint (writer.py). Only `signature_valid` without a
+# reason needs the list: it accepts a signature made for any of them.
+CHECKPOINT_REASONS: Final = frozenset(
+    {"start", "interval", "count", "rotation", "close", "retention", "manual"}
+)
 PUBLIC_KEY_SUFFIX: Final = ".pub"
 
 
@@ -50,32 +75,81 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def checkpoint_message(*, node: str, seq: int, hash_hex: str, ts: str) -> bytes:
-    payload = canonical_json({"hash": hash_hex, "node": node, "seq": seq, "ts": ts})
+def checkpoint_message(
+    *, node: str, seq: int, hash_hex: str, ts: str, reason: str, key_id: str
+) -> bytes:
+    """The version 2 message (module docstring); ``seq``/``hash_hex``: covers_seq/covers_hash."""
+    payload = canonical_json({"covers_hash": hash_hex, "covers_seq": seq, "key_id": key_id,
+                              "node": node, "reason": reason, "ts": ts})
     return CHECKPOINT_DOMAIN + payload.encode("utf-8")
 
 
+def legacy_checkpoint_message(*, node: str, seq: int, hash_hex: str, ts: str) -> bytes:
+    """The version 1 message, for verifying checkpoints written before version 2."""
+    payload = canonical_json({"hash": hash_hex, "node": node, "seq": seq, "ts": ts})
+    return LEGACY_CHECKPOINT_DOMAIN + payload.encode("utf-8")
+
+
 def sign_checkpoint(
-    key: Ed25519PrivateKey, *, node: str, seq: int, hash_hex: str, ts: str
+    key: Ed25519PrivateKey, *, node: str, seq: int, hash_hex: str, ts: str, reason: str
 ) -> str:
-    message = checkpoint_message(node=node, seq=seq, hash_hex=hash_hex, ts=ts)
+    """Sign a checkpoint (version 2; its key_id is that of ``key``): base64 signature."""
+    message = checkpoint_message(node=node, seq=seq, hash_hex=hash_hex, ts=ts, reason=reason,
+                                 key_id=key_id(key.public_key()))
     return base64.b64encode(key.sign(message)).decode("ascii")
 
 
-def signature_valid(
-    public_key: Ed25519PublicKey, signature_b64: str, *, node: str, seq: int, hash_hex: str,
-    ts: str,
-) -> bool:
-    try:
-        signature = base64.b64decode(signature_b64, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    message = checkpoint_message(node=node, seq=seq, hash_hex=hash_hex, ts=ts)
+def _verifies(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
     try:
         public_key.verify(signature, message)
     except InvalidSignature:
         return False
     return True
+
+
+def checkpoint_signature_version(
+    public_key: Ed25519PublicKey, signature_b64: str, *, node: str, seq: int, hash_hex: str,
+    ts: str, reason: str | None,
+) -> int | None:
+    """Which message ``signature_b64`` signs with ``public_key``: `CHECKPOINT_VERSION` (2) if
+    the version 2 message of these fields (key_id: that of ``public_key``), else
+    `LEGACY_CHECKPOINT_VERSION` (1) if the version 1 message, else None (invalid).
+
+    ``reason`` None (a checkpoint without a readable reason) can only match version 1.
+    """
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if reason is not None and _verifies(public_key, signature, checkpoint_message(
+            node=node, seq=seq, hash_hex=hash_hex, ts=ts, reason=reason,
+            key_id=key_id(public_key))):
+        return CHECKPOINT_VERSION
+    legacy = legacy_checkpoint_message(node=node, seq=seq, hash_hex=hash_hex, ts=ts)
+    if _verifies(public_key, signature, legacy):
+        return LEGACY_CHECKPOINT_VERSION
+    return None
+
+
+def signature_valid(
+    public_key: Ed25519PublicKey, signature_b64: str, *, node: str, seq: int, hash_hex: str,
+    ts: str, reason: str | None = None,
+) -> bool:
+    """Whether the signature signs these checkpoint fields, in either version.
+
+    With ``reason``: exactly as `checkpoint_signature_version` (not None). Without it, for a
+    caller that only asks whether the records up to ``seq`` were signed, whatever kind of
+    checkpoint signed them: a version 2 signature made for any of `CHECKPOINT_REASONS` is
+    accepted too. Whoever gives a reason meaning (as `verify` does for retention) must pass
+    it, and use `checkpoint_signature_version` to tell a version 1 signature, which does not
+    sign it.
+    """
+    candidates = [reason] if reason is not None else sorted(CHECKPOINT_REASONS)
+    for candidate in candidates:
+        if checkpoint_signature_version(public_key, signature_b64, node=node, seq=seq,
+                                        hash_hex=hash_hex, ts=ts, reason=candidate) is not None:
+            return True
+    return False
 
 
 def _pem(key: Ed25519PrivateKey) -> bytes:

@@ -32,7 +32,12 @@ Verification stops at the FIRST problem and reports its kind (`Problem`), the fi
 * ``missing_file`` — the previous file ends sealed by a rotation checkpoint but the next file
   does not chain to it: a whole rotated file is missing. first_bad_seq: the first missing seq.
 * ``bad_signature`` — a checkpoint's signature is invalid or made by a key not given.
-  first_bad_seq: the checkpoint.
+  first_bad_seq: the checkpoint. A checkpoint is signed (`signing`, version 2) over its
+  ``covers_hash``, ``covers_seq``, ``key_id``, ``node``, ``reason`` and ``ts``, so changing
+  any of them (its reason, say) invalidates it. A signature over the version 1 message
+  (``covers_hash``, ``covers_seq``, ``node``, ``ts`` only: logs written before version 2)
+  is accepted too, with a warning, but such a checkpoint never counts as retention's
+  checkpoint (below): its reason is not signed.
 * ``checkpoint_mismatch`` — a checkpoint claims a seq/hash that is not the chain's.
   first_bad_seq: the checkpoint.
 * ``restarted`` — a second chain (``prev`` = 64 zeros) starts mid-stream.
@@ -54,6 +59,8 @@ Not problems, but reported as warnings (the result stays ok):
   are protected by the hash chain only, so someone able to write the file could remove or
   rewrite them undetectably until the next checkpoint. Pass ``require_sealed=True``
   (``--sealed``) for archived logs, which must end in a checkpoint.
+* **checkpoints with a version 1 signature** (see ``bad_signature``): counted, and they
+  sign what they cover, but their reason is unsigned, so none is retention's checkpoint.
 * a chain that starts mid-way (first record's ``prev`` is not 64 zeros): earlier files were
   not given, so they cannot be checked. With ``require_complete=True`` this is a
   ``missing_file`` problem instead (first_bad_seq: 1), unless retention explains it:
@@ -65,20 +72,22 @@ Not problems, but reported as warnings (the result stays ok):
   missing head is accepted and reported as a note (in ``warnings`` and, itemised, in
   ``removed``). A retention record counts only if it is **signed by retention's own
   checkpoint**: the first ``audit.checkpoint`` after it in the chain has ``reason``
-  ``"retention"``, and every record between the two is another ``audit.retention`` or an
-  ``audit.recovery`` (no ``audit.start``, no ``audit.continue``, nothing else). That is
+  ``"retention"`` under a version 2 signature (which signs the reason), and every record
+  between the two is another ``audit.retention`` or an ``audit.recovery`` (no
+  ``audit.start``, no ``audit.continue``, nothing else). That is
   exactly what `AuditLog.record_retention` writes, under one hold of the writer's lock, and
   files are removed only after that checkpoint is written, so an honest removal always
   qualifies. The hash chain alone is unkeyed: anyone able to write the log directory can
   append a re-hashed "retention" record to the live file while the gateway is stopped, and
   the gateway's own ``start`` checkpoint (which signs what a crashed run left) or any later
   checkpoint would then sign it; such a record is followed by ``audit.start`` or by a
-  checkpoint of another reason, and explains nothing. A retention record must also be
-  plausible: its stated ``retention`` is at least 7 days and the removed records' last
-  ``ts`` (``last_ts``) was at least that old at the record's own ``ts``. A retention record
-  that fails these rules
-  explains nothing: the head is reported as missing as before, with the reason. The retention
-  records are themselves in the chain, so deleting them breaks the chain.
+  checkpoint of another reason, and explains nothing; the reason is signed, so rewriting a
+  ``start`` checkpoint's reason to ``"retention"`` breaks its signature. A retention record
+  must also be plausible: its stated ``retention`` is at least 7 days and the removed
+  records' last ``ts`` (``last_ts``) was at least that old at the record's own ``ts``. A
+  retention record that fails these rules explains nothing: the head is reported as missing
+  as before, with the reason. The retention records are themselves in the chain, so
+  deleting them breaks the chain.
   Two reasons are honoured: ``expired`` (one removed file, ``first_seq`` = its own first seq)
   and ``carried`` (the coverage of retention records that were *inside* a file being removed,
   restated in the live file just before that file's own ``expired`` record, so that removing
@@ -106,10 +115,12 @@ from gatewayd.audit import files
 from gatewayd.audit.chain import GENESIS_PREV, LineDefect, check_line, is_hash, parse_line
 from gatewayd.audit.events import EventName
 from gatewayd.audit.signing import (
+    CHECKPOINT_VERSION,
+    LEGACY_CHECKPOINT_VERSION,
     AuditKeyError,
+    checkpoint_signature_version,
     default_public_key_paths,
     load_public_keys,
-    signature_valid,
 )
 from gatewayd.config import parse_duration
 
@@ -258,6 +269,7 @@ class _ChainState:
     records: int = 0
     first_seq: int | None = None
     checkpoints: int = 0
+    legacy_checkpoints: int = 0  # of them, signed with the version 1 message
     last_checkpoint: CheckpointInfo | None = None
     unsigned: int = 0
     first_unsigned: int | None = None
@@ -277,7 +289,8 @@ class _ChainState:
     def expected_seq(self) -> int | None:
         return None if self.last_seq is None else self.last_seq + 1
 
-    def accept(self, record: Mapping[str, Any], path: Path) -> None:
+    def accept(self, record: Mapping[str, Any], path: Path, signature_version: int | None) -> None:
+        """Take a record that passed the checks (``signature_version``: a checkpoint's)."""
         seq = record["seq"]
         self.before_last_hash, self.last_hash = self.last_hash, record["hash"]
         self.last_seq = seq
@@ -290,9 +303,11 @@ class _ChainState:
             self.first_seq = seq
         if record["event"] == _RECOVERY:
             self._explain(record, path)
-        self._track_retention(record, path)
+        self._track_retention(record, path, signature_version)
         if record["event"] == _CHECKPOINT:
             self.checkpoints += 1
+            if signature_version == LEGACY_CHECKPOINT_VERSION:
+                self.legacy_checkpoints += 1
             self.last_checkpoint = CheckpointInfo(
                 seq=seq, ts=record["ts"], reason=self.last_reason or "",
                 covers_seq=record["covers_seq"], key_id=record["key_id"], file=path,
@@ -303,8 +318,11 @@ class _ChainState:
             if self.first_unsigned is None:
                 self.first_unsigned = seq
 
-    def _track_retention(self, record: Mapping[str, Any], path: Path) -> None:
-        """Hold retention records until their checkpoint; honour them only if it is theirs."""
+    def _track_retention(
+        self, record: Mapping[str, Any], path: Path, signature_version: int | None
+    ) -> None:
+        """Hold retention records until their checkpoint; honour them only if it is theirs
+        (reason "retention", which only a version 2 signature vouches for)."""
         event = record["event"]
         if event == _RETENTION:
             removed = _removed_range(record, path)
@@ -313,11 +331,17 @@ class _ChainState:
             return
         if event == _RECOVERY or not self.awaiting:
             return
-        if event == _CHECKPOINT and self.last_reason == RETENTION_CHECKPOINT:
+        if (event == _CHECKPOINT and self.last_reason == RETENTION_CHECKPOINT
+                and signature_version == CHECKPOINT_VERSION):
             self.retentions.extend(self.awaiting)
         else:
-            what = (f"a checkpoint with reason {self.last_reason!r}" if event == _CHECKPOINT
-                    else f"{event} seq {record['seq']}")
+            if event != _CHECKPOINT:
+                what = f"{event} seq {record['seq']}"
+            elif self.last_reason == RETENTION_CHECKPOINT:
+                what = ("a checkpoint whose version 1 signature does not sign its reason "
+                        f"{RETENTION_CHECKPOINT!r}")
+            else:
+                what = f"a checkpoint with reason {self.last_reason!r}"
             self.refused.extend(
                 f"audit.retention seq {r.seq} is followed by {what}, not by the "
                 f"reason={RETENTION_CHECKPOINT!r} checkpoint retention writes right after "
@@ -534,10 +558,15 @@ class _Verifier:
                           "not with a header record (audit.start of a new log or "
                           "audit.continue): the records before it were deleted")
         found = self._check_link(record, path, line.number, file_start)
+        version = None
         if found is None and record["event"] == _CHECKPOINT:
-            found = self._check_checkpoint(record)
+            checked = self._check_checkpoint(record)
+            if isinstance(checked, _Found):
+                found = checked
+            else:
+                version = checked
         if found is None:
-            state.accept(record, path)
+            state.accept(record, path, version)
         return found
 
     def _check_link(
@@ -624,7 +653,8 @@ class _Verifier:
         return _Found(Problem.DELETED, missing,
                       f"{span} missing: seq {seq} chains to a record that is not there")
 
-    def _check_checkpoint(self, record: Mapping[str, Any]) -> _Found | None:
+    def _check_checkpoint(self, record: Mapping[str, Any]) -> _Found | int:
+        """The problem with a checkpoint, or the version of the message its signature signs."""
         state = self.state
         seq = record["seq"]
         covers_seq, covers_hash = record.get("covers_seq"), record.get("covers_hash")
@@ -645,12 +675,16 @@ class _Verifier:
             return _Found(Problem.BAD_SIGNATURE, seq,
                           f"checkpoint seq {seq} is signed by key {kid[:16]}…, which is not "
                           "among the public keys given")
-        if not signature_valid(key, sig, node=record["node"], seq=covers_seq,
-                               hash_hex=covers_hash, ts=record["ts"]):
+        reason = record.get("reason")
+        version = checkpoint_signature_version(
+            key, sig, node=record["node"], seq=covers_seq, hash_hex=covers_hash,
+            ts=record["ts"], reason=reason if isinstance(reason, str) else None)
+        if version is None:
             return _Found(Problem.BAD_SIGNATURE, seq,
-                          f"checkpoint seq {seq} has an invalid signature: it, or the records "
-                          f"up to seq {covers_seq}, were forged")
-        return None
+                          f"checkpoint seq {seq} has an invalid signature: it (its reason, "
+                          f"time or key id), or the records up to seq {covers_seq}, were "
+                          "forged")
+        return version
 
 
 def _keyring(
@@ -762,6 +796,13 @@ def _result(
     found: _Found | None, path: Path | None, line: int | None,
 ) -> VerifyResult:
     where = f"{path.name}:{line}: " if path is not None and line is not None else ""
+    warnings = list(state.warnings)
+    if state.legacy_checkpoints:
+        warnings.append(
+            f"{state.legacy_checkpoints} checkpoint(s) carry a version 1 signature "
+            "(gatewayd-audit-checkpoint-v1), written before checkpoints signed their reason "
+            "and key id: they sign the records they cover, but none of them counts as "
+            "retention's checkpoint")
     return VerifyResult(
         ok=found is None,
         records=state.records,
@@ -777,7 +818,7 @@ def _result(
         last_checkpoint=state.last_checkpoint,
         unsigned_tail=state.unsigned,
         gaps=tuple(state.gaps),
-        warnings=tuple(state.warnings),
+        warnings=tuple(warnings),
         key_ids=tuple(keyring),
         removed=tuple(state.removed),
         retentions=tuple(_honoured(state)[0]),

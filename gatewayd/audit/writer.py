@@ -32,14 +32,17 @@ Guarantees and rules (security staff and operators rely on these):
 * **Start and stop are recorded.** `start` writes an ``audit.start`` record (key id in use;
   whether this is a new log, a restart after a clean shutdown, or after a crash); `close`
   always ends the log with a checkpoint with ``reason="close"``.
-* **Checkpoints** (``audit.checkpoint``) sign ``(node, covers_seq, covers_hash, ts)`` with
-  Ed25519 every ``checkpoint_interval`` seconds and every ``checkpoint_every`` records (only
-  if something new was written), at start when the resumed log does not end in one
+* **Checkpoints** (``audit.checkpoint``) sign ``(covers_hash, covers_seq, key_id, node,
+  reason, ts)`` with Ed25519 (the version 2 message of `signing`, so the reason cannot be
+  rewritten) every ``checkpoint_interval`` seconds and every ``checkpoint_every`` records
+  (only if something new was written), at start when the resumed log does not end in one
   (``reason="start"``: signs what a crashed run left), before rotation (``reason="rotation"``,
   always the last record of a rotated file), on close (``reason="close"``), and right after
   the ``audit.retention`` records of `record_retention` (``reason="retention"``: the only
   checkpoint `verify_files` accepts as signing them, so a record laid into the log by someone
   else and signed by a later ``start`` or ``interval`` checkpoint never excuses a removal).
+  A checkpoint that would be the first record of a new live file is preceded by that file's
+  header, and signs up to it.
 * **Rotation** by size (when the live file has reached ``rotate_bytes``) or by day (when a
   record's calendar day in ``timezone`` differs from the previous record's) renames the
   sealed file to ``<name>.<first record time>`` (see `files`) and continues the chain in a
@@ -103,6 +106,7 @@ from gatewayd.audit.events import (
 )
 from gatewayd.audit.resume import ResumePoint, find_resume_point, lock_for_writing
 from gatewayd.audit.signing import (
+    CHECKPOINT_REASONS,
     key_id,
     load_or_create_signing_key,
     publish_public_key,
@@ -130,6 +134,10 @@ _ROTATION_RETRY_SECONDS: Final = 60.0
 _RETENTION: Final = EventName.AUDIT_RETENTION.value
 # The reason of the checkpoint `AuditLog.record_retention` writes right after its records.
 RETENTION_CHECKPOINT: Final = "retention"
+# The most audit.retention records one `AuditLog.record_retention` call writes: every record
+# (and the emits waiting for the lock) is held up by the whole call, so the caller splits a
+# long run into calls of at most this many, each with its own checkpoint.
+MAX_RETENTION_RECORDS: Final = 100
 DEFAULT_TIMEZONE: Final = ZoneInfo("Asia/Tokyo")  # the office's zone; ZoneInfo is immutable
 
 
@@ -391,6 +399,7 @@ class AuditLog:
         self._new_file_reason = _RESTART_IN_NEW_FILE  # why the next new live file is started
         self._file_day: date | None = None  # day of the live file's last record
         self._unsynced = False
+        self._defer_fsync = False  # record_retention: one fsync for the whole call
         self._rotation_retry_at = 0.0
 
     # ----------------------------------------------------------------- public API
@@ -446,38 +455,62 @@ class AuditLog:
 
         All under one hold of the lock: no other record, no rotation and no other checkpoint
         (count, interval) comes between the records and their ``reason="retention"``
-        checkpoint, which is what `verify_files` requires before it honours them. A rotation
-        that is due happens before the first record. Stops at the first note not written
-        (the checkpoint then signs those that were), and without a checkpoint if the live file
-        was moved or deleted meanwhile (the records would not be in one file with it). Never
-        raises for a failed write, whatever ``on_failure`` says: the caller removes files only
-        when `RetentionRecords.signed` is True and then only for the notes written. Unknown
-        fields raise (ValueError/TypeError) before anything is written.
+        checkpoint, which is what `verify_files` requires before it honours them. At most
+        `MAX_RETENTION_RECORDS` notes per call (more raise ValueError before anything is
+        written): the lock, and so every `emit`, waits for the whole call, so a long run is
+        split by the caller into calls that each get their own checkpoint. The records are not
+        fsynced one by one (even with ``fsync="always"``): the file is fsynced once, after the
+        checkpoint, and `RetentionRecords.signed` is True only if that fsync succeeded — the
+        records and their checkpoint are then on disk, and the caller may act on them.
+        A rotation that is due happens before the first record. Stops at the first note not
+        written (the checkpoint then signs those that were), and without a checkpoint if the
+        live file was moved or deleted meanwhile (the records would not be in one file with
+        it). Never raises for a failed write, whatever ``on_failure`` says: the caller removes
+        files only when `RetentionRecords.signed` is True and then only for the notes written.
+        Unknown fields raise (ValueError/TypeError) before anything is written.
         """
+        if len(notes) > MAX_RETENTION_RECORDS:
+            raise ValueError(f"record_retention writes at most {MAX_RETENTION_RECORDS} "
+                             f"records per call, got {len(notes)}")
         name = check_event_name(_RETENTION)
         cleaned = [normalize_fields(dict(note)) for note in notes]
         with self._lock:
             self._require_running()
             now = self._now()
             self._rotate_if_due(now)
-            written, error = 0, None
-            for fields in cleaned:
-                if written and self._starting_new_file():
-                    return RetentionRecords(written, False, f"the live file {self._path.name} "
-                                            "was moved or deleted while writing them")
-                try:
-                    self._write(name, fields, now)
-                except _AppendError as failed:
-                    self._note_write_failure(failed)
-                    error = f"audit.retention not written: {describe_os_error(failed.error)}"
-                    break
-                written += 1
-            if written == 0:
-                return RetentionRecords(0, False, error or "no records given")
-            if self._starting_new_file():
+            self._defer_fsync = True
+            try:
+                outcome = self._write_retention_locked(name, cleaned, now)
+            finally:
+                self._defer_fsync = False
+            if self._unsynced:
+                self._sync_locked()  # the records written, whatever the outcome
+            if outcome.signed and self._unsynced:
+                return RetentionRecords(outcome.written, False, "syncing the records to disk "
+                                        "failed: they may be lost in a crash")
+        return outcome
+
+    def _write_retention_locked(
+        self, name: str, cleaned: Sequence[Mapping[str, str | int]], now: datetime
+    ) -> RetentionRecords:
+        written, error = 0, None
+        for fields in cleaned:
+            if written and self._starting_new_file():
                 return RetentionRecords(written, False, f"the live file {self._path.name} "
                                         "was moved or deleted while writing them")
-            failed_checkpoint = self._checkpoint_locked(RETENTION_CHECKPOINT, now)
+            try:
+                self._write(name, fields, now)
+            except _AppendError as failed:
+                self._note_write_failure(failed)
+                error = f"audit.retention not written: {describe_os_error(failed.error)}"
+                break
+            written += 1
+        if written == 0:
+            return RetentionRecords(0, False, error or "no records given")
+        if self._starting_new_file():
+            return RetentionRecords(written, False, f"the live file {self._path.name} "
+                                    "was moved or deleted while writing them")
+        failed_checkpoint = self._checkpoint_locked(RETENTION_CHECKPOINT, now)
         if failed_checkpoint is not None:
             return RetentionRecords(written, False, "the checkpoint signing them failed: "
                                     f"{describe_os_error(failed_checkpoint.error)}")
@@ -733,14 +766,14 @@ class AuditLog:
                 # what it could not finish (an open or truncate that failed) is retried here.
                 self._ensure_open()
             self._write_all(data)
-            if self._fsync_mode == "always":
+            if self._fsync_mode == "always" and not self._defer_fsync:
                 assert self._fd is not None
                 os.fsync(self._fd)
         except OSError as exc:
             self._roll_back_partial_write()
             raise _AppendError(record["event"], record["seq"], exc) from exc
         self._size += len(data)
-        self._unsynced = self._fsync_mode == "interval"
+        self._unsynced = self._fsync_mode == "interval" or self._defer_fsync
         self._advance_chain(record)
         if self._metrics is not None:
             self._metrics.audit_event(record["event"])
@@ -915,10 +948,21 @@ class AuditLog:
             reason not in _SEALING_REASONS or self._last_reason == reason
         ):
             return None  # already covered
-        assert self._key is not None
+        if self._starting_new_file():
+            # The checkpoint would begin a new live file (the last one was rotated, moved or
+            # deleted): its header comes first, so the checkpoint signs up to the header.
+            try:
+                self._write_header(now)
+            except _AppendError as failed:
+                self._note_write_failure(failed)
+                return failed
+            if self._incident is not None:
+                self._write_recovery_note(now)  # why the new file (moved or deleted)
+        assert self._key is not None and reason in CHECKPOINT_REASONS
         ts = self._format_ts(now)
         signature = sign_checkpoint(
-            self._key, node=self._node, seq=self._last_seq, hash_hex=self._prev, ts=ts
+            self._key, node=self._node, seq=self._last_seq, hash_hex=self._prev, ts=ts,
+            reason=reason,
         )
         fields = {
             "covers_seq": self._last_seq,
