@@ -58,8 +58,7 @@ CHECKPOINT_DOMAIN: Final = b"gatewayd-audit-checkpoint-v2\n"
 LEGACY_CHECKPOINT_DOMAIN: Final = b"gatewayd-audit-checkpoint-v1\n"
 CHECKPOINT_VERSION: Final = 2
 LEGACY_CHECKPOINT_VERSION: Final = 1
-# Every reason the writer gives a checkpoint (writer.py). Only `signature_valid` without a
-# reason needs the list: it accepts a signature made for any of them.
+# Every reason the writer gives a checkpoint (writer.py asserts it signs no other).
 CHECKPOINT_REASONS: Final = frozenset(
     {"start", "interval", "count", "rotation", "close", "retention", "manual"}
 )
@@ -133,23 +132,14 @@ def checkpoint_signature_version(
 
 def signature_valid(
     public_key: Ed25519PublicKey, signature_b64: str, *, node: str, seq: int, hash_hex: str,
-    ts: str, reason: str | None = None,
+    ts: str, reason: str | None,
 ) -> bool:
-    """Whether the signature signs these checkpoint fields, in either version.
-
-    With ``reason``: exactly as `checkpoint_signature_version` (not None). Without it, for a
-    caller that only asks whether the records up to ``seq`` were signed, whatever kind of
-    checkpoint signed them: a version 2 signature made for any of `CHECKPOINT_REASONS` is
-    accepted too. Whoever gives a reason meaning (as `verify` does for retention) must pass
-    it, and use `checkpoint_signature_version` to tell a version 1 signature, which does not
-    sign it.
-    """
-    candidates = [reason] if reason is not None else sorted(CHECKPOINT_REASONS)
-    for candidate in candidates:
-        if checkpoint_signature_version(public_key, signature_b64, node=node, seq=seq,
-                                        hash_hex=hash_hex, ts=ts, reason=candidate) is not None:
-            return True
-    return False
+    """Whether the signature signs these checkpoint fields, in either version (as
+    `checkpoint_signature_version`; ``reason`` is the record's own, None when it has none).
+    Whoever gives the reason meaning (as `verify` does for retention) must also ask
+    `checkpoint_signature_version`: a version 1 signature does not sign it."""
+    return checkpoint_signature_version(public_key, signature_b64, node=node, seq=seq,
+                                        hash_hex=hash_hex, ts=ts, reason=reason) is not None
 
 
 def _pem(key: Ed25519PrivateKey) -> bytes:

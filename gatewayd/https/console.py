@@ -432,7 +432,8 @@ class ChainWatch:
             self._fail(f"checkpoint seq {seq}: signed by a key that is not the log's")
         elif not isinstance(covers, int) or not isinstance(covers_hash, str) or not (
                 signature_valid(key, str(record.get("sig")), node=str(record.get("node")),
-                                seq=covers, hash_hex=covers_hash, ts=str(record.get("ts")))):
+                                seq=covers, hash_hex=covers_hash, ts=str(record.get("ts")),
+                                reason=_text_or_none(record.get("reason")))):
             self._fail(f"checkpoint seq {seq}: the signature is not valid")
         elif self._prev_hash is not None and (covers_hash != self._prev_hash
                                               or covers != self._last_seq):
@@ -1004,3 +1005,7 @@ def _unaudited(request: web.Request) -> web.Response:
                    message="Reading the audit log must itself be recorded, and the record "
                            "could not be written. Nothing was shown.",
                    error="audit_unavailable")
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
