@@ -32,7 +32,7 @@ from ssh_harness import ASKPASS, SSH, TEST_SSH_SETTINGS, start_echo, write_ssh_k
 
 from gatewayd.identity.totp import SecretStore
 
-GRACE = 4.0  # gateway.shutdown_grace of the daemon under test, seconds
+GRACE = 6.0  # gateway.shutdown_grace of the daemon under test, seconds (2.5x the download)
 CHUNK = b"x" * 65536
 CHUNKS = 24  # the slow download: 1.5 MiB over about 2.4 s (well within the grace)
 CHUNK_PAUSE = 0.1
@@ -236,16 +236,17 @@ async def test_sigterm_drains_downloads_and_tunnels_then_exits_zero(daemon: Daem
         admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with admin, pytest.raises(OSError):
             admin.connect(str(daemon.tmp / "admin.sock"))
-        # The download in flight completes, every byte of it.
-        assert await asyncio.wait_for(download, GRACE + 10) == len(CHUNK) * CHUNKS
-        # The tunnel open at SIGTERM still carries data during the grace…
-        await asyncio.sleep(1.0)
+        # The tunnel open at SIGTERM still carries data during the grace (checked while the
+        # download is still running: a fixed pause after it raced the grace's end under load)…
         writer.write(b"during the grace")
         assert await asyncio.wait_for(reader.readexactly(16), 5) == b"during the grace"
+        assert time.monotonic() - stopped_at < GRACE
         # …but no new tunnel opens (ssh accepts locally, the gateway refuses the channel).
         late_reader, late_writer = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(late_reader.read(), 10) == b""
         late_writer.close()
+        # The download in flight completes, every byte of it.
+        assert await asyncio.wait_for(download, GRACE + 10) == len(CHUNK) * CHUNKS
         # Then the grace ends: the client is told why, and the process exits 0.
         assert ssh.stderr is not None
         errors = (await asyncio.wait_for(ssh.stderr.read(), GRACE + 10)).decode()
