@@ -39,6 +39,9 @@ picks both up:
    or published is logged once and tried again next round (sign-ins that need the shared
    list are refused meanwhile: ``state_unavailable``; with an unreadable local file the
    cluster's blocks are still enforced);
+   Each part of a round (1. to 5.) is guarded: one that fails, whatever the error, is logged and
+   the others still run (a hostile value in the shared list cannot stop the CRL, the
+   disable requests, the users-file refresh or the certificate auditing);
 5. certificates issued or revoked without an audit record yet get ``cert.issue`` /
    ``cert.revoke`` (from ``index.json`` beside the CRL, and the CRL itself, which is what the
    gateway enforces). The daemon cannot write into the CA directory, so which serials it has
@@ -54,9 +57,12 @@ owner — the daemon's user — even when root runs the command)::
                    "done": false}]}
 
 Writers hold an exclusive ``flock`` on ``user-disable.json.lock`` (the blocks file's writers
-too). The command holds it across its users-file edit, the block and the journal append, and
-the daemon reads the journal and the users file's signature under it: the daemon never sees
-the disabled account without the request that explains it, so those sessions end as
+too). The lock is created with ``O_EXCL`` and only a lock this call created is handed to the
+state directory's owner; an existing one must be a plain file with one link owned by that
+owner (or by a non-root caller): a root-owned file the daemon's account renamed to the
+lock's name is refused, never given away. The command holds it across its users-file edit,
+the block and the journal append, and the daemon reads the journal and the users file's
+signature under it: the daemon never sees the disabled account without the request that explains it, so those sessions end as
 ``user_disabled`` rather than ``directory_revoked``.
 
 Cert audit marks (``STATE_DIR/cert-audit.json``, ``0600``)::
@@ -101,7 +107,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -131,6 +137,7 @@ if TYPE_CHECKING:
     from gatewayd.identity.blocks import UserBlocks
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 WATCH_INTERVAL: Final = 1.0  # seconds; the promise to administrators is "within 5 seconds"
 JOURNAL_FILE: Final = "user-disable.json"
@@ -201,15 +208,17 @@ def read_state_file(path: Path) -> str:
         return handle.read().decode("utf-8")
 
 
-def _check_lock_file(path: Path, st: os.stat_result, owner: tuple[int, int] | None) -> None:
+def _check_lock_file(path: Path, st: os.stat_result, dir_uid: int) -> None:
     """Refuse a lock file that is not our own plain file (JournalError).
 
-    Root runs ``users disable`` in a directory the daemon's account owns, and hands the lock
-    file to that account: a hard link planted under the lock's name (to ``/etc/shadow``, say)
-    must not be given away. So: a regular file with one link, owned by the directory's
-    owner, by root, or by whoever runs this.
+    Root runs ``users disable`` in a directory the daemon's account owns: a hard link planted
+    under the lock's name (to ``/etc/shadow``, say), or a root-owned file that account
+    renamed to the lock's name, must not be used (nor given away). So: a regular file with
+    one link, owned by the state directory's owner — or by whoever runs this, unless that is
+    root in a directory root does not own (the daemon could not use a root-owned lock).
     """
-    allowed = {0, os.geteuid()} | ({owner[0]} if owner is not None else set())
+    euid = os.geteuid()
+    allowed = {dir_uid} if euid == 0 else {dir_uid, euid}
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in allowed:
         raise JournalError(f"refusing the lock {path}: not a plain file of the state "
                            "directory's owner with one link (remove it)")
@@ -260,17 +269,35 @@ class DisableJournal:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Never through a symlink, never blocking on a FIFO, never a terminal: the daemon's
         # account owns this directory and may have planted anything under the lock's name.
-        flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-                 | os.O_CLOEXEC)
+        # Only a lock file this call created is handed to the directory's owner (O_EXCL):
+        # an existing one is used only if it is already that owner's (`_check_lock_file`).
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd, created = -1, False
         try:
-            fd = os.open(self._lock_path, flags, 0o600)
+            for _ in range(3):  # removed between the two opens: create it after all
+                try:
+                    fd, created = os.open(self._lock_path, flags | os.O_CREAT | os.O_EXCL,
+                                          0o600), True
+                    break
+                except FileExistsError:
+                    pass
+                try:
+                    fd = os.open(self._lock_path, flags)
+                    break
+                except FileNotFoundError:
+                    continue
+            else:
+                raise OSError(f"{self._lock_path} keeps appearing and disappearing")
         except OSError as exc:
             raise JournalError(f"cannot open the lock {self._lock_path}: {exc}") from None
         try:
             owner = state_dir_owner(self.state_dir)
-            _check_lock_file(self._lock_path, os.fstat(fd), owner)
-            if owner is not None and os.fstat(fd).st_uid != owner[0]:
-                os.fchown(fd, *owner)  # a lock file root made must stay usable by the daemon
+            st = os.fstat(fd)
+            if created:
+                if owner is not None and st.st_uid != owner[0]:
+                    os.fchown(fd, *owner)  # a lock root made must stay usable by the daemon
+            else:
+                _check_lock_file(self._lock_path, st, self.state_dir.stat().st_uid)
             self._acquire(fd, wait)
             yield
         finally:
@@ -654,26 +681,46 @@ class EmergencyStop:
         async with self._round:
             return await self._check(force)
 
+    async def _part(self, name: str, work: Callable[[], Awaitable[_T]], default: _T) -> _T:
+        """One part of a round: whatever goes wrong in it (a bug, a hostile value in the
+        shared state) is logged and the round goes on — never skips the other parts."""
+        try:
+            return await work()
+        except Exception:
+            log.exception("emergency stop: %s failed; the rest of the round went on", name)
+            return default
+
     async def _check(self, force: bool) -> Outcome:
         polled = await asyncio.to_thread(self._poll, force)
         outcome = Outcome()
         if polled.index is not None:
             self._index, self._audit_due = polled.index, True
         if polled.crl is not None:
-            outcome.device_sessions = await self._apply_crl(polled.crl)
-        outcome.user_sessions = await self._stop_users(polled.pending)
+            crl = polled.crl
+            outcome.device_sessions = await self._part(
+                "the device CRL", lambda: self._apply_crl(crl), 0)
+        outcome.user_sessions = await self._part(
+            "disable requests", lambda: self._stop_users(polled.pending), 0)
         if self._blocks is not None:
-            outcome.blocked_sessions, outcome.enabled = await self._apply_blocks(self._blocks)
+            blocks = self._blocks
+            outcome.blocked_sessions, outcome.enabled = await self._part(
+                "user blocks", lambda: self._apply_blocks(blocks), (0, 0))
         if polled.users_signature != self._users_signature:
             first = self._users_signature is None
             self._users_signature = polled.users_signature
             if not first:
-                outcome.directory_sessions = await self._refresh_directory()
+                outcome.directory_sessions = await self._part(
+                    "the directory refresh", self._refresh_directory, 0)
         if self._audit_due:
-            outcome.audited = await self._audit_certificates()
-        self._audit_unrecorded_refusals()
-        if self._crl_info is not None:
-            self._warn_expiry(self._crl_info)  # at most daily while the list is close to lapsing
+            outcome.audited = await self._part(
+                "certificate auditing", self._audit_certificates, 0)
+
+        async def summaries() -> None:
+            self._audit_unrecorded_refusals()
+            if self._crl_info is not None:
+                self._warn_expiry(self._crl_info)  # at most daily while close to lapsing
+
+        await self._part("handshake-refusal summaries", summaries, None)
         if (outcome.device_sessions or outcome.user_sessions or outcome.directory_sessions
                 or outcome.blocked_sessions):
             log.warning("emergency stop ended sessions: %d of revoked devices, %d of disabled "
@@ -684,10 +731,14 @@ class EmergencyStop:
 
     def _poll(self, force: bool) -> _Polled:
         """Blocking part of a round: stat and, if changed, read the files."""
-        crl = self._poll_crl(force)
-        # The index after the CRL: `certs revoke` writes the index first, so the index read
-        # here always knows every serial of the CRL read above.
-        index = self._poll_index()
+        crl = index = None
+        try:
+            crl = self._poll_crl(force)
+            # The index after the CRL: `certs revoke` writes the index first, so the index
+            # read here always knows every serial of the CRL read above.
+            index = self._poll_index()
+        except Exception:  # the journal below must still be read
+            log.exception("emergency stop: cannot look at the device CRL or its index")
         pending: tuple[DisableRequest, ...] = ()
         users_signature = self._users_signature
         try:
@@ -809,6 +860,10 @@ class EmergencyStop:
         except (OSError, JournalError, StateUnavailable) as exc:
             self._report_once("blocks", f"cannot update the user blocks: {exc}")
             sync = None
+        except Exception as exc:  # whatever it is, the sessions below still end
+            log.exception("cannot update the user blocks")
+            self._report_once("blocks", f"cannot update the user blocks: {exc!r}")
+            sync = None
         # Whatever this node knows now, even when the shared list could not be read.
         victims = [s for s in self._sessions.sessions() if blocks.blocked_locally(s.user)]
         for session in victims:
@@ -825,12 +880,24 @@ class EmergencyStop:
                 log.error("audit write failed; user.enable for %s will be retried", lift.user)
                 continue
             done.append(lift.id)
+        superseded = []
         try:
-            await blocks.finish(done, sync, lambda: self._journal.locked(wait=LOCK_WAIT))
+            superseded = await blocks.finish(done, sync,
+                                             lambda: self._journal.locked(wait=LOCK_WAIT))
         except (OSError, TimeoutError, JournalError) as exc:
             # Published again next round (idempotent) and user.enable written once more.
             log.error("cannot update %s: %s", blocks.file.path, exc)
-        return len(victims), sum(1 for lift in sync.lifts if lift.id in done)
+        for lift in superseded:  # audited before it was tried: say that it lifted nothing
+            try:
+                self._emit("user.enable", user=lift.user, operator=lift.operator,
+                           reason=lift.reason, status="failure",
+                           error="superseded: the account was blocked again elsewhere after "
+                                 "the block this lift names; that newer block stays")
+            except AuditWriteError:
+                log.error("audit write failed; the superseded lift of %s is only logged",
+                          lift.user)
+        return len(victims), sum(1 for lift in sync.lifts if lift.id in done
+                                 and lift not in superseded)
 
     async def _audit_certificates(self) -> int:
         """cert.issue / cert.revoke for what the index and the CRL show and no record has."""

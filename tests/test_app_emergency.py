@@ -286,3 +286,87 @@ def test_state_files_planted_as_symlinks_or_fifos_are_not_read(tmp_path: Path,
     (state / name).unlink()
     os.mkfifo(state / name)
     assert disable_user(settings, "alice", reason="x", operator="root") == 1  # no hang
+
+
+def test_root_never_hands_over_a_root_owned_file_renamed_to_the_locks_name(
+        tmp_path: Path) -> None:
+    """Reviewer's probe: the daemon's account owns the state directory, so it can rename any
+    root-owned single-link file in it (a secret root left there) to the lock's name; the
+    next ``users disable`` as root chowned that file to the daemon's account."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a state directory of another account")
+    state, _ = planted_state_dir(tmp_path)
+    secret = state / "redis-password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    secret.rename(state / "user-disable.json.lock")  # what the daemon's account may do
+    lock = state / "user-disable.json.lock"
+    with pytest.raises(JournalError, match="refusing the lock"), \
+            DisableJournal(state).locked(wait=0.1):
+        pass
+    assert lock.stat().st_uid == 0 and stat.S_IMODE(lock.stat().st_mode) == 0o600
+    assert disable_user(settings_for(tmp_path, state), "alice", reason="x",
+                        operator="root") == 1
+    assert lock.stat().st_uid == 0
+    lock.unlink()  # removed: root creates its own and hands that one over
+    with DisableJournal(state).locked(wait=0.1):
+        pass
+    assert lock.stat().st_uid == state.stat().st_uid
+
+
+def test_users_disable_writes_the_request_even_when_the_blocks_file_is_broken(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The request that ends the sessions must not depend on the blocks file: a broken one
+    made ``users disable`` fail before the request was written."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "user-blocks.json").write_text("{not json")
+    settings = settings_for(tmp_path, state)
+    assert disable_user(settings, "alice", reason="x", operator="root") == 1
+    err = capsys.readouterr()
+    assert "NOT blocked by the gateway" in err.err and "ends alice's open sessions" in err.out
+    [request] = DisableJournal(state).requests()
+    assert (request.user, request.done) == ("alice", False)
+
+
+class _BrokenBlocks:
+    """A `UserBlocks` whose round raises what nobody expected (a hostile shared value)."""
+
+    file = type("F", (), {"path": Path("/nonexistent")})()
+
+    async def sync(self) -> object:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    def blocked_locally(self, name: str) -> bool:
+        return False
+
+
+async def test_one_failing_part_of_the_round_never_skips_the_others(tmp_path: Path) -> None:
+    users = tmp_path / "users.toml"
+    users.write_text(f"[users]\nalice = {{ password_hash = {HASH} }}\n")
+    settings = settings_from_mapping({"gateway": {"state_dir": str(tmp_path / "state")},
+                                      "directory": {"file": str(users)}})
+    registry = SessionRegistry(idle_timeout=60, absolute_timeout=600, max_concurrent=5,
+                               per_user=1, clock=lambda: 0.0, on_end=lambda s, r: None)
+    written: list[str] = []
+    refreshed: list[int] = []
+
+    def emit(event: str, /, **fields: object) -> object:
+        written.append(event)
+        return None
+
+    async def refresh() -> int:
+        refreshed.append(1)
+        raise RuntimeError("directory refresh broke too")
+
+    stop = EmergencyStop(settings, registry, emit=emit, refresh_directory=refresh,
+                         blocks=_BrokenBlocks())  # type: ignore[arg-type]
+    await stop.check()
+    users.write_text(users.read_text() + "# changed\n")
+    os.utime(users, ns=(1, 1))
+    journal = DisableJournal(settings.gateway.state_dir)
+    with journal.locked():
+        journal.add("dave", operator="admin1", reason="left")
+    await stop.check()  # the blocks part raises RecursionError: the rest still runs
+    assert refreshed == [1] and written == ["user.disable"]
+    assert journal.requests()[0].done

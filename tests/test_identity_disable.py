@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import stat
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +27,9 @@ from gatewayd.cli import main
 from gatewayd.emergency import DisableJournal, JournalError
 from gatewayd.identity.blocks import (
     Action,
+    Block,
     BlockFile,
+    BlockState,
     RedisBlocks,
     Sync,
     UserBlocks,
@@ -254,6 +257,7 @@ class Node:
         self.state = state
         self.blocks = UserBlocks(state_dir, RedisBlocks(state) if state is not None else None)
         self.audited: list[str] = []
+        self.superseded: list[str] = []
 
     def restarted(self) -> Node:
         node = Node(self.dir, self.state)
@@ -272,7 +276,9 @@ class Node:
         if audit:
             self.audited += [lift.user for lift in sync.lifts]
             done += lifts
-        await self.blocks.finish(done, sync, lambda: DisableJournal(self.dir).locked(wait=2))
+        superseded = await self.blocks.finish(
+            done, sync, lambda: DisableJournal(self.dir).locked(wait=2))
+        self.superseded += [lift.user for lift in superseded]
         return sync
 
     def file(self) -> list[str]:
@@ -346,7 +352,10 @@ async def test_a_stale_lift_does_not_undo_a_newer_block(shared: tuple[Node, Node
     assert BlockFile(b.dir).read().changes[-1].done  # not re-applied every round
 
 
-async def test_an_old_block_does_not_undo_a_newer_lift(shared: tuple[Node, Node]) -> None:
+async def test_a_block_always_wins_over_a_lift_that_does_not_name_it(
+        shared: tuple[Node, Node]) -> None:
+    """A block made on B while its daemon was down, published after A lifted A's own block:
+    the lift named A's block, not B's — B's block is in force (fail closed, no clocks)."""
     a, b = shared
     b.command("block", "carol", T0)  # B's daemon is down
     a.command("block", "carol", T0 + timedelta(minutes=1))
@@ -355,8 +364,46 @@ async def test_an_old_block_does_not_undo_a_newer_lift(shared: tuple[Node, Node]
     await a.round()
     await b.round()
     await a.round()
+    assert await a.blocks.blocked("carol") and await b.blocks.blocked("carol")
+    assert (a.file(), b.file()) == (["carol"], ["carol"])
+    b.command("lift", "carol", T0 + timedelta(minutes=3))  # names B's block: lifts it
+    await b.round()
+    await a.round()
     assert not await a.blocks.blocked("carol") and not await b.blocks.blocked("carol")
     assert (a.file(), b.file()) == ([], [])
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=10), -timedelta(minutes=10)])
+async def test_skewed_clocks_cannot_make_a_lift_defeat_a_later_block(
+        shared: tuple[Node, Node], skew: timedelta, caplog: pytest.LogCaptureFixture) -> None:
+    """Reviewer's probe: node B's clock is 10 minutes fast; B lifts alice, one real minute
+    later A blocks her again (laptop stolen). Changes were ordered by each node's clock: the
+    block was 'older', not written, and alice was unblocked everywhere (fail open)."""
+    a, b = shared
+    a.command("block", "alice", T0)
+    await a.round()
+    await b.round()
+    b.command("lift", "alice", T0 + timedelta(minutes=1) + skew)
+    await b.round()
+    assert not await b.blocks.blocked("alice")
+    a.command("block", "alice", T0 + timedelta(minutes=2))  # later in real time
+    await a.round()
+    await b.round()
+    await a.round()
+    assert await a.blocks.blocked("alice") and await b.blocks.blocked("alice")
+    assert (a.file(), b.file()) == (["alice"], ["alice"])
+    # A stale lift (B's daemon down, it still knows the lifted-then-renewed block's old id)
+    # names an older block: superseded, whatever its time; audited and logged as such.
+    c = Node(b.dir.parent / "c", b.state)
+    with DisableJournal(c.dir).locked(wait=2):
+        BlockFile(c.dir).write(BlockState((Block("alice", "x", "admin", None, "0" * 16),), ()))
+    c.command("lift", "alice", T0 + timedelta(days=365))
+    sync = await c.round()
+    assert [lift.user for lift in sync.lifts] == ["alice"]
+    assert c.superseded == ["alice"] and "superseded" in caplog.text
+    await a.round()
+    assert await a.blocks.blocked("alice") and await c.blocks.blocked("alice")
+    assert c.file() == ["alice"]
 
 
 async def test_a_lift_is_kept_as_a_tombstone_so_a_stale_file_cannot_resurrect_it(
@@ -408,6 +455,69 @@ async def test_a_corrupt_local_file_does_not_stop_enforcing_the_shared_list(
     with pytest.raises(JournalError, match="enforcing the shared list"):
         await b.round()
     assert b.blocks.blocked_locally("frank")  # its sessions on B end
+
+
+async def hset(redis: RedisServer, field: str, value: str) -> None:
+    admin = Redis.from_url(redis.url)
+    try:
+        await admin.hset("gw:user-blocks", field, value)
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize(("field", "value", "blocked"), [
+    ("", "garbage", None),
+    ("\x01", "garbage", None),
+    ("Mallory", "garbage", None),  # not a block key: no sign-in is ever checked against it
+    ("mallory", json.dumps({"state": "block", "user": "", "at": "x", "id": "",
+                            "operator": "o", "reason": None}), "mallory"),
+    ("mallory", json.dumps({"state": "block", "user": "eve", "at": "x", "id": "i",
+                            "operator": "o", "reason": None}), "mallory"),
+    ("mallory", "garbage", "mallory"),
+])
+async def test_a_bad_value_in_the_hash_never_makes_the_blocks_file_unreadable(
+        shared: tuple[Node, Node], redis: RedisServer, field: str, value: str,
+        blocked: str | None) -> None:
+    """Reviewer's probe: a field with no usable key, or a value whose user is '', was mirrored
+    into every node's file as a block that file cannot read back: every later round failed,
+    and ``users disable`` failed on every node."""
+    a, _ = shared
+    await a.round()
+    await hset(redis, field, value)
+    await a.round()
+    assert a.file() == ([blocked] if blocked else [])  # readable; the field is the account
+    a.command("block", "victim", T0)  # users disable still works
+    await a.round()
+    assert await a.blocks.blocked("victim")
+    assert sorted(a.file()) == sorted(["victim", *([blocked] if blocked else [])])
+    if blocked:
+        assert await a.blocks.blocked(blocked)
+
+
+def test_a_block_no_sign_in_can_match_is_never_written_and_skipped_on_reading(
+        tmp_path: Path) -> None:
+    blocks = BlockFile(tmp_path)
+    blocks.write(BlockState((Block("", "x", "o", None), Block("bob", "x", "o", None, "i")), ()))
+    assert [b.user for b in blocks.read().blocked] == ["bob"]
+    blocks.path.write_text(json.dumps({  # written so by an earlier version: still readable
+        "format": "gatewayd-user-blocks-v1", "changes": [],
+        "blocked": [{"user": "\x01", "since": "x", "operator": "o", "reason": None},
+                    {"user": "bob", "since": "x", "operator": "o", "reason": None}]}))
+    assert [b.user for b in blocks.read().blocked] == ["bob"]
+
+
+async def test_a_deeply_nested_value_fails_closed_instead_of_raising(
+        shared: tuple[Node, Node], redis: RedisServer) -> None:
+    """Reviewer's probe: ``'[' * 200000`` made json.loads raise RecursionError, uncaught by
+    sync (every round, every node) and by the sign-in check."""
+    a, _ = shared
+    await hset(redis, "zed", "[" * 200_000)
+    await hset(redis, "yan", "[" * 500 + "]" * 500)
+    await a.round()
+    assert await a.blocks.blocked("zed") and await a.blocks.blocked("yan")
+    assert sorted(a.file()) == ["yan", "zed"]
+    fresh = Node(a.dir.parent / "c", a.state)
+    assert await fresh.blocks.blocked("zed")
 
 
 async def test_the_documented_acl_user_may_keep_the_shared_list(

@@ -13,10 +13,14 @@ that ``users disable`` records the block and the disable request as one step::
 
     {"format": "gatewayd-user-blocks-v1",
      "blocked": [{"user": "alice", "since": "2026-11-27T08:10:56.021374Z",
-                  "operator": "admin1 (sudo as root)", "reason": "laptop stolen"}],
+                  "operator": "admin1 (sudo as root)", "reason": "laptop stolen",
+                  "id": "<16 hex: the block command in force>"}],
      "changes": [{"id": "<16 hex>", "action": "block" | "lift", "user": "alice",
                   "operator": "…", "at": "2026-11-27T08:10:56.021374Z", "reason": "…",
-                  "done": false}]}
+                  "done": false, "lifts": "<id of the block lifted; lifts only>"}]}
+
+A block in ``blocked`` whose name no sign-in can match is skipped when the file is read and
+never written (it blocks nobody; it must not make the file unreadable).
 
 ``blocked`` is what the node enforces (``users disable`` adds to it at once, so a restarted
 single node enforces a block from its first login); ``changes`` are the commands' requests
@@ -31,13 +35,21 @@ last one decides.
 
 **Several nodes** (``state.backend = "redis"``): the Redis hash ``<key_prefix>user-blocks``
 is the cluster's list. Field: the block key; value: the newest command for that account as
-JSON, ``{"state": "block" | "lift", "user", "at", "id", "operator", "reason"}`` — a lift is
-kept as a tombstone, never deleted. A change is written only when it is newer than the
-stored record (``at``, to the microsecond; then a block before a lift of the same time,
-then ``id``; one Lua
-script of HGET/HSET, compare-and-set): a lift recorded on a node whose gateway was down, and
-published when it comes back, does not undo a newer block made elsewhere meanwhile (it is
-audited, and logged as superseded). Times are the nodes' clocks: keep them in sync (NTP).
+JSON, ``{"state": "block" | "lift", "user", "at", "id", "operator", "reason"}`` (a lift also
+``"lifts"``: the id of the block it lifted) — a lift is kept as a tombstone, never deleted.
+No clock orders a block against a lift (one Lua script of HGET/HSET, compare-and-set): a
+lift names the block it lifts (the id in this node's file when ``users enable`` ran) and is
+written only over that very block (or an empty field); a block is written over any other
+block and any lift — except a lift of that same block (a re-sent block does not come back).
+So a block always wins over a lift that did not name it: a lift recorded on a node whose
+gateway was down, or that had not yet mirrored a newer block, lifts nothing (it is audited
+as ``user.enable`` and then again with status ``failure``, ``error`` "superseded", and
+logged); lift again. Nodes' clocks do not matter.
+
+Each field must be a `block_key` (what sign-ins are checked against): other fields are not
+gatewayd's and are ignored (logged). A value that cannot be read — longer than `MAX_VALUE`,
+not JSON, nested too deep, wrong types — is a block of its field (fail closed); the account
+is always the field, the value's ``user`` only its spelling.
 
 Each round a node publishes its pending blocks, then every block of its own file that the
 hash has no record of at all (neither block nor lift): after a Redis restart without
@@ -70,8 +82,9 @@ and ``TOKYO\\alice`` are one block. Both the name as typed and the directory's s
 the account are compared.
 
 **Files root writes.** ``users disable|enable`` usually run as root in a directory the
-daemon's account owns: the lock is opened without following a symlink and handed to that
-account only when it is its own plain file with one link (`gatewayd.emergency`), and the
+daemon's account owns: the lock is opened without following a symlink, handed to that
+account only when this run created it, and an existing one is used only when it is that
+account's plain file with one link (`gatewayd.emergency`); the
 files are replaced through a new temporary file (``O_EXCL | O_NOFOLLOW``, `atomic_write`), so
 nothing the daemon's account planted under these names is written through or given away.
 """
@@ -84,7 +97,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast
@@ -133,12 +146,14 @@ def shown(at: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """One blocked account."""
+    """One blocked account; ``id`` names the block command in force (what a lift names;
+    ``""`` for a block recorded before blocks had ids)."""
 
     user: str
     since: str
     operator: str
     reason: str | None
+    id: str = ""
 
     @property
     def key(self) -> str:
@@ -146,12 +161,16 @@ class Block:
 
     def to_json(self) -> dict[str, object]:
         return {"user": self.user, "since": self.since, "operator": self.operator,
-                "reason": self.reason}
+                "reason": self.reason, "id": self.id}
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One ``users disable`` / ``users enable`` for the running gateway to publish (and audit)."""
+    """One ``users disable`` / ``users enable`` for the running gateway to publish (and audit).
+
+    A lift names the block it lifts (``lifts``: that block's id, as this node's file knew it
+    when the command ran); a block's own ``id`` is what a later lift names.
+    """
 
     id: str
     action: Action
@@ -160,31 +179,49 @@ class Change:
     at: str
     reason: str | None
     done: bool
+    lifts: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "action": self.action, "user": self.user,
-                "operator": self.operator, "at": self.at, "reason": self.reason,
-                "done": self.done}
+        data: dict[str, object] = {
+            "id": self.id, "action": self.action, "user": self.user, "operator": self.operator,
+            "at": self.at, "reason": self.reason, "done": self.done}
+        if self.action == "lift":
+            data["lifts"] = self.lifts or ""
+        return data
+
+    def marked(self, done: bool) -> Change:
+        return Change(self.id, self.action, self.user, self.operator, self.at, self.reason,
+                      done, self.lifts)
 
 
 def _block(item: object, where: str) -> Block:
     if isinstance(item, dict):
         texts = [item.get(k) for k in ("user", "since", "operator")]
-        reason = item.get("reason")
+        reason, id_ = item.get("reason"), item.get("id", "")
         if all(isinstance(t, str) for t in texts) and (reason is None or isinstance(reason, str)) \
-                and block_key(str(texts[0])) is not None:
-            return Block(str(texts[0]), str(texts[1]), str(texts[2]), reason)
+                and isinstance(id_, str) and block_key(str(texts[0])) is not None:
+            return Block(str(texts[0]), str(texts[1]), str(texts[2]), reason, id_)
     raise JournalError(f"{where}: malformed block")
+
+
+def _unusable_block(item: object) -> bool:
+    """Whether a blocks-file entry is well formed but names no account a sign-in can match
+    (skipped on reading: it blocks nobody, and must not make the whole file unreadable)."""
+    return isinstance(item, dict) and isinstance(item.get("user"), str) \
+        and block_key(item["user"]) is None
 
 
 def _change(item: object, where: str) -> Change:
     if isinstance(item, dict):
         texts = [item.get(k) for k in ("id", "user", "operator", "at")]
         action, reason, done = item.get("action"), item.get("reason"), item.get("done")
+        lifts = item.get("lifts", "" if action == "lift" else None)
         if all(isinstance(t, str) for t in texts) and action in ("block", "lift") \
-                and (reason is None or isinstance(reason, str)) and isinstance(done, bool):
+                and (reason is None or isinstance(reason, str)) and isinstance(done, bool) \
+                and (lifts is None or isinstance(lifts, str)):
             return Change(str(texts[0]), "block" if action == "block" else "lift",
-                          str(texts[1]), str(texts[2]), str(texts[3]), reason, done)
+                          str(texts[1]), str(texts[2]), str(texts[3]), reason, done,
+                          lifts if action == "lift" else None)
     raise JournalError(f"{where}: malformed change")
 
 
@@ -205,7 +242,12 @@ def _apply(blocked: dict[str, Block], change: Change) -> None:
     if key is None:
         return
     if change.action == "block":
-        blocked.setdefault(key, Block(change.user, change.at, change.operator, change.reason))
+        # A block of an account already blocked keeps its "since" but takes the new
+        # command's id: that block is the one published, so the one a later lift must name.
+        old = blocked.get(key)
+        blocked[key] = (Block(change.user, change.at, change.operator, change.reason, change.id)
+                        if old is None else
+                        Block(old.user, old.since, old.operator, old.reason, change.id))
     else:
         blocked.pop(key, None)
 
@@ -233,16 +275,30 @@ class BlockFile:
                 or not isinstance(data.get("blocked"), list) \
                 or not isinstance(data.get("changes"), list):
             raise JournalError(f"{self.path} is not a {BLOCKS_FORMAT} file")
+        unusable = [b for b in data["blocked"] if _unusable_block(b)]
+        if unusable:
+            log.warning("%s: ignoring %d block(s) of a name no sign-in can match: %s",
+                        self.path, len(unusable), ", ".join(repr(b["user"]) for b in unusable))
         return BlockState(
-            tuple(_block(b, f"{self.path}: blocked[{i}]") for i, b in enumerate(data["blocked"])),
+            tuple(_block(b, f"{self.path}: blocked[{i}]") for i, b in enumerate(data["blocked"])
+                  if not _unusable_block(b)),
             tuple(_change(c, f"{self.path}: changes[{i}]")
                   for i, c in enumerate(data["changes"])))
 
     def write(self, state: BlockState) -> None:
+        """Replace the file with ``state``. Every block is checked as `read` checks it first:
+        one that would not read back (a name no sign-in can match) is left out and logged,
+        so the file never becomes unreadable."""
+        blocked = []
+        for block in sorted(state.blocked, key=lambda b: b.key):
+            try:
+                blocked.append(_block(block.to_json(), str(self.path)).to_json())
+            except JournalError:
+                log.error("%s: not writing a block of %r: no sign-in can match that name",
+                          self.path, block.user)
         finished = [c for c in state.changes if c.done][-KEEP_DONE:]
         changes = [c for c in state.changes if not c.done or c in finished]
-        data = {"format": BLOCKS_FORMAT,
-                "blocked": [b.to_json() for b in sorted(state.blocked, key=lambda b: b.key)],
+        data = {"format": BLOCKS_FORMAT, "blocked": blocked,
                 "changes": [c.to_json() for c in changes]}
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -252,10 +308,13 @@ class BlockFile:
     def record(self, action: Action, user: str, *, operator: str, reason: str | None,
                now: datetime | None = None) -> tuple[Block | None, Change]:
         """Block or lift ``user`` now and leave the change for the gateway (caller holds the
-        lock). Returns the block that was in force before (None: there was none)."""
+        lock). Returns the block that was in force before (None: there was none). A lift
+        names that block (its id): it lifts that block and no other."""
         state = self.read()
         before = state.find(user)
-        change = Change(secrets.token_hex(8), action, user, operator, _utc(now), reason, False)
+        lifts = (before.id if before is not None else "") if action == "lift" else None
+        change = Change(secrets.token_hex(8), action, user, operator, _utc(now), reason, False,
+                        lifts)
         blocked = {b.key: b for b in state.blocked}
         _apply(blocked, change)
         self.write(BlockState(tuple(blocked.values()), (*state.changes, change)))
@@ -267,7 +326,8 @@ class BlockFile:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One field of the shared hash: the newest ``block`` or ``lift`` of an account.
+    """One field of the shared hash: the account's block in force, or the lift of its last
+    block (``lifts``: that block's id).
 
     A lift stays as a tombstone (never deleted): a node that missed it must not publish the
     block again as "lost" (see the module docstring).
@@ -279,94 +339,128 @@ class Record:
     id: str
     operator: str
     reason: str | None
+    lifts: str | None = None
 
     @classmethod
     def of(cls, change: Change) -> Record:
         return cls(change.action, change.user, change.at, change.id, change.operator,
-                   change.reason)
+                   change.reason, (change.lifts or "") if change.action == "lift" else None)
 
     @classmethod
     def restored(cls, block: Block) -> Record:
-        return cls("block", block.user, block.since, "", block.operator, block.reason)
+        return cls("block", block.user, block.since, block.id, block.operator, block.reason)
 
     def block(self) -> Block:
-        return Block(self.user, self.at, self.operator, self.reason)
+        return Block(self.user, self.at, self.operator, self.reason, self.id)
 
     def to_json(self) -> str:
-        return json.dumps({"state": self.state, "user": self.user, "at": self.at,
-                           "id": self.id, "operator": self.operator, "reason": self.reason},
-                          ensure_ascii=False, sort_keys=True)
+        data: dict[str, object] = {
+            "state": self.state, "user": self.user, "at": self.at, "id": self.id,
+            "operator": self.operator, "reason": self.reason}
+        if self.state == "lift":
+            data["lifts"] = self.lifts or ""
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
 
-def _record(field: object, value: object, where: str) -> Record:
-    """A stored value; an older bare block record counts as a block; an unreadable one as a
-    block of its field (someone else's value under our prefix: fail closed)."""
+MAX_VALUE: Final = 65_536  # bytes of a stored value parsed; a longer one counts as a block
+
+
+def field_key(field: object) -> str | None:
+    """The account a field of the hash is about, or None when no sign-in can ever be checked
+    against it (every key written is a `block_key`: anything else is not ours)."""
+    key = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
     try:
-        data = json.loads(cast(Any, value))
+        return key if block_key(key) == key else None
+    except Exception:  # a name lookup_key cannot handle is no key of ours either
+        return None
+
+
+def _record(key: str, value: object) -> Record:
+    """The stored value of field ``key`` (a `field_key`). An older bare block record counts
+    as a block; anything unreadable — too long, not JSON, nested too deep, wrong types — as
+    a block of ``key`` (someone else's value under our prefix: fail closed). The account is
+    always ``key``: the value's own ``user`` is kept only as its spelling of that key."""
+    try:
+        if not isinstance(value, (bytes, str)) or len(value) > MAX_VALUE:
+            raise ValueError("not a short text")
+        data = json.loads(value)
         if isinstance(data, dict) and data.get("state") in ("block", "lift"):
             texts = [data.get(k) for k in ("user", "at", "id", "operator")]
             reason = data.get("reason")
-            if all(isinstance(t, str) for t in texts) and (reason is None
-                                                           or isinstance(reason, str)):
-                return Record("lift" if data["state"] == "lift" else "block", str(texts[0]),
-                              str(texts[1]), str(texts[2]), str(texts[3]), reason)
-        return Record.restored(_block(data, where))
-    except (JournalError, ValueError, TypeError):
-        key = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
+            lifts = data.get("lifts") if data["state"] == "lift" else None
+            if not (all(isinstance(t, str) for t in texts)
+                    and (reason is None or isinstance(reason, str))
+                    and (lifts is None or isinstance(lifts, str))):
+                raise ValueError("malformed record")
+            record = Record("lift" if data["state"] == "lift" else "block", str(texts[0]),
+                            str(texts[1]), str(texts[2]), str(texts[3]), reason, lifts)
+        else:
+            record = Record.restored(_block(data, key))
+        if block_key(record.user) != key:
+            record = replace(record, user=key)
+        return record
+    except Exception:  # any unreadable value blocks (RecursionError too)
         return Record("block", key, "", "", "?", "unreadable record in the shared state")
 
 
-# KEYS[1]: the hash. ARGV: groups of (mode, field, value, at, rank, id); mode "cas" writes
-# when (at, rank, id) is newer than the stored record's (rank: block 1, lift 0 — at one
-# second a block wins), "absent" only when the field does not exist. Returns per group
-# 2 (written), 1 (not written: this record, or a newer one of the same state, is there) or
-# 0 (a newer record of the other state stays).
+# KEYS[1]: the hash. ARGV: groups of (mode, field, value, id, lifts). Nothing is ordered by
+# time: a block names itself (id), a lift names the block it lifts (lifts).
+#   "block"   writes unless the field holds this block already, or a lift of this very block
+#             (it was lifted: a re-sent block must not come back); overwrites any other lift
+#             and any other block (the newest block command is the one a lift must name).
+#   "restore" writes only when the field does not exist.
+#   "lift"    writes when the field holds the block it names (or nothing: a tombstone, so a
+#             node's stale file cannot restore that block); not over another block.
+# An unreadable stored value counts as a block with id "". Returns per group 2 (written),
+# 1 (not written: in effect already — this record, or for a lift: no block there) or
+# 0 (not written: a block already lifted; a lift of a block that is no longer the one in
+# force — superseded).
 _PUBLISH: Final = """
 local out = {}
-for i = 1, #ARGV, 6 do
-  local mode, field, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local at, rank, id = ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
+for i = 1, #ARGV, 5 do
+  local mode, field, value, id, lifts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+    ARGV[i + 4]
   local current = redis.call('HGET', KEYS[1], field)
-  local write, crank = false, 1
+  local cstate, cid, clifts = 'block', '', nil
   if current then
     local ok, rec = pcall(cjson.decode, current)
-    if ok and type(rec) == 'table' and rec['state'] == 'lift' then crank = 0 end
-    if current == value then
-      write = false
-    elseif mode == 'cas' then
-      if ok and type(rec) == 'table' then
-        local cat = rec['at']
-        if cat == nil then cat = rec['since'] end
-        local cid = rec['id']
-        if cid == nil then cid = '' end
-        if type(cat) ~= 'string' or type(cid) ~= 'string' then
-          write = true
-        elseif at ~= cat then
-          write = at > cat
-        elseif rank ~= crank then
-          write = rank > crank
-        else
-          write = id > cid
-        end
-      else
-        write = true
+    if ok and type(rec) == 'table' then
+      if type(rec['id']) == 'string' then cid = rec['id'] end
+      if rec['state'] == 'lift' then
+        cstate = 'lift'
+        if type(rec['lifts']) == 'string' then clifts = rec['lifts'] end
       end
     end
-  else
-    write = true
   end
-  if write then
-    redis.call('HSET', KEYS[1], field, value)
-    out[#out + 1] = 2
-  elseif current == value or crank == rank then
-    out[#out + 1] = 1
+  local result
+  if not current then
+    result = 2
+  elseif current == value then
+    result = 1
+  elseif mode == 'block' then
+    if cstate == 'lift' and clifts == id then
+      result = 0
+    elseif cstate == 'block' and cid == id then
+      result = 1
+    else
+      result = 2
+    end
+  elseif mode == 'lift' then
+    if cstate == 'lift' then
+      result = 1
+    elseif cid == lifts then
+      result = 2
+    else
+      result = 0
+    end
   else
-    out[#out + 1] = 0
+    result = 1
   end
+  if result == 2 then redis.call('HSET', KEYS[1], field, value) end
+  out[#out + 1] = result
 end
 return out
 """
-
 
 class SharedBlocks(Protocol):
     """The cluster's list of blocks (every method raises StateUnavailable when it cannot)."""
@@ -387,6 +481,7 @@ class RedisBlocks:
         self._state = state
         self._name = state.key_prefix + SHARED_KEY
         self._publish = state.client.register_script(_PUBLISH)
+        self._ignored: set[str] = set()  # foreign fields of the hash, logged once
 
     async def any_of(self, keys: Sequence[str]) -> bool:
         if not keys:
@@ -395,21 +490,20 @@ class RedisBlocks:
 
         found = await self._state.run(lambda: cast(
             Awaitable[list[Any]], client.hmget(name, list(keys))), "blocks")
-        return any(value is not None and _record(key, value, name).state == "block"
+        return any(value is not None and _record(key, value).state == "block"
                    for key, value in zip(keys, found, strict=True))
 
     async def publish(self, changes: Sequence[Change],
                       restore: Sequence[Block] = ()) -> list[int]:
-        """Write each change unless the hash holds a newer one (2 written, 1 in effect already,
-        0 superseded by the other state), then each of ``restore`` where the hash has nothing
-        for its key."""
+        """Write each change by the rules of `_PUBLISH` (2 written, 1 in effect already,
+        0 not written: a block lifted already, or a lift of a block no longer in force), then
+        each of ``restore`` where the hash has nothing for its key (2 written, else 1)."""
         args: list[str] = []
         for mode, key, record in [
-                *(("cas", block_key(c.user), Record.of(c)) for c in changes),
-                *(("absent", b.key, Record.restored(b)) for b in restore)]:
+                *((c.action, block_key(c.user), Record.of(c)) for c in changes),
+                *(("restore", b.key, Record.restored(b)) for b in restore)]:
             # An unusable name (None) goes to a field no check ever asks for.
-            args += [mode, key or "", record.to_json(), record.at,
-                     "1" if record.state == "block" else "0", record.id]
+            args += [mode, key or "", record.to_json(), record.id, record.lifts or ""]
         if not args:
             return []
         script, name = self._publish, self._name
@@ -423,9 +517,18 @@ class RedisBlocks:
         raw = await self._state.run(lambda: cast(
             Awaitable[dict[Any, Any]], client.hgetall(name)), "blocks")
         records: dict[str, Record] = {}
+        ignored: list[str] = []
         for field, value in raw.items():
-            key = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
-            records[key] = _record(field, value, f"redis {name}")
+            key = field_key(field)
+            if key is None:
+                ignored.append(repr(field))
+            else:
+                records[key] = _record(key, value)
+        if ignored and set(ignored) != self._ignored:
+            log.warning("redis %s: ignoring %d field(s) that are no account name a sign-in "
+                        "is checked against (not written by gatewayd; remove them): %s",
+                        name, len(ignored), ", ".join(sorted(ignored)[:20]))
+        self._ignored = set(ignored)
         return records
 
 
@@ -530,15 +633,18 @@ class UserBlocks:
                     tuple(c for c in last.values() if c.action == "lift"))
 
     async def finish(self, done: Iterable[str], sync: Sync,
-                     locked: Callable[[], AbstractContextManager[object]]) -> None:
+                     locked: Callable[[], AbstractContextManager[object]]) -> list[Change]:
         """Publish the audited lifts, mark ``done`` changes done and (with Redis) mirror the
-        cluster's list into the file.
+        cluster's list into the file. Returns the lifts that were superseded: each names a
+        block that is no longer the one in force (the account was blocked again elsewhere
+        since this node's file last knew it), so it lifted nothing; they are done too.
 
         ``locked`` is the disable journal's lock (a context manager factory, blocking). A lift
         that cannot be published stays pending (audited again next round).
         """
         ids = set(done)
         lifted: set[str] = set()  # keys whose lift is now in force everywhere
+        superseded: list[Change] = []
         publish = [c for c in sync.effective if c.id in ids]
         if self.shared is not None and publish:
             try:
@@ -552,16 +658,18 @@ class UserBlocks:
                     if result:
                         lifted.add(block_key(change.user) or change.user)
                     else:
-                        log.warning("the lift of %s (%s, %s) came after a newer block of the "
-                                    "account elsewhere: the block stays", change.user,
-                                    change.operator, change.at)
+                        superseded.append(change)
+                        log.warning("the lift of %s (%s, %s) names block %s, which is no "
+                                    "longer the one in force (blocked again elsewhere since "
+                                    "this node last read the list): superseded, the block "
+                                    "stays — lift it again if it must go", change.user,
+                                    change.operator, change.at, change.lifts or "(no id)")
         mirror = self.shared is not None
 
         def work() -> None:
             with locked():
                 state = self.file.read()
-                changes = tuple(Change(c.id, c.action, c.user, c.operator, c.at, c.reason,
-                                       c.done or c.id in ids) for c in state.changes)
+                changes = tuple(c.marked(c.done or c.id in ids) for c in state.changes)
                 if mirror:
                     # The cluster's list, less the lifts just published, plus whatever the
                     # commands changed since (a pending lift leaves the file at once).
@@ -577,15 +685,15 @@ class UserBlocks:
                 self._local = frozenset(b.key for b in new.blocked) | _pending(changes)[1]
 
         await asyncio.to_thread(work)
+        return superseded
 
 
 def _report(changes: Sequence[Change], results: Sequence[int], restored: Sequence[Block],
             restore_results: Sequence[int]) -> None:
     for change, result in zip(changes, results, strict=True):
         if not result:
-            log.warning("the block of %s (%s, %s) came before a newer lift of the account "
-                        "elsewhere: it is not in force", change.user, change.operator,
-                        change.at)
+            log.warning("the block of %s (%s, %s) was lifted already (a lift naming this very "
+                        "block): it is not in force", change.user, change.operator, change.at)
     again = [b.user for b, result in zip(restored, restore_results, strict=True) if result == 2]
     if again:
         log.warning("published %d block(s) of this node's file the shared state lacked "

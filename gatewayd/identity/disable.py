@@ -13,6 +13,10 @@
     atomically, keeping its owner, group and mode, and every other line as it was (comments
     included). The two layers are independent: either one keeps USER out.
 
+    The disable request (which ends the sessions) and the block are written independently:
+    a blocks file that cannot be read does not stop the request (exit 1, saying USER is not
+    blocked), nor a broken journal the block (exit 1).
+
     Other backends (LDAP / Active Directory): gatewayd cannot disable the account in the
     directory; the gateway's block keeps USER out of this gateway meanwhile, and the command
     reminds the administrator to disable the account in the directory too. The name is
@@ -26,7 +30,10 @@
     directory, nor the users file: with the file backend, a ``disabled = true`` set by
     ``users disable`` (or by hand) stays until the administrator sets ``disabled = false``
     — the command says so.
-    Refused (exit 1) when USER is not blocked.
+    Refused (exit 1) when USER is not blocked. The lift names the block this node's list
+    shows (its id): with Redis, if USER was blocked again through another node that this
+    node has not heard of yet, that newer block stays (fail closed; the lift is logged and
+    audited as superseded) — the command says so; check ``users blocked`` and lift again.
 
 ``gatewayd users blocked [--config FILE]``
     Lists the blocks, one per line: user, since (UTC), operator, reason. With Redis the list
@@ -61,7 +68,7 @@ from gatewayd.config import Settings
 from gatewayd.emergency import DisableJournal, JournalError
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.files import atomic_write
-from gatewayd.identity.blocks import BlockFile, block_key, shown
+from gatewayd.identity.blocks import Block, BlockFile, block_key, shown
 from gatewayd.identity.directory import DirectoryUnavailable, lookup_key
 from gatewayd.identity.filedir import (
     UserEntry,
@@ -185,26 +192,64 @@ def disable_user(settings: Settings, user: str, *, reason: str | None, operator:
                     return _fail(exc.errors[0])
                 name = outcome.user
                 note = _describe(outcome, settings.directory.file)
-            before, _ = blocks.record("block", name, operator=operator, reason=reason)
-            journal.add(name, operator=operator, reason=reason)
+            before, journal_error, block_error = _record_both(journal, blocks, name,
+                                                              operator, reason)
     except (OSError, TimeoutError, JournalError) as exc:
         return _fail(f"cannot record the request in {settings.gateway.state_dir}: {exc}")
     if note:
         print(note)
-    if before is not None:
+    problem: str | None = None
+    if block_error is not None:
+        print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
+              "user.disable audit record.")
+        problem = (f"{name} is NOT blocked by the gateway: {block_error}.\nRepair or remove "
+                   f"{blocks.path} (a running gateway enforces the cluster's list meanwhile), "
+                   f"then run: gatewayd users disable {name}")
+    elif before is not None:
         print(f"{name} was already blocked by the gateway (since {shown(before.since)}, by "
               f"{before.operator}).")
     else:
         print(f"{name} is now blocked by the gateway: every sign-in fails, whatever the "
               "directory says,\nuntil: gatewayd users enable " + name)
-    print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
-          "user.disable audit record\n(check: gatewayd audit query --event user.disable).")
-    if not file_backend:
+    if block_error is None:
+        print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
+              "user.disable audit record\n(check: gatewayd audit query --event user.disable).")
+    _remind_directory(settings, name)
+    if journal_error is not None:
+        problem = (f"the disable request could not be written ({journal_error}): no "
+                   f"user.disable record; the gateway's block ends {name}'s sessions all the "
+                   f"same. Repair or remove {journal.path}.")
+    return EXIT_OK if problem is None else _fail(problem)
+
+
+def _remind_directory(settings: Settings, name: str) -> None:
+    if settings.directory.backend != "file":
         print(f"\ndirectory.backend = {settings.directory.backend!r}: the account itself is "
               f"still enabled in the directory.\nDisable {name} there too (Active Directory: "
               "Disable Account; OpenLDAP: pwdAccountLockedTime): the gateway's block\nstops "
               "sign-ins through this gateway only.", file=sys.stderr)
-    return EXIT_OK
+
+
+def _record_both(journal: DisableJournal, blocks: BlockFile, name: str, operator: str,
+                 reason: str | None) -> tuple[Block | None, str | None, str | None]:
+    """Append the disable request and record the block (the caller holds the lock).
+
+    Independent: either one ends the sessions, so a broken blocks file (or journal) must not
+    stop the other from being written. Returns the block in force before and each one's
+    error; JournalError when neither could be written.
+    """
+    before = journal_error = block_error = None
+    try:
+        journal.add(name, operator=operator, reason=reason)
+    except (OSError, JournalError) as exc:
+        journal_error = str(exc)
+    try:
+        before, _ = blocks.record("block", name, operator=operator, reason=reason)
+    except (OSError, JournalError) as exc:
+        block_error = str(exc)
+    if journal_error is not None and block_error is not None:
+        raise JournalError(f"{journal_error}; {block_error}")
+    return before, journal_error, block_error
 
 
 def enable_user(settings: Settings, user: str, *, reason: str | None, operator: str) -> int:
@@ -228,6 +273,14 @@ def enable_user(settings: Settings, user: str, *, reason: str | None, operator: 
     print(f"The gateway's block of {found.user} is lifted: it takes effect once the running "
           "gateway has written\nthe user.enable audit record, within 2 seconds (check: "
           "gatewayd audit query --event user.enable).")
+    if settings.state.backend == "redis":
+        print(f"This lifts the block this node knows (since {shown(found.since)}, by "
+              f"{found.operator}) and no other: if {found.user} was blocked again through "
+              "another node\nthat this node's gateway has not heard of yet (it was down, or "
+              "cut off from Redis), that newer block stays —\nthe lift is logged and audited "
+              "as superseded (user.enable, status failure). Check with: gatewayd users "
+              "blocked\nafter the gateway's next round, and lift again if the account is "
+              "still listed.")
     if still:
         print(still)
     elif settings.directory.backend != "file":
