@@ -62,8 +62,8 @@ state directory's owner; an existing one must be a plain file with one link owne
 owner (or by a non-root caller): a root-owned file the daemon's account renamed to the
 lock's name is refused, never given away. The command holds it across its users-file edit,
 the block and the journal append, and the daemon reads the journal and the users file's
-signature under it: the daemon never sees the disabled account without the request that explains it, so those sessions end as
-``user_disabled`` rather than ``directory_revoked``.
+signature under it: the daemon never sees the disabled account without the request that
+explains it, so those sessions end as ``user_disabled`` rather than ``directory_revoked``.
 
 Cert audit marks (``STATE_DIR/cert-audit.json``, ``0600``)::
 
