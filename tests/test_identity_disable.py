@@ -545,3 +545,124 @@ async def test_the_documented_acl_user_may_keep_the_shared_list(
         assert not await node.blocks.blocked("gina")
     finally:
         await state.close()
+
+
+# --- review round 6 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b_first", [True, False])
+async def test_a_stale_lift_written_into_an_emptied_hash_does_not_beat_a_newer_block(
+        shared: tuple[Node, Node], redis: RedisServer, b_first: bool) -> None:
+    """Reviewer's P2: A blocks X, B mirrors it; B's gateway is down while A lifts X and blocks
+    again (Y); B's operator lifts X (stale). Redis loses its data. In either order of rounds
+    the newer block Y stays: B's lift did not name it."""
+    a, b = shared
+    a.command("block", "alice", T0)
+    await a.round()
+    await b.round()
+    a.command("lift", "alice", T0 + timedelta(minutes=1))
+    await a.round()
+    a.command("block", "alice", T0 + timedelta(minutes=2))
+    await a.round()
+    b.command("lift", "alice", T0 + timedelta(minutes=3))  # names X
+    await flushall(redis)
+    for node in (b, a, b, a) if b_first else (a, b, a, b):
+        await node.round()
+    assert await a.blocks.blocked("alice") and await b.blocks.blocked("alice")
+    assert (a.file(), b.file()) == (["alice"], ["alice"])
+
+
+@pytest.mark.parametrize("b_first", [True, False])
+async def test_a_block_lifted_through_its_own_id_stays_lifted_after_redis_lost_its_data(
+        shared: tuple[Node, Node], redis: RedisServer, b_first: bool) -> None:
+    a, b = shared
+    a.command("block", "alice", T0)
+    await a.round()
+    await b.round()
+    b.command("lift", "alice", T0 + timedelta(minutes=1))  # names X, the block in force
+    await flushall(redis)
+    for node in (b, a, b, a) if b_first else (a, b, a, b):
+        await node.round()
+    assert not await a.blocks.blocked("alice") and not await b.blocks.blocked("alice")
+    assert (a.file(), b.file(), b.superseded) == ([], [], [])
+
+
+async def test_a_reblock_then_a_lift_before_a_round_is_not_superseded(
+        shared: tuple[Node, Node]) -> None:
+    """Reviewer's P1: on B, before its gateway's next round, the account is blocked again
+    (a new id) and then lifted; nobody blocked it elsewhere: the lift takes effect."""
+    a, b = shared
+    a.command("block", "alice", T0)
+    await a.round()
+    await b.round()
+    b.command("block", "alice", T0 + timedelta(minutes=1))
+    b.command("lift", "alice", T0 + timedelta(minutes=2))
+    await b.round()
+    await a.round()
+    assert b.superseded == []
+    assert not await b.blocks.blocked("alice") and not await a.blocks.blocked("alice")
+    assert (a.file(), b.file()) == ([], [])
+
+
+def redis_config(tmp_path: Path, url: str) -> str:
+    config = config_file(tmp_path)
+    config.write_text(config.read_text()
+                      + f'[state]\nbackend = "redis"\nurl = "{url}"\nkey_prefix = "gw:"\n')
+    return str(config)
+
+
+async def test_disable_publishes_the_block_itself_while_the_gateway_is_down(
+        tmp_path: Path, shared: tuple[Node, Node], redis: RedisServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Reviewer's P3: ``users disable`` on A while A's gateway is stopped reaches node B."""
+    a, b = shared
+    await b.round()
+    config = redis_config(tmp_path, redis.url)
+    assert await asyncio.to_thread(users, "disable", "alice", "--config", config) == 0
+    assert "in the cluster's list" in capsys.readouterr().out
+    assert await b.blocks.blocked("alice")  # before any round of either node
+    await b.round()
+    assert b.file() == ["alice"]
+    node_a = Node(tmp_path / "state", a.state)  # A's gateway starts: publishing again is a no-op
+    await node_a.round()
+    assert await node_a.blocks.blocked("alice")
+    assert node_a.file() == ["alice"]
+
+
+async def test_disable_says_the_block_is_local_only_when_redis_cannot_be_reached(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = redis_config(tmp_path, f"redis://127.0.0.1:{port}/0")
+    assert await asyncio.to_thread(users, "disable", "alice", "--config", config) == 1
+    err = capsys.readouterr().err
+    assert "THIS NODE ONLY" in err and "until this node's gateway publishes it" in err
+    assert [x.user for x in BlockFile(tmp_path / "state").read().blocked] == ["alice"]
+    assert DisableJournal(tmp_path / "state").path.exists()  # the request is written too
+
+
+def test_block_key_is_its_own_block_key() -> None:
+    """Reviewer's P4: NFKC then casefold is not idempotent; the key is a fixed point, and
+    every spelling the directory lookup equates still has one key."""
+    name = "ma\u00df\u0301"
+    key = block_key(name)
+    assert key is not None and block_key(key) == key
+    assert block_key("MASS\u0301") == block_key("ma\u00df\u0301") == key
+
+
+async def test_a_block_of_a_name_whose_fold_is_not_normal_is_mirrored(
+        shared: tuple[Node, Node]) -> None:
+    a, b = shared
+    name = "ma\u00df\u0301"
+    a.command("block", name, T0)
+    await a.round()
+    await b.round()
+    assert await b.blocks.blocked(name) and await b.blocks.blocked(name.upper())
+    assert b.file() == [name]
+    b.command("lift", name, T0 + timedelta(minutes=1))  # users enable on B finds it
+    await b.round()
+    await a.round()
+    assert not await a.blocks.blocked(name) and a.file() == []

@@ -26,12 +26,15 @@ never written (it blocks nobody; it must not make the file unreadable).
 single node enforces a block from its first login); ``changes`` are the commands' requests
 for the running gateway, which `UserBlocks.sync` picks up every emergency-stop round
 (`gatewayd.emergency.EmergencyStop`, every second and on SIGHUP). A ``block`` is published to
-the shared state at once (it is audited by the disable journal's ``user.disable``). A
+the shared state at once (it is audited by the disable journal's ``user.disable``); with
+Redis, ``users disable`` also publishes it itself (`publish_block`), so a block made while
+this node's gateway is down still reaches the other nodes. A
 ``lift`` leaves ``blocked`` at once (``users blocked`` no longer lists it) but takes effect
 only after the gateway has written its ``user.enable`` audit record (user, operator,
 reason): until then the account stays blocked (write before act — no sign-in without the
 record); then it is published and marked done. Of several pending changes of one account the
-last one decides.
+last one decides: every pending block is published in order, then the last change's lift
+(a re-block takes a new id, and a lift after it names that id).
 
 **Several nodes** (``state.backend = "redis"``): the Redis hash ``<key_prefix>user-blocks``
 is the cluster's list. Field: the block key; value: the newest command for that account as
@@ -40,8 +43,16 @@ JSON, ``{"state": "block" | "lift", "user", "at", "id", "operator", "reason"}`` 
 No clock orders a block against a lift (one Lua script of HGET/HSET, compare-and-set): a
 lift names the block it lifts (the id in this node's file when ``users enable`` ran) and is
 written only over that very block (or an empty field); a block is written over any other
-block and any lift — except a lift of that same block (a re-sent block does not come back).
-So a block always wins over a lift that did not name it: a lift recorded on a node whose
+block and any lift — except a lift of that same block (a re-sent block does not come back);
+a lift written over an empty field (Redis lost its data, or the block never reached it) is
+marked ``"blind": true``: it never saw the block in force. A block a node puts back from
+its file (below) is written over an empty field and over a blind lift of another block —
+never over a lift of itself, nor over a lift written over the block it lifted (that block
+replaced the one in the node's file: the file is stale). So a block always wins over a lift
+that did not name it, in any order of the nodes' rounds and after Redis lost its data (a
+stale lift written into an emptied hash is overwritten by the newer block, which the node
+that made it puts back from its file), and a block lifted through its own id stays lifted:
+a lift recorded on a node whose
 gateway was down, or that had not yet mirrored a newer block, lifts nothing (it is audited
 as ``user.enable`` and then again with status ``failure``, ``error`` "superseded", and
 logged); lift again. Nodes' clocks do not matter.
@@ -55,7 +66,8 @@ Each round a node publishes its pending blocks, then every block of its own file
 hash has no record of at all (neither block nor lift): after a Redis restart without
 persistence, ``FLUSHALL``, an eviction, or a changed ``state.key_prefix`` the nodes put their
 blocks back instead of dropping them (logged as a warning; so are blocks made while a node
-ran on the memory backend, on its first round on Redis). Then it reads the hash (``HGETALL``)
+ran on the memory backend, on its first round on Redis; and blocks put back over a blind
+lift of another block). Then it reads the hash (``HGETALL``)
 and mirrors it into its file: the hash's blocks, plus its own blocks the hash lacks — only a
 lift removes a block from a node's file. Fail closed: a block lifted while a node was down
 and whose tombstone Redis then lost comes back from that node's file (lift it again).
@@ -77,7 +89,10 @@ does a blocks file that could not be read since the gateway started (a file that
 later leaves the last list read in force, and the problem is logged).
 
 **Names.** `block_key` is `gatewayd.identity.directory.lookup_key` (NFKC, casefold, outer
-blanks) after dropping a down-level domain prefix: ``Alice``, ``ALICE`` typed full-width
+blanks) after dropping a down-level domain prefix, repeated until it no longer changes
+(``maß`` with a combining acute folds to ``mass`` + acute, which NFKC composes again): a
+function of the directory's lookup key, so every spelling the directory lookup equates is
+one block, and every key is its own `block_key`. ``Alice``, ``ALICE`` typed full-width
 and ``TOKYO\\alice`` are one block. Both the name as typed and the directory's spelling of
 the account are compared.
 
@@ -96,7 +111,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +123,7 @@ from gatewayd.identity.directory import lookup_key
 from gatewayd.state.store import StateUnavailable
 
 if TYPE_CHECKING:
+    from gatewayd.config import StateSettings
     from gatewayd.state.redis import RedisState
 
 log = logging.getLogger(__name__)
@@ -119,6 +135,7 @@ KEEP_DONE: Final = 500  # finished changes kept in the file for reference
 IO_TIMEOUT: Final = 5.0  # seconds for reading the blocks file at the first sign-in
 
 Action = Literal["block", "lift"]
+_MAX_ROUNDS: Final = 8  # normalisation rounds of block_key (two suffice for known strings)
 
 
 def block_key(name: str) -> str | None:
@@ -128,9 +145,19 @@ def block_key(name: str) -> str | None:
     ``alice`` are the same account to Active Directory's down-level logon.
     """
     key = lookup_key(name)
-    if key is None:
-        return None
-    return key.rpartition("\\")[2].strip() or None
+    for _ in range(_MAX_ROUNDS):
+        if key is None:
+            return None
+        key = key.rpartition("\\")[2].strip() or None
+        # lookup_key is not idempotent (NFKC before casefold: "maß\u0301" folds to
+        # "mass\u0301", which NFKC composes to "masś"): repeat it until the key is stable, so
+        # that a key stored in the shared hash is its own block_key. The result depends only
+        # on lookup_key(name): every spelling the directory lookup equates has one key.
+        again = lookup_key(key) if key is not None else None
+        if again is None or again == key:
+            return key
+        key = again
+    return key
 
 
 def _utc(now: datetime | None) -> str:
@@ -340,6 +367,7 @@ class Record:
     operator: str
     reason: str | None
     lifts: str | None = None
+    blind: bool = False  # a lift written over an empty field: it never saw the block it names
 
     @classmethod
     def of(cls, change: Change) -> Record:
@@ -359,6 +387,8 @@ class Record:
             "operator": self.operator, "reason": self.reason}
         if self.state == "lift":
             data["lifts"] = self.lifts or ""
+            if self.blind:
+                data["blind"] = True
         return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
 
@@ -388,12 +418,14 @@ def _record(key: str, value: object) -> Record:
             texts = [data.get(k) for k in ("user", "at", "id", "operator")]
             reason = data.get("reason")
             lifts = data.get("lifts") if data["state"] == "lift" else None
+            blind = data.get("blind", False) if data["state"] == "lift" else False
             if not (all(isinstance(t, str) for t in texts)
                     and (reason is None or isinstance(reason, str))
-                    and (lifts is None or isinstance(lifts, str))):
+                    and (lifts is None or isinstance(lifts, str))
+                    and isinstance(blind, bool)):
                 raise ValueError("malformed record")
             record = Record("lift" if data["state"] == "lift" else "block", str(texts[0]),
-                            str(texts[1]), str(texts[2]), str(texts[3]), reason, lifts)
+                            str(texts[1]), str(texts[2]), str(texts[3]), reason, lifts, blind)
         else:
             record = Record.restored(_block(data, key))
         if block_key(record.user) != key:
@@ -403,25 +435,31 @@ def _record(key: str, value: object) -> Record:
         return Record("block", key, "", "", "?", "unreadable record in the shared state")
 
 
-# KEYS[1]: the hash. ARGV: groups of (mode, field, value, id, lifts). Nothing is ordered by
-# time: a block names itself (id), a lift names the block it lifts (lifts).
+# KEYS[1]: the hash. ARGV: groups of (mode, field, value, id, lifts, blind value: a lift's
+# value marked "blind", written instead when the field is empty). Nothing is ordered by time:
+# a block names itself (id), a lift names the block it lifts (lifts).
 #   "block"   writes unless the field holds this block already, or a lift of this very block
 #             (it was lifted: a re-sent block must not come back); overwrites any other lift
 #             and any other block (the newest block command is the one a lift must name).
-#   "restore" writes only when the field does not exist.
-#   "lift"    writes when the field holds the block it names (or nothing: a tombstone, so a
-#             node's stale file cannot restore that block); not over another block.
+#   "restore" writes when the field does not exist or holds a blind lift of another block (a
+#             lift written into an emptied hash never saw the block in force: it must not
+#             beat a block it did not name); not over a lift written over its own block (the
+#             restored block is older than that one: the node's file is stale), nor over a
+#             lift of this very block, nor over any block (a block is in force already).
+#   "lift"    writes when the field holds the block it names, or nothing (then marked blind:
+#             a tombstone, so a node's stale file cannot restore that block, yet a restore of
+#             another block overwrites it); not over another block.
 # An unreadable stored value counts as a block with id "". Returns per group 2 (written),
 # 1 (not written: in effect already — this record, or for a lift: no block there) or
 # 0 (not written: a block already lifted; a lift of a block that is no longer the one in
 # force — superseded).
 _PUBLISH: Final = """
 local out = {}
-for i = 1, #ARGV, 5 do
+for i = 1, #ARGV, 6 do
   local mode, field, value, id, lifts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
     ARGV[i + 4]
   local current = redis.call('HGET', KEYS[1], field)
-  local cstate, cid, clifts = 'block', '', nil
+  local cstate, cid, clifts, cblind = 'block', '', nil, false
   if current then
     local ok, rec = pcall(cjson.decode, current)
     if ok and type(rec) == 'table' then
@@ -429,12 +467,14 @@ for i = 1, #ARGV, 5 do
       if rec['state'] == 'lift' then
         cstate = 'lift'
         if type(rec['lifts']) == 'string' then clifts = rec['lifts'] end
+        cblind = rec['blind'] == true
       end
     end
   end
   local result
   if not current then
     result = 2
+    if mode == 'lift' then value = ARGV[i + 5] end
   elseif current == value then
     result = 1
   elseif mode == 'block' then
@@ -453,6 +493,8 @@ for i = 1, #ARGV, 5 do
     else
       result = 0
     end
+  elseif cstate == 'lift' and cblind and clifts ~= id then
+    result = 2
   else
     result = 1
   end
@@ -497,13 +539,15 @@ class RedisBlocks:
                       restore: Sequence[Block] = ()) -> list[int]:
         """Write each change by the rules of `_PUBLISH` (2 written, 1 in effect already,
         0 not written: a block lifted already, or a lift of a block no longer in force), then
-        each of ``restore`` where the hash has nothing for its key (2 written, else 1)."""
+        each of ``restore`` where the hash has nothing for its key, or a blind lift of
+        another block (2 written, else 1)."""
         args: list[str] = []
         for mode, key, record in [
                 *((c.action, block_key(c.user), Record.of(c)) for c in changes),
                 *(("restore", b.key, Record.restored(b)) for b in restore)]:
             # An unusable name (None) goes to a field no check ever asks for.
-            args += [mode, key or "", record.to_json(), record.id, record.lifts or ""]
+            args += [mode, key or "", record.to_json(), record.id, record.lifts or "",
+                     replace(record, blind=True).to_json() if mode == "lift" else ""]
         if not args:
             return []
         script, name = self._publish, self._name
@@ -613,7 +657,11 @@ class UserBlocks:
         local = {b.key: b for b in state.blocked}
         blocked = dict(local)
         if self.shared is not None:
-            blocks = [c for c in last.values() if c.action == "block"]
+            # Every pending block, in order — not only the last change of its account: a lift
+            # that follows a re-block names the re-block's id, which must be the one in force
+            # when that lift is published (`finish`), or the lift would be "superseded".
+            blocks = [c for c in pending
+                      if c.action == "block" and block_key(c.user) is not None]
             try:
                 results = await self.shared.publish(blocks, list(local.values()))
                 records = await self.shared.all()
@@ -696,10 +744,39 @@ def _report(changes: Sequence[Change], results: Sequence[int], restored: Sequenc
                         "block): it is not in force", change.user, change.operator, change.at)
     again = [b.user for b, result in zip(restored, restore_results, strict=True) if result == 2]
     if again:
-        log.warning("published %d block(s) of this node's file the shared state lacked "
-                    "(first round on Redis, a changed state.key_prefix, or Redis lost its "
-                    "data — a block lifted meanwhile is in force again: lift it again if "
-                    "so): %s", len(again), ", ".join(sorted(again)))
+        log.warning("published %d block(s) of this node's file the shared state lacked or "
+                    "held only a blind lift of another block for (first round on Redis, a "
+                    "changed state.key_prefix, or Redis lost its data — a block lifted "
+                    "meanwhile is in force again: lift it again if so): %s",
+                    len(again), ", ".join(sorted(again)))
+
+
+def publish_block(settings: StateSettings, change: Change) -> int:
+    """Publish one ``users disable`` block to the shared hash from the command itself
+    (blocking; runs its own event loop): the same script and rules as the gateway's round,
+    so the gateway publishing it again later changes nothing. Returns the script's result
+    (2 written, 1 in force already, 0 lifted already by a lift naming it). Raises
+    StateUnavailable when Redis does not answer within a few times ``state.timeout``."""
+    from gatewayd.state.redis import RedisState  # noqa: PLC0415 - only the CLI on Redis
+
+    timeout = settings.timeout.total_seconds()
+
+    async def run() -> int:
+        state = RedisState(settings.url, key_prefix=settings.key_prefix, timeout=timeout,
+                           username=settings.username, password_file=settings.password_file,
+                           ca_file=settings.ca_file, pool_size=1)
+        try:
+            async with asyncio.timeout(3 * timeout):
+                [result] = await RedisBlocks(state).publish([change])
+            return result
+        except TimeoutError:
+            raise StateUnavailable(f"redis: no answer within {3 * timeout:g}s") from None
+        finally:
+            with suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    await state.close()
+
+    return asyncio.run(run())
 
 
 def for_state(state_dir: Path, state: object, *, redis: bool) -> UserBlocks:

@@ -13,6 +13,13 @@
     atomically, keeping its owner, group and mode, and every other line as it was (comments
     included). The two layers are independent: either one keeps USER out.
 
+    With ``state.backend = "redis"`` the command also publishes the block to the cluster's
+    list itself (the settings' Redis URL and credentials, bounded by a few times
+    ``state.timeout``), so it reaches every node even while this node's gateway is down. If
+    Redis cannot be reached it says the block is on this node only until this node's gateway
+    publishes it, and exits 1 (the local block and the disable request are written all the
+    same).
+
     The disable request (which ends the sessions) and the block are written independently:
     a blocks file that cannot be read does not stop the request (exit 1, saying USER is not
     blocked), nor a broken journal the block (exit 1).
@@ -43,7 +50,9 @@ All three change or read the state directory under the disable journal's lock; r
 the daemon's user or as root (files stay owned by the state directory's owner).
 
 Exit status: 0 done; 1 refused (unknown user or unreadable users file with the file
-backend, unusable name, not blocked, state directory not writable); 2 usage error.
+backend, unusable name, not blocked, state directory not writable) or only partly done
+(``users disable``: the block not published to Redis, or one of request and block not
+written); 2 usage error.
 
 Editing the file: the table ``[users.NAME]`` (``NAME`` bare or quoted) gets its ``disabled``
 line set to ``true`` or, without one, ``disabled = true`` right below the header. The result
@@ -68,7 +77,7 @@ from gatewayd.config import Settings
 from gatewayd.emergency import DisableJournal, JournalError
 from gatewayd.exits import EXIT_NEGATIVE, EXIT_OK
 from gatewayd.files import atomic_write
-from gatewayd.identity.blocks import Block, BlockFile, block_key, shown
+from gatewayd.identity.blocks import Block, BlockFile, Change, block_key, publish_block, shown
 from gatewayd.identity.directory import DirectoryUnavailable, lookup_key
 from gatewayd.identity.filedir import (
     UserEntry,
@@ -192,34 +201,43 @@ def disable_user(settings: Settings, user: str, *, reason: str | None, operator:
                     return _fail(exc.errors[0])
                 name = outcome.user
                 note = _describe(outcome, settings.directory.file)
-            before, journal_error, block_error = _record_both(journal, blocks, name,
-                                                              operator, reason)
+            before, change, journal_error, block_error = _record_both(
+                journal, blocks, name, operator, reason)
     except (OSError, TimeoutError, JournalError) as exc:
         return _fail(f"cannot record the request in {settings.gateway.state_dir}: {exc}")
     if note:
         print(note)
-    problem: str | None = None
-    if block_error is not None:
-        print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
-              "user.disable audit record.")
-        problem = (f"{name} is NOT blocked by the gateway: {block_error}.\nRepair or remove "
-                   f"{blocks.path} (a running gateway enforces the cluster's list meanwhile), "
-                   f"then run: gatewayd users disable {name}")
-    elif before is not None:
-        print(f"{name} was already blocked by the gateway (since {shown(before.since)}, by "
-              f"{before.operator}).")
-    else:
-        print(f"{name} is now blocked by the gateway: every sign-in fails, whatever the "
-              "directory says,\nuntil: gatewayd users enable " + name)
-    if block_error is None:
-        print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
-              "user.disable audit record\n(check: gatewayd audit query --event user.disable).")
+    problem = _tell_block(name, before, block_error, blocks)
     _remind_directory(settings, name)
     if journal_error is not None:
         problem = (f"the disable request could not be written ({journal_error}): no "
                    f"user.disable record; the gateway's block ends {name}'s sessions all the "
                    f"same. Repair or remove {journal.path}.")
+    if change is not None and settings.state.backend == "redis":
+        shared = _share(settings, change)
+        if shared is not None:
+            problem = shared if problem is None else f"{problem}\n{shared}"
     return EXIT_OK if problem is None else _fail(problem)
+
+
+def _tell_block(name: str, before: Block | None, block_error: str | None,
+                blocks: BlockFile) -> str | None:
+    """Print what became of the block; returns the problem (the block not written) or None."""
+    if block_error is not None:
+        print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
+              "user.disable audit record.")
+        return (f"{name} is NOT blocked by the gateway: {block_error}.\nRepair or remove "
+                f"{blocks.path} (a running gateway enforces the cluster's list meanwhile), "
+                f"then run: gatewayd users disable {name}")
+    if before is not None:
+        print(f"{name} was already blocked by the gateway (since {shown(before.since)}, by "
+              f"{before.operator}).")
+    else:
+        print(f"{name} is now blocked by the gateway: every sign-in fails, whatever the "
+              "directory says,\nuntil: gatewayd users enable " + name)
+    print(f"A running gateway ends {name}'s open sessions within 2 seconds and writes the "
+          "user.disable audit record\n(check: gatewayd audit query --event user.disable).")
+    return None
 
 
 def _remind_directory(settings: Settings, name: str) -> None:
@@ -230,26 +248,46 @@ def _remind_directory(settings: Settings, name: str) -> None:
               "sign-ins through this gateway only.", file=sys.stderr)
 
 
+def _share(settings: Settings, change: Change) -> str | None:
+    """Publish the block to the cluster's list (Redis) from the command itself: the running
+    gateway would, but this node's gateway may be down. Returns the problem, or None."""
+    try:
+        result = publish_block(settings.state, change)
+    except Exception as exc:  # StateUnavailable, a bad password file, …: say so, exit 1
+        return (f"{change.user} is blocked on THIS NODE ONLY: the block could not be published "
+                f"to the cluster's list in Redis ({exc}).\nOther nodes still let "
+                f"{change.user} in until this node's gateway publishes it (at its next round "
+                "once it runs and reaches Redis).\nCheck that this node's gateway is running, "
+                "or run the command again on a node that reaches Redis.")
+    if result == 0:  # a fresh id: only a lift naming this very block could stop it
+        return (f"the cluster's list refused the block of {change.user} (a lift naming this "
+                "very block is recorded there already): run the command again")
+    print(f"The block is in the cluster's list (Redis): every node refuses {change.user} "
+          "from its next sign-in check.")
+    return None
+
+
 def _record_both(journal: DisableJournal, blocks: BlockFile, name: str, operator: str,
-                 reason: str | None) -> tuple[Block | None, str | None, str | None]:
+                 reason: str | None
+                 ) -> tuple[Block | None, Change | None, str | None, str | None]:
     """Append the disable request and record the block (the caller holds the lock).
 
     Independent: either one ends the sessions, so a broken blocks file (or journal) must not
     stop the other from being written. Returns the block in force before and each one's
     error; JournalError when neither could be written.
     """
-    before = journal_error = block_error = None
+    before = change = journal_error = block_error = None
     try:
         journal.add(name, operator=operator, reason=reason)
     except (OSError, JournalError) as exc:
         journal_error = str(exc)
     try:
-        before, _ = blocks.record("block", name, operator=operator, reason=reason)
+        before, change = blocks.record("block", name, operator=operator, reason=reason)
     except (OSError, JournalError) as exc:
         block_error = str(exc)
     if journal_error is not None and block_error is not None:
         raise JournalError(f"{journal_error}; {block_error}")
-    return before, journal_error, block_error
+    return before, change, journal_error, block_error
 
 
 def enable_user(settings: Settings, user: str, *, reason: str | None, operator: str) -> int:
