@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ from gatewayd import __version__
 from gatewayd.admin import AdminServer, AdminSocketError, status_fields
 from gatewayd.audit import EVENT_NAMES, AuditLog, AuditWriteError
 from gatewayd.audit.forward import AuditForwarder, ForwardConfigError, forwarder_from_settings
-from gatewayd.audit.retention import run_retention
+from gatewayd.audit.retention import remember_audit_key, run_retention
 from gatewayd.config import ConfigError, Settings, load_settings
 from gatewayd.emergency import WATCH_INTERVAL, EmergencyStop, still_entitled
 from gatewayd.https.app import HttpsFrontend
@@ -231,6 +231,7 @@ SESSION_SWEEP_INTERVAL = 15.0  # seconds; idle sessions (and their WebSockets) e
 ENROLLMENT_WATCH_INTERVAL = 5.0  # seconds between looks for CLI enrollments to audit
 AUDIT_RETENTION_INTERVAL = 6 * 3600.0  # seconds between audit retention runs (and one at start)
 AUDIT_RETENTION_BUDGET = 600.0  # seconds one retention run may spend verifying old files
+AUDIT_KEYS_FILE = "audit-keys.json"  # in the state dir: the audit keys this gateway has held
 
 
 def _url_host(host: str) -> str:
@@ -410,15 +411,21 @@ class Gateway:
             while True:
                 try:  # verifying a year of files is blocking work: off the loop, time-bounded
                     await within(asyncio.to_thread(
-                        run_retention, self.audit, retention, self._wall_clock(), self.log,
-                        may_remove=self._collector_has, budget_seconds=AUDIT_RETENTION_BUDGET,
-                        stop=cancelled.is_set,
-                    ), AUDIT_RETENTION_BUDGET + 60)
+                        self._retention_run, retention, cancelled), AUDIT_RETENTION_BUDGET + 60)
                 except Exception:  # keep the schedule: a bad run must not end retention
                     self.log.exception("audit retention failed")
                 await asyncio.sleep(AUDIT_RETENTION_INTERVAL)
         finally:
             cancelled.set()  # a run still going in its thread stops at the next file
+
+    def _retention_run(self, retention: timedelta, cancelled: threading.Event) -> None:
+        """One retention run (in a worker thread): only files signed with a key this gateway
+        has itself held may go (`remember_audit_key`, in the state directory)."""
+        trusted = remember_audit_key(self.settings.gateway.state_dir / AUDIT_KEYS_FILE,
+                                     self.audit.key_id)
+        run_retention(self.audit, retention, self._wall_clock(), self.log,
+                      may_remove=self._collector_has, budget_seconds=AUDIT_RETENTION_BUDGET,
+                      stop=cancelled.is_set, trusted_key_ids=trusted)
 
     def _collector_has(self, last_seq: int) -> bool:
         """Retention's hold: with forwarding on, a file goes only once the collector has it

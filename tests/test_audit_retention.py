@@ -29,6 +29,7 @@ from gatewayd.audit.retention import (
     format_retention,
     plan_removals,
     plan_retention,
+    remember_audit_key,
     run_retention,
 )
 from gatewayd.audit.signing import (
@@ -214,6 +215,30 @@ async def test_a_file_not_chained_to_by_its_successor_is_kept(
     assert [r.path for r in plan.removals] == files[:1]
     assert plan.problem is not None and plan.problem.path == files[1]
     assert "does not begin with an audit.continue chained" in plan.problem.reason
+
+
+async def test_only_keys_the_gateway_has_held_vouch_for_a_removal(
+    five_days: tuple[AuditLog, Clock], tmp_path: Path,
+) -> None:
+    """A key planted beside the log (anyone who can write that directory can) must not let
+    retention remove, and re-sign with the real key, files only it vouches for."""
+    log, _ = five_days
+    files = rotated(log)
+    store = tmp_path / "state" / "audit-keys.json"
+    store.parent.mkdir()
+    trusted = remember_audit_key(store, log.key_id)
+    assert trusted == {log.key_id} and oct(store.stat().st_mode & 0o777) == "0o600"
+    assert remember_audit_key(store, log.key_id) == trusted  # remembered, not duplicated
+    plan = plan_retention(log.path, WEEK, at(400), trusted_key_ids=trusted)
+    assert [r.path for r in plan.removals] == files
+    # The log's own key, not one of the trusted: nothing vouches, nothing goes, it is said.
+    stranger = {"ab" * 32}
+    plan = plan_retention(log.path, WEEK, at(400), trusted_key_ids=stranger)
+    assert plan.removals == () and plan.problem is not None
+    assert plan.problem.path == files[0]
+    # A damaged list trusts only the key in use from then on (never more).
+    store.write_text("{not json")
+    assert remember_audit_key(store, log.key_id) == {log.key_id}
 
 
 async def test_may_remove_holds_files_not_yet_delivered(
@@ -569,6 +594,8 @@ async def test_gateway_removes_expired_files_at_start(tmp_path: Path) -> None:
     try:
         await wait_until(lambda: not files[1].exists())
         assert files[0].exists() is False and all(p.exists() for p in files[2:])
+        keys = json.loads((tmp_path / "state" / "audit-keys.json").read_text())
+        assert keys["key_ids"] == [gw.audit.key_id]  # what vouches for a removal
     finally:
         await gw.stop()
     remaining = [*(p for p in files if p.exists()), *sorted(

@@ -53,8 +53,10 @@ Planning and removal are blocking file work: the gateway runs them with `asyncio
 
 from __future__ import annotations
 
+import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -63,7 +65,7 @@ from typing import Any, Final
 from gatewayd.audit import files
 from gatewayd.audit.chain import GENESIS_PREV, is_hash, parse_line
 from gatewayd.audit.events import EventName
-from gatewayd.audit.signing import AuditKeyError, default_public_key_paths
+from gatewayd.audit.signing import AuditKeyError, default_public_key_paths, load_public_keys
 from gatewayd.audit.verify import (
     RETENTION_CARRIED,
     RETENTION_EXPIRED,
@@ -77,7 +79,9 @@ from gatewayd.audit.writer import (
     OperationalLogger,
     describe_os_error,
 )
-from gatewayd.files import fsync_directory
+from gatewayd.files import atomic_write, fsync_directory
+
+log = logging.getLogger(__name__)
 
 _CHECKPOINT: Final = EventName.AUDIT_CHECKPOINT.value
 _START: Final = EventName.AUDIT_START.value
@@ -288,7 +292,7 @@ def _removal(
 def plan_retention(
     log_path: Path, retention: timedelta, now: datetime, *,
     may_remove: MayRemove | None = None, budget_seconds: float | None = None,
-    stop: Callable[[], bool] | None = None,
+    stop: Callable[[], bool] | None = None, trusted_key_ids: Collection[str] | None = None,
 ) -> RetentionPlan:
     """Which rotated files of ``log_path`` to remove now (see the module docstring).
 
@@ -302,7 +306,7 @@ def plan_retention(
         raise ValueError("retention needs a timezone-aware now")
     deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
     chain = files.order_by_chain(files.rotated_siblings(log_path))
-    keys = default_public_key_paths(log_path)
+    keys = _trusted_keys(default_public_key_paths(log_path), trusted_key_ids)
     cutoff = now - retention
     removals: list[Removal] = []
     for index, path in enumerate(chain):
@@ -325,6 +329,53 @@ def plan_retention(
             break  # not expired: nor is anything after it in practice, and it stays anyway
         removals.append(removal)
     return RetentionPlan(tuple(removals))
+
+
+def _trusted_keys(paths: Sequence[Path], trusted: Collection[str] | None) -> list[Path]:
+    """The public keys beside the log that may vouch for a file before it is removed.
+
+    Anyone who can write the log directory can put a key there; a file signed with it would
+    verify, and retention would then re-sign its removal with the gateway's own key. So the
+    gateway passes the ids of the keys it has itself signed with (`remember_audit_key`), and a
+    key beside the log that is not one of them vouches for nothing: its files are kept and
+    reported. None (tests, tools): every key beside the log.
+    """
+    if trusted is None:
+        return list(paths)
+    kept = []
+    for path in paths:
+        try:
+            ring = load_public_keys([path])
+        except AuditKeyError:
+            continue  # unreadable or not a key: it vouches for nothing either
+        if set(ring) <= set(trusted):
+            kept.append(path)
+    return kept
+
+
+AUDIT_KEYS_FORMAT: Final = "gatewayd-audit-keys-v1"
+
+
+def remember_audit_key(store: Path, key_id: str) -> frozenset[str]:
+    """Add ``key_id`` to the ids of the keys this gateway has signed its log with, kept in
+    ``store`` (``STATE_DIR/audit-keys.json``, ``0600``: the state directory, not the log
+    directory a log reader may write), and return them all. Blocking (file I/O)."""
+    known: set[str] = set()
+    try:
+        data = json.loads(store.read_text())
+        if isinstance(data, dict) and data.get("format") == AUDIT_KEYS_FORMAT:
+            known = {k for k in data.get("key_ids", []) if isinstance(k, str) and is_hash(k)}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:  # damaged: start again from the key in use (kept,
+        log.warning("audit key list %s unreadable (%s); trusting only the current key",
+                    store, exc)  # never widened: older files are then kept, not removed)
+    if key_id not in known:
+        known.add(key_id)
+        atomic_write(store, json.dumps({"format": AUDIT_KEYS_FORMAT,
+                                        "key_ids": sorted(known)}, indent=2).encode() + b"\n",
+                     mode=0o600, overwrite=True)
+    return frozenset(known)
 
 
 def plan_removals(
@@ -456,11 +507,12 @@ def apply_plan(
 def run_retention(
     audit: AuditLog, retention: timedelta, now: datetime, logger: OperationalLogger, *,
     may_remove: MayRemove | None = None, budget_seconds: float | None = None,
-    stop: Callable[[], bool] | None = None,
+    stop: Callable[[], bool] | None = None, trusted_key_ids: Collection[str] | None = None,
 ) -> RetentionOutcome:
     """Plan and apply retention for ``audit``'s log; nothing when ``retention`` is zero."""
     plan = plan_retention(audit.path, retention, now, may_remove=may_remove,
-                          budget_seconds=budget_seconds, stop=stop)
+                          budget_seconds=budget_seconds, stop=stop,
+                          trusted_key_ids=trusted_key_ids)
     if stop is not None and stop():
         return RetentionOutcome(plan, error="stopped before removing files")
     return apply_plan(audit, plan, retention, logger)
