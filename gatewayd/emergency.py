@@ -208,6 +208,25 @@ def read_state_file(path: Path) -> str:
         return handle.read().decode("utf-8")
 
 
+def read_state_json(path: Path, file_format: str, *lists: str) -> dict[str, Any] | None:
+    """A JSON state file of ``file_format`` whose ``lists`` keys hold lists (None when the file
+    does not exist); JournalError, naming the file, for anything else."""
+    try:
+        text = read_state_file(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JournalError(f"cannot read {path}: {exc}") from None
+    try:
+        data: Any = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise JournalError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != file_format \
+            or not all(isinstance(data.get(key), list) for key in lists):
+        raise JournalError(f"{path} is not a {file_format} file")
+    return data
+
+
 def _check_lock_file(path: Path, st: os.stat_result, dir_uid: int) -> None:
     """Refuse a lock file that is not our own plain file (JournalError).
 
@@ -322,19 +341,9 @@ class DisableJournal:
 
     def requests(self) -> list[DisableRequest]:
         """Every request in the journal (hold the lock for a consistent view with edits)."""
-        try:
-            text = read_state_file(self.path)
-        except FileNotFoundError:
+        data = read_state_json(self.path, JOURNAL_FORMAT, "requests")
+        if data is None:
             return []
-        except (OSError, UnicodeDecodeError) as exc:
-            raise JournalError(f"cannot read {self.path}: {exc}") from None
-        try:
-            data: Any = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise JournalError(f"{self.path}: not JSON ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != JOURNAL_FORMAT or not isinstance(
-                data.get("requests"), list):
-            raise JournalError(f"{self.path} is not a {JOURNAL_FORMAT} file")
         return [_request(item, f"{self.path}: requests[{i}]")
                 for i, item in enumerate(data["requests"])]
 

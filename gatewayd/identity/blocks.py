@@ -117,7 +117,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast
 
-from gatewayd.emergency import JournalError, read_state_file, state_dir_owner
+from gatewayd.emergency import JournalError, read_state_json, state_dir_owner
 from gatewayd.files import atomic_write
 from gatewayd.identity.directory import lookup_key
 from gatewayd.state.store import StateUnavailable
@@ -288,20 +288,9 @@ class BlockFile:
 
     def read(self) -> BlockState:
         """The file's contents (empty when it does not exist); JournalError if unreadable."""
-        try:
-            text = read_state_file(self.path)
-        except FileNotFoundError:
+        data = read_state_json(self.path, BLOCKS_FORMAT, "blocked", "changes")
+        if data is None:
             return BlockState()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise JournalError(f"cannot read {self.path}: {exc}") from None
-        try:
-            data: Any = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise JournalError(f"{self.path}: not JSON ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != BLOCKS_FORMAT \
-                or not isinstance(data.get("blocked"), list) \
-                or not isinstance(data.get("changes"), list):
-            raise JournalError(f"{self.path} is not a {BLOCKS_FORMAT} file")
         unusable = [b for b in data["blocked"] if _unusable_block(b)]
         if unusable:
             log.warning("%s: ignoring %d block(s) of a name no sign-in can match: %s",
