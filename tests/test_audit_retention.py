@@ -667,12 +667,11 @@ def append_rehashed(path: Path, **fields: Any) -> None:
         stream.write(canonical_json(record).encode() + b"\n")
 
 
-async def test_a_forged_retention_record_signed_at_restart_explains_nothing(
-    tmp_path: Path,
-) -> None:
-    """Write access to the directory, no key: while the gateway is stopped, delete the two
-    oldest (not expired) files and append a re-hashed carried record covering them. The
-    restarted writer's start checkpoint signs it; it is still not retention's."""
+async def forged_carried_record_signed_at_restart(tmp_path: Path) -> tuple[AuditLog, Clock]:
+    """The attack: with write access to the directory but no key, while the gateway is
+    stopped, delete the two oldest (not expired) files and append a re-hashed carried record
+    covering them; the gateway then restarts (its start checkpoint signs the record) and
+    writes a day. The restarted (closed) AuditLog and its clock."""
     clock = Clock()
     log = new_log(tmp_path, clock)
     await log.start()
@@ -691,6 +690,16 @@ async def test_a_forged_retention_record_signed_at_restart_explains_nothing(
     await again.start()
     write_day(again, 9)
     await again.close()
+    return again, clock
+
+
+async def test_a_forged_retention_record_signed_at_restart_explains_nothing(
+    tmp_path: Path,
+) -> None:
+    """Write access to the directory, no key: while the gateway is stopped, delete the two
+    oldest (not expired) files and append a re-hashed carried record covering them. The
+    restarted writer's start checkpoint signs it; it is still not retention's."""
+    again, _ = await forged_carried_record_signed_at_restart(tmp_path)
     result = verify_files(log_files(again), require_complete=True)
     assert (result.ok, result.kind) == (False, Problem.MISSING_FILE)
     assert "followed by a checkpoint with reason 'start'" in result.problem
@@ -761,24 +770,7 @@ async def test_a_start_checkpoint_whose_reason_is_rewritten_to_retention_is_refu
     checkpoint, cut the live file right after that checkpoint and rewrite its reason to
     "retention" (re-hashed; nothing signed follows it). The reason is signed (version 2), so
     the checkpoint's signature no longer verifies."""
-    clock = Clock()
-    log = new_log(tmp_path, clock)
-    await log.start()
-    write_day(log, -1)
-    await days_of_log(log, clock, 4)
-    await log.close()
-    files = rotated(log)
-    files[0].unlink()
-    files[1].unlink()
-    head = records(files[2])[0]
-    append_rehashed(log.path, event="audit.retention", reason="carried", file="audit.log.x",
-                    first_seq=1, last_seq=head["prev_seq"], last_hash=head["prev"],
-                    last_ts="2025-01-01T00:00:00.000000+09:00", records=head["prev_seq"],
-                    retention="7d")
-    again = new_log(tmp_path, clock)
-    await again.start()
-    write_day(again, 9)
-    await again.close()
+    log, clock = await forged_carried_record_signed_at_restart(tmp_path)
     lines = log.path.read_bytes().splitlines()
     start = next(i for i, line in enumerate(lines) if json.loads(line)["event"]
                  == "audit.checkpoint" and json.loads(line)["reason"] == "start")
