@@ -21,6 +21,7 @@ then): ``./scripts/test`` installs it when run as root.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import socket
@@ -34,6 +35,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from redis.asyncio import Redis
+
+from gatewayd.state.redis import RedisState
 
 INSTALL_HINT = ("redis-server is not installed: ./scripts/test installs it when run as root; "
                 "else apt-get install -y redis-server")
@@ -201,3 +205,22 @@ if __name__ == "__main__":  # manual trials: python tests/redis_server.py /tmp/r
         print(f'[state]\nbackend = "redis"\nurl = "{running.url}"')
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
+
+
+async def documented_acl_state(redis: RedisServer, tmp_path: Path) -> RedisState:
+    """A RedisState logged in as the ACL user CONFIGURATION.md tells operators to create
+    (its ``ACL SETUSER gatewayd …`` line, run as written): whatever the gateway does with it
+    is what a production deployment with that user can do."""
+    doc = (Path(__file__).parent.parent / "CONFIGURATION.md").read_text()
+    line = re.search(r"^ACL SETUSER gatewayd .*$", doc, re.MULTILINE)
+    assert line is not None, "CONFIGURATION.md has no ACL SETUSER gatewayd line"
+    admin = Redis.from_url(redis.url)
+    try:
+        await admin.execute_command(*line.group(0).replace(">PASSWORD", ">pw-123").split())
+    finally:
+        await admin.aclose()
+    secret = tmp_path / "redis-password"
+    secret.write_text("pw-123\n")
+    secret.chmod(0o600)
+    return RedisState(redis.url, key_prefix="gatewayd:", timeout=1.0, username="gatewayd",
+                      password_file=secret)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import stat
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,7 +18,7 @@ import pytest
 from https_harness import USERS, Harness, password_hash
 from ldap_server import Slapd, running_slapd
 from redis.asyncio import Redis
-from redis_server import RedisServer, running_redis
+from redis_server import RedisServer, documented_acl_state, running_redis
 from ssh_harness import SshHarness, running_ssh_gateway
 from test_multinode import sign_in, two_nodes
 
@@ -522,19 +521,7 @@ async def test_a_deeply_nested_value_fails_closed_instead_of_raising(
 
 async def test_the_documented_acl_user_may_keep_the_shared_list(
         redis: RedisServer, tmp_path: Path) -> None:
-    doc = (Path(__file__).parent.parent / "CONFIGURATION.md").read_text()
-    line = re.search(r"^ACL SETUSER gatewayd .*$", doc, re.MULTILINE)
-    assert line is not None
-    admin = Redis.from_url(redis.url)
-    try:
-        await admin.execute_command(*line.group(0).replace(">PASSWORD", ">pw-123").split())
-    finally:
-        await admin.aclose()
-    secret = tmp_path / "redis-password"
-    secret.write_text("pw-123\n")
-    secret.chmod(0o600)
-    state = RedisState(redis.url, key_prefix="gatewayd:", timeout=1.0, username="gatewayd",
-                       password_file=secret)
+    state = await documented_acl_state(redis, tmp_path)
     try:
         node = Node(tmp_path / "a", state)
         node.command("block", "gina", T0)

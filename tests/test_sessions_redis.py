@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis_server import RedisServer, running_redis
+from redis_server import RedisServer, documented_acl_state, running_redis
 
 from gatewayd.identity.principal import Principal
 from gatewayd.sessions import PerUserLimit, SeatsFull, Session, hash_session_id
@@ -287,19 +286,7 @@ async def test_an_earlier_mfa_time_is_shared(redis: RedisServer) -> None:
 
 async def test_the_documented_acl_user_may_do_everything_needed(
         redis: RedisServer, tmp_path: Path) -> None:
-    doc = (Path(__file__).parent.parent / "CONFIGURATION.md").read_text()
-    line = re.search(r"^ACL SETUSER gatewayd .*$", doc, re.MULTILINE)
-    assert line is not None
-    admin = Redis.from_url(redis.url)
-    try:
-        await admin.execute_command(*line.group(0).replace(">PASSWORD", ">pw-123").split())
-    finally:
-        await admin.aclose()
-    secret = tmp_path / "redis-password"
-    secret.write_text("pw-123\n")
-    secret.chmod(0o600)
-    state = RedisState(redis.url, key_prefix="gatewayd:", timeout=1.0, username="gatewayd",
-                       password_file=secret)
+    state = await documented_acl_state(redis, tmp_path)
     ended: list[str] = []
     registry = SharedSessionRegistry(
         RedisSessions(state, node="a"), idle_timeout=600, absolute_timeout=3600,
